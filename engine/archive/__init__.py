@@ -1,0 +1,1 @@
+"""Local MAST-shaped archive: TAP service, file server and fault injection."""

@@ -1,0 +1,181 @@
+"""Every error tessmirror raises on purpose, in one hierarchy.
+
+Lower-level errors (aiohttp, pyvo, OSError, astropy) are translated into these at the boundary of the
+module that meets them, so callers and the CLI only ever handle what is drawn here::
+
+    TessMirrorError                 exit_code  meaning
+    ├── UsageError                  2          the user's input is wrong; the message says how to fix it
+    │   ├── ConfigError                        a bad TOML file, key or value (names the key)
+    │   └── EmptySelectionError                the selection matched no files
+    ├── ArchiveError                3          the archive (TAP service) failed us
+    │   ├── TapUnavailableError                does not answer, or is not a TAP service
+    │   ├── TapJobError                        a job ended in ERROR/ABORTED, or answered garbage
+    │   ├── TapTimeoutError                    a job stayed QUEUED/EXECUTING past its deadline
+    │   └── IncompletePlanError                a result overflowed and could not be split further
+    ├── LocalError                  4          this machine refused: disk, permissions, locks
+    │   ├── DiskFullError
+    │   ├── PermissionDeniedError
+    │   ├── RunLockedError                     another run holds the output directory
+    │   └── ManifestError                      the manifest cannot be read or written
+    ├── TransferError               1          one file failed; recorded, never fatal to the run
+    │   ├── HTTPStatusError                    carries .status and .retryable
+    │   ├── IdleTimeoutError                   no bytes arrived for `idle_timeout` seconds
+    │   ├── ConnectionLostError                reset, refused, or cut mid-body
+    │   ├── UnsafeRedirectError                a redirect to another scheme, or too many
+    │   └── IntegrityError                     the bytes are not what the archive declared
+    │       ├── SizeMismatchError
+    │       ├── ChecksumMismatchError
+    │       └── NotFitsError                   HTML error page, truncated FITS, bad HDU checksum
+    └── UnsafePathError             1          an archive-supplied name would escape the output folder
+
+`Interrupted` (exit 130) is raised when SIGINT/SIGTERM stopped a run; it is not a failure of the data.
+
+Every error carries a `hint` (how to fix it, where that is known). Messages must never contain a
+token: build them from values that went through `engine.redact`.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1
+EXIT_USAGE = 2
+EXIT_ARCHIVE = 3
+EXIT_LOCAL = 4
+EXIT_INTERRUPTED = 130
+
+
+class TessMirrorError(Exception):
+    """Base class. `str(err)` is the message a user sees; `hint` says what to do about it."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+# -- the user's input ---------------------------------------------------------------------------
+class UsageError(TessMirrorError):
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """A bad configuration value. `key` is the dotted TOML key (or CLI flag) at fault."""
+
+    def __init__(self, key: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{key}: {message}", hint=hint)
+        self.key = key
+
+
+class EmptySelectionError(UsageError):
+    pass
+
+
+# -- the archive --------------------------------------------------------------------------------
+class ArchiveError(TessMirrorError):
+    exit_code = EXIT_ARCHIVE
+
+
+class TapUnavailableError(ArchiveError):
+    pass
+
+
+class TapJobError(ArchiveError):
+    pass
+
+
+class TapTimeoutError(ArchiveError):
+    pass
+
+
+class IncompletePlanError(ArchiveError):
+    pass
+
+
+# -- this machine -------------------------------------------------------------------------------
+class LocalError(TessMirrorError):
+    exit_code = EXIT_LOCAL
+
+    def __init__(self, message: str, *, path: object = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class DiskFullError(LocalError):
+    pass
+
+
+class PermissionDeniedError(LocalError):
+    pass
+
+
+class RunLockedError(LocalError):
+    pass
+
+
+class ManifestError(LocalError):
+    pass
+
+
+# -- one file -----------------------------------------------------------------------------------
+class TransferError(TessMirrorError):
+    """A per-file failure. `retryable` tells the retry policy whether another try can help."""
+
+    exit_code = EXIT_PARTIAL
+    retryable = True
+
+
+class HTTPStatusError(TransferError):
+    def __init__(
+        self, status: int, message: str, *, retry_after: float | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return self.status in (408, 425, 429) or self.status >= 500
+
+
+class IdleTimeoutError(TransferError):
+    pass
+
+
+class ConnectionLostError(TransferError):
+    pass
+
+
+class UnsafeRedirectError(TransferError):
+    retryable = False
+
+
+class IntegrityError(TransferError):
+    """The body is not the file the archive declared. Retryable: a fresh copy may be right."""
+
+
+class SizeMismatchError(IntegrityError):
+    pass
+
+
+class ChecksumMismatchError(IntegrityError):
+    pass
+
+
+class NotFitsError(IntegrityError):
+    pass
+
+
+class UnsafePathError(TessMirrorError):
+    """An archive-supplied name that would land outside the output directory. Never retried."""
+
+    exit_code = EXIT_PARTIAL
+    retryable = False
+
+
+class Interrupted(TessMirrorError):
+    exit_code = EXIT_INTERRUPTED

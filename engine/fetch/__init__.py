@@ -1,0 +1,1 @@
+"""Fetching: the aiohttp session, the Downloader, retries, throttling and bandwidth."""

@@ -1,0 +1,1 @@
+"""Planning: ADQL, the TAP client, paging and plan tables."""

@@ -1,0 +1,37 @@
+"""Keep archive tokens out of logs, manifests, saved plans and error messages.
+
+A token is registered once, when it is read from the environment; from then on `redact()` scrubs it
+from any text, and `RedactingFilter` scrubs every log record on its way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+_SECRETS: set[str] = set()
+# Credentials that can ride in URLs even when we never saw the token itself.
+_URL_SECRET = re.compile(r"(?i)((?:token|access_token|api_key|apikey|key|signature)=)[^&\s\"']+")
+_USERINFO = re.compile(r"(?i)(https?://)[^/@\s:]+:[^/@\s]+@")
+MASK = "***"
+
+
+def register_secret(secret: str | None) -> None:
+    if secret and len(secret) >= 4:
+        _SECRETS.add(secret)
+
+
+def redact(text: object) -> str:
+    s = str(text)
+    for secret in _SECRETS:
+        if secret in s:
+            s = s.replace(secret, MASK)
+    s = _URL_SECRET.sub(rf"\g<1>{MASK}", s)
+    return _USERINFO.sub(rf"\g<1>{MASK}@", s)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True

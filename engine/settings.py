@@ -1,0 +1,108 @@
+"""The configuration schema: one dataclass per TOML table, with the defaults.
+
+`engine.config` reads TOML and CLI flags into these and validates them; everything else only reads
+them. Defaults are polite: modest concurrency, an idle timeout rather than a total one, full checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.models import VerifyLevel
+
+MAST_TAP_URL = "https://mast.stsci.edu/vo-tap/api/v0.1/caom"
+PRODUCT_SUFFIXES: dict[str, str] = {
+    "lc": "_lc.fits",
+    "tp": "_tp.fits",
+    "dvt": "_dvt.fits",
+    "dvr": "_dvr.pdf",
+    "dvm": "_dvm.pdf",
+    "dvs": "_dvs.pdf",
+    "fast-lc": "_fast-lc.fits",
+    "fast-tp": "_fast-tp.fits",
+}
+
+
+@dataclass(slots=True)
+class TapSettings:
+    url: str = MAST_TAP_URL
+    # Rows asked per TAP job. None: the service's own hard limit, read from /capabilities.
+    page_size: int | None = None
+    poll_timeout: float = 10.0  # seconds for one UWS poll (pyvo's WAIT)
+    job_timeout: float = 1800.0  # a job not finished by then (e.g. stuck QUEUED) is abandoned
+    retries: int = 4  # tries per TAP job beyond the first
+
+
+@dataclass(slots=True)
+class Selection:
+    """What to mirror. Exactly one *source* is used, in this order of precedence:
+    urls_file, targets_file, polygon, cone, footprint (sector + cameras + ccds)."""
+
+    sector: int | None = None  # the FFI footprint's sector (the notebook's `sector`)
+    cameras: list[int] = field(default_factory=list)  # empty: all four
+    ccds: list[int] = field(default_factory=list)  # empty: all four
+    polygon: list[float] | None = None  # [ra1, dec1, ra2, dec2, ...] in degrees, ICRS
+    cone: tuple[float, float, float] | None = None  # (ra, dec, radius) in degrees
+    targets_file: Path | None = None  # TIC ids or target names, one a line
+    urls_file: Path | None = None  # URLs, one a line, or a saved plan (ECSV)
+    sectors: list[int] | None = None  # which sectors' products; None: all, as in the notebook
+    products: list[str] = field(default_factory=lambda: ["lc"])
+    collection: str = "TESS"  # obs_collection; keeps HLSPs (e.g. *_llc.fits) out
+
+
+@dataclass(slots=True)
+class OutputSettings:
+    out_dir: Path = Path("tessmirror-data")
+    # "mast": tid/s0001/0000/0000/2515/5310/<file> as on archive.stsci.edu; "sector": s0001/<file>;
+    # "flat": <file>. "mast" keeps every directory small, which parallel filesystems need.
+    layout: str = "mast"
+    state_dir: Path | None = None  # default: <out_dir>/.tessmirror
+    fsync: bool = True  # fsync each file before its rename, and the manifest per batch
+
+
+@dataclass(slots=True)
+class FetchSettings:
+    concurrency: int = 8  # downloads in flight, in total
+    per_host: int = 8  # connections per host
+    chunk_size: int = 256 * 1024
+    connect_timeout: float = 30.0
+    idle_timeout: float = 60.0  # no byte for this long ends the try; never a total timeout
+    retries: int = 8  # tries per file beyond the first
+    backoff_initial: float = 1.0
+    backoff_max: float = 120.0
+    bandwidth_limit: float | None = None  # bytes/s for the whole run; None: no cap
+    max_redirects: int = 5
+    token_env: str | None = "MAST_API_TOKEN"  # environment variable holding an archive token
+    # access_estsize is rounded kB: accept |bytes - kB*1024| <= tolerance*bytes + 1024.
+    est_size_tolerance: float = 0.05
+    user_agent: str = "tessmirror/0.1 (+https://github.com/tessmirror)"
+
+
+@dataclass(slots=True)
+class VerifySettings:
+    level: VerifyLevel = VerifyLevel.FITS
+    workers: int = 2  # threads for FITS checks (astropy releases the GIL in its checksums)
+
+
+@dataclass(slots=True)
+class RunSettings:
+    progress_interval: float = 30.0  # seconds between plain log lines when not on a terminal
+    force: bool = False  # skip the free-space preflight
+    recheck: bool = False  # stat/verify files the manifest says are done
+    refresh_plan: bool = False  # query TAP again even when a saved plan exists
+    log_level: str = "INFO"
+
+
+@dataclass(slots=True)
+class Settings:
+    tap: TapSettings = field(default_factory=TapSettings)
+    selection: Selection = field(default_factory=Selection)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.output.state_dir or self.output.out_dir / ".tessmirror"

@@ -1,0 +1,1 @@
+"""Verifying: streaming size and md5, FITS structure and checksums, whole-mirror checks."""
