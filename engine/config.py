@@ -1,0 +1,459 @@
+"""TOML file + CLI overrides -> a validated `engine.settings.Settings`.
+
+Every problem is raised as `ConfigError(key, message, hint=...)` naming the dotted key at fault, so
+the user can find the line in the file or the flag on the command line. The list of known keys is
+derived from the dataclasses in `engine.settings`, so it cannot drift from the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine.exceptions import ConfigError
+from engine.models import VerifyLevel
+from engine.settings import PRODUCT_SUFFIXES, Settings
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SECTOR_MIN, SECTOR_MAX = 1, 200
+LAYOUTS = ("mast", "sector", "flat")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CONCURRENCY_MAX = 256
+
+# One entry per TOML table: the Settings field name -> its dataclass.
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)
+}
+# Every known dotted key ("fetch.concurrency") -> its type hint, read from the dataclasses.
+KEYS: dict[str, Any] = {
+    f"{section}.{name}": hint
+    for section, cls in SECTIONS.items()
+    for name, hint in typing.get_type_hints(cls).items()
+}
+
+
+def _hint_args(hint: Any) -> tuple[Any, ...]:
+    """The member types of a union (`int | None` -> (int, NoneType)), or (hint,) for a plain type."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _is_path_hint(hint: Any) -> bool:
+    return Path in _hint_args(hint)
+
+
+# Keys holding paths: relative values are resolved against the config file's folder or the CWD.
+PATH_KEYS = frozenset(key for key, hint in KEYS.items() if _is_path_hint(hint))
+
+
+# -- public parsers for CLI values ----------------------------------------------------------------
+def parse_sectors(text: str, *, key: str = "selection.sectors") -> list[int] | None:
+    """'all' -> None (every sector); '1,2,5-9' -> [1, 2, 5, 6, 7, 8, 9]."""
+    if str(text).strip().lower() == "all":
+        return None
+    return _parse_int_ranges(text, key=key, low=SECTOR_MIN, high=SECTOR_MAX, what="sector")
+
+
+def parse_polygon(text: str, *, key: str = "selection.polygon") -> list[float]:
+    """'ra1 dec1 ra2 dec2 ...', comma-separated, or MAST's 'POLYGON ra dec ...' -> [ra1, dec1, ...].
+
+    A closing vertex equal to the first is dropped, so the result is the open list of >= 3 vertices.
+    """
+    body = str(text).strip()
+    # Accept MAST's s_region form ("POLYGON ICRS ra dec ...") and ADQL's "POLYGON('ICRS', ...)".
+    body = re.sub(r"(?i)^\s*polygon\b", "", body).strip()
+    body = body.strip("()").strip()
+    body = re.sub(r"(?i)^'?(icrs|fk5|j2000)'?\s*,?", "", body)
+    tokens = [tok for tok in re.split(r"[\s,]+", body) if tok]
+    try:
+        numbers = [float(tok) for tok in tokens]
+    except ValueError:
+        bad = next(tok for tok in tokens if not _is_float(tok))
+        raise ConfigError(
+            key, f"{bad!r} is not a number", hint="give ra dec pairs in degrees, e.g. '10 -5 12 -5 11 -3'"
+        ) from None
+    return validate_polygon(numbers, key=key)
+
+
+def validate_polygon(numbers: list[float], *, key: str = "selection.polygon") -> list[float]:
+    """Check a flat [ra1, dec1, ...] list and drop a closing vertex; raise ConfigError naming `key`."""
+    hint = "give at least 3 vertices as ra dec pairs in degrees, e.g. '10 -5 12 -5 11 -3'"
+    if any(not math.isfinite(v) for v in numbers):
+        raise ConfigError(key, "vertices must be finite numbers", hint=hint)
+    if len(numbers) % 2:
+        raise ConfigError(
+            key, f"odd count of numbers ({len(numbers)}); each vertex is an ra dec pair", hint=hint
+        )
+    if len(numbers) >= 4 and numbers[:2] == numbers[-2:]:
+        numbers = numbers[:-2]
+    if len(numbers) < 6:
+        raise ConfigError(key, f"a polygon needs at least 3 vertices, got {len(numbers) // 2}", hint=hint)
+    for ra, dec in zip(numbers[0::2], numbers[1::2], strict=True):
+        if abs(dec) > 90:
+            raise ConfigError(key, f"declination {dec} is outside -90..90", hint=hint)
+        if not -360 <= ra <= 360:
+            raise ConfigError(key, f"right ascension {ra} is outside 0..360", hint=hint)
+    return [float(v) for v in numbers]
+
+
+def parse_cone(text: str, *, key: str = "selection.cone") -> tuple[float, float, float]:
+    """'ra dec radius' (degrees, space- or comma-separated) -> (ra, dec, radius)."""
+    tokens = [tok for tok in re.split(r"[\s,]+", str(text).strip()) if tok]
+    try:
+        numbers = [float(tok) for tok in tokens]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 3:
+        raise ConfigError(
+            key, f"expected 'ra dec radius' in degrees, got {text!r}", hint="e.g. --cone '330.3 -44.3 0.5'"
+        )
+    return validate_cone(numbers, key=key)
+
+
+def validate_cone(numbers: Any, *, key: str = "selection.cone") -> tuple[float, float, float]:
+    ra, dec, radius = (float(v) for v in numbers)
+    hint = "give ra dec radius in degrees, e.g. '330.3 -44.3 0.5'"
+    if not all(math.isfinite(v) for v in (ra, dec, radius)):
+        raise ConfigError(key, "values must be finite numbers", hint=hint)
+    if abs(dec) > 90:
+        raise ConfigError(key, f"declination {dec} is outside -90..90", hint=hint)
+    if not 0 < radius <= 180:
+        raise ConfigError(key, f"radius {radius} must be > 0 and <= 180 degrees", hint=hint)
+    return (ra, dec, radius)
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def load_settings(
+    path: Path | None,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    require_selection: bool = True,
+) -> Settings:
+    """Read `path` (TOML; None: defaults), apply `overrides` (dotted keys from CLI flags; CLI wins),
+    validate, and return Settings. Override values of None mean "flag not given" and are skipped.
+
+    `require_selection=False` lets commands that download nothing (verify, archive serve) skip the
+    "nothing selected" check.
+    """
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    if path is not None:
+        path = Path(path).expanduser()
+        document = _read_toml(path)
+        base = path.resolve().parent
+        for table, content in document.items():
+            if table not in SECTIONS:
+                raise _unknown(table, list(SECTIONS), what="table")
+            if not isinstance(content, dict):
+                raise ConfigError(
+                    table, f"expected a [{table}] table, got {content!r}", hint=f"write [{table}]"
+                )
+            for name, raw in content.items():
+                key = f"{table}.{name}"
+                if key not in KEYS:
+                    raise _unknown(key, list(KEYS), what="key")
+                values[table][name] = _convert(key, raw, base=base)
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in KEYS:
+            raise _unknown(key, list(KEYS), what="key")
+        table, name = key.split(".", 1)
+        values[table][name] = _convert(key, raw, base=Path.cwd())
+    settings = Settings(**{section: SECTIONS[section](**values[section]) for section in SECTIONS})
+    _validate(settings, require_selection=require_selection)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("config", f"the file {str(path)!r} does not exist", hint="check --config") from None
+    except OSError as err:
+        raise ConfigError(
+            "config", f"cannot read {str(path)!r}: {err.strerror or err}", hint="check --config"
+        ) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            "config", f"{str(path)!r} is not UTF-8 text: {err}", hint="save it as UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        # tomllib's message already carries "(at line L, column C)".
+        raise ConfigError(
+            "config", f"{str(path)!r} is not valid TOML: {err}", hint="see config.example.toml"
+        ) from None
+
+
+def _unknown(key: str, known: list[str], *, what: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return ConfigError(key, f"unknown {what}; did you mean {close[0]}?", hint="see config.example.toml")
+    return ConfigError(key, f"unknown {what}", hint="see config.example.toml for the known keys")
+
+
+# -- conversion: TOML / CLI value -> the dataclass field's type ---------------------------------------
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _convert(key: str, raw: Any, *, base: Path) -> Any:
+    """Turn one raw value into the type KEYS[key] declares; relative paths are joined onto `base`."""
+    special = _SPECIAL.get(key)
+    if special is not None:
+        return special(key, raw)
+    hint = KEYS[key]
+    members = _hint_args(hint)
+    if type(None) in members and (raw is None or (isinstance(raw, str) and raw.strip().lower() == "none")):
+        return None
+    target = next(m for m in members if m is not type(None))
+    if target is Path:
+        if not isinstance(raw, (str, Path)) or not str(raw).strip():
+            raise ConfigError(key, f"expected a path, got {raw!r}")
+        candidate = Path(raw).expanduser()
+        return candidate if candidate.is_absolute() else base / candidate
+    if target is bool:
+        return _to_bool(key, raw)
+    if target is int:
+        return _to_int(key, raw)
+    if target is float:
+        return _to_float(key, raw)
+    if target is str:
+        if not isinstance(raw, str):
+            raise ConfigError(key, f"expected a string, got {raw!r}")
+        return raw
+    if target is VerifyLevel:
+        try:
+            return VerifyLevel.parse(raw)
+        except ValueError as err:
+            raise ConfigError(key, str(err), hint="use size, checksum or fits") from None
+    raise ConfigError(key, f"cannot read a value of type {target!r}")  # schema grew a type we do not know
+
+
+def _to_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ConfigError(key, f"expected true or false, got {raw!r}")
+
+
+def _to_int(key: str, raw: Any) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+        return int(raw)
+    raise ConfigError(key, f"expected an integer, got {raw!r}")
+
+
+def _to_float(key: str, raw: Any) -> float:
+    numeric = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+    if not (numeric or (isinstance(raw, str) and _is_float(raw.strip()))):
+        raise ConfigError(key, f"expected a number, got {raw!r}")
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ConfigError(key, f"expected a finite number, got {raw!r}")
+    return value
+
+
+def _int_list(key: str, raw: Any, *, low: int, high: int, what: str) -> list[int]:
+    if isinstance(raw, str):
+        return _parse_int_ranges(raw, key=key, low=low, high=high, what=what)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = [raw]
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(key, f"expected a list of integers, got {raw!r}")
+    numbers = [_to_int(key, item) for item in raw]
+    for number in numbers:
+        _check_range(key, number, low, high, what)
+    return sorted(set(numbers))
+
+
+def _parse_int_ranges(text: str, *, key: str, low: int, high: int, what: str) -> list[int]:
+    numbers: set[int] = set()
+    parts = [part.strip() for part in str(text).split(",")]
+    example = f"e.g. '{low},{low + 1}' or '{low}-{min(high, low + 3)}'"
+    for part in parts:
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise ConfigError(key, f"expected {what} numbers, got {part!r}", hint=example)
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else first
+        if last < first:
+            raise ConfigError(key, f"range {part!r} runs backwards", hint=example)
+        for number in (first, last):
+            _check_range(key, number, low, high, what)
+        numbers.update(range(first, last + 1))
+    return sorted(numbers)
+
+
+def _check_range(key: str, number: int, low: int, high: int, what: str) -> None:
+    if not low <= number <= high:
+        raise ConfigError(
+            key, f"{what} {number} is outside {low}..{high}", hint=f"give a {what} from {low} to {high}"
+        )
+
+
+def _sectors(key: str, raw: Any) -> list[int] | None:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("all", "none", "")):
+        return None
+    return _int_list(key, raw, low=SECTOR_MIN, high=SECTOR_MAX, what="sector")
+
+
+def _sector(key: str, raw: Any) -> int | None:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
+        return None
+    number = _to_int(key, raw)
+    _check_range(key, number, SECTOR_MIN, SECTOR_MAX, "sector")
+    return number
+
+
+def _detectors(key: str, raw: Any) -> list[int]:
+    what = "camera" if key.endswith("cameras") else "CCD"
+    return _int_list(key, raw, low=1, high=4, what=what)
+
+
+def _polygon(key: str, raw: Any) -> list[float] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return parse_polygon(raw, key=key)
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(key, f"expected a list of numbers or a string, got {raw!r}")
+    return validate_polygon([_to_float(key, v) for v in raw], key=key)
+
+
+def _cone(key: str, raw: Any) -> tuple[float, float, float] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return parse_cone(raw, key=key)
+    if not isinstance(raw, (list, tuple)) or len(raw) != 3:
+        raise ConfigError(key, f"expected [ra, dec, radius] in degrees, got {raw!r}")
+    return validate_cone([_to_float(key, v) for v in raw], key=key)
+
+
+def _products(key: str, raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        raw = [part for part in re.split(r"[\s,]+", raw) if part]
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(p, str) for p in raw):
+        raise ConfigError(key, f"expected a list of product names, got {raw!r}")
+    known = ", ".join(PRODUCT_SUFFIXES)
+    products: list[str] = []
+    for product in raw:
+        name = product.strip().lower()
+        if name not in PRODUCT_SUFFIXES:
+            raise ConfigError(key, f"unknown product type {product!r}", hint=f"use one or more of: {known}")
+        if name not in products:
+            products.append(name)
+    if not products:
+        raise ConfigError(key, "no product type given", hint=f"use one or more of: {known}")
+    return products
+
+
+_SPECIAL = {
+    "selection.sector": _sector,
+    "selection.sectors": _sectors,
+    "selection.cameras": _detectors,
+    "selection.ccds": _detectors,
+    "selection.polygon": _polygon,
+    "selection.cone": _cone,
+    "selection.products": _products,
+}
+
+
+# -- whole-settings validation ------------------------------------------------------------------------
+def _validate(settings: Settings, *, require_selection: bool) -> None:
+    tap, fetch, run = settings.tap, settings.fetch, settings.run
+    parts = urlsplit(tap.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "tap.url",
+            f"{tap.url!r} is not an http(s) URL with a host",
+            hint="e.g. " + "https://host/path/caom",
+        )
+    _at_least("tap.page_size", tap.page_size, 1)
+    _at_least("tap.retries", tap.retries, 0)
+    for key in ("tap.poll_timeout", "tap.job_timeout", "fetch.connect_timeout", "fetch.idle_timeout"):
+        value = _get(settings, key)
+        if value <= 0:
+            raise ConfigError(key, f"timeout {value} must be positive", hint="give seconds, e.g. 30")
+    if not 1 <= fetch.concurrency <= CONCURRENCY_MAX:
+        raise ConfigError(
+            "fetch.concurrency",
+            f"{fetch.concurrency} is outside 1..{CONCURRENCY_MAX}",
+            hint="a modest value such as 8-32 is polite to the archive",
+        )
+    _at_least("fetch.per_host", fetch.per_host, 1)
+    _at_least("fetch.chunk_size", fetch.chunk_size, 1024)
+    _at_least("fetch.retries", fetch.retries, 0)
+    _at_least("fetch.max_redirects", fetch.max_redirects, 0)
+    _at_least("fetch.backoff_initial", fetch.backoff_initial, 0)
+    _at_least("fetch.backoff_max", fetch.backoff_max, fetch.backoff_initial)
+    _at_least("fetch.est_size_tolerance", fetch.est_size_tolerance, 0)
+    if fetch.bandwidth_limit is not None and fetch.bandwidth_limit <= 0:
+        raise ConfigError("fetch.bandwidth_limit", "must be positive bytes/s", hint="omit it for no cap")
+    _at_least("verify.workers", settings.verify.workers, 1)
+    _at_least("run.progress_interval", run.progress_interval, 0)
+    if settings.output.layout not in LAYOUTS:
+        raise ConfigError(
+            "output.layout",
+            f"unknown layout {settings.output.layout!r}",
+            hint=f"use one of: {', '.join(LAYOUTS)}",
+        )
+    if run.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(
+            "run.log_level", f"unknown level {run.log_level!r}", hint=f"use one of: {', '.join(LOG_LEVELS)}"
+        )
+    run.log_level = run.log_level.upper()
+    _validate_selection(settings, require_selection=require_selection)
+
+
+def _validate_selection(settings: Settings, *, require_selection: bool) -> None:
+    sel = settings.selection
+    if (sel.cameras or sel.ccds) and sel.sector is None and sel.polygon is None and sel.cone is None:
+        raise ConfigError(
+            "selection.cameras" if sel.cameras else "selection.ccds",
+            "cameras/CCDs choose a footprint, which needs a sector",
+            hint="add --sector N (selection.sector)",
+        )
+    if not sel.collection.strip():
+        raise ConfigError("selection.collection", "must not be empty", hint="use TESS")
+    chosen = (sel.sector, sel.polygon, sel.cone, sel.targets_file, sel.urls_file)
+    if require_selection and all(value is None for value in chosen):
+        raise ConfigError(
+            "selection",
+            "nothing selected; give --sector N (with --camera/--ccd), --polygon, --cone, or --input FILE",
+        )
+
+
+def _get(settings: Settings, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(settings, section), name)
+
+
+def _at_least(key: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise ConfigError(key, f"{value} is below the minimum {low}", hint=f"give a value >= {low}")

@@ -1,0 +1,244 @@
+"""Plan tables: PlanItems <-> astropy Table (ECSV on disk), URL lists, and exports for other tools.
+
+Every value in a plan came from the archive (or a user's file) and is untrusted: exports quote them
+and refuse file names that are not plain names, because aria2 input files and shell scripts would
+otherwise let a hostile name write elsewhere or run commands.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import shlex
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+from astropy.table import Table
+
+from engine.exceptions import (
+    ConfigError,
+    DiskFullError,
+    LocalError,
+    PermissionDeniedError,
+    UnsafePathError,
+)
+from engine.models import PLAN_COLUMNS, PlanItem
+from engine.redact import redact
+from engine.settings import PRODUCT_SUFFIXES
+
+EXPORT_FORMATS = ("ecsv", "votable", "csv", "urls", "aria2", "curl")
+_INT_COLUMNS = frozenset({"sector", "size", "est_kb"})
+_MD5 = re.compile(r"[0-9a-f]{32}")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+_SECTOR_IN_NAME = re.compile(r"-s(\d{4})-")
+# Longest suffix first, so "_fast-lc.fits" is not taken for "_lc.fits".
+_SUFFIXES = sorted(PRODUCT_SUFFIXES.items(), key=lambda kv: -len(kv[1]))
+
+
+def product_of(filename: str) -> str:
+    """The product type ("lc", "tp", ...) from a file name's suffix; "" when none matches."""
+    lowered = filename.lower()
+    for product, suffix in _SUFFIXES:
+        if lowered.endswith(suffix):
+            return product
+    return ""
+
+
+def sector_of(filename: str) -> int:
+    """The sector from a TESS file name ('...-s0001-...'), or -1."""
+    match = _SECTOR_IN_NAME.search(filename)
+    return int(match.group(1)) if match else -1
+
+
+def is_safe_filename(name: str) -> bool:
+    """A plain file name: not empty, no separators, no control characters, not '.' or '..'."""
+    return bool(name) and name not in (".", "..") and not _UNSAFE_CHARS.search(name)
+
+
+def filename_from_url(url: str) -> str:
+    """The file name a URL serves: the last path segment of its `uri=` value, else of its path."""
+    parts = urlsplit(url)
+    uris = parse_qs(parts.query).get("uri")
+    source = uris[0] if uris else unquote(parts.path)
+    return source.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+
+
+# -- PlanItem <-> Table -------------------------------------------------------------------------------
+def items_to_table(items: Iterable[PlanItem]) -> Table:
+    """A plan table with exactly the columns PLAN_COLUMNS, one row per item."""
+    rows = list(items)
+    columns: dict[str, Any] = {}
+    for name in PLAN_COLUMNS:
+        values = [getattr(item, name) for item in rows]
+        columns[name] = np.array(values, dtype=np.int64 if name in _INT_COLUMNS else str)
+    return Table(columns, names=PLAN_COLUMNS)
+
+
+def table_to_items(table: Table) -> Iterator[PlanItem]:
+    """PlanItems from a plan table; masked or missing cells become the 'unknown' values."""
+    missing = [name for name in ("url", "filename") if name not in table.colnames]
+    if missing:
+        raise ConfigError("input", f"the plan table has no {', '.join(missing)} column")
+    present = [name for name in PLAN_COLUMNS if name in table.colnames]
+    for row in table:
+        fields: dict[str, Any] = {}
+        for name in present:
+            value = row[name]
+            if np.ma.is_masked(value):
+                continue
+            fields[name] = int(value) if name in _INT_COLUMNS else str(value)
+        yield PlanItem(**fields)
+
+
+# -- files ----------------------------------------------------------------------------------------
+def save_plan(table: Table, path: Path, *, meta: Mapping[str, Any] | None = None) -> None:
+    """Write `table` as ECSV, atomically (a temporary file, then os.replace); `meta` goes in the header."""
+    path = Path(path)
+    out = table.copy(copy_data=False)
+    if meta:
+        out.meta.update(
+            {key: redact(value) if isinstance(value, str) else value for key, value in meta.items()}
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                out.write(handle, format="ascii.ecsv")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise _local_error(err, path, "cannot write the plan") from None
+
+
+def load_plan(path: Path, *, key: str = "input") -> Table:
+    """Read an ECSV plan; an unreadable or malformed file raises ConfigError naming `key` and the path."""
+    path = Path(path)
+    hint = "give a plan written by tessmirror (ECSV), or a file of URLs"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(key, f"the plan {str(path)!r} does not exist", hint=hint) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(key, f"cannot read the plan {str(path)!r}: {err}", hint=hint) from None
+    try:
+        table = Table.read(text, format="ascii.ecsv")
+    except Exception as err:  # astropy raises many types for a malformed ECSV
+        raise ConfigError(key, f"{str(path)!r} is not a valid ECSV plan: {err}", hint=hint) from None
+    missing = [name for name in PLAN_COLUMNS if name not in table.colnames]
+    if missing:
+        raise ConfigError(key, f"the plan {str(path)!r} lacks the columns {', '.join(missing)}", hint=hint)
+    return table[list(PLAN_COLUMNS)]
+
+
+def read_input(path: Path, *, key: str = "input") -> Table:
+    """A saved ECSV plan, or a plain URL list (one a line; '#' comments and blank lines ignored)."""
+    path = Path(path)
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            head = handle.read(16)
+    except FileNotFoundError:
+        raise ConfigError(key, f"the file {str(path)!r} does not exist", hint="check --input") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {err}", hint="check --input") from None
+    if head.startswith("# %ECSV"):
+        return load_plan(path, key=key)
+    return items_to_table(_read_url_list(path, key=key))
+
+
+def _read_url_list(path: Path, *, key: str) -> list[PlanItem]:
+    items: list[PlanItem] = []
+    seen: set[str] = set()
+    hint = "one http(s) URL a line; lines starting with # are comments"
+    with path.open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            url = line.strip()
+            if not url or url.startswith("#"):
+                continue
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", url):
+                raise ConfigError(key, f"line {number}: {redact(url)!r} is not an http(s) URL", hint=hint)
+            filename = filename_from_url(url)
+            if not is_safe_filename(filename):
+                raise ConfigError(key, f"line {number}: no usable file name in {redact(url)!r}", hint=hint)
+            if url in seen:
+                continue
+            seen.add(url)
+            items.append(
+                PlanItem(url=url, filename=filename, product=product_of(filename), sector=sector_of(filename))
+            )
+    return items
+
+
+def _local_error(err: OSError, path: Path, what: str) -> LocalError:
+    message = f"{what} {str(path)!r}: {err.strerror or err}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(message, path=path, hint="free some space")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDeniedError(message, path=path, hint="check the folder's permissions")
+    return LocalError(message, path=path)
+
+
+# -- exports -------------------------------------------------------------------------------------
+def export_plan(
+    table: Table, fmt: str, out: TextIO, *, safe_name: Callable[[str], bool] = is_safe_filename
+) -> None:
+    """Write the plan as ecsv | votable | csv | urls | aria2 | curl to `out`.
+
+    aria2: per file a URL line with indented `out=` and (when known) `checksum=md5=` options;
+    curl: one `curl -f -L -C - -o <file> <url>` line per file, shell-quoted.
+    """
+    fmt = fmt.lower()
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(
+            "format", f"unknown export format {fmt!r}", hint=f"use one of: {', '.join(EXPORT_FORMATS)}"
+        )
+    if fmt in ("ecsv", "csv"):
+        table.write(out, format="ascii.ecsv" if fmt == "ecsv" else "ascii.csv")
+        return
+    if fmt == "votable":
+        buffer = io.BytesIO()  # astropy's VOTable writer wants bytes
+        table.write(buffer, format="votable")
+        out.write(buffer.getvalue().decode("utf-8"))
+        return
+    for item in table_to_items(table):
+        url = _checked_url(item)
+        if fmt == "urls":
+            out.write(url + "\n")
+            continue
+        if not safe_name(item.filename):
+            raise UnsafePathError(
+                f"refusing to export the file name {item.filename!r}: it is not a plain file name",
+                hint="the archive sent an unsafe name; report it, or drop that row from the plan",
+            )
+        if fmt == "aria2":
+            out.write(f"{url}\n  out={item.filename}\n")
+            if _MD5.fullmatch(item.md5):
+                out.write(f"  checksum=md5={item.md5}\n")
+        else:
+            out.write(f"curl -f -L -C - -o {shlex.quote(item.filename)} {shlex.quote(url)}\n")
+
+
+def _checked_url(item: PlanItem) -> str:
+    """Refuse URLs that are not http(s) or carry whitespace: a newline would inject lines/options."""
+    parts = urlsplit(item.url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or re.search(r"[\s\x00-\x1f\x7f]", item.url)
+    ):
+        raise UnsafePathError(
+            f"refusing to export the URL {redact(item.url)!r} of {item.filename!r}",
+            hint="only http(s) URLs without whitespace can be exported",
+        )
+    return item.url

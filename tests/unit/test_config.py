@@ -1,0 +1,270 @@
+"""engine.config: TOML + CLI overrides -> validated Settings, with messages that name the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.config import KEYS, load_settings, parse_cone, parse_polygon, parse_sectors
+from engine.exceptions import ConfigError
+from engine.models import VerifyLevel
+from engine.settings import PRODUCT_SUFFIXES, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config.example.toml"
+SELECTED = {"selection.sector": 1}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tessmirror.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path | None, overrides: dict[str, object] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, overrides)
+    return info.value
+
+
+# -- the example file ---------------------------------------------------------------------------------
+def test_example_file_loads_as_the_notebook_selection() -> None:
+    settings = load_settings(EXAMPLE)
+    assert settings.tap.url == "https://mast.stsci.edu/vo-tap/api/v0.1/caom"
+    sel = settings.selection
+    assert (sel.sector, sel.cameras, sel.ccds, sel.sectors, sel.products) == (1, [1], [2], None, ["lc"])
+    assert settings.verify.level is VerifyLevel.FITS
+    # Relative paths in the file are resolved against the file's folder.
+    assert settings.output.out_dir == REPO / "tessmirror-data"
+
+
+def test_example_file_documents_every_key() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    sections = re.split(r"(?m)^\[(\w+)\]\s*$", text)
+    documented = {
+        f"{section}.{key}"
+        for section, body in zip(sections[1::2], sections[2::2], strict=True)
+        for key in re.findall(r"(?m)^#?\s*(\w+)\s*=", body)
+    }
+    assert set(KEYS) <= documented, sorted(set(KEYS) - documented)
+
+
+def test_keys_are_derived_from_the_settings_dataclasses() -> None:
+    settings = Settings()
+    for key in KEYS:
+        section, name = key.split(".")
+        assert hasattr(getattr(settings, section), name)
+    assert "fetch.concurrency" in KEYS and "selection.polygon" in KEYS and "run.log_level" in KEYS
+
+
+# -- overrides and paths ----------------------------------------------------------------------------
+def test_cli_overrides_win_over_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[selection]\nsector = 3\n[fetch]\nconcurrency = 4\n")
+    settings = load_settings(path, {"fetch.concurrency": 16, "selection.sector": "7", "tap.page_size": None})
+    assert settings.fetch.concurrency == 16
+    assert settings.selection.sector == 7
+    assert settings.tap.page_size is None  # None means "flag not given"
+
+
+def test_paths_resolve_against_the_file_folder_or_the_cwd(tmp_path: Path, monkeypatch) -> None:
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    path = conf_dir / "c.toml"
+    path.write_text('[output]\nout_dir = "data"\nstate_dir = "st"\n[selection]\nsector = 1\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    settings = load_settings(path, {"selection.urls_file": "urls.txt"})
+    assert settings.output.out_dir == conf_dir / "data"
+    assert settings.output.state_dir == conf_dir / "st"
+    assert settings.selection.urls_file == work / "urls.txt"
+    absolute = load_settings(None, {"output.out_dir": str(tmp_path / "abs"), **SELECTED})
+    assert absolute.output.out_dir == tmp_path / "abs"
+
+
+def test_string_cli_values_are_converted() -> None:
+    settings = load_settings(
+        None,
+        {
+            "selection.sector": "1",
+            "selection.cameras": "1,3",
+            "selection.ccds": "1-4",
+            "selection.sectors": "1,5-7",
+            "selection.products": "lc,tp",
+            "verify.level": "checksum",
+            "output.fsync": "false",
+            "fetch.bandwidth_limit": "1e6",
+        },
+    )
+    sel = settings.selection
+    assert (sel.cameras, sel.ccds, sel.sectors, sel.products) == (
+        [1, 3],
+        [1, 2, 3, 4],
+        [1, 5, 6, 7],
+        ["lc", "tp"],
+    )
+    assert settings.verify.level is VerifyLevel.CHECKSUM
+    assert settings.output.fsync is False
+    assert settings.fetch.bandwidth_limit == 1e6
+
+
+def test_polygon_and_cone_from_toml_lists(tmp_path: Path) -> None:
+    path = write(tmp_path, "[selection]\npolygon = [10, -5, 12, -5, 11, -3]\ncone = [1.5, 2, 0.5]\n")
+    settings = load_settings(path)
+    assert settings.selection.polygon == [10.0, -5.0, 12.0, -5.0, 11.0, -3.0]
+    assert settings.selection.cone == (1.5, 2.0, 0.5)
+
+
+# -- parsers ----------------------------------------------------------------------------------------
+def test_parse_sectors() -> None:
+    assert parse_sectors("all") is None
+    assert parse_sectors("1,2,5-9") == [1, 2, 5, 6, 7, 8, 9]
+    assert parse_sectors(" 3 , 3 ") == [3]
+    for bad, words in (
+        ("0", "outside 1..200"),
+        ("201", "outside 1..200"),
+        ("x", "'x'"),
+        ("9-5", "backwards"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(words)) as info:
+            parse_sectors(bad)
+        assert info.value.key == "selection.sectors"
+
+
+def test_parse_polygon_forms() -> None:
+    mast = (
+        "POLYGON 330.343765 -44.336318 324.663797 -33.277719 337.720578 -28.384567"
+        " 344.128621 -38.561643 330.343765 -44.336318"
+    )
+    expected = [
+        330.343765,
+        -44.336318,
+        324.663797,
+        -33.277719,
+        337.720578,
+        -28.384567,
+        344.128621,
+        -38.561643,
+    ]
+    assert parse_polygon(mast) == expected  # closing vertex dropped
+    assert parse_polygon(", ".join(map(str, expected))) == expected
+    assert parse_polygon("POLYGON ICRS 1 2 3 4 5 6") == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("1 2 3 4 5", "odd count"),
+        ("1 2 3 4", "at least 3 vertices"),
+        ("1 2 3 4 1 2", "at least 3 vertices"),  # a closed triangle with only 2 distinct vertices
+        ("1 95 3 4 5 6", "declination 95.0"),
+        ("1 2 3 four 5 6", "'four' is not a number"),
+        ("1 nan 3 4 5 6", "finite"),
+    ],
+)
+def test_parse_polygon_rejects(text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)) as info:
+        parse_polygon(text)
+    assert info.value.key == "selection.polygon"
+
+
+def test_parse_cone() -> None:
+    assert parse_cone("330.3 -44.3 0.5") == (330.3, -44.3, 0.5)
+    assert parse_cone("330.3,-44.3,0.5") == (330.3, -44.3, 0.5)
+    for bad, words in (
+        ("1 2 0", "radius 0.0"),
+        ("1 2 181", "radius 181.0"),
+        ("1 2", "ra dec radius"),
+        ("1 91 1", "91"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(words)) as info:
+            parse_cone(bad)
+        assert info.value.key == "selection.cone"
+
+
+# -- every bad input names its key ---------------------------------------------------------------------
+def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "[fetch]\nconcurency = 3\n"))
+    assert err.key == "fetch.concurency"
+    assert "unknown key; did you mean fetch.concurrency?" in str(err)
+    err = config_error(None, {"fetch.concurency": 3})
+    assert "did you mean fetch.concurrency?" in str(err)
+
+
+def test_unknown_table(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "[fecth]\nconcurrency = 3\n"))
+    assert err.key == "fecth"
+    assert "unknown table; did you mean fetch?" in str(err)
+
+
+def test_malformed_toml_names_line_and_column(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "[fetch]\nconcurrency = = 3\n"))
+    assert err.key == "config"
+    assert "line 2" in str(err) and "column" in str(err)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    err = config_error(missing)
+    assert err.key == "config" and str(missing) in str(err) and "does not exist" in str(err)
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    err = config_error(tmp_path)  # a directory cannot be read as a file
+    assert err.key == "config" and str(tmp_path) in str(err)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        ({"fetch.concurrency": "abc"}, "fetch.concurrency", "expected an integer, got 'abc'"),
+        ({"fetch.concurrency": 0}, "fetch.concurrency", "outside 1..256"),
+        ({"fetch.concurrency": 257}, "fetch.concurrency", "outside 1..256"),
+        ({"fetch.idle_timeout": -1}, "fetch.idle_timeout", "must be positive"),
+        ({"tap.job_timeout": -5}, "tap.job_timeout", "must be positive"),
+        ({"tap.poll_timeout": "soon"}, "tap.poll_timeout", "expected a number"),
+        ({"tap.url": "ftp://mast/caom"}, "tap.url", "not an http(s) URL"),
+        ({"tap.url": "https://"}, "tap.url", "not an http(s) URL"),
+        ({"output.layout": "tree"}, "output.layout", "mast, sector, flat"),
+        ({"verify.level": "paranoid"}, "verify.level", "unknown verification level"),
+        ({"selection.products": "lc,ffi"}, "selection.products", "unknown product type 'ffi'"),
+        ({"selection.sector": 0}, "selection.sector", "outside 1..200"),
+        ({"selection.sector": 500}, "selection.sector", "outside 1..200"),
+        ({"selection.cameras": "5"}, "selection.cameras", "camera 5 is outside 1..4"),
+        ({"selection.ccds": [0]}, "selection.ccds", "CCD 0 is outside 1..4"),
+        ({"selection.cone": "1 2 -1"}, "selection.cone", "radius"),
+        ({"output.fsync": "maybe"}, "output.fsync", "expected true or false"),
+        ({"run.log_level": "loud"}, "run.log_level", "unknown level"),
+    ],
+)
+def test_bad_values_name_their_key(overrides: dict[str, object], key: str, words: str) -> None:
+    err = config_error(None, {**SELECTED, **overrides})
+    assert err.key == key
+    assert words in str(err)
+
+
+def test_unknown_product_lists_the_known_ones() -> None:
+    err = config_error(None, {**SELECTED, "selection.products": ["ffi"]})
+    assert all(name in str(err) for name in PRODUCT_SUFFIXES)
+
+
+def test_wrong_toml_type(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, '[selection]\nsector = 1\n[fetch]\nretries = "many"\n'))
+    assert err.key == "fetch.retries" and "expected an integer, got 'many'" in str(err)
+
+
+def test_nothing_selected() -> None:
+    err = config_error(None)
+    assert err.key == "selection"
+    assert (
+        "nothing selected; give --sector N (with --camera/--ccd), --polygon, --cone, or --input FILE"
+        in str(err)
+    )
+    assert load_settings(None, require_selection=False).selection.sector is None
+
+
+def test_cameras_without_a_sector() -> None:
+    err = config_error(None, {"selection.cameras": "1"})
+    assert err.key == "selection.cameras" and "sector" in str(err)

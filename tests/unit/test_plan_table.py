@@ -1,0 +1,166 @@
+"""engine.plan.table: plan tables round-trip, URL lists, and exports that quote hostile names."""
+
+from __future__ import annotations
+
+import io
+import shlex
+from pathlib import Path
+
+import pytest
+from astropy.table import Table
+
+from engine.exceptions import ConfigError, UnsafePathError
+from engine.models import PLAN_COLUMNS, PlanItem
+from engine.plan.table import (
+    export_plan,
+    filename_from_url,
+    items_to_table,
+    load_plan,
+    product_of,
+    read_input,
+    save_plan,
+    table_to_items,
+)
+
+LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"
+MD5 = "0123456789abcdef0123456789abcdef"
+ITEMS = [
+    PlanItem(
+        url=f"https://mast.example/api/v0.1/Download/file?uri=mast:TESS/product/{LC}",
+        filename=LC,
+        obs_id="tess2018206045859-s0001-0000000025155310-0120-s",
+        product="lc",
+        sector=1,
+        size=2039040,
+        est_kb=1991,
+        md5=MD5,
+        target_name="25155310",
+    ),
+    PlanItem(url="https://mast.example/files/b_tp.fits", filename="b_tp.fits"),
+]
+
+
+def test_items_to_table_has_exactly_the_plan_columns() -> None:
+    table = items_to_table(ITEMS)
+    assert tuple(table.colnames) == PLAN_COLUMNS
+    assert list(table_to_items(table)) == ITEMS
+    assert tuple(items_to_table([]).colnames) == PLAN_COLUMNS
+
+
+def test_save_and_load_round_trip_with_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "plan.ecsv"
+    save_plan(items_to_table(ITEMS), path, meta={"query": "SELECT 1", "selection": "sector 1"})
+    loaded = load_plan(path)
+    assert list(table_to_items(loaded)) == ITEMS
+    assert loaded.meta["query"] == "SELECT 1" and loaded.meta["selection"] == "sector 1"
+    assert [p.name for p in path.parent.iterdir()] == ["plan.ecsv"]  # no temporary file left
+
+
+def test_save_replaces_an_existing_plan(tmp_path: Path) -> None:
+    path = tmp_path / "plan.ecsv"
+    save_plan(items_to_table(ITEMS), path)
+    save_plan(items_to_table(ITEMS[:1]), path)
+    assert list(table_to_items(load_plan(path))) == ITEMS[:1]
+
+
+def test_load_plan_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        load_plan(tmp_path / "missing.ecsv")
+    assert info.value.key == "input"
+    bad = tmp_path / "bad.ecsv"
+    bad.write_text("# %ECSV 1.0\n# ---\nnot: [valid\n")
+    with pytest.raises(ConfigError, match="not a valid ECSV plan"):
+        load_plan(bad)
+    partial = tmp_path / "partial.ecsv"
+    Table({"url": ["https://h/a.fits"]}).write(partial, format="ascii.ecsv")
+    with pytest.raises(ConfigError, match="lacks the columns filename"):
+        load_plan(partial)
+
+
+def test_read_input_url_list(tmp_path: Path) -> None:
+    path = tmp_path / "urls.txt"
+    path.write_text(
+        "# light curves\n\n"
+        f"https://mast.example/api/v0.1/Download/file?uri=mast:TESS/product/{LC}\n"
+        "  https://archive.example/missions/tess/tid/s0002/x/tess2018-s0002-1-1_tp.fits  \n"
+        f"https://mast.example/api/v0.1/Download/file?uri=mast:TESS/product/{LC}\n"
+    )
+    items = list(table_to_items(read_input(path)))
+    assert [(i.filename, i.product, i.sector) for i in items] == [
+        (LC, "lc", 1),
+        ("tess2018-s0002-1-1_tp.fits", "tp", 2),
+    ]
+
+
+def test_read_input_ecsv_plan(tmp_path: Path) -> None:
+    path = tmp_path / "plan.ecsv"
+    save_plan(items_to_table(ITEMS), path)
+    assert list(table_to_items(read_input(path))) == ITEMS
+
+
+@pytest.mark.parametrize("line", ["ftp://host/a.fits", "not a url", "https://host/"])
+def test_read_input_bad_line_names_its_number(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "urls.txt"
+    path.write_text(f"https://host/a_lc.fits\n# comment\n{line}\n")
+    with pytest.raises(ConfigError, match="line 3") as info:
+        read_input(path)
+    assert info.value.key == "input"
+
+
+def test_product_and_filename_helpers() -> None:
+    assert product_of("x_fast-lc.fits") == "fast-lc"
+    assert product_of("x_lc.fits") == "lc"
+    assert product_of("x_llc.fits") == ""
+    assert filename_from_url("https://h/Download/file?uri=mast:TESS/product/a_lc.fits") == "a_lc.fits"
+    assert filename_from_url("https://h/dir/b%20c_tp.fits") == "b c_tp.fits"
+
+
+def export(items: list[PlanItem], fmt: str) -> str:
+    out = io.StringIO()
+    export_plan(items_to_table(items), fmt, out)
+    return out.getvalue()
+
+
+def test_export_urls_aria2_and_curl() -> None:
+    assert export(ITEMS, "urls").splitlines() == [ITEMS[0].url, ITEMS[1].url]
+    aria2 = export(ITEMS, "aria2").splitlines()
+    assert aria2 == [
+        ITEMS[0].url,
+        f"  out={LC}",
+        f"  checksum=md5={MD5}",
+        ITEMS[1].url,
+        "  out=b_tp.fits",
+    ]
+    curl = export(ITEMS, "curl").splitlines()
+    assert shlex.split(curl[0]) == ["curl", "-f", "-L", "-C", "-", "-o", LC, ITEMS[0].url]
+
+
+def test_curl_export_quotes_hostile_names() -> None:
+    hostile = PlanItem(url="https://h/a?x=1&uri=$(rm${IFS}-rf${IFS}~)`id`", filename="a b;$(reboot)'_lc.fits")
+    line = export([hostile], "curl").strip()
+    # The shell sees exactly the name and the URL as single words, nothing runs.
+    assert shlex.split(line)[-3:] == ["-o", hostile.filename, hostile.url]
+
+
+@pytest.mark.parametrize("name", ["../evil_lc.fits", "dir/x_lc.fits", "x\n  dir=/etc_lc.fits", "..", ""])
+def test_exports_refuse_unsafe_names(name: str) -> None:
+    item = PlanItem(url="https://h/a_lc.fits", filename=name)
+    for fmt in ("aria2", "curl"):
+        with pytest.raises(UnsafePathError):
+            export([item], fmt)
+
+
+def test_exports_refuse_urls_with_newlines() -> None:
+    item = PlanItem(url="https://h/a_lc.fits\n  out=../../x", filename="a_lc.fits")
+    with pytest.raises(UnsafePathError):
+        export([item], "urls")
+
+
+def test_table_exports_read_back() -> None:
+    for fmt, reader in (("ecsv", "ascii.ecsv"), ("csv", "ascii.csv"), ("votable", "votable")):
+        text = export(ITEMS, fmt)
+        source = io.BytesIO(text.encode()) if fmt == "votable" else text
+        table = Table.read(source, format=reader)
+        assert list(table["url"]) == [i.url for i in ITEMS]
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export(ITEMS, "wget")
