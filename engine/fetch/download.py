@@ -1,0 +1,440 @@
+"""Fetch one file: stream it to `<dest>.part`, verify it, then rename it into place.
+
+The hot loop (`Downloader._stream`) copies each network chunk into one preallocated block buffer and
+hands whole blocks to a worker thread that updates the md5 and writes them with `os.write`. hashlib
+releases the GIL on large buffers, so hashing and disk writes run beside the event loop instead of
+stalling every other download; one thread hop per `chunk_size` block (not per network chunk) keeps
+the overhead small, and nothing is allocated per chunk except the chunk aiohttp hands us. Measured on
+2 cores (24 x 2 MB from a local server, 8 at once): threads ~200 MB/s, the same work inline on the
+loop ~188 MB/s; threads also keep a slow filesystem (NFS, Lustre) from freezing the event loop.
+
+Resuming: one `StreamCheck` (with its running md5) and one open `.part` live across all the tries of
+one `fetch` call, so a try that breaks mid-body resumes with ``Range: bytes=<have>-`` and
+``If-Range: <ETag or Last-Modified>`` without re-reading anything. Without a validator a resume is
+only attempted when a declared md5 will catch a spliced file; otherwise the try restarts from zero.
+A `.part` left by an earlier *process* is restarted (truncated), not resumed: its validator is gone,
+and re-hashing it would cost as much as the 2 MB it would save for a typical light curve.
+
+Verification happens before the rename: size/md5/sniff while streaming (engine.verify.stream), then
+FITS structure and HDU checksums in `executor` (engine.verify.fits). A failure there is an
+`IntegrityError`: retried from zero. Only a verified file is fsynced and renamed to `dest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from tenacity import RetryCallState
+from yarl import URL
+
+from engine.exceptions import (
+    ConnectionLostError,
+    DiskFullError,
+    HTTPStatusError,
+    IdleTimeoutError,
+    IntegrityError,
+    LocalError,
+    PermissionDeniedError,
+    TransferError,
+    UnsafePathError,
+    UnsafeRedirectError,
+)
+from engine.fetch.bandwidth import TokenBucket
+from engine.fetch.retry import parse_retry_after, retrying
+from engine.fetch.throttle import AdaptiveLimiter
+from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
+from engine.redact import redact
+from engine.settings import FetchSettings, VerifySettings
+from engine.verify.fits import verify_fits
+from engine.verify.stream import StreamCheck, is_fits_item
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+OVERLOAD_STATUSES = frozenset({429, 503})
+SAFE_SCHEMES = frozenset({"http", "https"})
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+_NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+# Block writes and md5 updates run here. Module-wide so that every Downloader shares a few threads;
+# the threads start lazily and Python joins them at exit.
+_IO_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="tessmirror-io"
+)
+
+
+class PartFile:
+    """The `<dest>.part` file, written with plain os calls. Blocking: the Downloader runs it in threads.
+
+    Tests substitute a subclass (e.g. one whose `write` fails with ENOSPC) through
+    `Downloader(part_file=...)`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def open(self) -> None:
+        """Create the parent folders and an empty `.part` (an earlier one is truncated: restarted)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self.path, flags, 0o644)
+
+    def write(self, data: bytes | memoryview) -> None:
+        written = os.write(self._fd, data)
+        if written < len(data):  # short writes happen (signals, some filesystems): finish the block
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def truncate(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+
+    def commit(self, dest: Path, *, fsync: bool) -> None:
+        """Make the bytes durable (optionally), close, and atomically rename to `dest`."""
+        if fsync:
+            os.fsync(self._fd)
+        self.close()
+        os.replace(self.path, dest)
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+def local_error(exc: OSError, path: Path) -> LocalError:
+    """Translate a filesystem error into the run-stopping LocalError it means."""
+    if exc.errno in _DISK_FULL:
+        return DiskFullError(
+            f"no space left on device while writing {path}; free space or choose another --out", path=path
+        )
+    if exc.errno in _NO_PERMISSION:
+        return PermissionDeniedError(
+            f"permission denied while writing {path} ({exc.strerror})",
+            path=path,
+            hint="make the output folder writable or choose another --out",
+        )
+    return LocalError(f"cannot write {path}: {exc.strerror or exc}", path=path)
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """The state of one file across its tries."""
+
+    item: PlanItem
+    part: PartFile
+    check: StreamCheck
+    buffer: bytearray
+    view: memoryview = field(init=False)
+    validator: str | None = None  # ETag or Last-Modified, for If-Range
+    restart: bool = False  # the bytes so far are unusable: start the next try from zero
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.buffer)
+
+
+def _absorb_block(check: StreamCheck, part: PartFile, block: bytes | memoryview) -> None:
+    """Hash, count and write one block (runs in an I/O thread; check first, so a refused block is not
+    written)."""
+    check.feed(block)
+    part.write(block)
+
+
+def _validator(headers: CIMultiDictProxy[str]) -> str | None:
+    """A strong ETag, else Last-Modified: what If-Range accepts (RFC 9110 forbids weak ETags there)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _redirect_target(current: URL, location: str) -> URL:
+    """Resolve a Location header and refuse a change of scheme other than http -> https."""
+    try:
+        target = current.join(URL(location))
+    except (ValueError, TypeError):
+        raise UnsafeRedirectError(f"refusing a malformed redirect target {location!r}") from None
+    if target.scheme not in SAFE_SCHEMES:
+        raise UnsafeRedirectError(
+            f"refusing a redirect from {current} to {target}: only http and https are followed"
+        )
+    if current.scheme == "https" and target.scheme == "http":
+        raise UnsafeRedirectError(f"refusing a redirect from https to http (a downgrade): {target}")
+    return target
+
+
+class Downloader:
+    """Downloads and verifies one PlanItem at a time per `fetch` call; many calls may run at once.
+
+    `fetch` never raises for a per-file problem: it returns a FAILED FileResult with the reason. It
+    raises only LocalError subclasses (disk full, permissions) and asyncio.CancelledError.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        fetch: FetchSettings,
+        verify: VerifySettings,
+        *,
+        clock: Clock | None = None,
+        throttle: AdaptiveLimiter | None = None,
+        bandwidth: TokenBucket | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        fsync: bool = True,
+        part_file: Callable[[Path], PartFile] = PartFile,
+    ) -> None:
+        self._session = session
+        self._settings = fetch
+        self._level = VerifyLevel.parse(verify.level)
+        self._clock = clock or SystemClock()
+        self._throttle = throttle
+        self._bandwidth = bandwidth
+        self._executor = executor  # for FITS checks; None: the loop's default thread pool
+        self._fsync = fsync
+        self._part_file = part_file
+
+    # -- the public call ---------------------------------------------------------------------------
+    async def fetch(self, item: PlanItem, dest: Path, relpath: str) -> FileResult:
+        """Download `item` to `dest` (already checked to lie inside the output folder)."""
+        started = self._clock.monotonic()
+        part = self._part_file(dest.with_name(dest.name + ".part"))
+        check = StreamCheck(item, self._level, est_tolerance=self._settings.est_size_tolerance)
+        transfer = _Transfer(item, part, check, bytearray(self._settings.chunk_size))
+        attempts = 0
+        try:
+            await self._io(part.path, part.open)
+            try:
+                async for attempt in retrying(
+                    self._settings, self._clock, before_sleep=self._log_retry(item)
+                ):
+                    with attempt:
+                        attempts += 1
+                        nbytes, md5 = await self._try_once(transfer)
+                await self._io(part.path, lambda: part.commit(dest, fsync=self._fsync))
+            except (TransferError, UnsafePathError) as exc:
+                await self._io(part.path, part.discard)
+                return FileResult(
+                    item=item,
+                    status=FileStatus.FAILED,
+                    path=relpath,
+                    error=redact(exc.message),
+                    attempts=attempts,
+                    elapsed=self._clock.monotonic() - started,
+                )
+        finally:
+            part.close()  # no-op after commit/discard; on cancellation the .part stays for next time
+        return FileResult(
+            item=item,
+            status=FileStatus.VERIFIED,
+            path=relpath,
+            nbytes=nbytes,
+            md5=md5,
+            level=self._level,
+            checksum_declared=check.checksum_declared,
+            attempts=attempts,
+            elapsed=self._clock.monotonic() - started,
+        )
+
+    def _log_retry(self, item: PlanItem) -> Callable[[RetryCallState], None]:
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            reason = redact(getattr(exc, "message", exc))
+            log.info(
+                "%s: try %d failed (%s); retrying in %.1f s",
+                item.filename,
+                state.attempt_number,
+                reason,
+                wait,
+            )
+
+        return before_sleep
+
+    # -- one try -----------------------------------------------------------------------------------
+    async def _try_once(self, t: _Transfer) -> tuple[int, str]:
+        try:
+            headers = await self._resume_headers(t)
+            if self._throttle is None:
+                await self._request(t, headers)
+            else:
+                async with self._throttle.slot():
+                    await self._request(t, headers)
+            nbytes, md5 = t.check.finish()
+            if self._level >= VerifyLevel.FITS and is_fits_item(t.item):
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, verify_fits, t.part.path)
+            return nbytes, md5
+        except IntegrityError:
+            t.restart = True  # a fresh copy may be right; these bytes are not
+            raise
+
+    async def _restart(self, t: _Transfer) -> None:
+        await self._io(t.part.path, t.part.truncate)
+        t.check.reset()
+        t.restart = False
+
+    async def _resume_headers(self, t: _Transfer) -> dict[str, str]:
+        """Range/If-Range for a resume, or restart from zero when resuming could splice two versions."""
+        if t.restart:
+            await self._restart(t)
+        have = t.check.nbytes
+        if not have:
+            return {}
+        if t.validator:
+            return {"Range": f"bytes={have}-", "If-Range": t.validator}
+        if t.check.checksum_declared:
+            return {"Range": f"bytes={have}-"}  # the declared md5 will catch a changed file
+        await self._restart(t)
+        return {}
+
+    async def _request(self, t: _Transfer, headers: dict[str, str]) -> None:
+        idle = self._settings.idle_timeout
+        try:
+            response = await self._open(t.item.url, headers)
+            try:
+                await self._receive(t, response, resumed_from=t.check.nbytes if headers else 0)
+            except BaseException:
+                response.close()  # drop the connection: an unread or hostile body must not be reused
+                raise
+            response.release()
+        except (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, TimeoutError):
+            raise IdleTimeoutError(
+                f"no data for {idle:g} s from {URL(t.item.url).host}",
+                hint="the archive is slow or stalled; raise fetch.idle_timeout if this persists",
+            ) from None
+        except aiohttp.InvalidURL as exc:
+            error = TransferError(f"invalid URL {exc}")
+            error.retryable = False
+            raise error from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise ConnectionLostError(f"connection lost: {exc or type(exc).__name__}") from None
+        except aiohttp.ClientError as exc:
+            raise ConnectionLostError(f"HTTP client error: {exc or type(exc).__name__}") from None
+
+    async def _open(self, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """GET `url`, following at most `max_redirects` redirects ourselves so each hop is vetted."""
+        current = URL(url)
+        if current.scheme not in SAFE_SCHEMES:
+            raise UnsafeRedirectError(f"refusing {url}: only http and https URLs are fetched")
+        for _ in range(self._settings.max_redirects + 1):
+            response = await self._session.get(current, headers=headers, allow_redirects=False)
+            if response.status not in REDIRECT_STATUSES:
+                return response
+            location = response.headers.get("Location")
+            response.release()
+            if not location:
+                raise HTTPStatusError(response.status, f"HTTP {response.status} redirect without a Location")
+            current = _redirect_target(current, location)
+        raise UnsafeRedirectError(f"more than {self._settings.max_redirects} redirects for {url}")
+
+    async def _receive(self, t: _Transfer, response: aiohttp.ClientResponse, *, resumed_from: int) -> None:
+        status = response.status
+        if status == 206:
+            total = self._check_content_range(t, response, resumed_from)
+        elif status == 200:
+            if t.check.nbytes:  # the server ignored Range or If-Range failed: the body starts at zero
+                await self._restart(t)
+            identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
+            total = response.content_length if identity else None
+        elif status == 416 and resumed_from:
+            t.restart = True
+            raise ConnectionLostError("the server refused to resume (HTTP 416); restarting from zero")
+        else:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock.time())
+            if status in OVERLOAD_STATUSES and self._throttle is not None:
+                self._throttle.on_overload(retry_after)
+            raise HTTPStatusError(
+                status, f"HTTP {status} {response.reason or ''}".rstrip(), retry_after=retry_after
+            )
+        t.validator = _validator(response.headers) or t.validator
+        t.check.expect_total(total)
+        await self._stream(t, response)
+        expected = t.item.size if t.item.size >= 0 else total
+        if expected is not None and t.check.nbytes < expected:
+            # A clean end before the announced length: resumable, like a reset.
+            raise ConnectionLostError(f"the body ended after {t.check.nbytes} of {expected} bytes")
+        if self._throttle is not None:
+            self._throttle.on_success()
+
+    def _check_content_range(
+        self, t: _Transfer, response: aiohttp.ClientResponse, resumed_from: int
+    ) -> int | None:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if match is None or int(match.group(1)) != resumed_from:
+            t.restart = True
+            raise ConnectionLostError(
+                f"the server resumed with Content-Range {response.headers.get('Content-Range')!r}, "
+                f"expected bytes {resumed_from}-; restarting from zero"
+            )
+        return None if match.group(3) == "*" else int(match.group(3))
+
+    # -- the hot loop ------------------------------------------------------------------------------
+    async def _stream(self, t: _Transfer, response: aiohttp.ClientResponse) -> None:
+        check, view, bandwidth = t.check, t.view, self._bandwidth
+        capacity = len(view)
+        limit = check.limit
+        received = check.nbytes
+        filled = 0
+        try:
+            async for chunk in response.content.iter_any():
+                size = len(chunk)
+                received += size
+                if received > limit:  # stop reading at once: a hostile body must not fill the disk
+                    check.check_running_length(received)
+                if not check.sniffed:  # refuse an error page on its first bytes
+                    check.sniff(chunk)
+                if bandwidth is not None:
+                    await bandwidth.consume(size)
+                if filled + size > capacity:
+                    if filled:
+                        await self._absorb(t, view[:filled])
+                        filled = 0
+                    if size >= capacity:
+                        await self._absorb(t, chunk)
+                        continue
+                view[filled : filled + size] = chunk
+                filled += size
+        except (aiohttp.ClientError, TimeoutError):
+            if filled:  # the bytes before the break are good: keep them for the resume
+                await self._absorb(t, view[:filled])
+            raise
+        if filled:
+            await self._absorb(t, view[:filled])
+
+    async def _absorb(self, t: _Transfer, block: bytes | memoryview) -> None:
+        await self._io(t.part.path, _absorb_block, t.check, t.part, block)
+
+    async def _io(self, path: Path, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking file work in the I/O pool; translate OSError into LocalError.
+
+        On cancellation, a block already being written is waited for (briefly) so that no thread is
+        still writing into the file descriptor when `fetch` closes it.
+        """
+        job = _IO_POOL.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if not job.cancel():
+                concurrent.futures.wait([job])
+            raise
+        except OSError as exc:
+            raise local_error(exc, path) from exc

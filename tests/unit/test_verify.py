@@ -1,0 +1,199 @@
+"""StreamCheck (size/md5/sniff while streaming), verify_fits and check_file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from engine.exceptions import ChecksumMismatchError, NotFitsError, SizeMismatchError
+from engine.models import PlanItem, VerifyLevel
+from engine.verify import StreamCheck, check_file, verify_fits
+from engine.verify.stream import estimate_ceiling
+
+
+def make_fits(rows: int = 500) -> bytes:
+    primary = fits.PrimaryHDU()
+    table = fits.BinTableHDU.from_columns(
+        [fits.Column(name="FLUX", format="E", array=np.linspace(0.0, 1.0, rows))], name="LIGHTCURVE"
+    )
+    aperture = fits.ImageHDU(np.arange(121, dtype=np.int32).reshape(11, 11), name="APERTURE")
+    buffer = io.BytesIO()
+    fits.HDUList([primary, table, aperture]).writeto(buffer, checksum=True)
+    return buffer.getvalue()
+
+
+GOOD = make_fits()
+GOOD_MD5 = hashlib.md5(GOOD).hexdigest()
+
+
+def flip(data: bytes, offset: int) -> bytes:
+    out = bytearray(data)
+    out[offset] ^= 0x01
+    return bytes(out)
+
+
+def item(**fields: object) -> PlanItem:
+    return PlanItem(url="http://127.0.0.1/x_lc.fits", filename="x_lc.fits", **fields)  # type: ignore[arg-type]
+
+
+def stream(check: StreamCheck, data: bytes, piece: int = 1000) -> tuple[int, str]:
+    for start in range(0, len(data), piece):
+        check.feed(data[start : start + piece])
+    return check.finish()
+
+
+# -- StreamCheck -------------------------------------------------------------------------------------
+def test_stream_check_counts_and_hashes_in_pieces() -> None:
+    check = StreamCheck(item(size=len(GOOD), md5=GOOD_MD5), VerifyLevel.FITS)
+    assert stream(check, GOOD, piece=7) == (len(GOOD), GOOD_MD5)
+    assert check.checksum_declared
+
+
+def test_stream_check_refuses_html_on_the_first_bytes() -> None:
+    check = StreamCheck(item(), VerifyLevel.SIZE)  # the sniff runs at every level
+    with pytest.raises(NotFitsError, match="web page"):
+        check.feed(b"  <html><head><title>503</title>")
+
+
+def test_stream_check_refuses_json_and_wrong_signature() -> None:
+    with pytest.raises(NotFitsError, match="web page or JSON"):
+        StreamCheck(item(), VerifyLevel.FITS).feed(b'{"error": "no such file"}')
+    with pytest.raises(NotFitsError, match="not b'SIMPLE  ='"):
+        StreamCheck(item(), VerifyLevel.FITS).feed(b"XTENSION= 'BINTABLE'")
+
+
+def test_stream_check_waits_for_enough_bytes_to_sniff() -> None:
+    check = StreamCheck(item(), VerifyLevel.FITS)
+    check.feed(b"SIMP")
+    assert not check.sniffed
+    check.feed(b"LE  =                    T")
+    assert check.sniffed
+
+
+def test_stream_check_refuses_an_empty_body() -> None:
+    with pytest.raises(NotFitsError, match="empty body"):
+        StreamCheck(item(), VerifyLevel.SIZE).finish()
+
+
+def test_pdf_products_are_sniffed_for_their_own_signature() -> None:
+    pdf = PlanItem(url="http://127.0.0.1/x_dvr.pdf", filename="x_dvr.pdf")
+    check = StreamCheck(pdf, VerifyLevel.FITS)
+    check.feed(b"%PDF-1.7\n" + b"x" * 100)
+    assert check.finish() == (109, hashlib.md5(b"%PDF-1.7\n" + b"x" * 100).hexdigest())  # no FITS rules
+    with pytest.raises(NotFitsError):
+        StreamCheck(pdf, VerifyLevel.SIZE).feed(b"SIMPLE  =")
+
+
+def test_stream_check_caps_the_body_at_the_declared_size() -> None:
+    check = StreamCheck(item(size=len(GOOD)), VerifyLevel.FITS)
+    check.feed(GOOD)
+    with pytest.raises(SizeMismatchError, match=f"runs past {len(GOOD)} bytes"):
+        check.feed(b"\0")
+
+
+def test_stream_check_caps_at_the_announced_length_when_nothing_is_declared() -> None:
+    check = StreamCheck(item(), VerifyLevel.FITS)
+    check.expect_total(2880)
+    with pytest.raises(SizeMismatchError, match="runs past 2880"):
+        check.feed(GOOD[:2881])
+
+
+def test_stream_check_short_body_and_wrong_md5() -> None:
+    short = StreamCheck(item(size=len(GOOD)), VerifyLevel.CHECKSUM)
+    short.feed(GOOD[:-2880])
+    with pytest.raises(SizeMismatchError, match=f"but the archive declares {len(GOOD)}"):
+        short.finish()
+    wrong = StreamCheck(item(size=len(GOOD), md5="f" * 32), VerifyLevel.CHECKSUM)
+    wrong.feed(GOOD)
+    with pytest.raises(ChecksumMismatchError, match=GOOD_MD5):
+        wrong.finish()
+
+
+def test_undeclared_md5_is_not_pretended() -> None:
+    check = StreamCheck(item(size=len(GOOD)), VerifyLevel.CHECKSUM)
+    assert stream(check, GOOD) == (len(GOOD), GOOD_MD5)
+    assert not check.checksum_declared
+
+
+def test_estimated_size_tolerance() -> None:
+    # 2,039,040 bytes is 1991.25 KiB; an estimate of 1991 kB is within the rounding slack.
+    exact = 2_039_040
+    assert estimate_ceiling(1991, 0.0) == 1991 * 1024 + 1024
+    ok = StreamCheck(item(est_kb=1991), VerifyLevel.SIZE, est_tolerance=0.0)
+    ok.feed(b"SIMPLE  =" + b"\0" * (exact - 9))
+    assert ok.finish()[0] == exact
+    far = StreamCheck(item(est_kb=1000), VerifyLevel.SIZE, est_tolerance=0.05)
+    with pytest.raises(SizeMismatchError, match=f"runs past {estimate_ceiling(1000, 0.05)} bytes"):
+        far.feed(b"SIMPLE  =" + b"\0" * (exact - 9))  # past the ceiling: cut while streaming
+    small = StreamCheck(item(est_kb=1991), VerifyLevel.SIZE, est_tolerance=0.05)
+    small.feed(b"SIMPLE  =" + b"\0" * 1_000_000)
+    with pytest.raises(SizeMismatchError, match="too far from the archive's estimate"):
+        small.finish()
+
+
+def test_truncated_fits_is_refused_only_at_fits_level() -> None:
+    truncated = GOOD[:5000]
+    with pytest.raises(NotFitsError, match="not a whole number of 2880-byte FITS blocks"):
+        stream(StreamCheck(item(), VerifyLevel.FITS), truncated)
+    assert stream(StreamCheck(item(), VerifyLevel.CHECKSUM), truncated)[0] == 5000
+
+
+def test_reset_starts_the_hash_over() -> None:
+    check = StreamCheck(item(md5=GOOD_MD5), VerifyLevel.CHECKSUM)
+    check.feed(b"SIMPLE  = garbage that will be thrown away")
+    check.reset()
+    assert stream(check, GOOD) == (len(GOOD), GOOD_MD5)
+
+
+# -- verify_fits / check_file --------------------------------------------------------------------------
+def test_verify_fits_accepts_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "good_lc.fits"
+    path.write_bytes(GOOD)
+    verify_fits(path)
+
+
+def test_verify_fits_names_the_hdu_with_a_bad_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "bad_lc.fits"
+    path.write_bytes(flip(GOOD, len(GOOD) - 100))  # inside the APERTURE image's data
+    with pytest.raises(NotFitsError, match=r"HDU 2 \(APERTURE\) fails its CHECKSUM"):
+        verify_fits(path)
+
+
+def test_verify_fits_refuses_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "junk_lc.fits"
+    path.write_bytes(b"SIMPLE  = this is not a header" + b" " * 2850)
+    with pytest.raises(NotFitsError, match=r"junk_lc\.fits"):
+        verify_fits(path)
+
+
+def test_check_file_levels(tmp_path: Path) -> None:
+    path = tmp_path / "f_lc.fits"
+    path.write_bytes(GOOD)
+    assert check_file(path, size=len(GOOD), md5=GOOD_MD5, level=VerifyLevel.FITS) == GOOD_MD5
+    assert check_file(path, size=-1, md5="", level=VerifyLevel.CHECKSUM) == GOOD_MD5
+    assert check_file(path, size=len(GOOD), md5="f" * 32, level=VerifyLevel.SIZE) == ""
+
+
+def test_check_file_failures(tmp_path: Path) -> None:
+    path = tmp_path / "f_lc.fits"
+    with pytest.raises(FileNotFoundError):
+        check_file(path, size=-1, md5="", level=VerifyLevel.SIZE)
+    path.write_bytes(GOOD)
+    with pytest.raises(SizeMismatchError):
+        check_file(path, size=len(GOOD) + 1, md5="", level=VerifyLevel.SIZE)
+    with pytest.raises(ChecksumMismatchError, match=GOOD_MD5):
+        check_file(path, size=len(GOOD), md5="0" * 32, level=VerifyLevel.CHECKSUM)
+    path.write_bytes(flip(GOOD, len(GOOD) - 100))
+    with pytest.raises(NotFitsError, match="CHECKSUM"):
+        check_file(path, size=len(GOOD), md5="", level=VerifyLevel.FITS)
+    path.write_bytes(GOOD[:2881])
+    with pytest.raises(NotFitsError, match="truncated"):
+        check_file(path, size=-1, md5="", level=VerifyLevel.FITS)
+    path.write_bytes(b"<html>oops</html>")
+    with pytest.raises(NotFitsError, match="web page"):
+        check_file(path, size=-1, md5="", level=VerifyLevel.SIZE)
