@@ -1,0 +1,139 @@
+"""Archive file names -> safe relative paths inside the output folder.
+
+Every name here came from the archive and is untrusted: a hostile or broken service could answer
+`../../.bashrc`, `/etc/passwd`, `C:evil`, a name with a NUL or a terminal escape in it, or one longer
+than any file system allows. `safe_filename` refuses those (it never "cleans" them: a silently
+rewritten name could collide with another file), `relpath_for` builds the layout from validated
+parts only, and `resolve_within` is the last gate before a path is opened: it proves the result,
+with any symlinks already on disk followed, is still inside the output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from engine.exceptions import ConfigError, UnsafePathError
+from engine.models import PlanItem
+
+LAYOUTS: tuple[str, ...] = ("mast", "sector", "flat")
+
+MAX_NAME_BYTES = 255  # NAME_MAX on Linux, macOS, and Lustre/NFS servers
+_SHOWN_CHARS = 80  # how much of a hostile name an error message repeats
+
+# Unicode categories never legitimate in a file name: controls (NUL, ESC, DEL...), format characters
+# (bidi overrides like U+202E that make `gpj.exe` look like `exe.jpg`, zero-width joiners),
+# line/paragraph separators, surrogates, private use, unassigned.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+# Windows would read these as devices wherever the mirror is copied to or served from (SMB).
+_WINDOWS_DEVICES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+)
+
+# tess2018206045859-s0001-0000000025155310-0120-s_lc.fits; DV files carry two sectors
+# (-s0001-s0013-) and the TIC after them, so the TIC is matched separately.
+_SECTOR_IN_NAME = re.compile(r"-s(\d{4})-")
+_TIC_IN_NAME = re.compile(r"-(\d{16})-")
+
+
+def _shown(name: object) -> str:
+    text = repr(name)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _refuse(name: object, why: str) -> UnsafePathError:
+    return UnsafePathError(
+        f"unsafe file name from the archive: {_shown(name)} ({why})",
+        hint="the file was skipped; report the name to the archive if it should be valid",
+    )
+
+
+def safe_filename(name: str) -> str:
+    """Return `name` (NFC-normalised) if it is safe as one path component; raise UnsafePathError otherwise."""
+    if not isinstance(name, str):
+        raise _refuse(name, "not a string")
+    # NFC so that the same name written by a macOS (NFD) client and a Linux one is one file, not two.
+    normal = unicodedata.normalize("NFC", name)
+    if normal in ("", ".", ".."):
+        raise _refuse(name, "empty or a directory reference")
+    if "/" in normal or "\\" in normal:
+        raise _refuse(name, "contains a path separator")
+    if ":" in normal:
+        # `C:x` is drive-relative on Windows; `a:b` is an NTFS alternate data stream.
+        raise _refuse(name, "contains ':' (a drive or stream name on Windows)")
+    for char in normal:
+        if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
+            raise _refuse(name, f"contains the control or invisible character U+{ord(char):04X}")
+    if normal != normal.strip() or normal.endswith("."):
+        # Windows and some SMB/NFS gateways strip these, so two names could become one.
+        raise _refuse(name, "starts or ends with white space, or ends with '.'")
+    if normal.split(".", 1)[0].upper() in _WINDOWS_DEVICES:
+        raise _refuse(name, "a reserved device name on Windows")
+    if len(normal.encode("utf-8", errors="strict")) > MAX_NAME_BYTES:
+        raise _refuse(name, f"longer than {MAX_NAME_BYTES} bytes")
+    return normal
+
+
+def _sector_of(item: PlanItem, filename: str) -> int | None:
+    """The item's sector if it declares a sane one, else the first `-sNNNN-` in its file name."""
+    try:
+        sector = int(item.sector)
+    except (TypeError, ValueError):
+        sector = -1
+    if 0 <= sector <= 9999:
+        return sector
+    match = _SECTOR_IN_NAME.search(filename)
+    return int(match.group(1)) if match else None
+
+
+def relpath_for(item: PlanItem, layout: str) -> str:
+    """The POSIX path, relative to the output folder, where `item` is stored under `layout`.
+
+    mast:   tid/s0001/0000/0000/2515/5310/<file> (as on archive.stsci.edu); files without a TIC in
+            their name (FFIs, unknown products) go to s0001/<file>, and to misc/<file> with no sector.
+    sector: s0001/<file> (misc/<file> with no sector).  flat: <file>.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(
+            "output.layout", f"unknown layout {layout!r}", hint=f"use one of: {', '.join(LAYOUTS)}"
+        )
+    filename = safe_filename(item.filename)
+    if layout == "flat":
+        return filename
+    sector = _sector_of(item, filename)
+    if sector is None:
+        return f"misc/{filename}"
+    sector_dir = f"s{sector:04d}"
+    if layout == "mast":
+        tic = _TIC_IN_NAME.search(filename)
+        if tic:
+            digits = tic.group(1)
+            return f"tid/{sector_dir}/{digits[0:4]}/{digits[4:8]}/{digits[8:12]}/{digits[12:16]}/{filename}"
+    return f"{sector_dir}/{filename}"
+
+
+def resolve_within(root: Path, relpath: str) -> Path:
+    """`root / relpath` as an absolute path, proven to stay inside `root`.
+
+    Every component must pass `safe_filename`; then the path is resolved with the symlinks that
+    already exist under `root`, and must still be inside `root` (a symlink planted in the mirror
+    must not redirect writes elsewhere). Raises UnsafePathError otherwise.
+    """
+    if not isinstance(relpath, str) or not relpath:
+        raise _refuse(relpath, "empty path")
+    if "\\" in relpath or PurePosixPath(relpath).is_absolute() or PureWindowsPath(relpath).drive:
+        raise _refuse(relpath, "absolute or not a POSIX relative path")
+    parts = relpath.split("/")
+    safe_parts = [safe_filename(part) for part in parts]
+    base = Path(os.path.abspath(root)).resolve()
+    candidate = base.joinpath(*safe_parts)
+    # strict=False: the parts that do not exist yet are taken as they are, the existing ones resolved.
+    try:
+        resolved = candidate.resolve(strict=False)
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise _refuse(relpath, f"cannot be resolved: {err}") from None
+    if resolved != base and base not in resolved.parents:
+        raise _refuse(relpath, f"resolves to {str(resolved)!r}, outside {str(base)!r} (a symlink?)")
+    return candidate

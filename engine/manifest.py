@@ -1,0 +1,719 @@
+"""The manifest (what is done) and the run lock (who is running).
+
+Why append-only JSON Lines, not SQLite
+--------------------------------------
+Mirrors live on NFS and Lustre. SQLite's WAL mode needs shared memory that those file systems do not
+provide, and its rollback journal relies on POSIX (fcntl) locks that NFS/Lustre implement badly or not
+at all. An append-only log written by ONE process (the `ManifestWriter` task; the `RunLock` keeps other
+processes out) needs none of that: every batch is one `write()` of whole lines to a file opened with
+O_APPEND, followed by one `fsync`.
+
+Crash safety (kill -9 at any instant)
+-------------------------------------
+- Lines are only ever appended, never rewritten, so a crash can damage at most the batch being
+  written: its lines are either whole or the last one is cut short.
+- Each line is ``{"crc":"<crc32 hex>","rec":{...}}``; the CRC32 covers the exact bytes of the
+  ``rec`` object, so a torn or garbled line is detected and skipped (with a warning naming the line
+  number), never trusted. `ManifestWriter.start` ends a torn last line with a newline first, so the
+  next record starts clean.
+- A record is written only AFTER its file was verified and renamed to its final name (the Downloader
+  returns VERIFIED only then), so a record never names a file that is not good. A crash between the
+  rename and the record costs one re-download, nothing worse.
+- The last record for a URL wins: a re-download, a failure or `verify --repair`'s "pending" simply
+  appends a newer record.
+
+The run lock
+------------
+`RunLock` does not use fcntl/flock either (unreliable on NFS/Lustre). It publishes a lock file holding
+``{host, pid, started}`` atomically with `link()` (the classic NFS-safe exclusive create; O_CREAT|O_EXCL
+is the fallback where hard links are not supported), so the file is never seen half-written. A lock
+naming this host and a dead pid is stale and taken over; anything else refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gc
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from engine.exceptions import (
+    DiskFullError,
+    LocalError,
+    ManifestError,
+    PermissionDeniedError,
+    RunLockedError,
+)
+from engine.models import FileResult
+from engine.redact import redact
+
+try:  # orjson parses a record ~4x faster; a million-file manifest then loads in a few seconds
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - the stdlib parser is correct, only slower
+    _loads = json.loads
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = "run.lock"
+STATUSES = ("verified", "failed", "pending", "quarantined")
+
+# Line framing: the CRC is fixed-width hex so the payload's byte range is known without parsing.
+_PREFIX_HEAD = b'{"crc":"'
+_PREFIX_TAIL = b'","rec":'
+_CRC_START = len(_PREFIX_HEAD)
+_CRC_END = _CRC_START + 8
+_PAYLOAD_START = _CRC_END + len(_PREFIX_TAIL)
+
+# Status and level repeat on every line; sharing one string object each keeps a million entries small.
+_INTERNED = {s: s for s in (*STATUSES, "size", "checksum", "fits", "")}
+
+
+@dataclass(slots=True)
+class ManifestEntry:
+    """One record. For a URL, the last record in the file is the truth."""
+
+    url: str
+    path: str = ""  # relative to the output directory, POSIX separators
+    status: str = "pending"  # one of STATUSES
+    obs_id: str = ""
+    nbytes: int = 0
+    md5: str = ""
+    level: str = ""  # "size" | "checksum" | "fits" | "" (not verified)
+    checksum_declared: bool = False
+    error: str = ""
+    attempts: int = 0
+    time: float = 0.0
+
+    @classmethod
+    def from_result(cls, result: FileResult) -> ManifestEntry:
+        item = result.item
+        return cls(
+            url=item.url,
+            path=result.path,
+            status=str(result.status),
+            obs_id=item.obs_id,
+            nbytes=result.nbytes,
+            # The computed md5, else the archive's declared one: either lets `verify` re-check later.
+            md5=result.md5 or item.md5,
+            level=str(result.level) if result.level is not None else "",
+            checksum_declared=result.checksum_declared,
+            error=redact(result.error) if result.error else "",
+            attempts=result.attempts,
+            time=result.finished_at,
+        )
+
+
+def encode_entry(entry: ManifestEntry) -> bytes:
+    """One manifest line (with its newline) for `entry`."""
+    record = asdict(entry)
+    if record["error"]:
+        record["error"] = redact(record["error"])
+    if not math.isfinite(record["time"]):
+        record["time"] = 0.0  # NaN/inf are not JSON
+    payload = json.dumps(record, separators=(",", ":")).encode("ascii")  # ensure_ascii: no newlines
+    return b"%s%08x%s%s}\n" % (_PREFIX_HEAD, zlib.crc32(payload), _PREFIX_TAIL, payload)
+
+
+def _payload_of(line: bytes) -> bytes | None:
+    """The verified payload bytes of one line (newline stripped), or None when it is torn or garbled."""
+    if not line.startswith(_PREFIX_HEAD) or line[_CRC_END:_PAYLOAD_START] != _PREFIX_TAIL:
+        return None
+    if not line.endswith(b"}"):
+        return None
+    payload = line[_PAYLOAD_START:-1]
+    try:
+        declared = int(line[_CRC_START:_CRC_END], 16)
+    except ValueError:
+        return None
+    return payload if zlib.crc32(payload) == declared else None
+
+
+def _decode_entry(payload: bytes) -> ManifestEntry | None:
+    try:
+        rec = _loads(payload)
+        url = rec["url"]
+        if not isinstance(url, str) or not url:
+            return None
+        status = rec.get("status", "pending")
+        level = rec.get("level", "")
+        return ManifestEntry(
+            url,
+            rec.get("path", ""),
+            _INTERNED.get(status, status),
+            rec.get("obs_id", ""),
+            int(rec.get("nbytes", 0)),
+            rec.get("md5", ""),
+            _INTERNED.get(level, level),
+            bool(rec.get("checksum_declared", False)),
+            rec.get("error", "") or "",
+            int(rec.get("attempts", 0)),
+            float(rec.get("time", 0.0)),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _local_error(err: OSError, path: Path, verb: str) -> LocalError:
+    """Translate an OSError met when trying to `verb` `path` into the engine's exception."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"no space left to {verb} {path}",
+            path=path,
+            hint="free some space (or raise the quota) and run again; the manifest resumes the run",
+        )
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDeniedError(
+            f"permission denied to {verb} {path} ({err.strerror or err})",
+            path=path,
+            hint="make the directory writable by this user, or choose another --out / state_dir",
+        )
+    return ManifestError(
+        f"cannot {verb} {path}: {err.strerror or err}",
+        path=path,
+        hint="check the file system; the manifest is append-only JSON Lines and can be inspected",
+    )
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic GC: a million new dicts/entries would trigger costly full collections, and
+    manifest records hold no reference cycles."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class Manifest:
+    """The manifest file of one output directory: `<state_dir>/manifest.jsonl`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / MANIFEST_NAME
+        self.skipped_lines = 0  # torn or garbled lines met by the last read
+
+    # -- reading ------------------------------------------------------------------------------
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, line without newline) for every line; the file may not exist yet."""
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115 - a generator closes it in the finally
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise ManifestError(
+                f"cannot read the manifest {self.path}: {err.strerror or err}",
+                path=self.path,
+                hint=f"make {self.path} a readable file (e.g. chmod u+r), or point state_dir elsewhere",
+            ) from err
+        try:
+            for number, line in enumerate(handle, start=1):
+                yield number, line.rstrip(b"\n")
+        except OSError as err:
+            raise ManifestError(
+                f"cannot read the manifest {self.path}: {err.strerror or err}",
+                path=self.path,
+                hint="check the file system, then run again",
+            ) from err
+        finally:
+            handle.close()
+
+    def _payloads(self) -> Iterator[bytes]:
+        self.skipped_lines = 0
+        for number, line in self._lines():
+            if not line:
+                continue  # the newline `start()` writes after a torn line, or a hand edit
+            payload = _payload_of(line)
+            if payload is None:
+                self.skipped_lines += 1
+                log.warning("manifest %s line %d is torn or garbled; ignored", self.path, number)
+                continue
+            yield payload
+
+    def iter_records(self) -> Iterator[ManifestEntry]:
+        """Every whole record in file order (older ones included), streaming in bounded memory."""
+        for payload in self._payloads():
+            entry = _decode_entry(payload)
+            if entry is None:
+                self.skipped_lines += 1
+                log.warning("manifest %s holds a record without a URL or with bad fields; ignored", self.path)
+                continue
+            yield entry
+
+    def load(self) -> dict[str, ManifestEntry]:
+        """url -> its last record."""
+        entries: dict[str, ManifestEntry] = {}
+        with _no_gc():
+            for entry in self.iter_records():
+                entries[entry.url] = entry
+        return entries
+
+    def verified_urls(self) -> set[str]:
+        """The URLs whose last record is "verified" (the resume fast path: no entries are built)."""
+        verified: dict[str, bool] = {}
+        with _no_gc():
+            for payload in self._payloads():
+                try:
+                    rec = _loads(payload)
+                    verified[rec["url"]] = rec.get("status") == "verified"
+                except (ValueError, TypeError, KeyError):  # orjson.JSONDecodeError is a ValueError
+                    self.skipped_lines += 1
+        return {url for url, ok in verified.items() if ok}
+
+    def iter_latest(self) -> Iterator[ManifestEntry]:
+        """The last record of every URL, streamed in two passes.
+
+        The first pass keeps only url -> index of its last record, so memory is a fraction of
+        `load()`'s for huge manifests. Records appended between the passes are ignored.
+        """
+        last: dict[str, int] = {}
+        with _no_gc():
+            for index, entry in enumerate(self.iter_records()):
+                last[entry.url] = index
+        for index, entry in enumerate(self.iter_records()):
+            if last.get(entry.url) == index:
+                yield entry
+
+    # -- writing (synchronous; for `verify --repair`, not for the run) ------------------------------
+    def append_entries(self, entries: Iterable[ManifestEntry], *, fsync: bool = True) -> int:
+        """Append records now, in one write. The caller must hold the RunLock. Returns the count."""
+        data = b"".join(encode_entry(entry) for entry in entries)
+        if not data:
+            return 0
+        handle = _open_append(self.path, None)
+        try:
+            _write_all(handle, _tail_fix(self.path) + data, self.path)
+            if fsync:
+                _fsync(handle, self.path)
+        finally:
+            handle.close()
+        return data.count(b"\n")
+
+
+# -- low-level writing ------------------------------------------------------------------------------
+Opener = Callable[[Path], BinaryIO]
+
+
+def _default_opener(path: Path) -> BinaryIO:
+    # Unbuffered: each batch is exactly one write() call, not whatever a buffer decides.
+    return open(path, "ab", buffering=0)
+
+
+def _open_append(path: Path, opener: Opener | None) -> BinaryIO:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return (opener or _default_opener)(path)
+    except OSError as err:
+        raise _local_error(err, path, "open") from err
+
+
+def _tail_fix(path: Path) -> bytes:
+    """b"\\n" when the file ends in a torn line (no newline), so the next record starts on its own line."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return b""
+            handle.seek(-1, os.SEEK_END)
+            return b"" if handle.read(1) == b"\n" else b"\n"
+    except FileNotFoundError:
+        return b""
+    except OSError as err:
+        raise _local_error(err, path, "read") from err
+
+
+def _write_all(handle: BinaryIO, data: bytes, path: Path) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            written = handle.write(view)
+            if written is None:  # a non-blocking raw file; never expected for a regular file
+                raise OSError(errno.EAGAIN, "write would block")
+            view = view[written:]
+    except OSError as err:
+        raise _local_error(err, path, "write") from err
+
+
+def _fsync(handle: BinaryIO, path: Path) -> None:
+    try:
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as err:
+        raise _local_error(err, path, "sync") from err
+
+
+_STOP = object()
+
+
+class ManifestWriter:
+    """The one writer of the manifest: an asyncio task that appends records in fsync'ed batches.
+
+    `record()` waits when the queue is full (back-pressure on the workers, not unbounded memory).
+    A batch is written when `batch` records are waiting or `flush_interval` seconds after its first
+    record, in a thread, so the event loop never blocks on the disk. An I/O error stops the writer;
+    the next `record()` or `close()` raises it as DiskFullError / PermissionDeniedError / ManifestError.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        fsync: bool = True,
+        batch: int = 256,
+        flush_interval: float = 1.0,
+        opener: Opener | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.fsync = fsync
+        self.batch = max(int(batch), 1)
+        self.flush_interval = max(float(flush_interval), 0.0)
+        self._opener = opener
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=4 * self.batch)
+        self._buffer: list[bytes] = []  # encoded lines taken from the queue, not yet written
+        # Taking the buffer and writing it happen under one lock, so batches reach the file in order
+        # even when flush_now() (signal path) races the writer thread. Re-entrant for signal handlers.
+        self._io_lock = threading.RLock()
+        self._handle: BinaryIO | None = None
+        self._task: asyncio.Task | None = None
+        self._error: LocalError | None = None
+        self._closed = False
+        self.written = 0  # records written so far
+
+    async def start(self) -> None:
+        """Open the manifest for append (ending a torn last line first) and start the writer task."""
+        if self._handle is not None or self._closed:
+            return
+        path = self.manifest.path
+
+        def _open() -> BinaryIO:
+            handle = _open_append(path, self._opener)
+            try:
+                fix = _tail_fix(path)
+                if fix:
+                    log.warning("manifest %s ended in a torn line (an earlier run was killed); ignored", path)
+                    _write_all(handle, fix, path)
+            except BaseException:
+                handle.close()
+                raise
+            return handle
+
+        self._handle = await asyncio.to_thread(_open)
+        self._task = asyncio.create_task(self._run(), name="manifest-writer")
+
+    async def record(self, result: FileResult) -> None:
+        """Queue the record of one FileResult."""
+        await self.record_entry(ManifestEntry.from_result(result))
+
+    async def record_entry(self, entry: ManifestEntry) -> None:
+        """Queue one record (waits while the queue is full)."""
+        if self._error is not None:
+            raise self._error
+        if self._closed or self._task is None:
+            raise ManifestError(
+                f"the manifest writer for {self.manifest.path} is not running",
+                path=self.manifest.path,
+                hint="call start() before record() and do not record after close()",
+            )
+        if self._task.done():
+            raise ManifestError(
+                f"the manifest writer for {self.manifest.path} stopped unexpectedly",
+                path=self.manifest.path,
+                hint="this is a bug in tessmirror; the records written so far are safe",
+            )
+        await self._put(encode_entry(entry))
+
+    async def _put(self, line: bytes) -> None:
+        """Queue a line, waiting for room; but never wait on a writer that has died meanwhile."""
+        if not self._queue.full():
+            self._queue.put_nowait(line)
+            return
+        assert self._task is not None
+        put = asyncio.ensure_future(self._queue.put(line))
+        try:
+            await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not put.done():
+                put.cancel()
+        if self._error is not None:
+            raise self._error
+        if not put.done() or put.cancelled():
+            raise ManifestError(
+                f"the manifest writer for {self.manifest.path} stopped unexpectedly",
+                path=self.manifest.path,
+                hint="this is a bug in tessmirror; the records written so far are safe",
+            )
+
+    def _take_queued(self) -> None:
+        """Move everything queued into the buffer (event-loop thread only)."""
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if line is not _STOP:
+                self._buffer.append(line)
+
+    def _write_buffer(self) -> None:
+        """Write and fsync the buffered lines as one batch (any thread)."""
+        with self._io_lock:
+            lines, self._buffer = self._buffer, []
+            if not lines or self._handle is None or self._error is not None:
+                return
+            path = self.manifest.path
+            try:
+                _write_all(self._handle, b"".join(lines), path)
+                if self.fsync:
+                    _fsync(self._handle, path)
+            except LocalError as err:
+                self._error = err
+                raise
+            self.written += len(lines)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            line = await self._queue.get()
+            if line is _STOP:
+                stopping = True
+            else:
+                self._buffer.append(line)
+                deadline = loop.time() + self.flush_interval
+                # Gather a batch: more records make one fsync pay for many files.
+                while len(self._buffer) < self.batch:
+                    remaining = deadline - loop.time()
+                    try:
+                        line = (
+                            self._queue.get_nowait()
+                            if remaining <= 0
+                            else await asyncio.wait_for(self._queue.get(), remaining)
+                        )
+                    except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                        break
+                    if line is _STOP:
+                        stopping = True
+                        break
+                    self._buffer.append(line)
+            try:
+                await asyncio.to_thread(self._write_buffer)
+            except LocalError:
+                log.error("manifest writer stopped: %s", self._error)
+                return
+
+    def flush_now(self) -> None:
+        """Write and fsync everything queued, synchronously (for signal handlers and shutdown)."""
+        try:
+            # Under the lock: a batch being written in a thread must not see the buffer change under it.
+            with self._io_lock:
+                self._take_queued()
+                self._write_buffer()
+        except LocalError:
+            log.error("could not flush the manifest: %s", self._error)
+
+    async def close(self) -> None:
+        """Drain the queue, write, fsync, close. Idempotent; flushes even when cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        stop: asyncio.Future | None = None
+        try:
+            task = self._task
+            if task is not None and not task.done():
+                # The queue may be full of records a dead writer will never take: wait for either.
+                stop = asyncio.ensure_future(self._queue.put(_STOP))
+                await asyncio.wait({stop, task}, return_when=asyncio.FIRST_COMPLETED)
+                await task
+        finally:
+            if stop is not None and not stop.done():
+                stop.cancel()
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+            self.flush_now()
+            with self._io_lock:  # waits for a write still running in a thread
+                handle, self._handle = self._handle, None
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    handle.close()
+        if self._error is not None:
+            raise self._error
+
+
+# -- the run lock -----------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class RunLock:
+    """One run per output directory: the lock file `<state_dir>/run.lock` holds {host, pid, started}."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / LOCK_NAME
+        self._token: str | None = None
+
+    def _describe(self, holder: dict) -> str:
+        return (
+            f"another tessmirror run (pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+            f"started {holder.get('started', '?')}) is using {self.state_dir}"
+        )
+
+    def _locked_error(self, message: str) -> RunLockedError:
+        return RunLockedError(
+            message,
+            path=self.path,
+            hint=f"wait for it to finish, or remove {self.path} if that run is dead",
+        )
+
+    def _read_holder(self) -> dict | None:
+        """The current lock's content; None when the lock vanished; {} when unreadable."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise _local_error(err, self.path, "read") from err
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _publish(self, content: bytes) -> bool:
+        """Create the lock file with `content`, atomically; False if it already exists."""
+        tmp = self.state_dir / f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as err:
+                if err.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+                    return self._publish_excl(content)  # no hard links here
+                # NFS may report an error for a link that was made: the link count tells the truth.
+                if os.stat(tmp).st_nlink == 2:
+                    return True
+                raise
+        except OSError as err:
+            raise _local_error(err, self.path, "create") from err
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _publish_excl(self, content: bytes) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+
+    def _take_over(self, holder: dict) -> bool:
+        """Move a stale lock aside; False if someone else changed it meanwhile."""
+        aside = self.state_dir / f".{LOCK_NAME}.stale.{uuid.uuid4().hex}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it; just try to create ours
+        except OSError as err:
+            raise _local_error(err, self.path, "replace") from err
+        try:
+            moved = json.loads(aside.read_bytes())
+        except (OSError, ValueError):
+            moved = None
+        if moved != holder:
+            # A racing run replaced the stale lock with its live one before our rename: put it back.
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            return False
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        return True
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunLockedError naming the run that holds it."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _local_error(err, self.state_dir, "create") from err
+        host = socket.gethostname()
+        token = uuid.uuid4().hex
+        mine = {
+            "host": host,
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token": token,
+        }
+        content = json.dumps(mine).encode()
+        for _ in range(5):
+            if self._publish(content):
+                self._token = token
+                return
+            holder = self._read_holder()
+            if holder is None:
+                continue  # released between our tries
+            if not holder:
+                raise self._locked_error(
+                    f"the lock file {self.path} exists but is unreadable, so another run may be using "
+                    f"{self.state_dir}"
+                )
+            pid = holder.get("pid")
+            if holder.get("host") == host and isinstance(pid, int) and not _pid_alive(pid):
+                log.warning("taking over a stale lock: %s (pid %s is not running)", self.path, pid)
+                self._take_over(holder)
+                continue
+            raise self._locked_error(self._describe(holder))
+        raise self._locked_error(f"could not take the lock {self.path}: other runs keep changing it")
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours. Idempotent."""
+        if self._token is None:
+            return
+        token, self._token = self._token, None
+        try:
+            holder = self._read_holder()
+        except LocalError:
+            return
+        if holder and holder.get("token") == token:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -1,0 +1,537 @@
+"""engine.manifest: the append-only manifest, its writer, and the run lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine.exceptions import DiskFullError, ManifestError, PermissionDeniedError, RunLockedError
+from engine.manifest import Manifest, ManifestEntry, ManifestWriter, RunLock, encode_entry
+from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def entry(n: int, status: str = "verified", **changes: object) -> ManifestEntry:
+    base = ManifestEntry(
+        url=f"https://archive.example/f{n}.fits",
+        path=f"s0001/f{n}.fits",
+        status=status,
+        obs_id=f"obs{n}",
+        nbytes=2880 * n,
+        md5=f"{n:032x}",
+        level="fits",
+        checksum_declared=True,
+        error="",
+        attempts=1,
+        time=1000.0 + n,
+    )
+    for key, value in changes.items():
+        setattr(base, key, value)
+    return base
+
+
+def write_lines(manifest: Manifest, *entries: ManifestEntry, tail: bytes = b"") -> None:
+    manifest.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(manifest.path, "ab") as handle:
+        for e in entries:
+            handle.write(encode_entry(e))
+        handle.write(tail)
+
+
+async def write_with_writer(manifest: Manifest, entries: list[ManifestEntry], **kwargs: object) -> None:
+    writer = ManifestWriter(manifest, **kwargs)  # type: ignore[arg-type]
+    await writer.start()
+    for e in entries:
+        await writer.record_entry(e)
+    await writer.close()
+
+
+# -- reading ------------------------------------------------------------------------------------
+def test_missing_manifest_loads_empty(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path / "state")
+    assert manifest.load() == {}
+    assert manifest.verified_urls() == set()
+
+
+def test_round_trip_through_the_writer(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path / "state")
+    entries = [entry(n) for n in range(1, 6)]
+    asyncio.run(write_with_writer(manifest, entries))
+    assert manifest.path == tmp_path / "state" / "manifest.jsonl"
+    assert manifest.load() == {e.url: e for e in entries}
+    assert list(manifest.iter_records()) == entries
+
+
+def test_every_line_is_json_with_a_crc(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1))
+    line = json.loads(manifest.path.read_bytes())
+    assert set(line) == {"crc", "rec"}
+    assert line["rec"]["url"] == entry(1).url
+
+
+def test_last_record_for_a_url_wins(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(
+        manifest, entry(1), entry(2), entry(1, status="failed", error="boom"), entry(2, status="pending")
+    )
+    write_lines(manifest, entry(2, status="verified", attempts=3))
+    loaded = manifest.load()
+    assert loaded[entry(1).url].status == "failed"
+    assert loaded[entry(1).url].error == "boom"
+    assert loaded[entry(2).url].attempts == 3
+    assert manifest.verified_urls() == {entry(2).url}
+
+
+def test_torn_last_line_is_ignored_and_a_new_writer_appends_cleanly(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    whole = encode_entry(entry(3))
+    write_lines(manifest, entry(1), entry(2), tail=whole[: len(whole) // 2])
+    assert list(manifest.load()) == [entry(1).url, entry(2).url]
+    assert manifest.skipped_lines == 1
+
+    asyncio.run(write_with_writer(manifest, [entry(4), entry(5)]))
+    loaded = manifest.load()
+    assert list(loaded) == [entry(n).url for n in (1, 2, 4, 5)]
+    assert loaded[entry(5).url] == entry(5)
+    assert manifest.skipped_lines == 1  # only the old torn line
+    assert manifest.path.read_bytes().endswith(b"\n")
+
+
+def test_iter_latest_streams_the_last_record_of_each_url(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1), entry(2), entry(1, status="pending"), entry(3), entry(2, attempts=9))
+    assert list(manifest.iter_latest()) == [entry(1, status="pending"), entry(3), entry(2, attempts=9)]
+
+
+def test_a_line_missing_only_its_newline_is_still_whole(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1), tail=encode_entry(entry(2)).rstrip(b"\n"))
+    assert set(manifest.load()) == {entry(1).url, entry(2).url}
+
+
+def test_a_line_with_a_wrong_crc_is_skipped_with_its_line_number(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1), entry(2), entry(3))
+    lines = manifest.path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"f2.fits", b"f9.fits")  # garbled payload, CRC left as it was
+    manifest.path.write_bytes(b"".join(lines))
+    with caplog.at_level("WARNING", logger="engine.manifest"):
+        loaded = manifest.load()
+    assert set(loaded) == {entry(1).url, entry(3).url}
+    assert "line 2" in caplog.text
+
+
+def test_garbage_lines_of_any_shape_are_skipped(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1), tail=b'not json\n{"crc":"zzzzzzzz","rec":{}}\n\x00\x00\x00\n\n')
+    write_lines(manifest, entry(2))
+    assert set(manifest.load()) == {entry(1).url, entry(2).url}
+    assert manifest.skipped_lines == 3
+
+
+def test_unreadable_manifest_raises_manifest_error_naming_the_path(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    manifest.path.mkdir()  # a directory where the file should be: open() fails
+    with pytest.raises(ManifestError) as info:
+        manifest.load()
+    assert str(manifest.path) in str(info.value)
+    assert info.value.hint
+
+
+def test_permission_denied_reading_raises_manifest_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(manifest.path))
+
+    monkeypatch.setattr("engine.manifest.open", refuse, raising=False)
+    with pytest.raises(ManifestError) as info:
+        manifest.load()
+    assert str(manifest.path) in str(info.value)
+    assert "chmod" in str(info.value)
+
+
+def test_from_result_records_the_result_and_redacts_the_error() -> None:
+    item = PlanItem(url="https://a.example/x.fits", filename="x.fits", obs_id="o1", md5="d" * 32)
+    result = FileResult(
+        item,
+        FileStatus.FAILED,
+        path="s0001/x.fits",
+        nbytes=10,
+        level=VerifyLevel.CHECKSUM,
+        error="GET https://a.example/x.fits?token=sekrit99 failed",
+        attempts=4,
+        finished_at=5.0,
+    )
+    e = ManifestEntry.from_result(result)
+    assert (e.url, e.path, e.status, e.obs_id, e.level, e.attempts, e.time) == (
+        item.url,
+        "s0001/x.fits",
+        "failed",
+        "o1",
+        "checksum",
+        4,
+        5.0,
+    )
+    assert e.md5 == "d" * 32  # no computed md5: the declared one is kept for a later verify
+    assert "sekrit99" not in e.error
+    assert "sekrit99" not in encode_entry(ManifestEntry("u", error="token=sekrit99")).decode()
+
+
+# -- the writer ---------------------------------------------------------------------------------
+class CountingFile:
+    """Wraps the real file to record every write() call."""
+
+    def __init__(self, path: Path, writes: list[bytes]) -> None:
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115
+        self._writes = writes
+
+    def write(self, data: bytes) -> int:
+        self._writes.append(bytes(data))
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_writer_writes_whole_batches_and_close_drains(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    writes: list[bytes] = []
+    entries = [entry(n) for n in range(1, 8)]
+    asyncio.run(
+        write_with_writer(
+            manifest, entries, batch=3, flush_interval=30.0, opener=lambda p: CountingFile(p, writes)
+        )
+    )
+    assert [w.count(b"\n") for w in writes] == [3, 3, 1]
+    assert all(w.endswith(b"\n") for w in writes)
+    assert list(manifest.iter_records()) == entries
+
+
+def test_writer_flushes_after_the_interval_without_close(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+
+    async def scenario() -> list[ManifestEntry]:
+        writer = ManifestWriter(manifest, batch=100, flush_interval=0.02)
+        await writer.start()
+        await writer.record_entry(entry(1))
+        for _ in range(200):  # bounded wait for the interval flush
+            await asyncio.sleep(0.01)
+            if manifest.path.stat().st_size:
+                break
+        seen = list(manifest.iter_records())
+        await writer.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [entry(1)]
+
+
+def test_flush_now_writes_synchronously(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+
+    async def scenario() -> list[ManifestEntry]:
+        writer = ManifestWriter(manifest, batch=100, flush_interval=30.0)
+        await writer.start()
+        for n in (1, 2):
+            await writer.record_entry(entry(n))
+        writer.flush_now()
+        seen = list(manifest.iter_records())
+        await writer.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [entry(1), entry(2)]
+
+
+def test_close_is_idempotent_and_recording_after_close_fails(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+
+    async def scenario() -> None:
+        writer = ManifestWriter(manifest)
+        await writer.start()
+        await writer.record(
+            FileResult(PlanItem(url="https://a.example/y", filename="y"), FileStatus.VERIFIED)
+        )
+        await writer.close()
+        await writer.close()
+        with pytest.raises(ManifestError):
+            await writer.record_entry(entry(2))
+
+    asyncio.run(scenario())
+    assert manifest.verified_urls() == {"https://a.example/y"}
+
+
+def test_cancelled_close_still_flushes_everything(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    entries = [entry(n) for n in range(1, 11)]
+
+    async def scenario() -> None:
+        writer = ManifestWriter(manifest, batch=2, flush_interval=30.0)
+        await writer.start()
+        for e in entries:
+            await writer.record_entry(e)
+        closing = asyncio.create_task(writer.close())
+        await asyncio.sleep(0)  # close() is now waiting for the writer task
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert list(manifest.iter_records()) == entries
+
+
+class FullDisk:
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self) -> None: ...
+
+    def fileno(self) -> int:
+        raise OSError(errno.EBADF, "no fd")
+
+    def close(self) -> None: ...
+
+
+def test_disk_full_raises_disk_full_error_naming_the_path(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+
+    async def scenario() -> None:
+        writer = ManifestWriter(manifest, batch=1, opener=lambda p: FullDisk())
+        await writer.start()
+        await writer.record_entry(entry(1))
+        with pytest.raises(DiskFullError) as info:
+            for n in range(2, 50):  # the failure surfaces on a later record() or on close()
+                await writer.record_entry(entry(n))
+                await asyncio.sleep(0.01)
+            await writer.close()
+        assert str(manifest.path) in str(info.value)
+        assert info.value.path == manifest.path
+
+    asyncio.run(scenario())
+
+
+def test_close_does_not_hang_when_the_writer_died_with_a_full_queue(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+
+    async def scenario() -> None:
+        writer = ManifestWriter(manifest, batch=1, flush_interval=30.0, opener=lambda p: FullDisk())
+        await writer.start()
+        for n in range(4):  # fills the queue (4 x batch) before the writer task runs at all
+            await writer.record_entry(entry(n))
+        with pytest.raises(DiskFullError):
+            await asyncio.wait_for(writer.close(), timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_record_does_not_hang_when_the_writer_dies_while_it_waits(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+
+    async def scenario() -> None:
+        writer = ManifestWriter(manifest, batch=1, flush_interval=30.0, opener=lambda p: FullDisk())
+        await writer.start()
+        with pytest.raises(DiskFullError):
+            for n in range(50):  # no pauses: record() is blocked on a full queue when the writer fails
+                await asyncio.wait_for(writer.record_entry(entry(n)), timeout=10)
+        with pytest.raises(DiskFullError):
+            await writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_permission_denied_opening_raises_permission_denied_error(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+
+    def refuse(path: Path) -> None:
+        raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+
+    async def scenario() -> None:
+        writer = ManifestWriter(manifest, opener=refuse)  # type: ignore[arg-type]
+        with pytest.raises(PermissionDeniedError) as info:
+            await writer.start()
+        assert str(manifest.path) in str(info.value)
+
+    asyncio.run(scenario())
+
+
+def test_append_entries_synchronously_after_a_torn_line(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1), tail=b'{"crc":"0000')
+    assert manifest.append_entries([entry(2), entry(3)]) == 2
+    assert list(manifest.load()) == [entry(1).url, entry(2).url, entry(3).url]
+
+
+# -- kill -9 ------------------------------------------------------------------------------------
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from engine.manifest import Manifest, ManifestEntry, ManifestWriter
+
+    async def main(state, start):
+        writer = ManifestWriter(Manifest(Path(state)), batch=7, flush_interval=0.001)
+        await writer.start()
+        print("ready", flush=True)
+        n = start
+        while True:
+            url = f"https://archive.example/{n}"
+            md5 = url[-32:].rjust(32, "0")
+            error = "x" * (n % 300)
+            record = ManifestEntry(url, path=f"p/{n}", status="verified", md5=md5, nbytes=n, error=error)
+            await writer.record_entry(record)
+            n += 1
+            if n % 7 == 0:
+                await asyncio.sleep(0)
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+def test_manifest_survives_kill_9_at_random_moments(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path / "state")
+    rng = random.Random(1234)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rounds = 4
+    seen = 0
+    for round_no in range(rounds):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(manifest.state_dir), str(round_no * 10_000_000)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"ready\n"
+            # Let it write for a moment, then kill it mid-whatever.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=rng.uniform(0.02, 0.25))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            if child.stdout:
+                child.stdout.close()
+
+        records = list(manifest.iter_records())
+        assert manifest.skipped_lines <= round_no + 1  # at most one torn line per kill
+        assert len(records) >= seen  # nothing written earlier was lost or damaged
+        seen = len(records)
+        for record in records:  # every loaded record is whole and self-consistent
+            n = int(record.url.rsplit("/", 1)[1])
+            assert record.path == f"p/{n}"
+            assert record.nbytes == n
+            assert record.error == "x" * (n % 300)
+            assert record.md5 == record.url[-32:].rjust(32, "0")
+    assert seen > 0
+
+
+# -- the run lock -------------------------------------------------------------------------------
+def test_second_acquire_refuses_naming_pid_and_host(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with RunLock(state):
+        assert (state / "run.lock").exists()
+        with pytest.raises(RunLockedError) as info:
+            RunLock(state).acquire()
+    message = str(info.value)
+    assert f"pid {os.getpid()}" in message
+    assert socket.gethostname() in message
+    assert str(state / "run.lock") in message  # the hint names the file to remove
+    assert not (state / "run.lock").exists()  # released on exit
+
+
+def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state = tmp_path / "state"
+    state.mkdir()
+    stale = {"host": socket.gethostname(), "pid": dead.pid, "started": "2020-01-01T00:00:00"}
+    (state / "run.lock").write_text(json.dumps(stale))
+    lock = RunLock(state)
+    lock.acquire()
+    holder = json.loads((state / "run.lock").read_text())
+    assert holder["pid"] == os.getpid()
+    lock.release()
+    assert not (state / "run.lock").exists()
+    assert [p.name for p in state.iterdir()] == []  # no temporary or stale files left behind
+
+
+def test_lock_of_another_host_is_never_taken_over(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "T0"}))
+    with pytest.raises(RunLockedError) as info:
+        RunLock(state).acquire()
+    assert "pid 1 on host elsewhere, started T0" in str(info.value)
+
+
+def test_unreadable_lock_file_refuses(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "run.lock").write_bytes(b"\x00garbage")
+    with pytest.raises(RunLockedError) as info:
+        RunLock(state).acquire()
+    assert str(state / "run.lock") in str(info.value)
+
+
+def test_release_leaves_a_lock_that_is_not_ours(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    lock = RunLock(state)
+    lock.acquire()
+    other = {"host": "elsewhere", "pid": 1, "started": "T0", "token": "theirs"}
+    (state / "run.lock").write_text(json.dumps(other))
+    lock.release()
+    lock.release()
+    assert json.loads((state / "run.lock").read_text()) == other
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to drop privileges"
+)
+def test_lock_in_a_directory_we_cannot_write_raises_permission_denied(tmp_path: Path) -> None:
+    # Root ignores directory modes, so the check runs as `nobody` in a child process.
+    tmp_path.chmod(0o755)
+    state = tmp_path / "state"
+    code = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from engine.exceptions import PermissionDeniedError
+        from engine.manifest import RunLock
+        try:
+            RunLock(Path({str(state)!r})).acquire()
+        except PermissionDeniedError as err:
+            print("denied:", err)
+        """
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=30,
+    )
+    assert out.stdout.startswith("denied:"), out.stderr
+    assert str(state) in out.stdout

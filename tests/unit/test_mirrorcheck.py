@@ -1,0 +1,194 @@
+"""engine.mirrorcheck: re-verify a whole mirror from its manifest, and repair it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from engine.exceptions import UsageError
+from engine.manifest import Manifest, ManifestEntry
+from engine.mirrorcheck import check_mirror
+from engine.models import VerifyLevel
+
+NAMES = {
+    "good": "tid/s0001/0000/0000/0000/0001/tess2018206045859-s0001-0000000000000001-0120-s_lc.fits",
+    "flipped": "tid/s0001/0000/0000/0000/0002/tess2018206045859-s0001-0000000000000002-0120-s_lc.fits",
+    "truncated": "tid/s0001/0000/0000/0000/0003/tess2018206045859-s0001-0000000000000003-0120-s_lc.fits",
+    "deleted": "tid/s0001/0000/0000/0000/0004/tess2018206045859-s0001-0000000000000004-0120-s_lc.fits",
+}
+
+
+def make_fits(path: Path, seed: int) -> None:
+    """A small light-curve-like FITS file with CHECKSUM/DATASUM in every HDU."""
+    rng = np.random.default_rng(seed)
+    table = fits.BinTableHDU.from_columns(
+        [
+            fits.Column(name="TIME", format="D", array=np.arange(200, dtype=float)),
+            fits.Column(name="PDCSAP_FLUX", format="E", array=rng.normal(1000, 5, 200).astype(np.float32)),
+        ],
+        name="LIGHTCURVE",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(path, checksum=True)
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def build_mirror(tmp_path: Path) -> tuple[Path, Manifest, dict[str, ManifestEntry]]:
+    out = tmp_path / "mirror"
+    manifest = Manifest(out / ".tessmirror")
+    entries = {}
+    for seed, (key, rel) in enumerate(NAMES.items(), start=1):
+        path = out / rel
+        make_fits(path, seed)
+        entries[key] = ManifestEntry(
+            url=f"https://archive.example/{path.name}",
+            path=rel,
+            status="verified",
+            nbytes=path.stat().st_size,
+            md5=md5_of(path),
+            level="fits",
+            time=1.0,
+        )
+    # A record that is no longer verified is to-do, not checked; its path is not "unexpected" either.
+    failed = ManifestEntry(
+        url="https://archive.example/failed.fits", path="misc/failed.fits", status="failed"
+    )
+    (out / "misc").mkdir()
+    (out / "misc" / "failed.fits").write_bytes(b"left over")
+    manifest.append_entries([*entries.values(), failed])
+    return out, manifest, entries
+
+
+def damage(out: Path) -> None:
+    flipped = out / NAMES["flipped"]
+    data = bytearray(flipped.read_bytes())
+    data[-100] ^= 0x01  # inside the table data: size unchanged, md5 and DATASUM broken
+    flipped.write_bytes(bytes(data))
+    truncated = out / NAMES["truncated"]
+    truncated.write_bytes(truncated.read_bytes()[:-2880])
+    (out / NAMES["deleted"]).unlink()
+    (out / "stray.fits").write_bytes(b"not ours")
+    (out / NAMES["good"]).with_name("download.fits.part").write_bytes(b"in progress")
+
+
+def by_path(report) -> dict[str, str]:
+    return {p.path: p.kind for p in report.problems}
+
+
+def test_a_clean_mirror_reports_no_problems(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    calls: list[tuple[int, int]] = []
+    report = check_mirror(out, manifest, level=VerifyLevel.FITS, progress=lambda d, t: calls.append((d, t)))
+    assert (report.checked, report.ok, report.problems, report.quarantined) == (4, 4, [], [])
+    assert calls[0] == (0, 4)
+    assert calls[-1] == (4, 4)
+
+
+def test_damage_is_classified(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    damage(out)
+    report = check_mirror(out, manifest, level=VerifyLevel.FITS)
+    assert (report.checked, report.ok) == (4, 1)
+    assert by_path(report) == {
+        NAMES["flipped"]: "corrupt",
+        NAMES["truncated"]: "truncated",
+        NAMES["deleted"]: "missing",
+        "stray.fits": "unexpected",
+    }
+    assert report.quarantined == []
+    assert (out / NAMES["flipped"]).exists()  # no repair: nothing moved
+
+
+def test_fits_level_finds_corruption_without_a_recorded_md5(tmp_path: Path) -> None:
+    out, manifest, entries = build_mirror(tmp_path)
+    manifest.append_entries([ManifestEntry(**{**_fields(entries["flipped"]), "md5": ""})])
+    damage(out)
+    at_fits = by_path(check_mirror(out, manifest, level=VerifyLevel.FITS))
+    at_size = by_path(check_mirror(out, manifest, level=VerifyLevel.SIZE))
+    assert at_fits[NAMES["flipped"]] == "corrupt"  # the FITS DATASUM caught it
+    assert NAMES["flipped"] not in at_size  # a size check cannot see a flipped byte
+
+
+def test_repair_quarantines_bad_files_and_marks_them_pending(tmp_path: Path) -> None:
+    out, manifest, entries = build_mirror(tmp_path)
+    damage(out)
+    flipped_bytes = (out / NAMES["flipped"]).read_bytes()
+    report = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
+
+    quarantine = manifest.state_dir / "quarantine"
+    assert sorted(report.quarantined) == sorted(
+        str((quarantine / NAMES[k]).resolve()) for k in ("flipped", "truncated")
+    )
+    assert (quarantine / NAMES["flipped"]).read_bytes() == flipped_bytes  # moved, never deleted
+    assert not (out / NAMES["flipped"]).exists()
+    assert not (out / NAMES["truncated"]).exists()
+    assert (out / "stray.fits").exists()  # unexpected files are reported, not touched
+
+    loaded = manifest.load()
+    for key in ("flipped", "truncated", "deleted"):
+        record = loaded[entries[key].url]
+        assert record.status == "pending"
+        assert record.path == NAMES[key]
+        assert record.error.startswith("verify: ")
+    assert loaded[entries["good"].url].status == "verified"
+    assert manifest.verified_urls() == {entries["good"].url}
+
+    # A second check sees only the still-pending URLs as to-do: nothing left to complain about
+    # except the stray file; the quarantine (inside the state dir) is not "unexpected".
+    again = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
+    assert (again.checked, again.ok) == (1, 1)
+    assert by_path(again) == {"stray.fits": "unexpected"}
+
+
+def test_repair_never_overwrites_an_earlier_quarantined_copy(tmp_path: Path) -> None:
+    out, manifest, _entries = build_mirror(tmp_path)
+    earlier = manifest.state_dir / "quarantine" / NAMES["flipped"]
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"earlier copy")
+    damage(out)
+    report = check_mirror(out, manifest, level=VerifyLevel.CHECKSUM, repair=True)
+    assert str(earlier.resolve().with_name(earlier.name + ".1")) in report.quarantined
+    assert earlier.read_bytes() == b"earlier copy"
+
+
+def test_an_unsafe_recorded_path_is_reported_and_never_touched(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    victim = tmp_path / "victim.fits"
+    victim.write_bytes(b"x")
+    manifest.append_entries(
+        [
+            ManifestEntry(
+                url="https://archive.example/evil", path="../victim.fits", status="verified", nbytes=1
+            )
+        ]
+    )
+    report = check_mirror(out, manifest, level=VerifyLevel.SIZE, repair=True)
+    assert by_path(report)["../victim.fits"] == "corrupt"
+    assert victim.exists()
+    assert manifest.load()["https://archive.example/evil"].status == "pending"
+
+
+def test_a_missing_mirror_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        check_mirror(tmp_path / "nope", Manifest(tmp_path / "nope" / ".tessmirror"), level=VerifyLevel.SIZE)
+
+
+def test_workers_do_not_change_the_result(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    damage(out)
+    one = check_mirror(out, manifest, level=VerifyLevel.FITS, workers=1)
+    four = check_mirror(out, manifest, level=VerifyLevel.FITS, workers=4)
+    assert by_path(one) == by_path(four)
+    assert os.listdir(manifest.state_dir) == ["manifest.jsonl"]  # checking alone writes nothing
+
+
+def _fields(entry: ManifestEntry) -> dict[str, object]:
+    return {name: getattr(entry, name) for name in ManifestEntry.__slots__}
