@@ -42,6 +42,7 @@ EXIT_USAGE = 2
 EXIT_ARCHIVE = 3
 EXIT_LOCAL = 4
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70  # a bug in tessmirror (EX_SOFTWARE); never used for bad input
 
 
 class TessMirrorError(Exception):

@@ -1,0 +1,445 @@
+"""One mirror run: a plan source feeds a bounded queue, N workers download, one writer records.
+
+    plan source ──pages──▶ producer ──(bounded queue)──▶ N workers ──results──▶ manifest writer
+       (TAP or saved plan)     │ skips what the manifest             (Downloader.fetch)      (one task,
+                               │ already holds, checks paths                                  batched fsync)
+                               ▼ and free space
+
+Memory stays bounded: the queue holds at most 2×concurrency items, and nothing per file is kept
+beyond the plan table itself and the compact columns of the results table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+from astropy.table import Table
+
+from engine.exceptions import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    DiskFullError,
+    LocalError,
+    PermissionDeniedError,
+    UnsafePathError,
+)
+from engine.fetch.bandwidth import TokenBucket
+from engine.fetch.download import Downloader
+from engine.fetch.session import open_session
+from engine.fetch.throttle import AdaptiveLimiter
+from engine.layout import relpath_for, resolve_within
+from engine.manifest import Manifest, ManifestEntry, ManifestWriter, RunLock
+from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
+from engine.plan.planner import Planner
+from engine.plan.table import items_to_table, load_plan, read_input, save_plan, table_to_items
+from engine.plan.tap import TapClient
+from engine.progress import Progress, human_bytes
+from engine.redact import redact, register_secret
+from engine.settings import Settings
+
+log = logging.getLogger("tessmirror")
+
+PLAN_FILE = "plan.ecsv"
+RESULT_COLUMNS = ("url", "filename", "obs_id", "path", "status", "action", "nbytes", "md5", "error")
+
+
+# -- plan sources -------------------------------------------------------------------------------
+class PlanSource(Protocol):
+    def pages(self) -> AsyncIterator[list[PlanItem]]: ...
+
+
+class TablePlan:
+    """A plan that is already known: a saved ECSV plan or a URL list. No TAP at all."""
+
+    def __init__(self, table: Table, *, page_size: int = 1000) -> None:
+        self.table = table
+        self.page_size = page_size
+
+    async def pages(self) -> AsyncIterator[list[PlanItem]]:
+        page: list[PlanItem] = []
+        for item in table_to_items(self.table):
+            page.append(item)
+            if len(page) >= self.page_size:
+                yield page
+                page = []
+        if page:
+            yield page
+
+
+class TapPlan:
+    """Plans through TAP, page by page, and saves the whole plan once planning has finished."""
+
+    def __init__(self, planner: Planner, save_to: Path | None, meta: dict[str, str]) -> None:
+        self.planner = planner
+        self.save_to = save_to
+        self.meta = meta
+
+    async def pages(self) -> AsyncIterator[list[PlanItem]]:
+        items: list[PlanItem] = []
+        async for page in self.planner.pages():
+            items.extend(page)
+            yield page
+        if self.save_to is not None:
+            table = items_to_table(items)
+            table.meta.update(self.meta)
+            await asyncio.to_thread(save_plan, table, self.save_to)
+            log.info("plan saved: %s (%d files)", self.save_to, len(table))
+
+
+def selection_fingerprint(settings: Settings) -> str:
+    """Identifies what was asked for, so a saved plan is reused only for the same question."""
+    blob = json.dumps({"tap": settings.tap.url, "selection": asdict(settings.selection)}, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan_source_for(settings: Settings) -> PlanSource:
+    """A URL list or plan file if one was given; else the saved plan; else TAP."""
+    sel = settings.selection
+    if sel.urls_file is not None:
+        return TablePlan(read_input(sel.urls_file))
+    plan_path = settings.state_dir / PLAN_FILE
+    fingerprint = selection_fingerprint(settings)
+    if plan_path.exists() and not settings.run.refresh_plan:
+        table = load_plan(plan_path)
+        if table.meta.get("selection_fingerprint") == fingerprint:
+            log.info(
+                "resuming from the saved plan %s (%d files); --refresh-plan queries TAP again",
+                plan_path,
+                len(table),
+            )
+            return TablePlan(table)
+        log.info("the saved plan %s was made for another selection; planning again", plan_path)
+    tap = TapClient(settings.tap.url, settings=settings.tap)
+    meta = {"selection_fingerprint": fingerprint, "tap_url": redact(settings.tap.url)}
+    return TapPlan(Planner(settings, tap), plan_path, meta)
+
+
+# -- the outcome --------------------------------------------------------------------------------
+@dataclass
+class RunOutcome:
+    results: Table
+    planned: int = 0
+    downloaded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    pending: int = 0
+    nbytes: int = 0
+    interrupted: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_PARTIAL if (self.failed or self.pending) else EXIT_OK
+
+
+class _ResultColumns:
+    """Compact per-file columns for the results table (no FileResult objects kept around)."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {name: [] for name in RESULT_COLUMNS}
+
+    def add(
+        self, item: PlanItem, status: str, action: str, path: str, nbytes: int, md5: str, error: str
+    ) -> None:
+        for name, value in zip(
+            RESULT_COLUMNS,
+            (item.url, item.filename, item.obs_id, path, status, action, nbytes, md5, error),
+            strict=True,
+        ):
+            self.cols[name].append(value)
+
+    def table(self) -> Table:
+        table = Table(self.cols, names=RESULT_COLUMNS, dtype=[str, str, str, str, str, str, "i8", str, str])
+        return table
+
+
+# -- the run ------------------------------------------------------------------------------------
+_DONE = object()
+
+
+class MirrorRun:
+    """Runs one mirror into `settings.output.out_dir`. Use `await MirrorRun(...).run()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: PlanSource | None = None,
+        *,
+        clock: Clock | None = None,
+        progress: Progress | None = None,
+        session_factory: Callable[..., aiohttp.ClientSession] = open_session,
+        downloader_factory: Callable[..., Downloader] = Downloader,
+        handle_signals: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.clock = clock or SystemClock()
+        self.progress = progress or Progress(interval=settings.run.progress_interval, clock=self.clock)
+        self.session_factory = session_factory
+        self.downloader_factory = downloader_factory
+        self.handle_signals = handle_signals
+        self.out_dir = settings.output.out_dir
+        self.results = _ResultColumns()
+        self.outcome = RunOutcome(results=Table())
+        self._stop = asyncio.Event()
+
+    # -- entry --------------------------------------------------------------------------------
+    async def run(self) -> RunOutcome:
+        settings = self.settings
+        _prepare_dir(self.out_dir, "output.out_dir")
+        _prepare_dir(settings.state_dir, "output.state_dir")
+        with RunLock(settings.state_dir):
+            manifest = Manifest(settings.state_dir)
+            done = self._already_done(manifest.load())
+            source = self.source or plan_source_for(settings)
+            token = os.environ.get(settings.fetch.token_env) if settings.fetch.token_env else None
+            register_secret(token)
+            writer = ManifestWriter(manifest, fsync=settings.output.fsync)
+            await writer.start()
+            executor = ThreadPoolExecutor(max(settings.verify.workers, 1), thread_name_prefix="verify")
+            try:
+                async with self.session_factory(settings.fetch, token=token) as session:
+                    downloader = self.downloader_factory(
+                        session,
+                        settings.fetch,
+                        settings.verify,
+                        clock=self.clock,
+                        throttle=AdaptiveLimiter(settings.fetch.concurrency, clock=self.clock),
+                        bandwidth=(
+                            TokenBucket(settings.fetch.bandwidth_limit, clock=self.clock)
+                            if settings.fetch.bandwidth_limit
+                            else None
+                        ),
+                        executor=executor,
+                        fsync=settings.output.fsync,
+                    )
+                    await self._pipeline(source, done, downloader, writer)
+            finally:
+                await writer.close()
+                executor.shutdown(wait=False, cancel_futures=True)
+                self.progress.close()
+        self.outcome.results = self.results.table()
+        self.outcome.pending = max(
+            self.outcome.planned - self.outcome.downloaded - self.outcome.skipped - self.outcome.failed, 0
+        )
+        return self.outcome
+
+    def _already_done(self, entries: dict[str, ManifestEntry]) -> dict[str, ManifestEntry]:
+        """Verified entries from earlier runs. Trusted without a stat, unless --recheck asks."""
+        done = {url: e for url, e in entries.items() if e.status == FileStatus.VERIFIED.value}
+        if self.settings.run.recheck:
+            for url, entry in list(done.items()):
+                try:
+                    ok = (self.out_dir / entry.path).stat().st_size == entry.nbytes
+                except OSError:
+                    ok = False
+                if not ok:
+                    log.warning("recheck: %s is missing or changed; it will be downloaded again", entry.path)
+                    del done[url]
+        return done
+
+    # -- the pipeline -------------------------------------------------------------------------
+    async def _pipeline(
+        self,
+        source: PlanSource,
+        done: dict[str, ManifestEntry],
+        downloader: Downloader,
+        writer: ManifestWriter,
+    ) -> None:
+        n_workers = self.settings.fetch.concurrency
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * n_workers)
+        producer = asyncio.create_task(self._produce(source, done, queue, writer, n_workers), name="plan")
+        workers = [
+            asyncio.create_task(self._work(queue, downloader, writer), name=f"worker-{i}")
+            for i in range(n_workers)
+        ]
+        stopper = asyncio.create_task(self._stop.wait(), name="stop")
+        running: set[asyncio.Task] = {producer, *workers}
+        with self._signals():
+            try:
+                while running:
+                    finished, _ = await asyncio.wait({*running, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    if stopper in finished:
+                        self.outcome.interrupted = True
+                        log.warning("interrupted: stopping; the manifest keeps every verified file")
+                        break
+                    for task in finished:
+                        running.discard(task)
+                        if task.exception() is not None:
+                            raise task.exception()  # type: ignore[misc]
+            finally:
+                for task in (*running, stopper):
+                    task.cancel()
+                await asyncio.gather(*running, stopper, return_exceptions=True)
+
+    async def _produce(
+        self,
+        source: PlanSource,
+        done: dict[str, ManifestEntry],
+        queue: asyncio.Queue,
+        writer: ManifestWriter,
+        n_workers: int,
+    ) -> None:
+        free = _free_bytes(self.out_dir)
+        needed = 0
+        layout = self.settings.output.layout
+        async for page in source.pages():
+            todo: list[tuple[PlanItem, str, Path]] = []
+            skipped = 0
+            for item in page:
+                self.outcome.planned += 1
+                entry = done.get(item.url)
+                if entry is not None:
+                    skipped += 1
+                    self.results.add(item, "verified", "skipped", entry.path, entry.nbytes, entry.md5, "")
+                    continue
+                try:
+                    relpath = relpath_for(item, layout)
+                    dest = resolve_within(self.out_dir, relpath)
+                except UnsafePathError as err:
+                    await self._record(writer, FileResult(item, FileStatus.FAILED, error=redact(err)))
+                    continue
+                todo.append((item, relpath, dest))
+                needed += _declared_bytes(item)
+            self.outcome.skipped += skipped
+            self.progress.planned_items(len(page), sum(_declared_bytes(i) for i in page))
+            self.progress.skipped_items(skipped)
+            if needed > free and not self.settings.run.force:
+                raise DiskFullError(
+                    f"the plan needs at least {human_bytes(needed)} but only {human_bytes(free)} is free "
+                    f"on {self.out_dir}",
+                    path=self.out_dir,
+                    hint="free some space, choose another --out, narrow the selection, or pass --force",
+                )
+            for job in todo:
+                await queue.put(job)
+        self.progress.plan_complete()
+        for _ in range(n_workers):
+            await queue.put(_DONE)
+
+    async def _work(self, queue: asyncio.Queue, downloader: Downloader, writer: ManifestWriter) -> None:
+        while True:
+            job = await queue.get()
+            if job is _DONE:
+                return
+            item, relpath, dest = job
+            try:
+                result = await downloader.fetch(item, dest, relpath)
+            except (LocalError, asyncio.CancelledError):
+                raise
+            except Exception as err:  # a bug must cost one file, not the night's run
+                log.exception("internal error while fetching %s", item.filename)
+                result = FileResult(
+                    item, FileStatus.FAILED, path=relpath, error=redact(f"internal error: {err}")
+                )
+            await self._record(writer, result)
+
+    async def _record(self, writer: ManifestWriter, result: FileResult) -> None:
+        await writer.record(result)
+        item = result.item
+        if result.status is FileStatus.VERIFIED:
+            self.outcome.downloaded += 1
+            self.outcome.nbytes += result.nbytes
+            action = "downloaded"
+        else:
+            self.outcome.failed += 1
+            action = "failed"
+            if len(self.outcome.errors) < 50:
+                self.outcome.errors.append(f"{item.filename or item.url}: {result.error}")
+            log.warning("failed: %s: %s", item.filename or item.url, result.error)
+        self.results.add(
+            item, str(result.status), action, result.path, result.nbytes, result.md5, result.error
+        )
+        self.progress.file_done(result)
+
+    # -- signals ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM: stop taking work, flush the manifest, exit 'interrupted'."""
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if self.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self.stop)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass  # not the main thread, or no signals here: the caller stops us instead
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _declared_bytes(item: PlanItem) -> int:
+    if item.size >= 0:
+        return item.size
+    return item.est_kb * 1024 if item.est_kb >= 0 else 0
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62  # unknown: do not refuse on a filesystem that cannot tell us
+
+
+def _prepare_dir(path: Path, key: str) -> None:
+    """Create a directory and prove it is writable, with a message that names it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".tessmirror-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError as err:
+        raise PermissionDeniedError(
+            f"cannot write to {path} ({key}): {err.strerror}",
+            path=path,
+            hint="choose a directory you can write to, or fix its permissions",
+        ) from None
+    except OSError as err:
+        if err.errno == 30:  # EROFS
+            raise PermissionDeniedError(
+                f"{path} ({key}) is on a read-only filesystem", path=path, hint="choose a writable directory"
+            ) from None
+        if err.errno == 28:  # ENOSPC
+            raise DiskFullError(f"no space left on the device holding {path} ({key})", path=path) from None
+        raise PermissionDeniedError(f"cannot use {path} ({key}): {err}", path=path) from None
+
+
+def summarize(outcome: RunOutcome) -> Iterable[str]:
+    """Lines for the end-of-run summary."""
+    yield f"planned     {outcome.planned}"
+    yield f"downloaded  {outcome.downloaded}  ({human_bytes(outcome.nbytes)})"
+    yield f"skipped     {outcome.skipped}  (verified by an earlier run)"
+    yield f"failed      {outcome.failed}"
+    if outcome.pending:
+        yield f"pending     {outcome.pending}  (run again to resume)"
+    for err in outcome.errors[:10]:
+        yield f"  ! {err}"
+    if len(outcome.errors) > 10:
+        yield f"  ... and {len(outcome.errors) - 10} more in the manifest"
+
+
+__all__ = ["MirrorRun", "PlanSource", "RunOutcome", "TablePlan", "TapPlan", "plan_source_for"]
