@@ -1,0 +1,250 @@
+"""LocalArchive: the MAST-shaped archive (CAOM TAP + file downloads) on 127.0.0.1.
+
+    async with LocalArchive(ArchiveOptions(sectors=[1], targets=200, file_size="small")) as archive:
+        archive.tap_url, archive.catalog, archive.request_log
+
+`ArchiveThread` runs one in a background thread for synchronous callers and tests; `serve_forever`
+runs one until SIGINT/SIGTERM for the CLI's `tessmirror archive serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from engine.archive.catalog import INDEXED_COLUMNS, Catalog, build_catalog
+from engine.archive.faults import FaultPlan
+from engine.archive.files import FileServer, FileStore, RequestRecord
+from engine.archive.fitsgen import cadences_for
+
+TAP_PATH = "/vo-tap/api/v0.1/caom"
+
+
+@dataclass
+class ArchiveOptions:
+    """What the archive holds and how it misbehaves. See `catalog.build_catalog` for the content."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port
+    sectors: Sequence[int] = range(1, 14)
+    # TIC targets, spread evenly over every CCD of every sector. sectors=[1] with targets=40_000 puts
+    # ~2,500 light curves in sector 1 / camera 1 / CCD 2, the notebook's count; the default is lighter.
+    targets: int = 2_000
+    file_size: str | int = "full"  # "full" (2,039,040-byte light curves), "small", or a cadence count
+    seed: int = 0
+    data_dir: Path | None = None  # where files are materialised; None: a temporary directory
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    tap_default_maxrec: int = 100_000
+    tap_hard_limit: int = 100_000
+    tap_max_wait: float = 30.0
+
+
+def load_database(catalog: Catalog):  # -> TapDatabase (imported lazily: the TAP side is optional here)
+    """A TapDatabase holding the catalogue's four tables, with their join keys indexed."""
+    from engine.archive.tapdb import ColumnDef, TapDatabase
+
+    db = TapDatabase()
+    for key, table in catalog.tables.items():
+        indexed = set(INDEXED_COLUMNS.get(key, ()))
+        columns = [ColumnDef(name, datatype, indexed=name in indexed) for name, datatype in table.columns]
+        db.add_table(table.schema, table.name, columns, table.rows)
+    return db
+
+
+class LocalArchive:
+    """The archive as an async context manager; see the module docstring."""
+
+    def __init__(self, options: ArchiveOptions | None = None) -> None:
+        self.options = options or ArchiveOptions()
+        self._faults = self.options.faults
+        self._runner: web.AppRunner | None = None
+        self._files: FileServer | None = None
+        self._tap_options = None
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        self.catalog: Catalog | None = None
+        self.base_url = ""
+        self.data_dir: Path | None = None
+
+    @property
+    def tap_url(self) -> str:
+        return self.base_url + TAP_PATH
+
+    @property
+    def request_log(self) -> list[RequestRecord]:
+        return self._files.request_log if self._files else []
+
+    @property
+    def faults(self) -> FaultPlan:
+        return self._faults
+
+    @faults.setter
+    def faults(self, plan: FaultPlan) -> None:
+        """Swap the fault plan (e.g. between test runs); file attempt counters start over."""
+        self._faults = plan
+        if self._files is not None:
+            self._files.attempts.clear()
+        if self._tap_options is not None:
+            self._tap_options.faults = plan.tap_faults()
+
+    async def __aenter__(self) -> LocalArchive:
+        from engine.archive.tap import TapOptions, TapService
+
+        options = self.options
+        cadences = cadences_for(options.file_size)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Bind first: the catalogue's access_url needs the port.
+            sock.bind((options.host, options.port))
+            sock.listen(128)
+            self.base_url = f"http://{options.host}:{sock.getsockname()[1]}"
+            self.catalog = await asyncio.to_thread(
+                build_catalog,
+                sectors=options.sectors,
+                targets=options.targets,
+                cadences=cadences,
+                seed=options.seed,
+                base_url=self.base_url,
+            )
+            db = await asyncio.to_thread(load_database, self.catalog)
+            if options.data_dir is None:
+                self._tempdir = tempfile.TemporaryDirectory(prefix="tessmirror-archive-")
+                self.data_dir = Path(self._tempdir.name)
+            else:
+                self.data_dir = Path(options.data_dir)
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._tap_options = TapOptions(
+                default_maxrec=options.tap_default_maxrec,
+                hard_limit=options.tap_hard_limit,
+                max_wait=options.tap_max_wait,
+                faults=self._faults.tap_faults(),
+            )
+            app = web.Application()
+            TapService(db, self._tap_options).add_routes(app, TAP_PATH)
+            self._files = FileServer(
+                self.catalog, FileStore(self.catalog, self.data_dir), lambda: self._faults
+            )
+            self._files.add_routes(app)
+            # handler_cancellation: a client that hangs up stops its (possibly stalled) handler.
+            self._runner = web.AppRunner(
+                app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0
+            )
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock).start()
+        except BaseException:
+            sock.close()
+            await self._cleanup()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self._files is not None:
+            self._files.closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+
+def serve_forever(options: ArchiveOptions, *, on_ready: Callable[[LocalArchive], None]) -> None:
+    """Run the archive until SIGINT or SIGTERM, then stop cleanly (blocking)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            async with LocalArchive(options) as archive:
+                on_ready(archive)
+                await stop.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    asyncio.run(main())
+
+
+class ArchiveThread:
+    """A LocalArchive in a background thread with its own event loop (for tests and sync code).
+
+    with ArchiveThread(ArchiveOptions(...)) as running:
+        running.archive.tap_url
+    """
+
+    def __init__(self, options: ArchiveOptions | None = None, *, start_timeout: float = 120.0) -> None:
+        self.options = options or ArchiveOptions()
+        self.start_timeout = start_timeout
+        self.archive: LocalArchive | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            try:
+                async with LocalArchive(self.options) as archive:
+                    self.archive = archive
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as err:
+                self._error = err
+                self._ready.set()
+
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    def start(self) -> LocalArchive:
+        self._thread = threading.Thread(target=self._run, name="local-archive", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self.start_timeout):
+            raise TimeoutError(f"the local archive did not start within {self.start_timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self.archive is not None
+        return self.archive
+
+    def call(self, function: Callable[[], object]) -> None:
+        """Run `function` on the archive's loop (e.g. to swap its faults) and wait for it."""
+        assert self._loop is not None
+
+        async def run() -> None:
+            function()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop may already be gone
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> ArchiveThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
