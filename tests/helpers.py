@@ -1,0 +1,107 @@
+"""Helpers shared by the integration tests: run the real CLI in a subprocess, check a mirror against
+the archive's truth."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.manifest import Manifest
+
+
+def cli_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", *map(str, args)]
+
+
+def run_cli(*args: object, timeout: float = 120, env: dict[str, str] | None = None, cwd: Path | None = None):
+    """Run `tessmirror ARGS...` as a user would; returns the CompletedProcess (text mode)."""
+    return subprocess.run(
+        cli_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def spawn_cli(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        cli_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mirrored_files(out_dir: Path) -> dict[str, Path]:
+    """File name -> path for every finished file under out_dir (state dir and .part files excluded)."""
+    found: dict[str, Path] = {}
+    for path in out_dir.rglob("*"):
+        if path.is_file() and ".tessmirror" not in path.parts and not path.name.endswith(".part"):
+            found[path.name] = path
+    return found
+
+
+def assert_mirror_matches_truth(out_dir: Path, archive, names: set[str]) -> None:
+    """Every expected file is present and byte-identical to the archive's (size and md5)."""
+    files = mirrored_files(out_dir)
+    missing = names - set(files)
+    assert not missing, f"missing from the mirror: {sorted(missing)[:5]}"
+    for name in names:
+        truth = archive.catalog[name]
+        path = files[name]
+        assert path.stat().st_size == truth.size, f"{name}: size {path.stat().st_size} != {truth.size}"
+        assert md5_of(path) == truth.md5, f"{name}: md5 differs from the archive's"
+
+
+def assert_verified_records_are_good(out_dir: Path, archive) -> int:
+    """No file the manifest calls verified is missing or corrupt. Returns how many were checked."""
+    state = out_dir / ".tessmirror"
+    checked = 0
+    for entry in Manifest(state).load().values():
+        if entry.status != "verified":
+            continue
+        path = out_dir / entry.path
+        truth = archive.catalog[path.name]
+        assert path.exists(), f"manifest says verified but {entry.path} is missing"
+        assert md5_of(path) == truth.md5 == entry.md5, f"manifest says verified but {entry.path} is corrupt"
+        checked += 1
+    return checked
+
+
+def lc_names_in_footprint(archive, sector: int, camera: int, ccd: int) -> set[str]:
+    """The archive's truth, computed from the catalogue (not through TAP): the TESS light-curve files
+    whose target lies in that CCD's footprint, in every sector."""
+    from engine.archive.geometry import polygon_contains
+
+    vertices = archive.catalog.footprints[(sector, camera, ccd)]
+    obscore = archive.catalog.tables["ivoa.obscore"]
+    names: set[str] = set()
+    cols = {
+        name: obscore.column(name)
+        for name in ("obs_collection", "dataproduct_type", "access_url", "s_ra", "s_dec")
+    }
+    for i, url in enumerate(cols["access_url"]):
+        if cols["obs_collection"][i] != "TESS" or cols["dataproduct_type"][i] != "timeseries":
+            continue
+        if not url.endswith("lc.fits"):
+            continue
+        if bool(polygon_contains([cols["s_ra"][i]], [cols["s_dec"][i]], vertices)[0]):
+            names.add(url.rsplit("/", 1)[-1])
+    return names
