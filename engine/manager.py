@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from astropy.table import Table
@@ -39,7 +40,7 @@ from engine.exceptions import (
 )
 from engine.fetch.bandwidth import TokenBucket
 from engine.fetch.download import Downloader
-from engine.fetch.session import open_session
+from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import relpath_for, resolve_within
 from engine.manifest import Manifest, ManifestEntry, ManifestWriter, RunLock
@@ -214,7 +215,10 @@ class MirrorRun:
             await writer.start()
             executor = ThreadPoolExecutor(max(settings.verify.workers, 1), thread_name_prefix="verify")
             try:
-                async with self.session_factory(settings.fetch, token=token) as session:
+                # The token goes to MAST's host and to the TAP service's host, never to a third party.
+                token_hosts = {*DEFAULT_TOKEN_HOSTS, urlsplit(settings.tap.url).hostname or ""}
+                session = self.session_factory(settings.fetch, token=token, token_hosts=token_hosts)
+                async with session:
                     downloader = self.downloader_factory(
                         session,
                         settings.fetch,
