@@ -233,12 +233,12 @@ def _overrides(ns: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in vars(ns).items() if "." in k and v is not None}
 
 
-def _settings(ns: argparse.Namespace, extra: dict[str, object] | None = None):
+def _settings(ns: argparse.Namespace, extra: dict[str, object] | None = None, *, selection: bool = True):
     from engine.config import load_settings
 
     overrides = _overrides(ns)
     overrides.update(extra or {})
-    return load_settings(getattr(ns, "config", None), overrides)
+    return load_settings(getattr(ns, "config", None), overrides, require_selection=selection)
 
 
 def _setup_logging(level: str | None) -> None:
@@ -300,7 +300,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from engine.manifest import Manifest
     from engine.progress import human_bytes
 
-    settings = _settings(ns)
+    settings = _settings(ns, selection=False)
     manifest_path = settings.state_dir / "manifest.jsonl"
     if not manifest_path.exists():
         raise ConfigError(
@@ -334,7 +334,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     from engine.mirrorcheck import check_mirror
     from engine.plan.table import items_to_table, load_plan, table_to_items
 
-    settings = _settings(ns)
+    settings = _settings(ns, selection=False)
     manifest = Manifest(settings.state_dir)
     if not manifest.path.exists():
         raise ConfigError(

@@ -1,0 +1,166 @@
+"""The mirror pipeline end to end, as a user runs it: the real CLI in a subprocess against the local
+archive, and the Python API in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.api import mirror_async
+from engine.archive.faults import FaultPlan
+from engine.manifest import Manifest
+from engine.plan.table import load_plan
+from tests.helpers import (
+    assert_mirror_matches_truth,
+    assert_verified_records_are_good,
+    lc_names_in_footprint,
+    mirrored_files,
+    run_cli,
+    spawn_cli,
+)
+
+pytestmark = pytest.mark.integration
+
+FOOTPRINT = ("--sector", "1", "--camera", "1", "--ccd", "2")
+
+
+def test_a_full_run_mirrors_the_footprint_verified_against_the_artifact_table(archive, tmp_path):
+    arc = archive(targets=96)
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    assert len(expected) >= 4
+    out = tmp_path / "mirror"
+    proc = run_cli("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--progress-interval", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_mirror_matches_truth(out, arc, expected)
+    assert set(mirrored_files(out)) == expected  # nothing more than the footprint's light curves
+    # The summary tells the truth, and batch output has plain progress lines instead of a bar.
+    assert f"downloaded  {len(expected)}" in proc.stderr
+    assert "failed      0" in proc.stderr
+    assert "progress:" in proc.stderr
+    # MAST's directory layout, the manifest records the level and the md5, the plan is saved.
+    some = next(iter(mirrored_files(out).values()))
+    assert some.relative_to(out).parts[0] == "tid"
+    entries = Manifest(out / ".tessmirror").load()
+    assert {e.status for e in entries.values()} == {"verified"}
+    assert {e.level for e in entries.values()} == {"fits"}
+    assert all(e.checksum_declared for e in entries.values())
+    assert len(load_plan(out / ".tessmirror" / "plan.ecsv")) == len(expected)
+
+    status = run_cli("status", "--out", out)
+    assert status.returncode == 0 and f"verified    {len(expected)}" in status.stdout
+
+    # Run again: nothing is fetched, TAP is not asked again, exit 0.
+    before = len(arc.request_log)
+    again = run_cli("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert len(arc.request_log) == before
+    assert f"skipped     {len(expected)}" in again.stderr
+
+
+def test_kill_minus_nine_mid_run_then_resume_never_downloads_a_recorded_file_again(archive, tmp_path):
+    # Slow responses so the kill lands mid-run: 0.15 s to first byte, a capped rate.
+    arc = archive(targets=160, faults=FaultPlan.from_spec("latency=0.15,bandwidth=400000"))
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    out = tmp_path / "mirror"
+    args = ("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--concurrency", "2")
+    proc = spawn_cli(*args)
+    manifest = out / ".tessmirror" / "manifest.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if manifest.exists() and manifest.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+
+    assert_verified_records_are_good(out, arc)
+    done_before = {
+        Path(e.path).name for e in Manifest(out / ".tessmirror").load().values() if e.status == "verified"
+    }
+    assert 3 <= len(done_before) < len(expected), "the kill should land mid-run"
+    log_mark = len(arc.request_log)
+
+    arc.faults = FaultPlan()
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_mirror_matches_truth(out, arc, expected)
+    fetched_after = {record.name for record in arc.request_log[log_mark:]}
+    assert not (fetched_after & done_before), "a file recorded as complete was downloaded again"
+    assert fetched_after == expected - done_before or fetched_after >= expected - done_before
+
+
+def test_planning_at_a_low_row_limit_still_returns_the_whole_inventory(archive, tmp_path):
+    arc = archive(targets=192, tap_hard_limit=3, tap_default_maxrec=3)
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    assert len(expected) > 3 * 2, "the inventory must span several pages"
+    plan_file = tmp_path / "plan.ecsv"
+    proc = run_cli("plan", "--tap-url", arc.tap_url, *FOOTPRINT, "--format", "ecsv", "-o", plan_file)
+    assert proc.returncode == 0, proc.stderr
+    plan = load_plan(plan_file)
+    assert sorted(plan["filename"]) == sorted(expected)  # complete, and no duplicates
+
+
+def test_plan_exports_feed_other_downloaders(archive, tmp_path):
+    arc = archive(targets=48)
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    urls = run_cli("plan", "--tap-url", arc.tap_url, *FOOTPRINT, "--format", "urls")
+    assert urls.returncode == 0, urls.stderr
+    lines = [line for line in urls.stdout.splitlines() if line.strip()]
+    assert len(lines) == len(expected) and all(line.startswith(arc.base_url) for line in lines)
+    aria2 = run_cli("plan", "--tap-url", arc.tap_url, *FOOTPRINT, "--format", "aria2")
+    md5s = {arc.catalog[name].md5 for name in expected}
+    assert {line.split("md5=")[1] for line in aria2.stdout.splitlines() if "checksum=md5=" in line} == md5s
+
+    # And the URL list goes straight back into `fetch`.
+    url_file = tmp_path / "urls.txt"
+    url_file.write_text("# light curves\n" + urls.stdout)
+    out = tmp_path / "fetched"
+    fetched = run_cli("fetch", "--input", url_file, "--out", out, "--layout", "flat")
+    assert fetched.returncode == 0, fetched.stderr
+    assert set(os.listdir(out)) - {".tessmirror"} == expected
+    assert_mirror_matches_truth(out, arc, expected)
+
+
+def test_the_python_api_returns_a_table_row_per_file(archive, tmp_path):
+    arc = archive(targets=48)
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    results = asyncio.run(
+        mirror_async(
+            tap_url=arc.tap_url, sector=1, camera=1, ccd=2, out_dir=tmp_path / "api", verify="checksum"
+        )
+    )
+    assert sorted(results["filename"]) == sorted(expected)
+    assert set(results["status"]) == {"verified"}
+    assert results.meta["exit_code"] == 0 and results.meta["downloaded"] == len(expected)
+    assert all((tmp_path / "api" / path).is_file() for path in results["path"])
+
+
+def test_sigterm_stops_gracefully_and_the_next_run_completes(archive, tmp_path):
+    arc = archive(targets=320, faults=FaultPlan.from_spec("latency=0.3"))
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    out = tmp_path / "mirror"
+    args = ("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--concurrency", "2")
+    proc = spawn_cli(*args)
+    manifest = out / ".tessmirror" / "manifest.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out / ".tessmirror" / "plan.ecsv").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # downloads are under way: 2 at a time, 0.3 s each before the first byte
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    lines = manifest.read_bytes().splitlines()
+    assert all(json.loads(line) for line in lines)  # flushed whole
+    arc.faults = FaultPlan()
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_mirror_matches_truth(out, arc, expected)
