@@ -263,11 +263,11 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from engine.manager import plan_source_for
     from engine.plan.table import export_plan, items_to_table
 
-    settings = _settings(ns, {"run.refresh_plan": True})
+    settings = _settings(ns)
 
     async def collect():
         items = []
-        async for page in plan_source_for(settings).pages():
+        async for page in plan_source_for(settings, save=False).pages():
             items.extend(page)
         return items
 

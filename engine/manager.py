@@ -43,7 +43,7 @@ from engine.fetch.download import Downloader
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import relpath_for, resolve_within
-from engine.manifest import Manifest, ManifestEntry, ManifestWriter, RunLock
+from engine.manifest import Manifest, ManifestWriter, RunLock
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
 from engine.plan.planner import Planner
 from engine.plan.table import items_to_table, load_plan, read_input, save_plan, table_to_items
@@ -107,14 +107,15 @@ def selection_fingerprint(settings: Settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def plan_source_for(settings: Settings) -> PlanSource:
-    """A URL list or plan file if one was given; else the saved plan; else TAP."""
+def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
+    """A URL list or plan file if one was given; else the saved plan; else TAP. `save`: keep the
+    plan in the state directory for resuming (`tessmirror plan` only prints it)."""
     sel = settings.selection
     if sel.urls_file is not None:
         return TablePlan(read_input(sel.urls_file))
     plan_path = settings.state_dir / PLAN_FILE
     fingerprint = selection_fingerprint(settings)
-    if plan_path.exists() and not settings.run.refresh_plan:
+    if save and plan_path.exists() and not settings.run.refresh_plan:
         table = load_plan(plan_path)
         if table.meta.get("selection_fingerprint") == fingerprint:
             log.info(
@@ -126,7 +127,7 @@ def plan_source_for(settings: Settings) -> PlanSource:
         log.info("the saved plan %s was made for another selection; planning again", plan_path)
     tap = TapClient(settings.tap.url, settings=settings.tap)
     meta = {"selection_fingerprint": fingerprint, "tap_url": redact(settings.tap.url)}
-    return TapPlan(Planner(settings, tap), plan_path, meta)
+    return TapPlan(Planner(settings, tap), plan_path if save else None, meta)
 
 
 # -- the outcome --------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class MirrorRun:
         _prepare_dir(settings.state_dir, "output.state_dir")
         with RunLock(settings.state_dir):
             manifest = Manifest(settings.state_dir)
-            done = self._already_done(manifest.load())
+            done = self._already_done(manifest)
             source = self.source or plan_source_for(settings)
             token = os.environ.get(settings.fetch.token_env) if settings.fetch.token_env else None
             register_secret(token)
@@ -244,25 +245,30 @@ class MirrorRun:
         )
         return self.outcome
 
-    def _already_done(self, entries: dict[str, ManifestEntry]) -> dict[str, ManifestEntry]:
-        """Verified entries from earlier runs. Trusted without a stat, unless --recheck asks."""
-        done = {url: e for url, e in entries.items() if e.status == FileStatus.VERIFIED.value}
-        if self.settings.run.recheck:
-            for url, entry in list(done.items()):
-                try:
-                    ok = (self.out_dir / entry.path).stat().st_size == entry.nbytes
-                except OSError:
-                    ok = False
-                if not ok:
-                    log.warning("recheck: %s is missing or changed; it will be downloaded again", entry.path)
-                    del done[url]
+    def _already_done(self, manifest: Manifest) -> set[str]:
+        """URLs verified by earlier runs. Trusted without a stat (parallel filesystems make a stat per
+        file expensive), unless --recheck asks; the scan builds no per-entry objects."""
+        if not self.settings.run.recheck:
+            return manifest.verified_urls()
+        done: set[str] = set()
+        for entry in manifest.load().values():
+            if entry.status != FileStatus.VERIFIED.value:
+                continue
+            try:
+                ok = (self.out_dir / entry.path).stat().st_size == entry.nbytes
+            except OSError:
+                ok = False
+            if ok:
+                done.add(entry.url)
+            else:
+                log.warning("recheck: %s is missing or changed; it will be downloaded again", entry.path)
         return done
 
     # -- the pipeline -------------------------------------------------------------------------
     async def _pipeline(
         self,
         source: PlanSource,
-        done: dict[str, ManifestEntry],
+        done: set[str],
         downloader: Downloader,
         writer: ManifestWriter,
     ) -> None:
@@ -295,7 +301,7 @@ class MirrorRun:
     async def _produce(
         self,
         source: PlanSource,
-        done: dict[str, ManifestEntry],
+        done: set[str],
         queue: asyncio.Queue,
         writer: ManifestWriter,
         n_workers: int,
@@ -308,10 +314,11 @@ class MirrorRun:
             skipped = 0
             for item in page:
                 self.outcome.planned += 1
-                entry = done.get(item.url)
-                if entry is not None:
+                if item.url in done:
                     skipped += 1
-                    self.results.add(item, "verified", "skipped", entry.path, entry.nbytes, entry.md5, "")
+                    self.results.add(
+                        item, "verified", "skipped", _quiet_relpath(item, layout), item.size, item.md5, ""
+                    )
                     continue
                 try:
                     relpath = relpath_for(item, layout)
@@ -396,6 +403,13 @@ class MirrorRun:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _quiet_relpath(item: PlanItem, layout: str) -> str:
+    try:
+        return relpath_for(item, layout)
+    except UnsafePathError:
+        return ""
+
+
 def _declared_bytes(item: PlanItem) -> int:
     if item.size >= 0:
         return item.size
