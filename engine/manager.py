@@ -280,6 +280,7 @@ class MirrorRun:
             for i in range(n_workers)
         ]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
+        ticker = asyncio.create_task(self._tick(), name="progress")
         running: set[asyncio.Task] = {producer, *workers}
         with self._signals():
             try:
@@ -294,9 +295,15 @@ class MirrorRun:
                         if task.exception() is not None:
                             raise task.exception()  # type: ignore[misc]
             finally:
-                for task in (*running, stopper):
+                for task in (*running, stopper, ticker):
                     task.cancel()
-                await asyncio.gather(*running, stopper, return_exceptions=True)
+                await asyncio.gather(*running, stopper, ticker, return_exceptions=True)
+
+    async def _tick(self) -> None:
+        """Batch logs get a line even while no file completes (a slow archive, a long stall)."""
+        while True:
+            await self.clock.sleep(1.0)
+            self.progress.tick()
 
     async def _produce(
         self,
