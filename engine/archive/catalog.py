@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -483,7 +484,7 @@ class _Builder:
         self.artifacts = _Columns(CAOMARTIFACT_COLUMNS)
         self.obscore = _Columns(OBSCORE_COLUMNS)
         self.files: dict[str, ArchiveFile] = {}
-        self.pending: list[tuple[str, str, str, int, fitsgen.FileIdentity]] = []
+        self.pending: list[tuple[str, str, str, str, int, fitsgen.FileIdentity]] = []
         self.next_tid = 1000 + (seed % 1000) * 1_000_000  # distinct, deterministic ids per seed
 
     def tid(self) -> int:
@@ -556,9 +557,20 @@ class _Builder:
         )
 
     def plane_with_file(
-        self, *, obs_tid: int, obs_id: str, collection: str, identity: fitsgen.FileIdentity, uri_prefix: str
+        self,
+        *,
+        obs_tid: int,
+        obs_id: str,
+        collection: str,
+        identity: fitsgen.FileIdentity,
+        uri_prefix: str,
+        name: str | None = None,
     ) -> int:
-        """Add a plane and its artifact; returns the file size. The md5 is filled in by `finish`."""
+        """Add a plane and its artifact; returns the file size. The md5 is filled in by `finish`.
+
+        `name` is the declared file name when it differs from the content's (`identity.name`).
+        """
+        name = identity.name if name is None else name
         plane_tid = self.tid()
         self.planes.add(
             id=plane_tid,
@@ -572,7 +584,7 @@ class _Builder:
             statusCode=0,
         )
         size = fitsgen.file_size(identity.product, self.cadences)
-        uri = uri_prefix + identity.name
+        uri = uri_prefix + name
         artifact_tid = self.tid()
         self.artifacts.add(
             id=artifact_tid,
@@ -584,12 +596,12 @@ class _Builder:
             contentLength=size,
             contentType="application/fits",
             dataURI=uri,
-            productFileName=identity.name,
+            productFileName=name,
             productType="SCIENCE",
             releaseType="data",
             statusCode=0,
         )
-        self.pending.append((uri, obs_id, collection, size, identity))
+        self.pending.append((name, uri, obs_id, collection, size, identity))
         return size
 
     def finish(self) -> None:
@@ -598,7 +610,7 @@ class _Builder:
         def md5_of(identity: fitsgen.FileIdentity) -> str:
             return fitsgen.digest(identity, cadences=self.cadences, seed=self.seed)[1]
 
-        identities = [p[4] for p in self.pending]
+        identities = [p[5] for p in self.pending]
         workers = min(4, os.cpu_count() or 1)
         if workers > 1 and len(identities) > 256:
             with ThreadPoolExecutor(workers, thread_name_prefix="archive-md5") as pool:
@@ -606,14 +618,12 @@ class _Builder:
         else:
             md5s = [md5_of(identity) for identity in identities]
         checksums = self.artifacts.values["contentChecksum"]
-        for row, ((uri, obs_id, collection, size, identity), md5) in enumerate(
+        for row, ((name, uri, obs_id, collection, size, identity), md5) in enumerate(
             zip(self.pending, md5s, strict=True)
         ):
             checksums[row] = f"md5:{md5}"  # artifact rows were added in the same order as `pending`
             product = identity.product
-            self.files[identity.name] = ArchiveFile(
-                identity.name, uri, product, obs_id, collection, size, md5, identity
-            )
+            self.files[name] = ArchiveFile(name, uri, product, obs_id, collection, size, md5, identity)
         self.pending.clear()
 
     def ffi(self, key: CcdKey, vertices: tuple[Vertex, ...]) -> None:
@@ -727,6 +737,75 @@ class _Builder:
         )
 
 
+# -- hostile names (the `hostile_names` option) ------------------------------------------------------
+# File names as the archive declares them (productFileName, and the last part of dataURI/access_url),
+# each on its own TESS light-curve observation inside the notebook's footprint. A safe client refuses
+# every one. What survives TAP: VOTable is XML 1.0, which cannot carry NUL or C0 controls other than
+# TAB/LF/CR (astropy drops a NUL silently; \x01 makes the document unparseable). So the NUL is
+# declared percent-encoded, `%00`, which becomes a NUL once the client URL-unquotes the uri= value;
+# DEL (\x7f) and a bidi override (U+202E) are controls that do pass through XML unchanged.
+HOSTILE_NAMES: tuple[str, ...] = (
+    "../../escape_lc.fits",  # traversal
+    "/tmp/abs_lc.fits",  # absolute path
+    "bad%00name_lc.fits",  # NUL after URL-unquoting
+    "bad\x7fname_lc.fits",  # a control character (DEL) that XML allows
+    "bidi\u202estif.cl_lc.fits",  # a bidi override (shows as `bidi...lc.fits` reversed)
+    "tess" + "x" * 288 + "_lc.fits",  # 300 characters: longer than NAME_MAX (255)
+)
+# Observations whose obs_id is hostile (their file name is ordinary), one per entry.
+HOSTILE_OBS_IDS: tuple[str, ...] = ("../../tess2018206045859-s0001-0000000000000666-0120-s",)
+_HOSTILE_TIC_BASE = 100  # TIC ids far below the generated ones (>= 1,000,000), so never a clash
+
+
+def hostile_key(fps: Mapping[CcdKey, tuple[Vertex, ...]], focus: CcdKey | None) -> CcdKey:
+    """Where hostile entries go: the focus CCD, else the notebook's (1, 1, 2), else the first footprint."""
+    if focus is not None:
+        return focus
+    return (1, 1, 2) if (1, 1, 2) in fps else min(fps)
+
+
+def _add_hostile(builder: _Builder, fps: Mapping[CcdKey, tuple[Vertex, ...]], key: CcdKey, seed: int) -> None:
+    """Light-curve observations with hostile names inside footprint `key` (see HOSTILE_NAMES)."""
+    rng = np.random.default_rng([seed, 4099])  # its own stream: the ordinary targets do not move
+    count = len(HOSTILE_NAMES) + len(HOSTILE_OBS_IDS)
+    points = _sample_in_polygon(rng, fps[key], count)
+    sector, camera, ccd = key
+    entries = [(lc_obs_id(sector, _HOSTILE_TIC_BASE + i), name) for i, name in enumerate(HOSTILE_NAMES)]
+    for j, obs_id in enumerate(HOSTILE_OBS_IDS):
+        ordinary = lc_obs_id(sector, _HOSTILE_TIC_BASE + len(HOSTILE_NAMES) + j)
+        entries.append((obs_id, f"{ordinary}_lc.fits"))
+    for i, ((obs_id, name), (ra, dec)) in enumerate(zip(entries, points, strict=True)):
+        tic = _HOSTILE_TIC_BASE + i
+        ra, dec = round(float(ra), 6), round(float(dec), 6)
+        tid = builder.observation(
+            obs_id=obs_id, collection="TESS", trg_type="OBJECT", sector=sector, name=str(tic), ra=ra, dec=dec
+        )
+        # The bytes are an ordinary light curve stored under a plain name (`identity.name`); only the
+        # declared name is hostile, so the server can answer it and the client's refusal is what stops it.
+        identity = fitsgen.FileIdentity(f"hostile-{i:02d}_lc.fits", "lc", tic, sector, camera, ccd, ra, dec)
+        size = builder.plane_with_file(
+            obs_tid=tid,
+            obs_id=obs_id,
+            collection="TESS",
+            identity=identity,
+            uri_prefix=TESS_URI_PREFIX,
+            name=name,
+        )
+        builder.obscore_row(
+            obs_id=obs_id,
+            collection="TESS",
+            product_type="timeseries",
+            name=str(tic),
+            ra=ra,
+            dec=dec,
+            region=_small_region(ra, dec),
+            sector=sector,
+            url=download_url(builder.base_url, TESS_URI_PREFIX + name),
+            est_kb=round(size / 1024),
+            tid=tid,
+        )
+
+
 def _table(schema: str, name: str, columns: _Columns) -> CatalogTable:
     return CatalogTable(schema, name, tuple((c, column_type(c)) for c in columns.names), columns.rows())
 
@@ -738,16 +817,30 @@ def build_catalog(
     cadences: int = fitsgen.SMALL_CADENCES,
     seed: int = 0,
     base_url: str = "http://127.0.0.1:0",
+    focus: CcdKey | None = None,
+    hostile_names: bool = False,
 ) -> Catalog:
-    """Generate the whole archive for these options (deterministic)."""
+    """Generate the whole archive for these options (deterministic).
+
+    `focus=(sector, camera, ccd)` places every target inside that one footprint (they still get light
+    curves in every other sector whose footprint holds them); `hostile_names` adds the observations
+    of HOSTILE_NAMES and HOSTILE_OBS_IDS.
+    """
     sector_list = tuple(sorted({int(s) for s in sectors}))
     if not sector_list:
         raise ValueError("sectors is empty; give at least one TESS sector, e.g. range(1, 14)")
     if targets < 0:
         raise ValueError(f"targets must be >= 0, got {targets}")
     fps = footprints(sector_list)
+    if focus is not None:
+        focus = (int(focus[0]), int(focus[1]), int(focus[2]))
+        if focus not in fps:
+            raise ValueError(
+                f"focus {focus} is not a footprint of sectors {list(sector_list)}; give a (sector, camera,"
+                " ccd) with the sector in `sectors`, cameras and CCDs 1-4"
+            )
     rng = np.random.default_rng([seed, 7919])
-    placed = place_targets(fps, targets, rng)
+    placed = place_targets({focus: fps[focus]} if focus else fps, targets, rng)
     ras = np.array([t.ra for t in placed])
     decs = np.array([t.dec for t in placed])
     seen = target_sectors(fps, ras, decs)
@@ -763,6 +856,8 @@ def build_catalog(
             if hlsp_draw[draw] < HLSP_FRACTION:
                 builder.hlsp(placed[index], key)
             draw += 1
+    if hostile_names:
+        _add_hostile(builder, fps, hostile_key(fps, focus), seed)
     builder.finish()
     tables = {
         "dbo.caomobservation": _table("dbo", "caomobservation", builder.observations),
@@ -777,8 +872,18 @@ def build_catalog(
         footprints=fps,
         files=builder.files,
         tables=tables,
-        by_uri={f.uri: f for f in builder.files.values()},
+        by_uri=_by_uri(builder.files.values()),
     )
+
+
+def _by_uri(files: Iterable[ArchiveFile]) -> dict[str, ArchiveFile]:
+    """uri -> file, under the uri as declared and as a client sends it back once URL-decoded
+    (e.g. `%00` arrives as a NUL), so the server answers both spellings."""
+    found: dict[str, ArchiveFile] = {}
+    for entry in files:
+        found[entry.uri] = entry
+        found.setdefault(unquote(entry.uri), entry)
+    return found
 
 
 # Columns worth an index in the TAP database: join keys and the filters the notebook uses.

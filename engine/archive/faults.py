@@ -9,8 +9,22 @@ Spec string (the CLI's `--faults`), comma-separated tokens::
   `reset` (connection reset mid-body), `short` (body closed early, before Content-Length), `stall`
   (sends `after=<bytes>` then goes silent for `for=<s>`, default 3600), `wrong` (right size, flipped
   bytes, so the md5 fails).
+* Hostile answers, also rates: `redirect` answers 302 instead of the file, with option `to=`:
+  `ftp` (the default: `Location: ftp://127.0.0.1/<name>`, a scheme change), `file`
+  (`Location: file:///etc/passwd`) or `http` (back to the same download URL on this server, so a
+  client that follows it makes a new attempt; with rate 1 and no `attempts=` that is a redirect loop).
+  `overlong` sends the file (or the asked range) plus 64 KiB of extra bytes, chunked, with NO
+  Content-Length, so only a client's cap at the declared size stops it. `lie` sends a Content-Length
+  equal to the true length but then 1,000 more bytes than that (the header understates the body):
+  aiohttp's server clips a body at its Content-Length, so the body's last 4 KiB and the surplus are
+  written straight to the socket in one write. The surplus is garbage where the next response's
+  status line should be: aiohttp's client refuses the whole answer ("Bad status line") when it
+  arrives in the same read as the headers (small files), and otherwise returns exactly
+  Content-Length bytes and drops the connection (full-size files).
 * `latency=<s>` waits before the first byte; `bandwidth=<bytes/s>` caps each response's rate. Both
-  apply to every matching request.
+  apply to every matching request. `linkcap=<bytes/s>` is one token bucket shared by every file
+  response the server sends (clean or faulted), like a WAN link: N connections together cannot
+  exceed it (`bandwidth` caps each response separately). It ignores `files=`.
 * Options on any file fault: `files=<glob>` limits it to matching file names; `attempts=<n>` limits it
   to a file's first n attempts (0, the default, means every attempt: with rate 1 a permanent failure).
 * TAP faults are passed to the TAP service: `tap_error`, `tap_queued`, `tap_html503` (rates) and
@@ -26,11 +40,14 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUS_FAULTS = ("500", "502", "429", "503", "html")  # answered instead of the file
-BODY_FAULTS = ("reset", "short", "stall", "wrong")  # spoil the body of a 200/206
+STATUS_FAULTS = ("500", "502", "429", "503", "html", "redirect")  # answered instead of the file
+BODY_FAULTS = ("reset", "short", "stall", "wrong", "overlong", "lie")  # spoil the body of a 200/206
 RATE_FAULTS = STATUS_FAULTS + BODY_FAULTS
 TAP_RATE_KEYS = {"tap_error": "job_error_rate", "tap_queued": "queued_rate", "tap_html503": "html_503_rate"}
-_OPTIONS = {"files", "attempts", "retry_after", "after", "for"}
+REDIRECT_TARGETS = ("ftp", "file", "http")
+OVERLONG_EXTRA = 65_536  # bytes an `overlong` body carries beyond the file (or range)
+LIE_EXTRA = 1_000  # bytes a `lie` body carries beyond its Content-Length
+_OPTIONS = {"files", "attempts", "retry_after", "after", "for", "to"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +61,7 @@ class FaultRule:
     retry_after: float = 1.0  # 429/503
     after: int = 65_536  # stall: bytes sent before going silent
     stall_seconds: float = 3600.0
+    to: str = "ftp"  # redirect: where Location points (REDIRECT_TARGETS)
 
     def applies(self, name: str, attempt: int) -> bool:
         if self.attempts and attempt > self.attempts:
@@ -55,9 +73,10 @@ class FaultRule:
 class Decision:
     """What to do to one request. `status` set means answer it instead of the file."""
 
-    status: str | None = None  # "500", "502", "429", "503" or "html"
-    body: str | None = None  # "reset", "short", "stall" or "wrong"
+    status: str | None = None  # one of STATUS_FAULTS
+    body: str | None = None  # one of BODY_FAULTS
     retry_after: float = 1.0
+    redirect_to: str = "ftp"
     stall_after: int = 65_536
     stall_seconds: float = 3600.0
     latency: float = 0.0
@@ -78,6 +97,7 @@ class FaultPlan:
     latency_files: str = "*"
     bandwidth: float | None = None
     bandwidth_files: str = "*"
+    linkcap: float | None = None  # bytes/s shared by every file response
     tap: dict[str, float] = field(default_factory=dict)  # TapFaults field name -> value
 
     @classmethod
@@ -105,6 +125,14 @@ class FaultPlan:
             options[name.strip()] = ovalue.strip()
         value = _number(token, value_text)
         files = options.get("files", "*")
+        to = options.get("to", "ftp").lower()
+        if "to" in options and key != "redirect":
+            raise ValueError(f"fault token {token!r}: option to= applies only to redirect")
+        if to not in REDIRECT_TARGETS:
+            raise ValueError(
+                f"fault token {token!r}: to={to!r} is not a redirect target; "
+                f"use one of {', '.join(REDIRECT_TARGETS)}"
+            )
         if key == "seed":
             self.seed = int(value)
         elif key in RATE_FAULTS:
@@ -119,6 +147,7 @@ class FaultPlan:
                     retry_after=_number(token, options.get("retry_after", "1")),
                     after=int(_number(token, options.get("after", "65536"))),
                     stall_seconds=_number(token, options.get("for", "3600")),
+                    to=to,
                 )
             )
         elif key == "latency":
@@ -127,6 +156,10 @@ class FaultPlan:
             if value <= 0:
                 raise ValueError(f"fault token {token!r}: bandwidth must be > 0 bytes/s")
             self.bandwidth, self.bandwidth_files = value, files
+        elif key == "linkcap":
+            if value <= 0:
+                raise ValueError(f"fault token {token!r}: linkcap must be > 0 bytes/s")
+            self.linkcap = value
         elif key in TAP_RATE_KEYS:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"fault token {token!r}: rate must be between 0 and 1")
@@ -134,7 +167,8 @@ class FaultPlan:
         elif key == "tap_slow":
             self.tap["slow_poll_seconds"] = _non_negative(token, value)
         else:
-            known = ", ".join([*RATE_FAULTS, "latency", "bandwidth", "seed", *TAP_RATE_KEYS, "tap_slow"])
+            others = ["latency", "bandwidth", "linkcap", "seed", *TAP_RATE_KEYS, "tap_slow"]
+            known = ", ".join([*RATE_FAULTS, *others])
             raise ValueError(f"unknown fault {key!r} in token {token!r}; known faults: {known}")
 
     # -- decisions ---------------------------------------------------------------------------------
@@ -151,18 +185,19 @@ class FaultPlan:
     def decide(self, name: str, attempt: int) -> Decision:
         """The faults for attempt `attempt` (1-based) at file `name`: first firing status, first body."""
         status = body = None
-        retry_after, stall_after, stall_seconds = 1.0, 65_536, 3600.0
+        retry_after, stall_after, stall_seconds, redirect_to = 1.0, 65_536, 3600.0, "ftp"
         for rule in self.rules:
             if not self.fires(rule, name, attempt):
                 continue
             if rule.kind in STATUS_FAULTS and status is None:
-                status, retry_after = rule.kind, rule.retry_after
+                status, retry_after, redirect_to = rule.kind, rule.retry_after, rule.to
             elif rule.kind in BODY_FAULTS and body is None:
                 body, stall_after, stall_seconds = rule.kind, rule.after, rule.stall_seconds
         return Decision(
             status=status,
             body=None if status else body,
             retry_after=retry_after,
+            redirect_to=redirect_to,
             stall_after=stall_after,
             stall_seconds=stall_seconds,
             latency=self.latency if fnmatch.fnmatchcase(name, self.latency_files) else 0.0,

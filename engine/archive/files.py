@@ -24,7 +24,7 @@ from aiohttp import web
 
 from engine.archive import fitsgen
 from engine.archive.catalog import DOWNLOAD_PATH, ArchiveFile, Catalog
-from engine.archive.faults import Decision, FaultPlan
+from engine.archive.faults import LIE_EXTRA, OVERLONG_EXTRA, Decision, FaultPlan
 
 _HTML_ERROR_PAGE = (
     "<!DOCTYPE html>\n<html><head><title>Service Unavailable</title></head>\n"
@@ -62,11 +62,13 @@ class FileStore:
         os.replace(temporary, target)  # readers see no file or the whole file, never a part
 
     async def path(self, entry: ArchiveFile) -> Path:
-        target = self.directory / entry.name
+        # The on-disk name is the identity's (always a plain generated name), never `entry.name`: a
+        # hostile catalogue name like `../../x_lc.fits` must not steer where the archive writes.
+        target = self.directory / entry.identity.name
         with contextlib.suppress(FileNotFoundError):
             if target.stat().st_size == entry.size:
                 return target
-        async with self._locks[entry.name]:  # one render per file even under concurrent requests
+        async with self._locks[entry.identity.name]:  # one render per file even under concurrent requests
             with contextlib.suppress(FileNotFoundError):
                 if target.stat().st_size == entry.size:
                     return target
@@ -101,6 +103,7 @@ class FileServer:
         self.request_log: list[RequestRecord] = []
         self.attempts: dict[str, int] = defaultdict(int)  # GETs per file name, for fault decisions
         self.closing = asyncio.Event()  # set on shutdown: stalled responses give up
+        self._link: LinkBucket | None = None
 
     def add_routes(self, app: web.Application) -> None:
         for path in (DOWNLOAD_PATH, DOWNLOAD_PATH + "/"):  # MAST's bulk scripts use the trailing slash
@@ -132,28 +135,39 @@ class FileServer:
         if decision.latency:
             await asyncio.sleep(decision.latency)
         if decision.status:
-            self._log(
-                request,
-                entry.name,
-                200 if decision.status == "html" else int(decision.status),
-                started,
-                attempt,
-                decision.label,
-            )
-            return self._status_fault(decision)
+            response = self._status_fault(decision, request, entry)
+            self._log(request, entry.name, response.status, started, attempt, decision.label)
+            return response
         path = await self.store.path(entry)
 
         def on_sent(status: int) -> None:
             self._log(request, entry.name, status, started, attempt, decision.label)
 
-        if not (decision.body or decision.bandwidth):
+        link = self._link_bucket()
+        if not (decision.body or decision.bandwidth or link):
             return await self._clean(request, path, on_sent)
-        return await self._stream(request, path, decision, on_sent)
+        return await self._stream(request, path, decision, on_sent, link)
+
+    def _link_bucket(self) -> LinkBucket | None:
+        """The shared bucket for the current plan's `linkcap` (rebuilt when the rate changes)."""
+        rate = self._faults().linkcap
+        if not rate:
+            self._link = None
+        elif self._link is None or self._link.rate != rate:
+            self._link = LinkBucket(rate)
+        return self._link
 
     @staticmethod
-    def _status_fault(decision: Decision) -> web.Response:
+    def _status_fault(decision: Decision, request: web.Request, entry: ArchiveFile) -> web.Response:
         if decision.status == "html":
             return web.Response(status=200, text=_HTML_ERROR_PAGE, content_type="text/html")
+        if decision.status == "redirect":
+            location = {
+                "ftp": f"ftp://127.0.0.1/{entry.identity.name}",
+                "file": "file:///etc/passwd",
+                "http": str(request.url),  # the same download again: a new attempt (or a loop)
+            }[decision.redirect_to]
+            return web.Response(status=302, text=f"302 Found: {location}\n", headers={"Location": location})
         status = int(decision.status or 500)
         headers = {}
         if status in (429, 503):
@@ -175,7 +189,12 @@ class FileServer:
         return _LoggedFileResponse(path, request, on_sent, headers=headers)
 
     async def _stream(
-        self, request: web.Request, path: Path, decision: Decision, on_sent: Callable[[int], None]
+        self,
+        request: web.Request,
+        path: Path,
+        decision: Decision,
+        on_sent: Callable[[int], None],
+        link: LinkBucket | None = None,
     ) -> web.StreamResponse:
         stat = path.stat()
         size, etag = stat.st_size, _etag(stat)
@@ -203,8 +222,13 @@ class FileServer:
                     start, stop = asked.start, min(asked.stop if asked.stop is not None else size, size)
                 response.set_status(206)
                 response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-        response.content_length = stop - start
         data = bytearray(await asyncio.to_thread(_read_range, path, start, stop))
+        if decision.body == "overlong":
+            # No Content-Length at all (chunked): nothing but the client's own cap ends the body early.
+            response.enable_chunked_encoding()
+            data += _filler(OVERLONG_EXTRA)
+        else:
+            response.content_length = stop - start
         await response.prepare(request)
         on_sent(response.status)  # logged once the headers are out, before the body (and its fault)
 
@@ -216,10 +240,21 @@ class FileServer:
         elif decision.body == "wrong" and data:
             middle = len(data) // 2  # flipped in the middle: the size stays right, the md5 does not
             data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
-        await _send(response, memoryview(data)[:cut], decision.bandwidth)
+        tail = b""
+        if decision.body == "lie" and len(data) > 1:
+            # aiohttp clips a body at its Content-Length, so the last bytes and the surplus go straight
+            # onto the socket, in one write: the client reads them together, as from a lying server.
+            cut = max(1, len(data) - 4096)
+            tail = bytes(data[cut:]) + _filler(LIE_EXTRA)
+        await _send(response, memoryview(data)[:cut], decision.bandwidth, link)
 
         transport = request.transport
-        if decision.body == "reset" and transport is not None:
+        if tail and transport is not None:
+            if link is not None:
+                await link.take(len(tail))
+            transport.write(tail)
+            await response.write_eof()
+        elif decision.body == "reset" and transport is not None:
             _abort_with_rst(transport)
         elif decision.body == "short" and transport is not None:
             transport.close()
@@ -273,17 +308,63 @@ def _read_range(path: Path, start: int, stop: int) -> bytes:
         return handle.read(stop - start)
 
 
-async def _send(response: web.StreamResponse, data: memoryview, bandwidth: float | None) -> None:
-    """Write `data`, paced to `bandwidth` bytes/s when given."""
-    if not bandwidth:
+class LinkBucket:
+    """One token bucket shared by every response: the whole server's byte rate (the `linkcap` fault).
+
+    Each writer takes tokens for its chunk before writing it; a writer that finds the bucket short
+    waits for the deficit to refill. The lock makes waiters queue in turn, so concurrent responses
+    share the rate fairly and together never exceed it (beyond one burst of `rate / 20` bytes).
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1024.0, rate / 20)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    @property
+    def chunk(self) -> int:
+        """Write size: one burst, so each take is one refill of at most 50 ms."""
+        return int(self.burst)
+
+    async def take(self, nbytes: int) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= nbytes
+            if self._tokens < 0:
+                # Sleep off the debt while holding the lock: the next writer waits behind it.
+                await asyncio.sleep(-self._tokens / self.rate)
+                self._tokens = 0.0
+                self._stamp = time.monotonic()
+
+
+def _filler(size: int) -> bytes:
+    """Surplus bytes for `overlong`/`lie`: obviously not FITS, so a hex dump shows what happened."""
+    pattern = b"TESSMIRROR-ARCHIVE-SURPLUS-BYTES\n"
+    return (pattern * (size // len(pattern) + 1))[:size]
+
+
+async def _send(
+    response: web.StreamResponse, data: memoryview, bandwidth: float | None, link: LinkBucket | None = None
+) -> None:
+    """Write `data`, paced to `bandwidth` bytes/s (this response) and `link` (all responses) when given."""
+    if not bandwidth and link is None:
         if len(data):
             await response.write(data)
         return
-    chunk = max(1024, int(bandwidth / 20))  # 20 writes a second keeps the pacing smooth
+    chunk = max(1024, int(bandwidth / 20)) if bandwidth else 1 << 20  # 20 writes a second: smooth pacing
+    if link is not None:
+        chunk = min(chunk, link.chunk)
     for offset in range(0, len(data), chunk):
         piece = data[offset : offset + chunk]
+        if link is not None:
+            await link.take(len(piece))
         await response.write(piece)
-        await asyncio.sleep(len(piece) / bandwidth)
+        if bandwidth:
+            await asyncio.sleep(len(piece) / bandwidth)
 
 
 def _abort_with_rst(transport: asyncio.BaseTransport) -> None:

@@ -47,14 +47,32 @@ class ArchiveOptions:
     tap_default_maxrec: int = 100_000
     tap_hard_limit: int = 100_000
     tap_max_wait: float = 30.0
+    # False: the TAP database has no dbo.caomplane / dbo.caomartifact (tables, TAP_SCHEMA rows, /tables),
+    # as on a service that only publishes ObsCore; clients must fall back to access_estsize. The file
+    # server and `catalog` (the truth) are unchanged.
+    artifacts: bool = True
+    # True: add light curves with hostile file names / obs_ids (catalog.HOSTILE_NAMES, HOSTILE_OBS_IDS)
+    # inside the notebook's footprint; the file server answers them with ordinary bytes.
+    hostile_names: bool = False
+    # (sector, camera, ccd): place every target in that one footprint (a dense notebook query
+    # without generating the whole sky). Other sectors whose footprints hold them still list them.
+    focus: tuple[int, int, int] | None = None
 
 
-def load_database(catalog: Catalog):  # -> TapDatabase (imported lazily: the TAP side is optional here)
-    """A TapDatabase holding the catalogue's four tables, with their join keys indexed."""
+ARTIFACT_TABLES = ("dbo.caomplane", "dbo.caomartifact")
+
+
+def load_database(catalog: Catalog, *, artifacts: bool = True):  # -> TapDatabase (imported lazily)
+    """A TapDatabase holding the catalogue's tables, with their join keys indexed.
+
+    `artifacts=False` leaves out ARTIFACT_TABLES, like an ObsCore-only service.
+    """
     from engine.archive.tapdb import ColumnDef, TapDatabase
 
     db = TapDatabase()
     for key, table in catalog.tables.items():
+        if not artifacts and key in ARTIFACT_TABLES:
+            continue
         indexed = set(INDEXED_COLUMNS.get(key, ()))
         columns = [ColumnDef(name, datatype, indexed=name in indexed) for name, datatype in table.columns]
         db.add_table(table.schema, table.name, columns, table.rows)
@@ -114,8 +132,10 @@ class LocalArchive:
                 cadences=cadences,
                 seed=options.seed,
                 base_url=self.base_url,
+                focus=options.focus,
+                hostile_names=options.hostile_names,
             )
-            db = await asyncio.to_thread(load_database, self.catalog)
+            db = await asyncio.to_thread(load_database, self.catalog, artifacts=options.artifacts)
             if options.data_dir is None:
                 self._tempdir = tempfile.TemporaryDirectory(prefix="tessmirror-archive-")
                 self.data_dir = Path(self._tempdir.name)
