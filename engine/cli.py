@@ -396,7 +396,7 @@ def _archive_options(ns: argparse.Namespace, **extra):
         faults = FaultPlan.from_spec(ns.faults) if getattr(ns, "faults", "") else FaultPlan()
     except ValueError as err:
         raise ConfigError("--faults", str(err)) from None
-    sectors = parse_sectors(ns.sectors) if hasattr(ns, "sectors") else None
+    sectors = parse_sectors(ns.sectors) if isinstance(getattr(ns, "sectors", None), str) else None
     file_size: str | int = ns.file_size
     if isinstance(file_size, str) and file_size.isdigit():
         file_size = int(file_size)
@@ -410,7 +410,7 @@ def cmd_archive_serve(ns: argparse.Namespace) -> int:
     from engine.archive.server import serve_forever
 
     options = _archive_options(
-        ns, host=ns.host, port=ns.port, seed=ns.seed, data_dir=ns.data_dir, hard_limit=ns.hard_limit
+        ns, host=ns.host, port=ns.port, seed=ns.seed, data_dir=ns.data_dir, tap_hard_limit=ns.hard_limit
     )
 
     def ready(archive) -> None:
@@ -429,7 +429,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     """The notebook's use case, end to end, against the local archive."""
     from engine.archive.server import ArchiveThread
 
-    options = _archive_options(ns)
+    # Every synthetic target inside the notebook's footprint, so the demo has a few hundred files.
+    options = _archive_options(ns, sectors=(1,), focus=(1, 1, 2))
     log.info("starting the local archive (%d targets, %s files)...", ns.targets, ns.file_size)
     with ArchiveThread(options) as thread:
         archive = thread.archive
@@ -464,8 +465,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
     try:
+        # Inside the try: flag parsers (--polygon, --cone, --ccd x) raise ConfigError, which argparse
+        # does not catch.
+        ns = parser.parse_args(argv)
         _setup_logging(getattr(ns, "run.log_level", None))
         if ns.command == "archive":
             return cmd_archive_serve(ns)
