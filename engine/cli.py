@@ -225,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", type=Path, help="cache for generated files (default: a temporary folder)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--hard-limit", type=int, default=100_000, help="TAP row limit")
+    s.add_argument(
+        "--focus", type=_int_list("--focus"), help="put every target in one footprint: SECTOR,CAMERA,CCD"
+    )
+    s.add_argument(
+        "--no-artifacts", action="store_true", help="serve no dbo.caomplane/caomartifact (ObsCore only)"
+    )
+    s.add_argument(
+        "--hostile-names", action="store_true", help="add rows with hostile file names (for testing)"
+    )
     s.add_argument("--log-level", dest="run.log_level")
     return parser
 
@@ -409,8 +418,18 @@ def _archive_options(ns: argparse.Namespace, **extra):
 def cmd_archive_serve(ns: argparse.Namespace) -> int:
     from engine.archive.server import serve_forever
 
+    if ns.focus and len(ns.focus) != 3:
+        raise ConfigError("--focus", f"expected SECTOR,CAMERA,CCD, got {ns.focus}")
     options = _archive_options(
-        ns, host=ns.host, port=ns.port, seed=ns.seed, data_dir=ns.data_dir, tap_hard_limit=ns.hard_limit
+        ns,
+        host=ns.host,
+        port=ns.port,
+        seed=ns.seed,
+        data_dir=ns.data_dir,
+        tap_hard_limit=ns.hard_limit,
+        focus=tuple(ns.focus) if ns.focus else None,
+        artifacts=not ns.no_artifacts,
+        hostile_names=ns.hostile_names,
     )
 
     def ready(archive) -> None:
