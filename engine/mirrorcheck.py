@@ -6,12 +6,22 @@ names are reported as "unexpected". With `repair=True` each bad file is moved as
 `<state_dir>/quarantine/<relpath>` (never deleted: it may be the only copy someone has) and its URL
 gets a "pending" record, so the next run downloads it again.
 
-The caller must hold the RunLock when `repair=True`: the manifest has one writer at a time.
+With `repair=True` the check takes the output's RunLock (the manifest has one writer at a time, and
+a run must not write files while they are moved), unless the caller says it holds it already.
+
+Memory is bounded for mirrors of millions of files: no per-file Python objects are kept. The first
+pass over the manifest keeps a 16-byte digest of each record's URL (to find each URL's last record)
+and one byte for its status; the second pass streams the last records into a bounded pool of checks
+and keeps a 16-byte digest of each expected path, sorted, for the search for unexpected files. Bad
+files are repaired in batches as they are found, so only the problems themselves (the report) grow
+with the damage. Progress is reported every `progress_interval` seconds, not per file.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -20,6 +30,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from engine import verify
 from engine.exceptions import (
@@ -31,7 +43,7 @@ from engine.exceptions import (
     UsageError,
 )
 from engine.layout import resolve_within
-from engine.manifest import Manifest, ManifestEntry
+from engine.manifest import Manifest, ManifestEntry, RunLock
 from engine.models import VerifyLevel
 from engine.redact import redact
 
@@ -40,7 +52,9 @@ log = logging.getLogger(__name__)
 FITS_BLOCK = 2880
 QUARANTINE_DIR = "quarantine"
 PROBLEM_KINDS = ("missing", "truncated", "corrupt", "unexpected")
-_PROGRESS_EVERY = 200  # files between progress calls
+_DIGEST_BYTES = 16  # blake2b-128: a collision among even 10^9 names has odds of ~10^-21
+_REPAIR_BATCH = 256  # bad files marked pending (one manifest write + fsync) and moved at a time
+_LOOKUP_BATCH = 4096  # walked files looked up in the expected set at once
 
 
 @dataclass(slots=True)
@@ -95,14 +109,45 @@ def _check_one(root: Path, entry: ManifestEntry, level: VerifyLevel) -> MirrorPr
     return None
 
 
-def _latest_index(manifest: Manifest) -> tuple[dict[str, int], int]:
-    """url -> index of its last record, and how many URLs end "verified" (first pass, compact)."""
-    last: dict[str, int] = {}
+def _digest(text: str) -> bytes:
+    """A fixed-size stand-in for a URL or path, so a million of them cost 16 MB, not 200."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES).digest()
+
+
+def _latest_mask(manifest: Manifest) -> tuple[np.ndarray, int]:
+    """First pass: which records are the last of their URL (a bool per record), and how many of
+    those say "verified" (the progress total)."""
+    keys = bytearray()
     verified = bytearray()  # one byte per record: was it "verified"
-    for index, entry in enumerate(manifest.iter_records()):
-        last[entry.url] = index
+    for entry in manifest.iter_records():
+        keys += _digest(entry.url)
         verified.append(entry.status == "verified")
-    return last, sum(verified[index] for index in last.values())
+    count = len(verified)
+    latest = np.zeros(count, dtype=bool)
+    if count:
+        # The first occurrence in reversed order is the last record; return_index sorts stably.
+        _, first_reversed = np.unique(np.frombuffer(keys, dtype=f"S{_DIGEST_BYTES}")[::-1], return_index=True)
+        latest[count - 1 - first_reversed] = True
+    del keys
+    return latest, int(np.count_nonzero(latest & np.frombuffer(verified, dtype=bool)))
+
+
+class _PathSet:
+    """The expected relative paths, as a sorted array of digests (membership by binary search)."""
+
+    def __init__(self, digests: bytearray) -> None:
+        self._sorted = np.sort(np.frombuffer(bytes(digests), dtype=f"S{_DIGEST_BYTES}"))
+
+    def missing(self, relpaths: list[str]) -> list[str]:
+        """The members of `relpaths` that are not expected."""
+        if not relpaths:
+            return []
+        wanted = np.frombuffer(b"".join(_digest(rel) for rel in relpaths), dtype=f"S{_DIGEST_BYTES}")
+        if not len(self._sorted):
+            return list(relpaths)
+        where = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        found = self._sorted[where] == wanted
+        return [rel for rel, hit in zip(relpaths, found.tolist(), strict=True) if not hit]
 
 
 def _iter_files(root: Path, skip_dirs: set[tuple[int, int]]) -> Iterator[tuple[str, Path]]:
@@ -161,66 +206,104 @@ def check_mirror(
     repair: bool = False,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 2,
+    progress_interval: float = 2.0,
+    lock_held: bool = False,
 ) -> MirrorReport:
     """Check every verified file of the mirror again, and look for files no record names.
 
     `layout_root` is where the manifest's relative paths live (default: `out_dir`); it is also the
     tree searched for unexpected files, skipping the state directory and `*.part` files.
+    `progress(done, total)` is called at the start, every `progress_interval` seconds and at the end.
+    With `repair=True` the RunLock of `manifest.state_dir` is taken unless `lock_held` says the
+    caller holds it (RunLockedError, exit 4, while a run is using the mirror).
     """
     out_dir = Path(out_dir)
     root = Path(layout_root) if layout_root is not None else out_dir
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory", hint="pass the --out folder of an earlier run")
     level = VerifyLevel.parse(level)
+    with RunLock(manifest.state_dir) if repair and not lock_held else contextlib.nullcontext():
+        return _check(root, manifest, level, repair, progress, max(int(workers), 1), progress_interval)
+
+
+def _check(
+    root: Path,
+    manifest: Manifest,
+    level: VerifyLevel,
+    repair: bool,
+    progress: Callable[[int, int], None] | None,
+    workers: int,
+    progress_interval: float,
+) -> MirrorReport:
     report = MirrorReport()
-    last, total = _latest_index(manifest)
-    expected_paths: set[str] = set()
-    bad: list[tuple[MirrorProblem, ManifestEntry]] = []
+    latest, total = _latest_mask(manifest)
+    expected = bytearray()  # digests of the paths the last records name
+    bad: list[tuple[MirrorProblem, ManifestEntry]] = []  # found, not yet repaired (< _REPAIR_BATCH)
+    next_progress = time.monotonic() + progress_interval
     if progress:
         progress(0, total)
 
     def collect(future: Future, entry: ManifestEntry) -> None:
+        nonlocal next_progress
         report.checked += 1
         problem = future.result()
         if problem is None:
             report.ok += 1
         else:
             report.problems.append(problem)
-            bad.append((problem, entry))
-        if progress and (report.checked % _PROGRESS_EVERY == 0 or report.checked == total):
+            if repair:
+                bad.append((problem, entry))
+                if len(bad) >= _REPAIR_BATCH:
+                    _repair(root, manifest, bad, report)
+                    bad.clear()
+        if progress and time.monotonic() >= next_progress:
+            next_progress = time.monotonic() + progress_interval
             progress(report.checked, total)
 
     # Bounded in-flight work: the manifest is streamed, never all submitted at once.
     in_flight: collections.deque[tuple[Future, ManifestEntry]] = collections.deque()
-    with ThreadPoolExecutor(max(int(workers), 1), thread_name_prefix="mirrorcheck") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="mirrorcheck") as pool:
         for index, entry in enumerate(manifest.iter_records()):
-            if last.get(entry.url) != index:
+            if index >= len(latest):
+                break  # appended since the first pass (e.g. our own repair records): not ours to judge
+            if not latest[index]:
                 continue  # superseded by a later record
             if entry.path:
-                expected_paths.add(entry.path)
+                expected += _digest(entry.path)
             if entry.status != "verified":
                 continue  # still to do: the next run handles it
             in_flight.append((pool.submit(_check_one, root, entry, level), entry))
-            if len(in_flight) >= 4 * max(int(workers), 1):
+            if len(in_flight) >= 4 * workers:
                 collect(*in_flight.popleft())
         while in_flight:
             collect(*in_flight.popleft())
-    del last
+    if bad:
+        _repair(root, manifest, bad, report)
+        bad.clear()
+    if progress:
+        progress(report.checked, total)
+    del latest
 
+    expected_paths = _PathSet(expected)
+    del expected
     state_dir = manifest.state_dir
     skip_dirs: set[tuple[int, int]] = set()
     if state_dir.is_dir():
         stat = state_dir.stat()
         skip_dirs.add((stat.st_dev, stat.st_ino))
+    walked: list[str] = []
     for relpath, _path in _iter_files(root, skip_dirs):
-        if relpath not in expected_paths:
-            report.problems.append(
-                MirrorProblem("unexpected", relpath, "", "no manifest record names this file")
-            )
-
-    if repair and bad:
-        _repair(root, manifest, bad, report)
+        walked.append(relpath)
+        if len(walked) >= _LOOKUP_BATCH:
+            _report_unexpected(expected_paths.missing(walked), report)
+            walked.clear()
+    _report_unexpected(expected_paths.missing(walked), report)
     return report
+
+
+def _report_unexpected(relpaths: list[str], report: MirrorReport) -> None:
+    for relpath in relpaths:
+        report.problems.append(MirrorProblem("unexpected", relpath, "", "no manifest record names this file"))
 
 
 def _repair(

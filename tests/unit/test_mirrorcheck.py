@@ -192,3 +192,85 @@ def test_workers_do_not_change_the_result(tmp_path: Path) -> None:
 
 def _fields(entry: ManifestEntry) -> dict[str, object]:
     return {name: getattr(entry, name) for name in ManifestEntry.__slots__}
+
+
+def test_only_the_last_record_of_a_url_counts(tmp_path: Path) -> None:
+    out, manifest, entries = build_mirror(tmp_path)
+    # The flipped file was verified, then failed: it is to-do, not checked, and its path is expected.
+    manifest.append_entries([ManifestEntry(**{**_fields(entries["flipped"]), "status": "failed"})])
+    # The deleted file failed once and was verified later: the later record is the one that counts.
+    manifest.append_entries(
+        [ManifestEntry(**{**_fields(entries["deleted"]), "status": "verified", "time": 9.0})]
+    )
+    damage(out)
+    report = check_mirror(out, manifest, level=VerifyLevel.FITS)
+    assert report.checked == 3
+    assert by_path(report) == {
+        NAMES["truncated"]: "truncated",
+        NAMES["deleted"]: "missing",
+        "stray.fits": "unexpected",
+    }
+
+
+def test_progress_is_paced_by_time_not_by_file(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    every: list[tuple[int, int]] = []
+    check_mirror(
+        out, manifest, level=VerifyLevel.SIZE, progress=lambda d, t: every.append((d, t)), progress_interval=0
+    )
+    assert every[0] == (0, 4) and every[-1] == (4, 4)
+    assert [d for d, _ in every[1:-1]] == [1, 2, 3, 4]  # interval 0: after every file
+    rare: list[tuple[int, int]] = []
+    check_mirror(
+        out,
+        manifest,
+        level=VerifyLevel.SIZE,
+        progress=lambda d, t: rare.append((d, t)),
+        progress_interval=3600,
+    )
+    assert rare == [(0, 4), (4, 4)]  # a long interval: only the start and the end
+
+
+def test_many_unexpected_files_are_all_found(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    strays = {f"strays/{i:05d}.fits" for i in range(5000)}  # more than one lookup batch
+    (out / "strays").mkdir()
+    for rel in strays:
+        (out / rel).write_bytes(b"")
+    report = check_mirror(out, manifest, level=VerifyLevel.SIZE)
+    assert report.ok == 4
+    assert {p.path for p in report.problems if p.kind == "unexpected"} == strays
+    assert {p.kind for p in report.problems} == {"unexpected"}
+
+
+def test_repair_works_in_batches_and_ignores_its_own_records(tmp_path: Path, monkeypatch) -> None:
+    import engine.mirrorcheck as mirrorcheck
+
+    monkeypatch.setattr(mirrorcheck, "_REPAIR_BATCH", 1)  # every bad file is its own batch
+    out, manifest, entries = build_mirror(tmp_path)
+    damage(out)
+    report = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
+    assert (report.checked, report.ok, len(report.quarantined)) == (4, 1, 2)
+    # The pending records appended mid-check were not read back as records to judge.
+    assert sorted(p.kind for p in report.problems) == ["corrupt", "missing", "truncated", "unexpected"]
+    loaded = manifest.load()
+    assert {url for url, e in loaded.items() if e.status == "pending"} == {
+        entries[k].url for k in ("flipped", "truncated", "deleted")
+    }
+    assert not (manifest.state_dir / "run.lock").exists()  # the lock was released
+
+
+def test_repair_refuses_while_a_run_holds_the_mirror(tmp_path: Path) -> None:
+    from engine.exceptions import RunLockedError
+    from engine.manifest import RunLock
+
+    out, manifest, entries = build_mirror(tmp_path)
+    damage(out)
+    with RunLock(manifest.state_dir):
+        with pytest.raises(RunLockedError):
+            check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
+        assert (out / NAMES["flipped"]).exists()  # nothing was moved
+        assert manifest.load()[entries["flipped"].url].status == "verified"
+        # A caller that holds the lock itself says so.
+        report = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True, lock_held=True)
+    assert len(report.quarantined) == 2

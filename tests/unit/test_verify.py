@@ -13,7 +13,7 @@ from astropy.io import fits
 from engine.exceptions import ChecksumMismatchError, NotFitsError, SizeMismatchError
 from engine.models import PlanItem, VerifyLevel
 from engine.verify import StreamCheck, check_file, verify_fits
-from engine.verify.stream import estimate_ceiling
+from engine.verify.stream import FITS_BLOCK, estimate_ceiling
 
 
 def make_fits(rows: int = 500) -> bytes:
@@ -197,3 +197,95 @@ def test_check_file_failures(tmp_path: Path) -> None:
     path.write_bytes(b"<html>oops</html>")
     with pytest.raises(NotFitsError, match="web page"):
         check_file(path, size=-1, md5="", level=VerifyLevel.SIZE)
+
+
+# -- verify_fits: raw-byte checksums and the file's extent ---------------------------------------------
+def _hdu_spans(data: bytes) -> list[tuple[int, int, int]]:
+    """(header start, data start, end) of every HDU, as astropy reads them."""
+    with fits.open(io.BytesIO(data)) as hdul:
+        infos = [hdu.fileinfo() for hdu in hdul]
+    return [(i["hdrLoc"], i["datLoc"], i["datLoc"] + i["datSpan"]) for i in infos]
+
+
+def test_ones_complement_sum_matches_the_standard() -> None:
+    from engine.verify.fits import ones_complement_sum
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, 4 * 1000, dtype=np.uint8).tobytes()
+    expected = 0
+    for offset in range(0, len(data), 4):  # the FITS standard's definition, word by word
+        expected += int.from_bytes(data[offset : offset + 4], "big")
+        expected = (expected & 0xFFFFFFFF) + (expected >> 32)
+    assert ones_complement_sum(data) == expected
+    for start, _data_start, end in _hdu_spans(GOOD):  # a right CHECKSUM makes the HDU sum to -0
+        assert ones_complement_sum(GOOD[start:end]) == 0xFFFFFFFF
+
+
+def test_a_flip_astropy_would_miss_is_caught(tmp_path: Path) -> None:
+    """A byte after END in a header is not in astropy's re-serialised header; the raw sum sees it."""
+    _start, data_start, _end = _hdu_spans(GOOD)[0]
+    end_card = GOOD.index(b"END" + b" " * 77)
+    assert end_card + 80 < data_start  # there is blank space after END in the primary header
+    damaged = flip(GOOD, data_start - 40)
+    with fits.open(io.BytesIO(damaged)) as hdul:
+        assert hdul[0].verify_checksum() == 1  # astropy itself calls it good
+    path = tmp_path / "padding_lc.fits"
+    path.write_bytes(damaged)
+    with pytest.raises(NotFitsError, match=r"HDU 0 \(PRIMARY\) fails its CHECKSUM"):
+        verify_fits(path)
+
+
+@pytest.mark.filterwarnings("ignore:File may have been truncated", "ignore:Unexpected extra padding")
+def test_whole_blocks_missing_or_extra_are_refused(tmp_path: Path) -> None:
+    import warnings
+
+    path = tmp_path / "cut_lc.fits"
+    path.write_bytes(GOOD[:-FITS_BLOCK])  # still whole blocks: only the HDU layout shows the cut
+    with pytest.raises(NotFitsError, match=r"HDU 2 \(APERTURE\) needs \d+ bytes but the file has \d+"):
+        verify_fits(path)
+    path.write_bytes(GOOD + b"\0" * FITS_BLOCK)  # astropy only warns about this
+    with pytest.raises(NotFitsError, match=f"{FITS_BLOCK} bytes follow the last HDU"):
+        verify_fits(path)
+    with warnings.catch_warnings():  # an application that turned warnings into errors gets the same
+        warnings.simplefilter("error")
+        with pytest.raises(NotFitsError):
+            verify_fits(path)
+
+
+def test_a_datasum_without_checksum_is_verified(tmp_path: Path) -> None:
+    table = fits.BinTableHDU.from_columns([fits.Column(name="F", format="E", array=np.arange(900.0))])
+    buffer = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(buffer, checksum="datasum")
+    data = buffer.getvalue()
+    assert b"CHECKSUM=" not in data and b"DATASUM =" in data
+    path = tmp_path / "datasum_lc.fits"
+    path.write_bytes(data)
+    verify_fits(path)
+    _start, data_start, _end = _hdu_spans(data)[1]
+    path.write_bytes(flip(data, data_start + 100))
+    with pytest.raises(NotFitsError, match=r"HDU 1 .* fails its DATASUM"):
+        verify_fits(path)
+
+
+def test_an_unchecksummed_hdu_must_still_parse(tmp_path: Path) -> None:
+    table = fits.BinTableHDU.from_columns([fits.Column(name="F", format="E", array=np.arange(10.0))])
+    buffer = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(buffer)
+    data = buffer.getvalue().replace(b"TFORM1  = 'E       '", b"TFORM1  = 'Q!      '")  # no such format
+    assert b"'Q!      '" in data
+    path = tmp_path / "bad_tform_lc.fits"
+    path.write_bytes(data)
+    with pytest.raises(NotFitsError, match="not a readable FITS file"):
+        verify_fits(path)
+
+
+def test_an_empty_or_foreign_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty_lc.fits"
+    path.write_bytes(b"")
+    with pytest.raises(NotFitsError, match="empty"):
+        verify_fits(path)
+    path.write_bytes(b"%PDF-1.7" + b" " * (FITS_BLOCK - 8))
+    with pytest.raises(NotFitsError, match="not a FITS file"):
+        verify_fits(path)
+    with pytest.raises(FileNotFoundError):
+        verify_fits(tmp_path / "gone_lc.fits")
