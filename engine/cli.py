@@ -282,7 +282,15 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     table = items_to_table(asyncio.run(collect()))
     if ns.output:
-        with open(ns.output, "w", encoding="utf-8") as out:
+        try:
+            out = open(ns.output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise ConfigError(
+                "-o/--output",
+                f"cannot write {ns.output}: {err.strerror}",
+                hint="give a path in an existing, writable directory",
+            ) from None
+        with out:
             export_plan(table, ns.format, out)
         log.info("wrote %d files' plan to %s (%s)", len(table), ns.output, ns.format)
     else:
