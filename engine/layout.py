@@ -32,6 +32,12 @@ _WINDOWS_DEVICES = frozenset(
     {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 )
 
+# %00-%1F and %7F: a control character once anything URL-decodes the name.
+_ENCODED_CONTROL = re.compile(r"%(?:[01][0-9A-Fa-f]|7[Ff])")
+MAX_OBS_ID_CHARS = 255
+# An obs_id is an identifier, never a path: no separators, no parent references, no controls.
+_BAD_OBS_ID = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.")
+
 # tess2018206045859-s0001-0000000025155310-0120-s_lc.fits; DV files carry two sectors
 # (-s0001-s0013-) and the TIC after them, so the TIC is matched separately.
 _SECTOR_IN_NAME = re.compile(r"-s(\d{4})-")
@@ -66,6 +72,11 @@ def safe_filename(name: str) -> str:
     for char in normal:
         if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
             raise _refuse(name, f"contains the control or invisible character U+{ord(char):04X}")
+    encoded = _ENCODED_CONTROL.search(normal)
+    if encoded:
+        # Harmless here (we never unquote a name), but a server or a later tool that decodes it gets
+        # a NUL or an escape: the archive's data is broken, so the file is refused, not guessed at.
+        raise _refuse(name, f"contains the percent-encoded control character {encoded.group()}")
     if normal != normal.strip() or normal.endswith("."):
         # Windows and some SMB/NFS gateways strip these, so two names could become one.
         raise _refuse(name, "starts or ends with white space, or ends with '.'")
@@ -74,6 +85,23 @@ def safe_filename(name: str) -> str:
     if len(normal.encode("utf-8", errors="strict")) > MAX_NAME_BYTES:
         raise _refuse(name, f"longer than {MAX_NAME_BYTES} bytes")
     return normal
+
+
+def check_obs_id(obs_id: str) -> None:
+    """Refuse an obs_id that looks like a path: it says the archive's data is broken or hostile.
+
+    No obs_id is used in a path today, but it is stored, logged and matched on; a row that carries
+    `../../x` in it is not trusted for its file either.
+    """
+    if not isinstance(obs_id, str):
+        raise UnsafePathError(f"unsafe obs_id from the archive: {_shown(obs_id)} (not a string)")
+    bad = _BAD_OBS_ID.search(obs_id)
+    if bad or len(obs_id) > MAX_OBS_ID_CHARS:
+        why = f"contains {bad.group()!r}" if bad else f"longer than {MAX_OBS_ID_CHARS} characters"
+        raise UnsafePathError(
+            f"unsafe obs_id from the archive: {_shown(obs_id)} ({why})",
+            hint="the file was skipped; report the obs_id to the archive",
+        )
 
 
 def _sector_of(item: PlanItem, filename: str) -> int | None:
@@ -100,6 +128,7 @@ def relpath_for(item: PlanItem, layout: str) -> str:
             "output.layout", f"unknown layout {layout!r}", hint=f"use one of: {', '.join(LAYOUTS)}"
         )
     filename = safe_filename(item.filename)
+    check_obs_id(item.obs_id)
     if layout == "flat":
         return filename
     sector = _sector_of(item, filename)

@@ -102,7 +102,8 @@ class ManifestEntry:
     def from_result(cls, result: FileResult) -> ManifestEntry:
         item = result.item
         return cls(
-            url=item.url,
+            # The resume key; redacted so a credential inside a URL never reaches the manifest.
+            url=redact(item.url),
             path=result.path,
             status=str(result.status),
             obs_id=item.obs_id,

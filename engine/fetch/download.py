@@ -159,6 +159,17 @@ def _absorb_block(check: StreamCheck, part: PartFile, block: bytes | memoryview)
     part.write(block)
 
 
+def _describe(exc: BaseException, limit: int = 160) -> str:
+    """A one-line, bounded description of a client error.
+
+    aiohttp's parser errors quote the bytes it choked on (e.g. "Bad status line" followed by a FITS
+    header the server wrote where a status line belongs); those must not reach the manifest or logs.
+    """
+    first = re.split(r"\n|\\n", str(exc), maxsplit=1)[0]  # a real newline, or an escaped one
+    text = " ".join(first.replace("message='", "").split()).rstrip(":'") or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _validator(headers: CIMultiDictProxy[str]) -> str | None:
     """A strong ETag, else Last-Modified: what If-Range accepts (RFC 9110 forbids weak ETags there)."""
     etag = headers.get("ETag")
@@ -326,9 +337,9 @@ class Downloader:
             error.retryable = False
             raise error from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise ConnectionLostError(f"connection lost: {exc or type(exc).__name__}") from None
+            raise ConnectionLostError(f"connection lost: {_describe(exc)}") from None
         except aiohttp.ClientError as exc:
-            raise ConnectionLostError(f"HTTP client error: {exc or type(exc).__name__}") from None
+            raise ConnectionLostError(f"HTTP client error: {_describe(exc)}") from None
 
     async def _open(self, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """GET `url`, following at most `max_redirects` redirects ourselves so each hop is vetted."""

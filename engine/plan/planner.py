@@ -143,9 +143,13 @@ class Planner:
             while keep and keys[keep - 1] == last:
                 keep -= 1
             if keep == 0:
+                # Every row of the page carries the same key: starting the next page at that key would
+                # return this page again. Refuse rather than loop or plan short.
+                shown = redact(last[0]) + (f" / {redact(last[1])}" if last[1] else "")
                 raise IncompletePlanError(
-                    f"more than {maxrec} rows share obs_id {last[0]!r}; the plan cannot be paged further",
-                    hint="raise tap.page_size",
+                    f"all {len(table)} rows of a full TAP page (page size {maxrec}) belong to "
+                    f"{shown!r}, so the plan cannot be paged further",
+                    hint="raise tap.page_size (or the service's row limit)",
                 )
             log.info("TAP page of %d rows ends at %s; asking for the next", keep, redact(last[0]))
             yield table[:keep]
@@ -188,6 +192,12 @@ class Planner:
         query = footprint_query(sel.sector, wanted, collection=sel.collection)
         self.queries.append(query)
         table = await self.tap.run(query, maxrec=maxrec)
+        if table.meta.get("overflow"):
+            # A cut footprint list would silently drop whole CCDs from the plan.
+            raise IncompletePlanError(
+                f"the footprint query for sector {sel.sector} overflowed the page size of {maxrec} rows",
+                hint="raise tap.page_size, or choose fewer cameras/CCDs",
+            )
         found: dict[tuple[int, int], Region] = {}
         for row in table:
             obs_id = _text(row, "obs_id")
@@ -230,7 +240,7 @@ class Planner:
 
 
 def _obscore_item(row: Any) -> PlanItem | None:
-    url = _text(row, "access_url")
+    url = _quote_controls(_text(row, "access_url"))
     if not _usable_url(url):
         return None
     filename = filename_from_url(url)
@@ -246,7 +256,7 @@ def _obscore_item(row: Any) -> PlanItem | None:
 
 
 def _artifact_item(row: Any) -> PlanItem | None:
-    access_url = _text(row, "access_url")
+    access_url = _quote_controls(_text(row, "access_url"))
     data_uri = _text(row, "dataURI")
     filename = _text(row, "productFileName") or data_uri.rstrip("/").rsplit("/", 1)[-1]
     product = product_of(filename)
@@ -281,8 +291,9 @@ def _artifact_url(access_url: str, data_uri: str, product: str) -> str | None:
     query = parse_qsl(parts.query, keep_blank_values=True)
     if not any(key == "uri" for key, _ in query):
         return access_url if product == "lc" else None
-    if not data_uri or _UNSAFE_URL.search(data_uri):
+    if not data_uri:
         return None
+    # urlencode(quote) percent-encodes any control character in data_uri, so it cannot break the URL.
     query = [(key, data_uri if key == "uri" else value) for key, value in query]
     return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote, safe=":/")))
 
@@ -334,6 +345,15 @@ def _bounded(value: int | None, high: int) -> int:
 def _sector(row: Any) -> int:
     value = _number(row, "sector")
     return value if value is not None and 1 <= value <= 9999 else -1
+
+
+def _quote_controls(url: str) -> str:
+    """Percent-encode whitespace and control characters in an archive URL.
+
+    The row is kept (not dropped) so that its file name meets `layout.safe_filename` and ends as a
+    recorded failure with a reason, instead of vanishing from the plan without a trace.
+    """
+    return _UNSAFE_URL.sub(lambda m: f"%{ord(m.group()):02X}", url)
 
 
 def _usable_url(url: str) -> bool:

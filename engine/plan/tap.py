@@ -32,7 +32,7 @@ from pyvo.utils.http import create_session
 from engine.exceptions import TapJobError, TapTimeoutError, TapUnavailableError, TessMirrorError
 from engine.plan.adql import columns_query
 from engine.redact import redact
-from engine.settings import TapSettings
+from engine.settings import MAST_TAP_URL, TapSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,16 +43,25 @@ URL_HINT = "check tap.url / --tap-url"
 _QUERY_FAULT = re.compile(
     r"(?i)syntax|pars(e|ing)|unknown|not found|no such|invalid|ambiguous|adql|column|table"
 )
+# An answer that says "busy", not "wrong URL", in pyvo's /capabilities failure lines.
+_BUSY_STATUS = re.compile(r": (429|5\d\d)\b")
 # Consecutive failed status polls tolerated before the job counts as lost (pyvo #713: flaky polls).
 POLL_FAILURES_ALLOWED = 3
+# Tries for a job that ran out of time (stuck QUEUED, or EXECUTING forever): a fresh job may find a
+# shorter queue, but every try costs a whole tap.job_timeout, so not `tap.retries` of them.
+TIMEOUT_TRIES = 2
 
 
 class _Transient(Exception):
-    """A failure another try may cure; `error` is what to raise when the tries run out."""
+    """A failure another try may cure; `error` is what to raise when the tries run out.
 
-    def __init__(self, error: TessMirrorError) -> None:
+    `max_tries` caps the tries for this kind of failure below `tap.retries + 1` (None: no cap).
+    """
+
+    def __init__(self, error: TessMirrorError, *, max_tries: int | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.max_tries = max_tries
 
 
 class _Cancelled(Exception):
@@ -121,12 +130,22 @@ class TapClient:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             cancel.set()  # the thread notices, aborts its job and returns soon
+            # Nobody awaits the thread's answer any more; retrieve it so asyncio does not log
+            # "Future exception was never retrieved" with a traceback at the user.
+            future.add_done_callback(_discard_result)
             raise
 
     def _with_retries(self, attempt: Callable[..., T], *args: Any) -> T:
         cancel: threading.Event = args[-1]
+        tries = self.settings.retries + 1
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            exc = state.outcome.exception() if state.outcome else None
+            cap = getattr(exc, "max_tries", None)
+            return state.attempt_number >= (min(tries, cap) if cap else tries)
+
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.settings.retries + 1),
+            stop=stop,
             wait=tenacity.wait_exponential(multiplier=self._backoff, max=60),
             retry=tenacity.retry_if_exception_type(_Transient),
             sleep=lambda seconds: _sleep_unless(cancel, seconds),
@@ -159,7 +178,7 @@ class TapClient:
         try:
             service.capabilities  # noqa: B018 - fetches /capabilities; fails for a non-TAP URL
         except DALServiceError as err:
-            raise self._translate(err, "reading /capabilities") from None
+            raise self._capabilities_error(err) from None
         except Exception as err:  # an unparseable capabilities document: not a TAP service
             raise TapUnavailableError(
                 f"the TAP service at {redact(self.url)} is not a TAP service: bad /capabilities ({err})",
@@ -206,9 +225,13 @@ class TapClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 _abort_quietly(job)
-                raise TapTimeoutError(
-                    f"the TAP job at {redact(job.url)} was still {phase} after {settings.job_timeout:g} s",
-                    hint="the service is busy; try again later, or raise tap.job_timeout",
+                raise _Transient(
+                    TapTimeoutError(
+                        f"the TAP job at {redact(job.url)} was still {phase} after "
+                        f"{settings.job_timeout:g} s",
+                        hint="the service is busy; try again later, or raise tap.job_timeout",
+                    ),
+                    max_tries=TIMEOUT_TRIES,
                 )
             # Ask the server to hold the poll (UWS 1.1 WAIT) for less than our read timeout, so a
             # slow answer is not mistaken for a lost connection.
@@ -289,6 +312,26 @@ class TapClient:
         # A query fault fails again on every try; anything else may be the server's passing trouble.
         return error if _QUERY_FAULT.search(message) else _Transient(error)
 
+    def _capabilities_error(self, err: DALServiceError) -> Exception:
+        """pyvo reports a failed /capabilities without a code: one "- <url>: <why>" line per URL tried.
+
+        Read those lines to tell "nothing answers" (retried) from "something answers, but it is not a
+        TAP service" (a wrong URL: not retried).
+        """
+        if err.code:
+            return self._translate(err, "reading /capabilities")
+        tried = [line[2:].strip() for line in str(err).splitlines() if line.startswith("- ")]
+        detail = redact("; ".join(tried) if tried else (str(err).splitlines() or [type(err).__name__])[0])
+        where = f"the TAP service at {redact(self.url)}"
+        if any("Connection failed" in line or "timed out" in line for line in tried):
+            return _Transient(TapUnavailableError(f"{where} does not answer: {detail}", hint=URL_HINT))
+        if any(_BUSY_STATUS.search(line) for line in tried):
+            return _Transient(TapUnavailableError(f"{where} is unavailable: {detail}", hint=URL_HINT))
+        return TapUnavailableError(
+            f"{redact(self.url)} is not a TAP service: {detail}",
+            hint="check tap.url / --tap-url: it should be the TAP base URL, e.g. " + MAST_TAP_URL,
+        )
+
     def _translate(self, err: DALServiceError, doing: str) -> Exception:
         """DALServiceError -> our error, wrapped in _Transient when another try may help."""
         cause = getattr(err, "cause", None)
@@ -330,3 +373,8 @@ def _delete_quietly(job: Any) -> None:
             job.delete()
     except Exception as err:  # best effort: the service expires jobs itself
         log.debug("TAP: could not delete a job: %s", err)
+
+
+def _discard_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -545,3 +545,13 @@ def test_bandwidth_cap_is_consumed_per_chunk(tmp_path: Path) -> None:
         assert sum(clock.sleeps) == pytest.approx((len(FITS_BYTES) - 5_000) / 10_000, rel=1e-6)
 
     asyncio.run(main())
+
+
+def test_client_error_descriptions_are_one_bounded_line() -> None:
+    from engine.fetch.download import _describe
+
+    raw = "400, message='Bad status line:\\n  Expected HTTP/:\\n\\n  b\\'SIMPLE  =   T / conforms\\''"
+    assert _describe(ValueError(raw)) == "400, Bad status line"
+    assert _describe(ValueError("first\nsecond")) == "first"
+    assert len(_describe(ValueError("x" * 1000))) == 160
+    assert _describe(ValueError("")) == "ValueError"

@@ -92,6 +92,9 @@ HOSTILE = [
     "dot.",
     "CON",
     "nul.fits",
+    "bad%00name_lc.fits",  # a NUL once anything URL-decodes it
+    "esc%1b[31m.fits",
+    "del%7Fname.fits",
 ]
 
 
@@ -174,3 +177,22 @@ def test_resolve_within_accepts_a_root_that_is_itself_a_symlink(tmp_path: Path) 
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "root-link")
     assert resolve_within(tmp_path / "root-link", LC) == (tmp_path / "real" / LC).resolve()
+
+
+@pytest.mark.parametrize("name", ["100%_lc.fits", "a%20b_lc.fits", "x%zz.fits"])
+def test_percent_signs_that_decode_to_printable_text_are_allowed(name: str) -> None:
+    assert safe_filename(name) == name
+
+
+@pytest.mark.parametrize(
+    "obs_id",
+    ["../../" + LC[:-8], "/abs/obs", "a\\b", "obs\x00id", "obs\nid", "x" * 256],
+)
+def test_relpath_refuses_a_hostile_obs_id(obs_id: str) -> None:
+    with pytest.raises(UnsafePathError, match="unsafe obs_id"):
+        relpath_for(PlanItem(url="https://archive.example/x", filename=LC, obs_id=obs_id), "mast")
+
+
+def test_relpath_accepts_ordinary_obs_ids() -> None:
+    for obs_id in ("", LC[:-8], "hlsp_qlp_tess_ffi_s0001-0000000025155310_tess_v01_llc"):
+        relpath_for(PlanItem(url="https://archive.example/x", filename=LC, obs_id=obs_id), "mast")

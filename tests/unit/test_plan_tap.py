@@ -144,8 +144,8 @@ def test_job_stuck_in_queued_times_out_fast() -> None:
         async with serve(small_db(), options=options, services=services) as url:
             with pytest.raises(TapTimeoutError, match=re.escape("still QUEUED after 0.6 s")):
                 await client(url, settings).run("SELECT obs_id FROM ivoa.things")
-            # Not retried: a stuck service would otherwise hold the run for retries x job_timeout.
-            assert services[0].job_count == 1
+            # Tried once more, not `retries` times: each try costs a whole job_timeout.
+            assert services[0].job_count == 2
 
     asyncio.run(main())
 
@@ -180,10 +180,26 @@ def test_unreachable_url_is_unavailable() -> None:
         with pytest.raises(TapUnavailableError, match="does not answer") as info:
             await client(url).run("SELECT 1 FROM ivoa.things")
         assert f"127.0.0.1:{port}" in str(info.value)
-        with pytest.raises(TapUnavailableError):
+        with pytest.raises(TapUnavailableError, match="does not answer"):
             await client(url).hardlimit()
 
     asyncio.run(main())
+
+
+def test_capabilities_that_do_not_answer_are_retried_and_a_wrong_url_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def main() -> None:
+        with pytest.raises(TapUnavailableError, match="does not answer"):
+            await client(f"http://127.0.0.1:{port}/caom").hardlimit()
+
+    with caplog.at_level("WARNING", logger="engine.plan.tap"):
+        asyncio.run(main())
+    assert sum("trying again" in r.getMessage() for r in caplog.records) == FAST.retries
 
 
 def test_not_a_tap_service_is_unavailable() -> None:
@@ -197,8 +213,9 @@ def test_not_a_tap_service_is_unavailable() -> None:
             url = f"http://127.0.0.1:{runner.addresses[0][1]}/nothing"
             with pytest.raises(TapUnavailableError, match="HTTP 404"):
                 await client(url).run("SELECT 1 FROM ivoa.things")
-            with pytest.raises(TapUnavailableError):
+            with pytest.raises(TapUnavailableError, match="is not a TAP service") as info:
                 await client(url).hardlimit()
+            assert "/nothing/capabilities: 404" in str(info.value)  # names the URL that was tried
         finally:
             await runner.cleanup()
 

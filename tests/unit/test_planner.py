@@ -10,7 +10,7 @@ import pytest
 
 from engine.archive.tap import TapOptions
 from engine.archive.tapdb import TapDatabase
-from engine.exceptions import EmptySelectionError
+from engine.exceptions import EmptySelectionError, IncompletePlanError, UnsafePathError
 from engine.models import PlanItem
 from engine.plan.adql import Region
 from engine.plan.planner import Planner
@@ -231,3 +231,43 @@ def test_urls_file_needs_no_tap(tmp_path: Path) -> None:
         ("tess-s0003-x_lc.fits", 3, "lc")
     ]
     assert planner.queries == []
+
+
+def test_footprint_overflow_is_an_incomplete_plan_not_a_short_one() -> None:
+    # Two CCD footprints asked with a page of one row: refusing beats silently planning one CCD.
+    with pytest.raises(IncompletePlanError, match="footprint query for sector 1 overflowed"):
+        run_plan(caom_db(), page_size=1, sector=1, cameras=[1], ccds=[1, 2])
+
+
+def test_a_page_that_cannot_be_split_is_an_incomplete_plan() -> None:
+    # A full page of one row: the next page would start at the same key, forever.
+    with pytest.raises(IncompletePlanError, match="cannot be paged further") as info:
+        run_plan(caom_db(), TapOptions(default_maxrec=1, hard_limit=1), page_size=None, sector=1,
+                 cameras=[1], ccds=[2])  # fmt: skip
+    assert "tap.page_size" in str(info.value)
+
+
+def test_rows_with_control_characters_in_urls_are_kept_for_the_layout_to_refuse() -> None:
+    """A DEL in the declared name: the URL is percent-encoded and the row kept, so the file ends as a
+    recorded failure (layout refuses the name) instead of silently vanishing from the plan."""
+    from astropy.table import Table
+
+    from engine.layout import relpath_for
+    from engine.plan.planner import _artifact_item
+
+    name = "bad\x7fname_lc.fits"
+    row = Table(
+        {
+            "obs_id": ["tess2018206045859-s0001-0000000000000100-0120-s"],
+            "access_url": [f"{DOWNLOAD}mast:TESS/product/{name}"],
+            "productFileName": [name],
+            "dataURI": [f"mast:TESS/product/{name}"],
+            "contentLength": [SIZE],
+            "contentChecksum": [f"md5:{md5_of(name)}"],
+        }
+    )[0]
+    item = _artifact_item(row)
+    assert item is not None and item.filename == name
+    assert "\x7f" not in item.url and "bad%7Fname" in item.url
+    with pytest.raises(UnsafePathError, match="U\\+007F"):
+        relpath_for(item, "mast")
