@@ -1,0 +1,174 @@
+"""Bad input: one row per kind, each the real CLI in a subprocess.
+
+Every row asserts the exit code, that the error line names the bad value (or key), and that the user
+sees a message, not a traceback. The README's bad-input table is this table.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine.archive import ArchiveOptions, ArchiveThread, LocalArchive
+from engine.exceptions import EXIT_ARCHIVE, EXIT_USAGE
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class Row:
+    """One kind of bad input: the CLI arguments after `run --out OUT` and what the user must see.
+
+    `{tap}`, `{files}`, `{closed}` and `{dir}` in the arguments and phrases are filled in per run.
+    """
+
+    args: tuple[str, ...]
+    exit_code: int
+    phrases: tuple[str, ...]
+    files: tuple[tuple[str, str], ...] = ()  # (name, content) written into {dir} first
+
+
+TAP = ("--tap-url", "{tap}")
+ROWS: dict[str, Row] = {
+    "sector out of range": Row(("--sector", "0", *TAP), EXIT_USAGE, ("selection.sector", "sector 0")),
+    "sector not a number": Row(("--sector", "abc", *TAP), EXIT_USAGE, ("--sector", "'abc'")),
+    "camera out of range": Row(
+        ("--sector", "1", "--camera", "5", *TAP), EXIT_USAGE, ("selection.cameras", "camera 5")
+    ),
+    "CCD out of range": Row(("--sector", "1", "--ccd", "0", *TAP), EXIT_USAGE, ("selection.ccds", "CCD 0")),
+    "CCD not a number": Row(("--sector", "1", "--ccd", "x", *TAP), EXIT_USAGE, ("selection.ccds", "'x'")),
+    "camera without a sector": Row(
+        ("--camera", "1", *TAP), EXIT_USAGE, ("selection.cameras", "needs a sector", "--sector N")
+    ),
+    "sectors list out of range": Row(
+        ("--sector", "1", "--sectors", "0-3", *TAP), EXIT_USAGE, ("selection.sectors", "sector 0")
+    ),
+    "unknown product": Row(
+        ("--sector", "1", "--products", "lc,foo", *TAP), EXIT_USAGE, ("selection.products", "'foo'")
+    ),
+    "polygon with an odd count": Row(
+        ("--polygon", "10 20 30", *TAP), EXIT_USAGE, ("selection.polygon", "odd count of numbers (3)")
+    ),
+    "polygon with a non-number": Row(
+        ("--polygon", "10 20 30 abc 40 50", *TAP), EXIT_USAGE, ("selection.polygon", "'abc'")
+    ),
+    "cone without a radius": Row(("--cone", "10 20", *TAP), EXIT_USAGE, ("selection.cone", "'10 20'")),
+    "cone with a negative radius": Row(
+        ("--cone", "10 20 -1", *TAP), EXIT_USAGE, ("selection.cone", "radius -1.0")
+    ),
+    "cone with a bad declination": Row(
+        ("--cone", "10 120 1", *TAP), EXIT_USAGE, ("selection.cone", "declination 120.0")
+    ),
+    "nothing selected": Row(TAP, EXIT_USAGE, ("nothing selected", "--sector")),
+    "malformed TOML": Row(
+        ("--sector", "1", "--config", "{dir}/bad.toml", *TAP),
+        EXIT_USAGE,
+        ("bad.toml", "not valid TOML", "line 1"),
+        files=(("bad.toml", "[fetch\nconcurrency = 4\n"),),
+    ),
+    "unknown TOML key": Row(
+        ("--sector", "1", "--config", "{dir}/typo.toml", *TAP),
+        EXIT_USAGE,
+        ("fetch.concurency", "unknown key", "did you mean fetch.concurrency"),
+        files=(("typo.toml", "[fetch]\nconcurency = 4\n"),),
+    ),
+    "unknown TOML table": Row(
+        ("--sector", "1", "--config", "{dir}/table.toml", *TAP),
+        EXIT_USAGE,
+        ("fetsh", "unknown table", "did you mean fetch"),
+        files=(("table.toml", "[fetsh]\nconcurrency = 4\n"),),
+    ),
+    "TOML value of the wrong type": Row(
+        ("--sector", "1", "--config", "{dir}/type.toml", *TAP),
+        EXIT_USAGE,
+        ("fetch.concurrency", "'many'"),
+        files=(("type.toml", '[fetch]\nconcurrency = "many"\n'),),
+    ),
+    "value out of range": Row(
+        ("--sector", "1", "--concurrency", "0", *TAP), EXIT_USAGE, ("fetch.concurrency", "0 is outside")
+    ),
+    "TAP URL not http(s)": Row(
+        ("--sector", "1", "--tap-url", "ftp://example.org/tap"),
+        EXIT_USAGE,
+        ("tap.url", "ftp://example.org/tap"),
+    ),
+    "TAP URL that does not answer": Row(
+        ("--sector", "1", "--tap-url", "{closed}", "--config", "{dir}/quick.toml"),
+        EXIT_ARCHIVE,
+        ("{closed}", "does not answer"),
+        files=(("quick.toml", "[tap]\nretries = 1\n"),),
+    ),
+    "URL that is not a TAP service": Row(
+        ("--sector", "1", "--tap-url", "{files}"), EXIT_ARCHIVE, ("{files}", "is not a TAP service")
+    ),
+    "empty result": Row(
+        ("--polygon", "10 -80 10.01 -80 10.01 -79.99", *TAP),
+        EXIT_USAGE,
+        ("matched no files", "polygon 10.0 -80.0"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def local_archive() -> Iterator[LocalArchive]:
+    with ArchiveThread(ArchiveOptions(sectors=(1,), targets=32, file_size="small")) as running:
+        assert running.archive is not None
+        yield running.archive
+
+
+@pytest.fixture(scope="module")
+def closed_port_url() -> str:
+    """A 127.0.0.1 URL on a port that was free a moment ago: nothing listens there."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/tap"
+
+
+@pytest.mark.parametrize("kind", list(ROWS))
+def test_bad_input_gets_a_clear_message(
+    local_archive: LocalArchive, closed_port_url: str, tmp_path: Path, kind: str
+) -> None:
+    row = ROWS[kind]
+    values = {
+        "tap": local_archive.tap_url,
+        "files": local_archive.base_url + "/api/v0.1/Download/file",
+        "closed": closed_port_url,
+        "dir": str(tmp_path),
+    }
+    for name, content in row.files:
+        (tmp_path / name).write_text(content)
+    args = [arg.format(**values) for arg in row.args]
+    served_before = len(local_archive.request_log)
+
+    result = run_cli("run", "--out", tmp_path / "out", *args, timeout=60)
+
+    assert result.returncode == row.exit_code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    # The error line (and its hint line, if any) as the user sees them; argparse's own errors count.
+    shown = "\n".join(line for line in result.stderr.splitlines() if "error:" in line or "hint:" in line)
+    assert shown, result.stderr[-3000:]
+    for phrase in row.phrases:
+        assert phrase.format(**values) in shown, f"{phrase!r} not in {shown!r}"
+    assert len(local_archive.request_log) == served_before, "bad input must not download anything"
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [("ftp://example.org/x_lc.fits\n", "'ftp://example.org/x_lc.fits'"), (None, "nope.txt")],
+    ids=["URL list with a non-http line", "missing input file"],
+)
+def test_bad_url_list_gets_a_clear_message(tmp_path: Path, content: str | None, phrase: str) -> None:
+    url_list = tmp_path / ("urls.txt" if content is not None else "nope.txt")
+    if content is not None:
+        url_list.write_text(content)
+    result = run_cli("fetch", "--out", tmp_path / "out", "--input", url_list, timeout=60)
+    assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tessmirror: error:")]
+    assert errors and phrase in errors[0], result.stderr[-3000:]

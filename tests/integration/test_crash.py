@@ -1,0 +1,135 @@
+"""Crashes: SIGKILL at random moments and resume; a torn manifest; SIGTERM and SIGINT.
+
+Every run is the real CLI in a subprocess. After each kill the test checks what a user would rely on:
+the manifest loads, and no file it calls verified is missing or corrupt. The final run completes and
+the mirror is byte-identical to the archive's truth.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.archive import FaultPlan
+from engine.exceptions import EXIT_INTERRUPTED, EXIT_OK
+from engine.manifest import MANIFEST_NAME, Manifest
+from tests.helpers import (
+    assert_mirror_matches_truth,
+    assert_verified_records_are_good,
+    run_cli,
+    spawn_cli,
+)
+
+pytestmark = pytest.mark.integration
+
+KILL_ROUNDS = 10
+# Each response is paced so a run lasts several seconds: kills land in planning, mid-body, mid-rename
+# and mid-manifest-write alike.
+PACED = "bandwidth=150000"
+
+
+def light_curves(archive) -> set[str]:
+    return {n for n, f in archive.catalog.files.items() if f.product == "lc" and f.collection == "TESS"}
+
+
+def cli_args(arch, out: Path) -> list[object]:
+    return ["run", "--tap-url", arch.tap_url, "--sector", 1, "--out", out, "--concurrency", 4]
+
+
+def wait_for_records(manifest_path: Path, proc: subprocess.Popen, at_least: int, timeout: float = 60) -> None:
+    """Block until the manifest holds `at_least` lines (downloads are under way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
+        if manifest_path.exists() and manifest_path.read_bytes().count(b"\n") >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {at_least} manifest records within {timeout} s")
+
+
+def test_kill_and_resume_in_a_loop(archive, tmp_path: Path) -> None:
+    arch = archive(sectors=(1,), targets=160, file_size="small", faults=FaultPlan.from_spec(PACED))
+    names = light_curves(arch)
+    out = tmp_path / "out"
+    rng = random.Random(int(os.environ.get("TESSMIRROR_KILL_SEED", "20240611")))
+    verified_after: list[int] = []
+    kills = 0
+    for _round in range(KILL_ROUNDS):
+        proc = spawn_cli(*cli_args(arch, out))
+        time.sleep(rng.uniform(0.3, 3.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.communicate(timeout=60)
+        # After every kill: the manifest loads and every record it calls verified is a good file.
+        Manifest(out / ".tessmirror").load()
+        verified_after.append(assert_verified_records_are_good(out, arch))
+    assert kills >= KILL_ROUNDS - 2, "the runs finished before they could be killed: slow them down"
+    assert verified_after[-1] > 0, "no progress was kept across the kills"
+
+    final = run_cli(*cli_args(arch, out), timeout=180)
+    assert final.returncode == EXIT_OK, final.stderr[-3000:]
+    assert_mirror_matches_truth(out, arch, names)
+    assert assert_verified_records_are_good(out, arch) == len(names)
+    assert not list(out.rglob("*.part"))
+
+
+def test_torn_last_manifest_record_is_ignored_on_resume(archive, tmp_path: Path) -> None:
+    """A manifest whose last record was cut mid-write: the CLI resumes, warns, and completes."""
+    arch = archive(sectors=(1,), targets=40, file_size="small")
+    names = light_curves(arch)
+    out = tmp_path / "out"
+    first = run_cli(*cli_args(arch, out))
+    assert first.returncode == EXIT_OK, first.stderr[-3000:]
+    manifest = out / ".tessmirror" / MANIFEST_NAME
+    data = manifest.read_bytes()
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    manifest.write_bytes(data[: last_start + (len(data) - last_start) // 2])  # half of the last line
+    assert Manifest(out / ".tessmirror").load(), "a torn manifest still loads"
+    arch.request_log.clear()
+
+    second = run_cli(*cli_args(arch, out))
+
+    assert second.returncode == EXIT_OK, second.stderr[-3000:]
+    assert "torn or garbled" in second.stderr
+    # Only the file whose record was torn is fetched again; every other one is trusted.
+    assert len({r.name for r in arch.request_log if r.method == "GET"}) == 1
+    assert_mirror_matches_truth(out, arch, names)
+    assert assert_verified_records_are_good(out, arch) == len(names)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_gracefully_and_the_next_run_resumes(archive, tmp_path: Path, signum: int) -> None:
+    arch = archive(sectors=(1,), targets=64, file_size="small", faults=FaultPlan.from_spec(PACED))
+    names = light_curves(arch)
+    out = tmp_path / "out"
+    manifest = out / ".tessmirror" / MANIFEST_NAME
+    proc = spawn_cli(*cli_args(arch, out))
+    wait_for_records(manifest, proc, at_least=5)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "run the same command again to resume" in stderr
+    assert not (out / ".tessmirror" / "run.lock").exists(), "a graceful stop releases the lock"
+    done = {
+        Path(e.path).name for e in Manifest(out / ".tessmirror").load().values() if e.status == "verified"
+    }
+    assert 0 < len(done) < len(names)
+    assert assert_verified_records_are_good(out, arch) == len(done)
+    arch.request_log.clear()
+
+    resumed = run_cli(*cli_args(arch, out), timeout=120)
+
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
+    fetched = {r.name for r in arch.request_log if r.method == "GET"}
+    assert not fetched & done, f"verified files were downloaded again: {sorted(fetched & done)[:3]}"
+    assert fetched == names - done
+    assert_mirror_matches_truth(out, arch, names)
