@@ -321,7 +321,7 @@ class MirrorRun:
             skipped = 0
             for item in page:
                 self.outcome.planned += 1
-                if item.url in done:
+                if redact(item.url) in done:  # the manifest keys URLs redacted
                     skipped += 1
                     self.results.add(
                         item, "verified", "skipped", _quiet_relpath(item, layout), item.size, item.md5, ""
