@@ -250,8 +250,20 @@ def _settings(ns: argparse.Namespace, extra: dict[str, object] | None = None, *,
     return load_settings(getattr(ns, "config", None), overrides, require_selection=selection)
 
 
+class _BarFriendlyHandler(logging.StreamHandler):
+    """Writes log lines through tqdm, so a progress bar on the terminal is redrawn below them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging(level: str | None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BarFriendlyHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()

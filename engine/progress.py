@@ -52,7 +52,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=0, unit="file", file=self.stream, dynamic_ncols=True, desc="mirror", leave=True
+                total=None, unit="file", file=self.stream, dynamic_ncols=True, desc="mirror", leave=True
             )
 
     # -- events ---------------------------------------------------------------------------------
