@@ -144,7 +144,8 @@ class FileServer:
             self._log(request, entry.name, status, started, attempt, decision.label)
 
         link = self._link_bucket()
-        if not (decision.body or decision.bandwidth or link):
+        # A HEAD has no body to spoil or throttle: always the clean answer.
+        if request.method == "HEAD" or not (decision.body or decision.bandwidth or link):
             return await self._clean(request, path, on_sent)
         return await self._stream(request, path, decision, on_sent, link)
 
