@@ -313,7 +313,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 def _run_mirror(settings, source=None) -> int:
     from engine.manager import MirrorRun, summarize
 
-    outcome = asyncio.run(MirrorRun(settings, source).run())
+    outcome = asyncio.run(MirrorRun(settings, source, collect_results=False).run())
     for line in summarize(outcome):
         print(line, file=sys.stderr)
     if outcome.interrupted:
@@ -347,9 +347,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
     print(f"bytes       {human_bytes(nbytes)} verified")
     plan = settings.state_dir / "plan.ecsv"
     if plan.exists():
-        from engine.plan.table import load_plan
+        from engine.plan.table import iter_plan
 
-        planned = len(load_plan(plan))
+        planned = sum(1 for _ in iter_plan(plan))
         print(f"planned     {planned} ({max(planned - counts.get('verified', 0), 0)} still to do)")
     failed = [e for e in entries.values() if e.status == "failed"]
     for e in failed[:20]:
@@ -361,7 +361,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     from engine.manager import TablePlan
     from engine.manifest import Manifest
     from engine.mirrorcheck import check_mirror
-    from engine.plan.table import items_to_table, load_plan, table_to_items
+    from engine.plan.table import items_to_table, iter_plan
 
     settings = _settings(ns, selection=False)
     manifest = Manifest(settings.state_dir)
@@ -399,7 +399,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     pending = {e.url for e in manifest.load().values() if e.status == "pending"}
     plan_path = settings.state_dir / "plan.ecsv"
     if plan_path.exists():
-        items = [i for i in table_to_items(load_plan(plan_path)) if i.url in pending]
+        items = [i for i in iter_plan(plan_path) if redact(i.url) in pending]
     else:
         from engine.models import PlanItem
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from engine.layout import relpath_for, resolve_within
 from engine.manifest import Manifest, ManifestWriter, RunLock
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
 from engine.plan.planner import Planner
-from engine.plan.table import items_to_table, load_plan, read_input, save_plan, table_to_items
+from engine.plan.table import PlanWriter, iter_input, iter_plan, plan_meta, table_to_items
 from engine.plan.tap import TapClient
 from engine.progress import Progress, human_bytes
 from engine.redact import redact, register_secret
@@ -63,26 +64,33 @@ class PlanSource(Protocol):
     def pages(self) -> AsyncIterator[list[PlanItem]]: ...
 
 
-class TablePlan:
-    """A plan that is already known: a saved ECSV plan or a URL list. No TAP at all."""
+class ItemsPlan:
+    """A plan that is already known: a saved ECSV plan, a URL list or a table. No TAP at all.
 
-    def __init__(self, table: Table, *, page_size: int = 1000) -> None:
-        self.table = table
+    `items` is a factory for an iterator, read in pages in a worker thread: a plan file of a million
+    rows streams through in bounded memory and never blocks the event loop.
+    """
+
+    def __init__(self, items: Callable[[], Iterator[PlanItem]], *, page_size: int = 1000) -> None:
+        self.items = items
         self.page_size = page_size
 
     async def pages(self) -> AsyncIterator[list[PlanItem]]:
-        page: list[PlanItem] = []
-        for item in table_to_items(self.table):
-            page.append(item)
-            if len(page) >= self.page_size:
-                yield page
-                page = []
-        if page:
+        iterator = await asyncio.to_thread(self.items)
+        while page := await asyncio.to_thread(lambda: list(itertools.islice(iterator, self.page_size))):
             yield page
 
 
+class TablePlan(ItemsPlan):
+    """A plan held in an astropy Table (the Python API, `verify --repair`)."""
+
+    def __init__(self, table: Table, *, page_size: int = 1000) -> None:
+        super().__init__(lambda: table_to_items(table), page_size=page_size)
+
+
 class TapPlan:
-    """Plans through TAP, page by page, and saves the whole plan once planning has finished."""
+    """Plans through TAP, page by page; each page is written to the plan file as it arrives, and the
+    file takes its final name only when planning has finished (a partial plan is never saved)."""
 
     def __init__(self, planner: Planner, save_to: Path | None, meta: dict[str, str]) -> None:
         self.planner = planner
@@ -90,15 +98,19 @@ class TapPlan:
         self.meta = meta
 
     async def pages(self) -> AsyncIterator[list[PlanItem]]:
-        items: list[PlanItem] = []
-        async for page in self.planner.pages():
-            items.extend(page)
-            yield page
-        if self.save_to is not None:
-            table = items_to_table(items)
-            table.meta.update(self.meta)
-            await asyncio.to_thread(save_plan, table, self.save_to)
-            log.info("plan saved: %s (%d files)", self.save_to, len(table))
+        writer = PlanWriter(self.save_to, meta=self.meta) if self.save_to is not None else None
+        try:
+            async for page in self.planner.pages():
+                if writer is not None:
+                    await asyncio.to_thread(writer.write, page)
+                yield page
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            raise
+        if writer is not None:
+            await asyncio.to_thread(writer.commit)
+            log.info("plan saved: %s (%d files)", self.save_to, writer.count)
 
 
 def selection_fingerprint(settings: Settings) -> str:
@@ -112,18 +124,14 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
     plan in the state directory for resuming (`tessmirror plan` only prints it)."""
     sel = settings.selection
     if sel.urls_file is not None:
-        return TablePlan(read_input(sel.urls_file))
+        iter_input(sel.urls_file)  # fail now, with the file named, if it cannot be read
+        return ItemsPlan(lambda: iter_input(sel.urls_file))
     plan_path = settings.state_dir / PLAN_FILE
     fingerprint = selection_fingerprint(settings)
     if save and plan_path.exists() and not settings.run.refresh_plan:
-        table = load_plan(plan_path)
-        if table.meta.get("selection_fingerprint") == fingerprint:
-            log.info(
-                "resuming from the saved plan %s (%d files); --refresh-plan queries TAP again",
-                plan_path,
-                len(table),
-            )
-            return TablePlan(table)
+        if plan_meta(plan_path).get("selection_fingerprint") == fingerprint:
+            log.info("resuming from the saved plan %s; --refresh-plan queries TAP again", plan_path)
+            return ItemsPlan(lambda: iter_plan(plan_path))
         log.info("the saved plan %s was made for another selection; planning again", plan_path)
     tap = TapClient(settings.tap.url, settings=settings.tap)
     meta = {"selection_fingerprint": fingerprint, "tap_url": redact(settings.tap.url)}
@@ -188,6 +196,7 @@ class MirrorRun:
         session_factory: Callable[..., aiohttp.ClientSession] = open_session,
         downloader_factory: Callable[..., Downloader] = Downloader,
         handle_signals: bool = True,
+        collect_results: bool = True,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -197,7 +206,8 @@ class MirrorRun:
         self.downloader_factory = downloader_factory
         self.handle_signals = handle_signals
         self.out_dir = settings.output.out_dir
-        self.results = _ResultColumns()
+        # The per-file results table is for the Python API; the CLI prints counts and keeps nothing per file.
+        self.results = _ResultColumns() if collect_results else None
         self.outcome = RunOutcome(results=Table())
         self._stop = asyncio.Event()
 
@@ -239,7 +249,7 @@ class MirrorRun:
                 await writer.close()
                 executor.shutdown(wait=False, cancel_futures=True)
                 self.progress.close()
-        self.outcome.results = self.results.table()
+        self.outcome.results = self.results.table() if self.results is not None else Table()
         self.outcome.pending = max(
             self.outcome.planned - self.outcome.downloaded - self.outcome.skipped - self.outcome.failed, 0
         )
@@ -321,11 +331,11 @@ class MirrorRun:
             skipped = 0
             for item in page:
                 self.outcome.planned += 1
-                if redact(item.url) in done:  # the manifest keys URLs redacted
+                if done and redact(item.url) in done:  # the manifest keys URLs redacted
                     skipped += 1
-                    self.results.add(
-                        item, "verified", "skipped", _quiet_relpath(item, layout), item.size, item.md5, ""
-                    )
+                    if self.results is not None:
+                        path = _quiet_relpath(item, layout)
+                        self.results.add(item, "verified", "skipped", path, item.size, item.md5, "")
                     continue
                 try:
                     relpath = relpath_for(item, layout)
@@ -381,9 +391,10 @@ class MirrorRun:
             if len(self.outcome.errors) < 50:
                 self.outcome.errors.append(f"{item.filename or item.url}: {result.error}")
             log.warning("failed: %s: %s", item.filename or item.url, result.error)
-        self.results.add(
-            item, str(result.status), action, result.path, result.nbytes, result.md5, result.error
-        )
+        if self.results is not None:
+            self.results.add(
+                item, str(result.status), action, result.path, result.nbytes, result.md5, result.error
+            )
         self.progress.file_done(result)
 
     # -- signals ------------------------------------------------------------------------------

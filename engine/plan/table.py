@@ -7,8 +7,10 @@ otherwise let a hostile name write elsewhere or run commands.
 
 from __future__ import annotations
 
+import csv
 import errno
 import io
+import itertools
 import os
 import re
 import shlex
@@ -20,6 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 from astropy.table import Table
+from astropy.table.meta import get_header_from_yaml
 
 from engine.exceptions import (
     ConfigError,
@@ -121,6 +124,111 @@ def save_plan(table: Table, path: Path, *, meta: Mapping[str, Any] | None = None
         raise _local_error(err, path, "cannot write the plan") from None
 
 
+class PlanWriter:
+    """Streams PlanItems into an ECSV plan, page by page, so planning never holds the whole plan.
+
+    The header comes from astropy (any ECSV reader accepts the file); rows are plain CSV. The file is
+    written under a temporary name and appears at `path` only on `commit()`, so a killed run never
+    leaves a partial plan that a resume would take for the whole inventory.
+    """
+
+    def __init__(self, path: Path, *, meta: Mapping[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.count = 0
+        header = items_to_table([])
+        header.meta.update({k: redact(v) if isinstance(v, str) else v for k, v in (meta or {}).items()})
+        buffer = io.StringIO()
+        header.write(buffer, format="ascii.ecsv", delimiter=",")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+            )
+            self._handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
+            self._handle.write(buffer.getvalue())
+        except OSError as err:
+            raise _local_error(err, self.path, "cannot write the plan") from None
+        # Strings quoted, numbers bare: exactly what astropy's ECSV reader expects back.
+        self._rows = csv.writer(self._handle, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+
+    def write(self, items: Iterable[PlanItem]) -> None:
+        try:
+            for item in items:
+                self._rows.writerow([getattr(item, name) for name in PLAN_COLUMNS])
+                self.count += 1
+        except OSError as err:
+            raise _local_error(err, self.path, "cannot write the plan") from None
+
+    def commit(self) -> None:
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            os.replace(self._tmp, self.path)
+        except OSError as err:
+            self.discard()
+            raise _local_error(err, self.path, "cannot write the plan") from None
+
+    def discard(self) -> None:
+        self._handle.close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+
+def _plan_header(handle: Iterator[str], path: Path, key: str) -> tuple[dict[str, Any], str]:
+    """Reads the ECSV header lines; returns (header dict, the first line after it)."""
+    lines: list[str] = []
+    for line in handle:
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    else:
+        line = ""
+    try:
+        return get_header_from_yaml(lines), line
+    except Exception as err:  # astropy raises several types for a bad header
+        raise ConfigError(key, f"{str(path)!r} is not a valid ECSV plan: {err}") from None
+
+
+def plan_meta(path: Path, *, key: str = "input") -> dict[str, Any]:
+    """The `meta` of a saved plan, read from its header alone."""
+    with open(path, encoding="utf-8") as handle:
+        header, _ = _plan_header(handle, Path(path), key)
+    return dict(header.get("meta") or {})
+
+
+def iter_plan(path: Path, *, key: str = "input") -> Iterator[PlanItem]:
+    """Stream the PlanItems of an ECSV plan, in bounded memory (a plan may hold a million rows)."""
+    path = Path(path)
+    hint = "give a plan written by tessmirror (ECSV), or a file of URLs"
+    try:
+        handle = open(path, encoding="utf-8", newline="")  # noqa: SIM115 - closed in the finally
+    except FileNotFoundError:
+        raise ConfigError(key, f"the plan {str(path)!r} does not exist", hint=hint) from None
+    except OSError as err:
+        raise ConfigError(key, f"cannot read the plan {str(path)!r}: {err.strerror}", hint=hint) from None
+    try:
+        header, first = _plan_header(handle, path, key)
+        rows = csv.reader(itertools.chain([first], handle), delimiter=header.get("delimiter", " "))
+        names = next(rows, [])
+        if "url" not in names or "filename" not in names:
+            raise ConfigError(key, f"the plan {str(path)!r} has no url/filename columns", hint=hint)
+        columns = [(name, names.index(name), name in _INT_COLUMNS) for name in PLAN_COLUMNS if name in names]
+        for number, row in enumerate(rows, start=2):
+            try:
+                fields = {
+                    name: (int(row[i]) if row[i] else -1) if is_int else row[i] for name, i, is_int in columns
+                }
+            except (ValueError, IndexError):
+                raise ConfigError(
+                    key, f"{str(path)!r}, data row {number - 1}: malformed", hint=hint
+                ) from None
+            yield PlanItem(**fields)
+    except UnicodeDecodeError as err:
+        raise ConfigError(key, f"cannot read the plan {str(path)!r}: {err}", hint=hint) from None
+    finally:
+        handle.close()
+
+
 def load_plan(path: Path, *, key: str = "input") -> Table:
     """Read an ECSV plan; an unreadable or malformed file raises ConfigError naming `key` and the path."""
     path = Path(path)
@@ -141,8 +249,9 @@ def load_plan(path: Path, *, key: str = "input") -> Table:
     return table[list(PLAN_COLUMNS)]
 
 
-def read_input(path: Path, *, key: str = "input") -> Table:
-    """A saved ECSV plan, or a plain URL list (one a line; '#' comments and blank lines ignored)."""
+def iter_input(path: Path, *, key: str = "input") -> Iterator[PlanItem]:
+    """A saved ECSV plan, or a plain URL list (one a line; '#' comments and blank lines ignored),
+    streamed as PlanItems."""
     path = Path(path)
     try:
         with path.open("r", encoding="utf-8") as handle:
@@ -152,12 +261,16 @@ def read_input(path: Path, *, key: str = "input") -> Table:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(key, f"cannot read {str(path)!r}: {err}", hint="check --input") from None
     if head.startswith("# %ECSV"):
-        return load_plan(path, key=key)
-    return items_to_table(_read_url_list(path, key=key))
+        return iter_plan(path, key=key)
+    return _iter_url_list(path, key=key)
 
 
-def _read_url_list(path: Path, *, key: str) -> list[PlanItem]:
-    items: list[PlanItem] = []
+def read_input(path: Path, *, key: str = "input") -> Table:
+    """`iter_input` as a Table (for small inputs and exports)."""
+    return items_to_table(iter_input(path, key=key))
+
+
+def _iter_url_list(path: Path, *, key: str) -> Iterator[PlanItem]:
     seen: set[str] = set()
     hint = "one http(s) URL a line; lines starting with # are comments"
     with path.open("r", encoding="utf-8") as handle:
@@ -174,10 +287,9 @@ def _read_url_list(path: Path, *, key: str) -> list[PlanItem]:
             if url in seen:
                 continue
             seen.add(url)
-            items.append(
-                PlanItem(url=url, filename=filename, product=product_of(filename), sector=sector_of(filename))
+            yield PlanItem(
+                url=url, filename=filename, product=product_of(filename), sector=sector_of(filename)
             )
-    return items
 
 
 def _local_error(err: OSError, path: Path, what: str) -> LocalError:
