@@ -1,0 +1,98 @@
+"""The benchmark suite at tiny sizes (`python -m benchmarks.run --smoke`): every scenario runs, every
+tool's output is checked against the archive's md5s, and the outputs are written. No timings are
+asserted here; the figures live in the benchmark's own output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("psutil", reason="the benchmark needs the bench extra: pip install -e '.[bench]'")
+pytest.importorskip("matplotlib", reason="the benchmark needs the bench extra: pip install -e '.[bench]'")
+
+from benchmarks.scenarios import available_peers  # after the skips: it imports psutil
+
+REPO = Path(__file__).resolve().parents[2]
+PEERS = ("parfive defaults", "parfive c=", "aria2c", "curl sequential", "requests loop")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("bench-smoke")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"the smoke suite failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return json.loads((out / "results.json").read_text()), out, done
+
+
+@pytest.mark.integration
+def test_every_download_scenario_runs_every_tool(smoke) -> None:
+    result, _, _ = smoke
+    missing_peers = available_peers()
+    for scenario in ("1", "2", "3"):
+        tools = [r["tool"] for r in result["downloads"] if r["scenario"] == scenario]
+        assert any(t.startswith("tessmirror") for t in tools), f"scenario {scenario}: no tessmirror row"
+        for peer in PEERS:
+            installed = not any(peer.startswith(name) for name in missing_peers)
+            if installed:
+                assert any(t.startswith(peer) for t in tools), f"scenario {scenario}: {peer} did not run"
+    for name, why in missing_peers.items():
+        assert any(name in note for note in result["notes"]), f"{name} is missing but not reported: {why}"
+
+
+@pytest.mark.integration
+def test_every_tool_output_matches_the_archive(smoke) -> None:
+    """The suite hashed every file each tool wrote; nothing may be missing or corrupt."""
+    result, _, _ = smoke
+    bad = [
+        f"scenario {r['scenario']} {r['tool']}: {r['missing']} missing, {r['corrupt']} corrupt, "
+        f"exit {r['exit_code']}"
+        for r in result["downloads"]
+        if r["missing"] or r["corrupt"] or r["ok"] != r["files"]
+    ]
+    assert not bad, "\n".join(bad)
+    for r in result["downloads"]:
+        assert r["files"] > 0 and r["bytes"] > 0
+        if r["tool"].startswith("tessmirror"):
+            assert r["exit_code"] == 0, r
+
+
+@pytest.mark.integration
+def test_scale_and_planning_scenarios_report(smoke) -> None:
+    result, _, _ = smoke
+    runs = {r["what"]: r for r in result["scale"]}
+    small, big = runs["small plan"], runs["big plan"]
+    assert big["planned_files"] > small["planned_files"] > 0
+    for row in (small, big):
+        assert row["peak_rss_planning_mb"] > 0 and row["peak_rss_running_mb"] > 0
+        assert row["files_downloaded_in_sample"] > 0  # the fetch sample really downloaded
+    resume = next(r for r in result["scale"] if r["what"].startswith("resume"))
+    assert resume["exit_code"] == 0 and resume["all_skipped"]
+    assert resume["manifest_entries"] == result["sizes"]["s4_manifest_entries"]
+    (planning,) = result["planning"]
+    # The row limit forces paging: more than one inventory page, and files requested before the last.
+    assert planning["inventory_pages"] > 1
+    assert planning["planned_files"] == result["sizes"]["s2_targets"]
+    assert planning["first_file_request_s"] is not None
+    assert planning["files_requested_before_plan_end"] > 0
+
+
+@pytest.mark.integration
+def test_outputs_are_written(smoke) -> None:
+    result, out, done = smoke
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    assert "| scenario | tool |" in table and "| target | measured | goal | met |" in table
+    assert table in done.stdout  # the same table is printed
+    assert result["machine"]["nproc"] >= 1 and result["targets"]
+    assert not (out / "work" / "out").exists()  # each tool's copy is removed once checked
