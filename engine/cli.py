@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from engine import __version__
 from engine.exceptions import (
@@ -281,18 +282,12 @@ def _setup_logging(level: str | None) -> None:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_plan(ns: argparse.Namespace) -> int:
+    """Print or export the inventory, page by page as TAP answers (bounded memory)."""
     from engine.manager import plan_source_for
-    from engine.plan.table import export_plan, items_to_table
+    from engine.plan.table import PlanExporter
 
     settings = _settings(ns)
-
-    async def collect():
-        items = []
-        async for page in plan_source_for(settings, save=False).pages():
-            items.extend(page)
-        return items
-
-    table = items_to_table(asyncio.run(collect()))
+    out: TextIO = sys.stdout
     if ns.output:
         try:
             out = open(ns.output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
@@ -302,11 +297,23 @@ def cmd_plan(ns: argparse.Namespace) -> int:
                 f"cannot write {ns.output}: {err.strerror}",
                 hint="give a path in an existing, writable directory",
             ) from None
-        with out:
-            export_plan(table, ns.format, out)
-        log.info("wrote %d files' plan to %s (%s)", len(table), ns.output, ns.format)
-    else:
-        export_plan(table, ns.format, sys.stdout)
+    exporter = PlanExporter(ns.format, out)
+
+    async def export() -> int:
+        count = 0
+        async for page in plan_source_for(settings, save=False).pages():
+            exporter.write(page)
+            count += len(page)
+        return count
+
+    try:
+        count = asyncio.run(export())
+        exporter.close()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if ns.output:
+        log.info("wrote the plan of %d files to %s (%s)", count, ns.output, ns.format)
     return EXIT_OK
 
 

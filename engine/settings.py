@@ -27,7 +27,7 @@ PRODUCT_SUFFIXES: dict[str, str] = {
 @dataclass(slots=True)
 class TapSettings:
     url: str = MAST_TAP_URL
-    # Rows asked per TAP job. None: the service's own hard limit, read from /capabilities.
+    # Rows asked per TAP job. None: 10,000, capped at the service's hard limit from /capabilities.
     page_size: int | None = None
     poll_timeout: float = 10.0  # seconds for one UWS poll (pyvo's WAIT)
     job_timeout: float = 1800.0  # a job not finished by then (e.g. stuck QUEUED) is abandoned

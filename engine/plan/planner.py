@@ -38,7 +38,9 @@ from engine.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 100_000
+# Small enough that a page (parsed by pyvo into a Table) stays a few tens of MB, large enough that a
+# whole sector (~20,000 light curves) takes two jobs; third-party loaders report 504s at 100k rows.
+DEFAULT_PAGE_SIZE = 10_000
 TARGET_BATCH = 200  # target names per IN (...) list: short enough for any service's query length
 MAX_FILE_BYTES = 10**12  # a declared size above 1 TB is nonsense: treat it as unknown
 _ARTIFACT_COLUMNS = {"planetid", "productfilename", "datauri", "contentlength", "contentchecksum"}
@@ -156,9 +158,11 @@ class Planner:
             after = Keyset(last[0], last[1], inclusive=True)
 
     async def _page_size(self) -> int:
-        if self.settings.tap.page_size:
-            return self.settings.tap.page_size
-        return await self.tap.hardlimit() or DEFAULT_PAGE_SIZE
+        """The configured page size, never above the service's hard limit (a larger MAXREC is cut
+        to the limit anyway, and a page that fills the limit is then read as a page, not the end)."""
+        limit = await self.tap.hardlimit()
+        wanted = self.settings.tap.page_size or DEFAULT_PAGE_SIZE
+        return min(wanted, limit) if limit else wanted
 
     async def _probe_artifacts(self) -> bool:
         """Join the CAOM artifact table when the service has it with sizes and checksums."""

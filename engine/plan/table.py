@@ -302,43 +302,74 @@ def _local_error(err: OSError, path: Path, what: str) -> LocalError:
 
 
 # -- exports -------------------------------------------------------------------------------------
-def export_plan(
-    table: Table, fmt: str, out: TextIO, *, safe_name: Callable[[str], bool] = is_safe_filename
-) -> None:
-    """Write the plan as ecsv | votable | csv | urls | aria2 | curl to `out`.
+class PlanExporter:
+    """Writes a plan as ecsv | votable | csv | urls | aria2 | curl, page by page.
 
-    aria2: per file a URL line with indented `out=` and (when known) `checksum=md5=` options;
-    curl: one `curl -f -L -C - -o <file> <url>` line per file, shell-quoted.
+    Every format but votable streams (bounded memory for any plan size); votable needs the whole
+    table, so it is built on `close()`. aria2: per file a URL line with indented `out=` and (when
+    known) `checksum=md5=` options; curl: one `curl -f -L -C - -o <file> <url>` line per file,
+    shell-quoted.
     """
-    fmt = fmt.lower()
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(
-            "format", f"unknown export format {fmt!r}", hint=f"use one of: {', '.join(EXPORT_FORMATS)}"
-        )
-    if fmt in ("ecsv", "csv"):
-        table.write(out, format="ascii.ecsv" if fmt == "ecsv" else "ascii.csv")
-        return
-    if fmt == "votable":
-        buffer = io.BytesIO()  # astropy's VOTable writer wants bytes
-        table.write(buffer, format="votable")
-        out.write(buffer.getvalue().decode("utf-8"))
-        return
-    for item in table_to_items(table):
+
+    def __init__(self, fmt: str, out: TextIO, *, safe_name: Callable[[str], bool] = is_safe_filename) -> None:
+        self.fmt = fmt.lower()
+        if self.fmt not in EXPORT_FORMATS:
+            raise ConfigError(
+                "format", f"unknown export format {fmt!r}", hint=f"use one of: {', '.join(EXPORT_FORMATS)}"
+            )
+        self.out = out
+        self.safe_name = safe_name
+        self._votable: list[PlanItem] = []
+        self._rows = None
+        if self.fmt in ("ecsv", "csv"):
+            if self.fmt == "ecsv":
+                buffer = io.StringIO()
+                items_to_table([]).write(buffer, format="ascii.ecsv", delimiter=",")
+                out.write(buffer.getvalue())
+            else:
+                out.write(",".join(PLAN_COLUMNS) + "\n")
+            self._rows = csv.writer(out, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+
+    def write(self, items: Iterable[PlanItem]) -> None:
+        for item in items:
+            if self.fmt == "votable":
+                self._votable.append(item)
+            elif self._rows is not None:
+                self._rows.writerow([getattr(item, name) for name in PLAN_COLUMNS])
+            else:
+                self._write_line(item)
+
+    def _write_line(self, item: PlanItem) -> None:
         url = _checked_url(item)
-        if fmt == "urls":
-            out.write(url + "\n")
-            continue
-        if not safe_name(item.filename):
+        if self.fmt == "urls":
+            self.out.write(url + "\n")
+            return
+        if not self.safe_name(item.filename):
             raise UnsafePathError(
                 f"refusing to export the file name {item.filename!r}: it is not a plain file name",
                 hint="the archive sent an unsafe name; report it, or drop that row from the plan",
             )
-        if fmt == "aria2":
-            out.write(f"{url}\n  out={item.filename}\n")
+        if self.fmt == "aria2":
+            self.out.write(f"{url}\n  out={item.filename}\n")
             if _MD5.fullmatch(item.md5):
-                out.write(f"  checksum=md5={item.md5}\n")
+                self.out.write(f"  checksum=md5={item.md5}\n")
         else:
-            out.write(f"curl -f -L -C - -o {shlex.quote(item.filename)} {shlex.quote(url)}\n")
+            self.out.write(f"curl -f -L -C - -o {shlex.quote(item.filename)} {shlex.quote(url)}\n")
+
+    def close(self) -> None:
+        if self.fmt == "votable":
+            buffer = io.BytesIO()  # astropy's VOTable writer wants bytes
+            items_to_table(self._votable).write(buffer, format="votable")
+            self.out.write(buffer.getvalue().decode("utf-8"))
+
+
+def export_plan(
+    table: Table, fmt: str, out: TextIO, *, safe_name: Callable[[str], bool] = is_safe_filename
+) -> None:
+    """Write a whole plan table in one of EXPORT_FORMATS (see PlanExporter)."""
+    exporter = PlanExporter(fmt, out, safe_name=safe_name)
+    exporter.write(table_to_items(table))
+    exporter.close()
 
 
 def _checked_url(item: PlanItem) -> str:
