@@ -10,8 +10,10 @@ with any symlinks already on disk followed, is still inside the output folder.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import stat
 import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -149,15 +151,47 @@ def resolve_within(root: Path, relpath: str) -> Path:
     Every component must pass `safe_filename`; then the path is resolved with the symlinks that
     already exist under `root`, and must still be inside `root` (a symlink planted in the mirror
     must not redirect writes elsewhere). Raises UnsafePathError otherwise.
+
+    This runs once per file, so it walks the components with one lstat each and remembers the
+    real directories it has seen; only a symlink on the way costs a full resolve.
     """
     if not isinstance(relpath, str) or not relpath:
         raise _refuse(relpath, "empty path")
     if "\\" in relpath or PurePosixPath(relpath).is_absolute() or PureWindowsPath(relpath).drive:
         raise _refuse(relpath, "absolute or not a POSIX relative path")
-    parts = relpath.split("/")
-    safe_parts = [safe_filename(part) for part in parts]
-    base = Path(os.path.abspath(root)).resolve()
+    safe_parts = [safe_filename(part) for part in relpath.split("/")]
+    base = _resolved_root(str(root))
     candidate = base.joinpath(*safe_parts)
+    current = str(base)
+    for depth, part in enumerate(safe_parts):
+        current = os.path.join(current, part)
+        if current in _REAL_DIRS:
+            continue
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            break  # nothing below it exists yet, so no symlink can redirect it
+        except OSError as err:
+            raise _refuse(relpath, f"cannot be resolved: {err}") from None
+        if stat.S_ISLNK(mode):
+            return _resolve_through_links(base, candidate, relpath)
+        if stat.S_ISDIR(mode) and depth < len(safe_parts) - 1:
+            if len(_REAL_DIRS) > _REAL_DIRS_MAX:
+                _REAL_DIRS.clear()
+            _REAL_DIRS.add(current)
+    return candidate
+
+
+_REAL_DIRS: set[str] = set()  # absolute paths seen to be real directories (not symlinks)
+_REAL_DIRS_MAX = 100_000
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved_root(root: str) -> Path:
+    return Path(os.path.abspath(root)).resolve()
+
+
+def _resolve_through_links(base: Path, candidate: Path, relpath: str) -> Path:
     # strict=False: the parts that do not exist yet are taken as they are, the existing ones resolved.
     try:
         resolved = candidate.resolve(strict=False)
