@@ -336,10 +336,10 @@ class LinkBucket:
             self._stamp = now
             self._tokens -= nbytes
             if self._tokens < 0:
-                # Sleep off the debt while holding the lock: the next writer waits behind it.
+                # Sleep off the debt while holding the lock: the next writer waits behind it. The
+                # debt stays booked against the stamp taken above, so the next take refills from
+                # there: time the sleep overshoots is credited, and the long-run rate is the cap.
                 await asyncio.sleep(-self._tokens / self.rate)
-                self._tokens = 0.0
-                self._stamp = time.monotonic()
 
 
 def _filler(size: int) -> bytes:
