@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from astropy.table import Table
@@ -43,7 +44,7 @@ async def fake_session(*_args, **_kwargs):
 class FakeDownloader:
     """Writes a file per item; fails the URLs in `failing`; can hold every fetch on a gate."""
 
-    instances: list[FakeDownloader] = []
+    instances: ClassVar[list[FakeDownloader]] = []
 
     def __init__(self, *_args, failing=(), gate: asyncio.Event | None = None, local_error=None, **_kwargs):
         self.failing = set(failing)
@@ -64,11 +65,18 @@ class FakeDownloader:
             if self.local_error is not None:
                 raise self.local_error
             if item.url in self.failing:
-                return FileResult(item, FileStatus.FAILED, path=relpath, error="HTTP 404 Not Found", attempts=1)
+                return FileResult(
+                    item, FileStatus.FAILED, path=relpath, error="HTTP 404 Not Found", attempts=1
+                )
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(b"x" * item.size)
             return FileResult(
-                item, FileStatus.VERIFIED, path=relpath, nbytes=item.size, md5="0" * 32, level=VerifyLevel.SIZE
+                item,
+                FileStatus.VERIFIED,
+                path=relpath,
+                nbytes=item.size,
+                md5="0" * 32,
+                level=VerifyLevel.SIZE,
             )
         finally:
             self.in_flight -= 1
@@ -182,7 +190,7 @@ def test_stop_interrupts_keeps_what_was_verified_and_reports_pending(tmp_path):
     outcome = asyncio.run(scenario())
     assert outcome.interrupted and outcome.exit_code == EXIT_INTERRUPTED
     assert outcome.pending == 30 - outcome.downloaded - outcome.failed
-    resumed, downloader = run(settings, items)
+    resumed, _ = run(settings, items)
     assert resumed.exit_code == EXIT_OK and resumed.downloaded + resumed.skipped == 30
 
 
