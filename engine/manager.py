@@ -24,11 +24,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
-from astropy.table import Table
 
 from engine.exceptions import (
     EXIT_INTERRUPTED,
@@ -46,12 +45,15 @@ from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import relpath_for, resolve_within
 from engine.manifest import Manifest, ManifestWriter, RunLock
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
-from engine.plan.planner import Planner
 from engine.plan.table import PlanWriter, iter_input, iter_plan, plan_meta, table_to_items
-from engine.plan.tap import TapClient
 from engine.progress import Progress, human_bytes
 from engine.redact import redact, register_secret
 from engine.settings import Settings
+
+if TYPE_CHECKING:  # planning's imports (astropy.table, pyvo) cost a second: only when planning
+    from astropy.table import Table
+
+    from engine.plan.planner import Planner
 
 log = logging.getLogger("tessmirror")
 
@@ -133,6 +135,9 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
             log.info("resuming from the saved plan %s; --refresh-plan queries TAP again", plan_path)
             return ItemsPlan(lambda: iter_plan(plan_path))
         log.info("the saved plan %s was made for another selection; planning again", plan_path)
+    from engine.plan.planner import Planner
+    from engine.plan.tap import TapClient
+
     tap = TapClient(settings.tap.url, settings=settings.tap)
     meta = {"selection_fingerprint": fingerprint, "tap_url": redact(settings.tap.url)}
     return TapPlan(Planner(settings, tap), plan_path if save else None, meta)
@@ -141,7 +146,7 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
 # -- the outcome --------------------------------------------------------------------------------
 @dataclass
 class RunOutcome:
-    results: Table
+    results: Table | None = None  # one row per file (the Python API); None when not collected
     planned: int = 0
     downloaded: int = 0
     skipped: int = 0
@@ -175,6 +180,8 @@ class _ResultColumns:
             self.cols[name].append(value)
 
     def table(self) -> Table:
+        from astropy.table import Table
+
         table = Table(self.cols, names=RESULT_COLUMNS, dtype=[str, str, str, str, str, str, "i8", str, str])
         return table
 
@@ -208,7 +215,7 @@ class MirrorRun:
         self.out_dir = settings.output.out_dir
         # The per-file results table is for the Python API; the CLI prints counts and keeps nothing per file.
         self.results = _ResultColumns() if collect_results else None
-        self.outcome = RunOutcome(results=Table())
+        self.outcome = RunOutcome()
         self._stop = asyncio.Event()
 
     # -- entry --------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ class MirrorRun:
                 await writer.close()
                 executor.shutdown(wait=False, cancel_futures=True)
                 self.progress.close()
-        self.outcome.results = self.results.table() if self.results is not None else Table()
+        self.outcome.results = self.results.table() if self.results is not None else None
         self.outcome.pending = max(
             self.outcome.planned - self.outcome.downloaded - self.outcome.skipped - self.outcome.failed, 0
         )

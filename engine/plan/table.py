@@ -17,12 +17,13 @@ import shlex
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
-from astropy.table import Table
-from astropy.table.meta import get_header_from_yaml
+
+if TYPE_CHECKING:  # astropy.table costs half a second to import: only where a Table is built
+    from astropy.table import Table
 
 from engine.exceptions import (
     ConfigError,
@@ -80,6 +81,8 @@ def items_to_table(items: Iterable[PlanItem]) -> Table:
     for name in PLAN_COLUMNS:
         values = [getattr(item, name) for item in rows]
         columns[name] = np.array(values, dtype=np.int64 if name in _INT_COLUMNS else str)
+    from astropy.table import Table
+
     return Table(columns, names=PLAN_COLUMNS)
 
 
@@ -184,9 +187,25 @@ def _plan_header(handle: Iterator[str], path: Path, key: str) -> tuple[dict[str,
     else:
         line = ""
     try:
-        return get_header_from_yaml(lines), line
-    except Exception as err:  # astropy raises several types for a bad header
+        return _header_from_yaml(lines), line
+    except Exception as err:  # yaml raises several types for a bad header
         raise ConfigError(key, f"{str(path)!r} is not a valid ECSV plan: {err}") from None
+
+
+def _header_from_yaml(lines: list[str]) -> dict[str, Any]:
+    """The ECSV header as a dict, read with PyYAML (as astropy does, without importing astropy.table:
+    a resume must start fast). Only the keys a plan reader needs are interpreted."""
+    import yaml  # an astropy dependency
+
+    if not lines or not lines[0].startswith("%ECSV"):
+        raise ValueError("no '%ECSV' line: not an ECSV file")
+    header = yaml.safe_load("".join(lines[1:]))
+    if not isinstance(header, dict) or "datatype" not in header:
+        raise ValueError("the header has no datatype list")
+    meta = header.get("meta") or {}
+    if isinstance(meta, list):  # !!omap loads as a list of pairs
+        meta = dict(meta)
+    return {**header, "meta": meta}
 
 
 def plan_meta(path: Path, *, key: str = "input") -> dict[str, Any]:
@@ -240,6 +259,8 @@ def load_plan(path: Path, *, key: str = "input") -> Table:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(key, f"cannot read the plan {str(path)!r}: {err}", hint=hint) from None
     try:
+        from astropy.table import Table
+
         table = Table.read(text, format="ascii.ecsv")
     except Exception as err:  # astropy raises many types for a malformed ECSV
         raise ConfigError(key, f"{str(path)!r} is not a valid ECSV plan: {err}", hint=hint) from None

@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from astropy.io import fits
-from astropy.io.fits.verify import VerifyError
 
 from engine.exceptions import NotFitsError
 
@@ -263,6 +261,9 @@ def _verify_sums(path: Path, raw: mmap.mmap, span: HduSpan) -> None:
 
 def _parse_unvouched_data(path: Path, handle: BinaryIO, spans: list[HduSpan]) -> None:
     """Nothing vouches for some HDU's bytes: at least its data must parse as its header declares."""
+    from astropy.io import fits  # imported here: most files never need it, and it is slow to import
+    from astropy.io.fits.verify import VerifyError
+
     try:
         handle.seek(0)
         # Our handle, not the path: astropy then never owns (or, on an error, leaks) a file object.
