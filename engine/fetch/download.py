@@ -144,7 +144,9 @@ class _Transfer:
     part: PartFile
     check: StreamCheck
     buffer: bytearray
+    dest: Path
     view: memoryview = field(init=False)
+    committed: bool = False  # verified and renamed to `dest` (done in the FITS check's thread hop)
     validator: str | None = None  # ETag or Last-Modified, for If-Range
     restart: bool = False  # the bytes so far are unusable: start the next try from zero
 
@@ -229,7 +231,7 @@ class Downloader:
         started = self._clock.monotonic()
         part = self._part_file(dest.with_name(dest.name + ".part"))
         check = StreamCheck(item, self._level, est_tolerance=self._settings.est_size_tolerance)
-        transfer = _Transfer(item, part, check, bytearray(self._settings.chunk_size))
+        transfer = _Transfer(item, part, check, bytearray(self._settings.chunk_size), dest)
         attempts = 0
         try:
             await self._io(part.path, part.open)
@@ -240,7 +242,8 @@ class Downloader:
                     with attempt:
                         attempts += 1
                         nbytes, md5 = await self._try_once(transfer)
-                await self._io(part.path, lambda: part.commit(dest, fsync=self._fsync))
+                if not transfer.committed:
+                    await self._io(part.path, lambda: part.commit(dest, fsync=self._fsync))
             except (TransferError, UnsafePathError) as exc:
                 await self._io(part.path, part.discard)
                 return FileResult(
@@ -292,11 +295,21 @@ class Downloader:
             nbytes, md5 = t.check.finish()
             if self._level >= VerifyLevel.FITS and is_fits_item(t.item):
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, verify_fits, t.part.path)
+                await loop.run_in_executor(self._executor, self._verify_and_commit, t)
             return nbytes, md5
         except IntegrityError:
             t.restart = True  # a fresh copy may be right; these bytes are not
             raise
+
+    def _verify_and_commit(self, t: _Transfer) -> None:
+        """The FITS check, then (only if it passed) fsync and rename, in one thread hop: a mirror of
+        small files pays per hop, not per byte."""
+        verify_fits(t.part.path)
+        try:
+            t.part.commit(t.dest, fsync=self._fsync)
+        except OSError as exc:
+            raise local_error(exc, t.part.path) from exc
+        t.committed = True
 
     async def _restart(self, t: _Transfer) -> None:
         await self._io(t.part.path, t.part.truncate)
