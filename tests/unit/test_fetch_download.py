@@ -430,8 +430,8 @@ def test_redirect_to_ftp_is_refused_without_retry(tmp_path: Path) -> None:
 def test_https_to_http_redirect_is_a_downgrade() -> None:
     with pytest.raises(UnsafeRedirectError, match="downgrade"):
         _redirect_target(URL("https://mast.stsci.edu/a"), "http://mast.stsci.edu/b")
-    assert _redirect_target(URL("http://a.example/x/y"), "/z") == URL("http://a.example/z")
-    assert _redirect_target(URL("http://a.example/x"), "https://b.example/x").scheme == "https"
+    assert _redirect_target(URL("http://a.example.org/x/y"), "/z") == URL("http://a.example.org/z")
+    assert _redirect_target(URL("http://a.example.org/x"), "https://b.example.org/x").scheme == "https"
 
 
 def test_redirects_are_followed_and_the_token_stays_on_the_archive_host(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ DVT = "tess2018206190142-s0001-s0013-0000000025155310-00106_dvt.fits"
 
 
 def item(filename: str, sector: int = -1) -> PlanItem:
-    return PlanItem(url=f"https://archive.example/{filename}", filename=filename, sector=sector)
+    return PlanItem(url=f"https://archive.example.org/{filename}", filename=filename, sector=sector)
 
 
 # -- relpath_for ------------------------------------------------------------------------------------
@@ -190,9 +190,9 @@ def test_percent_signs_that_decode_to_printable_text_are_allowed(name: str) -> N
 )
 def test_relpath_refuses_a_hostile_obs_id(obs_id: str) -> None:
     with pytest.raises(UnsafePathError, match="unsafe obs_id"):
-        relpath_for(PlanItem(url="https://archive.example/x", filename=LC, obs_id=obs_id), "mast")
+        relpath_for(PlanItem(url="https://archive.example.org/x", filename=LC, obs_id=obs_id), "mast")
 
 
 def test_relpath_accepts_ordinary_obs_ids() -> None:
     for obs_id in ("", LC[:-8], "hlsp_qlp_tess_ffi_s0001-0000000025155310_tess_v01_llc"):
-        relpath_for(PlanItem(url="https://archive.example/x", filename=LC, obs_id=obs_id), "mast")
+        relpath_for(PlanItem(url="https://archive.example.org/x", filename=LC, obs_id=obs_id), "mast")

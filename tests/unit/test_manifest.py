@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def entry(n: int, status: str = "verified", **changes: object) -> ManifestEntry:
     base = ManifestEntry(
-        url=f"https://archive.example/f{n}.fits",
+        url=f"https://archive.example.org/f{n}.fits",
         path=f"s0001/f{n}.fits",
         status=status,
         obs_id=f"obs{n}",
@@ -172,14 +172,14 @@ def test_permission_denied_reading_raises_manifest_error(
 
 
 def test_from_result_records_the_result_and_redacts_the_error() -> None:
-    item = PlanItem(url="https://a.example/x.fits", filename="x.fits", obs_id="o1", md5="d" * 32)
+    item = PlanItem(url="https://a.example.org/x.fits", filename="x.fits", obs_id="o1", md5="d" * 32)
     result = FileResult(
         item,
         FileStatus.FAILED,
         path="s0001/x.fits",
         nbytes=10,
         level=VerifyLevel.CHECKSUM,
-        error="GET https://a.example/x.fits?token=sekrit99 failed",
+        error="GET https://a.example.org/x.fits?token=sekrit99 failed",
         attempts=4,
         finished_at=5.0,
     )
@@ -275,7 +275,7 @@ def test_close_is_idempotent_and_recording_after_close_fails(tmp_path: Path) -> 
         writer = ManifestWriter(manifest)
         await writer.start()
         await writer.record(
-            FileResult(PlanItem(url="https://a.example/y", filename="y"), FileStatus.VERIFIED)
+            FileResult(PlanItem(url="https://a.example.org/y", filename="y"), FileStatus.VERIFIED)
         )
         await writer.close()
         await writer.close()
@@ -283,7 +283,7 @@ def test_close_is_idempotent_and_recording_after_close_fails(tmp_path: Path) -> 
             await writer.record_entry(entry(2))
 
     asyncio.run(scenario())
-    assert manifest.verified_urls() == {"https://a.example/y"}
+    assert manifest.verified_urls() == {"https://a.example.org/y"}
 
 
 def test_cancelled_close_still_flushes_everything(tmp_path: Path) -> None:
@@ -398,7 +398,7 @@ CHILD = textwrap.dedent(
         print("ready", flush=True)
         n = start
         while True:
-            url = f"https://archive.example/{n}"
+            url = f"https://archive.example.org/{n}"
             md5 = url[-32:].rjust(32, "0")
             error = "x" * (n % 300)
             record = ManifestEntry(url, path=f"p/{n}", status="verified", md5=md5, nbytes=n, error=error)

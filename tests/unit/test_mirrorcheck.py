@@ -49,7 +49,7 @@ def build_mirror(tmp_path: Path) -> tuple[Path, Manifest, dict[str, ManifestEntr
         path = out / rel
         make_fits(path, seed)
         entries[key] = ManifestEntry(
-            url=f"https://archive.example/{path.name}",
+            url=f"https://archive.example.org/{path.name}",
             path=rel,
             status="verified",
             nbytes=path.stat().st_size,
@@ -59,7 +59,7 @@ def build_mirror(tmp_path: Path) -> tuple[Path, Manifest, dict[str, ManifestEntr
         )
     # A record that is no longer verified is to-do, not checked; its path is not "unexpected" either.
     failed = ManifestEntry(
-        url="https://archive.example/failed.fits", path="misc/failed.fits", status="failed"
+        url="https://archive.example.org/failed.fits", path="misc/failed.fits", status="failed"
     )
     (out / "misc").mkdir()
     (out / "misc" / "failed.fits").write_bytes(b"left over")
@@ -166,14 +166,14 @@ def test_an_unsafe_recorded_path_is_reported_and_never_touched(tmp_path: Path) -
     manifest.append_entries(
         [
             ManifestEntry(
-                url="https://archive.example/evil", path="../victim.fits", status="verified", nbytes=1
+                url="https://archive.example.org/evil", path="../victim.fits", status="verified", nbytes=1
             )
         ]
     )
     report = check_mirror(out, manifest, level=VerifyLevel.SIZE, repair=True)
     assert by_path(report)["../victim.fits"] == "corrupt"
     assert victim.exists()
-    assert manifest.load()["https://archive.example/evil"].status == "pending"
+    assert manifest.load()["https://archive.example.org/evil"].status == "pending"
 
 
 def test_a_missing_mirror_is_a_usage_error(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"
 MD5 = "0123456789abcdef0123456789abcdef"
 ITEMS = [
     PlanItem(
-        url=f"https://mast.example/api/v0.1/Download/file?uri=mast:TESS/product/{LC}",
+        url=f"https://mast.example.org/api/v0.1/Download/file?uri=mast:TESS/product/{LC}",
         filename=LC,
         obs_id="tess2018206045859-s0001-0000000025155310-0120-s",
         product="lc",
@@ -36,7 +36,7 @@ ITEMS = [
         md5=MD5,
         target_name="25155310",
     ),
-    PlanItem(url="https://mast.example/files/b_tp.fits", filename="b_tp.fits"),
+    PlanItem(url="https://mast.example.org/files/b_tp.fits", filename="b_tp.fits"),
 ]
 
 
@@ -72,7 +72,7 @@ def test_load_plan_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a valid ECSV plan"):
         load_plan(bad)
     partial = tmp_path / "partial.ecsv"
-    Table({"url": ["https://h/a.fits"]}).write(partial, format="ascii.ecsv")
+    Table({"url": ["https://example.org/a.fits"]}).write(partial, format="ascii.ecsv")
     with pytest.raises(ConfigError, match="lacks the columns filename"):
         load_plan(partial)
 
@@ -81,9 +81,9 @@ def test_read_input_url_list(tmp_path: Path) -> None:
     path = tmp_path / "urls.txt"
     path.write_text(
         "# light curves\n\n"
-        f"https://mast.example/api/v0.1/Download/file?uri=mast:TESS/product/{LC}\n"
-        "  https://archive.example/missions/tess/tid/s0002/x/tess2018-s0002-1-1_tp.fits  \n"
-        f"https://mast.example/api/v0.1/Download/file?uri=mast:TESS/product/{LC}\n"
+        f"https://mast.example.org/api/v0.1/Download/file?uri=mast:TESS/product/{LC}\n"
+        "  https://archive.example.org/missions/tess/tid/s0002/x/tess2018-s0002-1-1_tp.fits  \n"
+        f"https://mast.example.org/api/v0.1/Download/file?uri=mast:TESS/product/{LC}\n"
     )
     items = list(table_to_items(read_input(path)))
     assert [(i.filename, i.product, i.sector) for i in items] == [
@@ -98,10 +98,10 @@ def test_read_input_ecsv_plan(tmp_path: Path) -> None:
     assert list(table_to_items(read_input(path))) == ITEMS
 
 
-@pytest.mark.parametrize("line", ["ftp://host/a.fits", "not a url", "https://host/"])
+@pytest.mark.parametrize("line", ["ftp://host/a.fits", "not a url", "https://example.org/"])
 def test_read_input_bad_line_names_its_number(tmp_path: Path, line: str) -> None:
     path = tmp_path / "urls.txt"
-    path.write_text(f"https://host/a_lc.fits\n# comment\n{line}\n")
+    path.write_text(f"https://example.org/a_lc.fits\n# comment\n{line}\n")
     with pytest.raises(ConfigError, match="line 3") as info:
         read_input(path)
     assert info.value.key == "input"
@@ -111,8 +111,10 @@ def test_product_and_filename_helpers() -> None:
     assert product_of("x_fast-lc.fits") == "fast-lc"
     assert product_of("x_lc.fits") == "lc"
     assert product_of("x_llc.fits") == ""
-    assert filename_from_url("https://h/Download/file?uri=mast:TESS/product/a_lc.fits") == "a_lc.fits"
-    assert filename_from_url("https://h/dir/b%20c_tp.fits") == "b c_tp.fits"
+    assert (
+        filename_from_url("https://example.org/Download/file?uri=mast:TESS/product/a_lc.fits") == "a_lc.fits"
+    )
+    assert filename_from_url("https://example.org/dir/b%20c_tp.fits") == "b c_tp.fits"
 
 
 def export(items: list[PlanItem], fmt: str) -> str:
@@ -136,7 +138,9 @@ def test_export_urls_aria2_and_curl() -> None:
 
 
 def test_curl_export_quotes_hostile_names() -> None:
-    hostile = PlanItem(url="https://h/a?x=1&uri=$(rm${IFS}-rf${IFS}~)`id`", filename="a b;$(reboot)'_lc.fits")
+    hostile = PlanItem(
+        url="https://example.org/a?x=1&uri=$(rm${IFS}-rf${IFS}~)`id`", filename="a b;$(reboot)'_lc.fits"
+    )
     line = export([hostile], "curl").strip()
     # The shell sees exactly the name and the URL as single words, nothing runs.
     assert shlex.split(line)[-3:] == ["-o", hostile.filename, hostile.url]
@@ -144,14 +148,14 @@ def test_curl_export_quotes_hostile_names() -> None:
 
 @pytest.mark.parametrize("name", ["../evil_lc.fits", "dir/x_lc.fits", "x\n  dir=/etc_lc.fits", "..", ""])
 def test_exports_refuse_unsafe_names(name: str) -> None:
-    item = PlanItem(url="https://h/a_lc.fits", filename=name)
+    item = PlanItem(url="https://example.org/a_lc.fits", filename=name)
     for fmt in ("aria2", "curl"):
         with pytest.raises(UnsafePathError):
             export([item], fmt)
 
 
 def test_exports_refuse_urls_with_newlines() -> None:
-    item = PlanItem(url="https://h/a_lc.fits\n  out=../../x", filename="a_lc.fits")
+    item = PlanItem(url="https://example.org/a_lc.fits\n  out=../../x", filename="a_lc.fits")
     with pytest.raises(UnsafePathError):
         export([item], "urls")
 

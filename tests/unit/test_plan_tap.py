@@ -19,7 +19,7 @@ from engine.settings import TapSettings
 
 pytestmark = pytest.mark.integration
 PREFIX = "/caom"
-FAST = TapSettings(url="http://unused", poll_timeout=2.0, job_timeout=10.0, retries=3)
+FAST = TapSettings(url="http://127.0.0.1:9", poll_timeout=2.0, job_timeout=10.0, retries=3)
 
 
 def char(name: str) -> ColumnDef:

@@ -19,7 +19,7 @@ from engine.settings import Selection, Settings, TapSettings
 from tests.unit.test_plan_tap import char, number, serve
 
 pytestmark = pytest.mark.integration
-DOWNLOAD = "http://files.invalid/api/v0.1/Download/file?uri="
+DOWNLOAD = "http://files.example.org/api/v0.1/Download/file?uri="
 SIZE = 2039040
 # Footprints of sector 1: camera 1 CCD 2 (RA 10..12) and camera 1 CCD 1 (RA 11..13), overlapping.
 FFIS = {
@@ -223,7 +223,7 @@ def test_targets_file(tmp_path: Path) -> None:
 
 def test_urls_file_needs_no_tap(tmp_path: Path) -> None:
     urls = tmp_path / "urls.txt"
-    urls.write_text("https://h/a/tess-s0003-x_lc.fits\nhttps://h/a/tess-s0003-x_lc.fits\n")
+    urls.write_text("https://example.org/a/tess-s0003-x_lc.fits\nhttps://example.org/a/tess-s0003-x_lc.fits\n")
     settings = settings_for("http://127.0.0.1:9/unused", urls_file=urls)
     planner = Planner(settings, TapClient(settings.tap.url, settings=settings.tap))
     pages = asyncio.run(collect(planner))
