@@ -223,7 +223,9 @@ def test_targets_file(tmp_path: Path) -> None:
 
 def test_urls_file_needs_no_tap(tmp_path: Path) -> None:
     urls = tmp_path / "urls.txt"
-    urls.write_text("https://example.org/a/tess-s0003-x_lc.fits\nhttps://example.org/a/tess-s0003-x_lc.fits\n")
+    urls.write_text(
+        "https://example.org/a/tess-s0003-x_lc.fits\nhttps://example.org/a/tess-s0003-x_lc.fits\n"
+    )
     settings = settings_for("http://127.0.0.1:9/unused", urls_file=urls)
     planner = Planner(settings, TapClient(settings.tap.url, settings=settings.tap))
     pages = asyncio.run(collect(planner))
