@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections import Counter
@@ -29,6 +30,9 @@ from engine.redact import RedactingFilter, redact
 log = logging.getLogger("tessmirror")
 
 DEMO_OUT = "tessmirror-demo"
+# A fixed port keeps the archive's URLs the same from one demo to the next, so a second
+# `tessmirror demo` resumes (and skips every verified file) instead of downloading again.
+DEMO_PORT = 27301  # below the ephemeral range (32768-60999), so no client socket holds it
 
 
 # -- flag parsing -------------------------------------------------------------------------------
@@ -213,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=int, default=300, help="synthetic TIC targets in the archive")
     p.add_argument("--file-size", default="full", help="full (about 2 MB), small, or a cadence count")
     p.add_argument("--concurrency", dest="fetch.concurrency", type=int)
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEMO_PORT,
+        help=f"archive port (default {DEMO_PORT}, or a free one if taken)",
+    )
 
     p = sub.add_parser("archive", help="the local MAST-shaped archive")
     asub = p.add_subparsers(dest="archive_command", required=True, metavar="ARCHIVE_COMMAND")
@@ -476,9 +486,16 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from engine.archive.server import ArchiveThread
 
     # Every synthetic target inside the notebook's footprint, so the demo has a few hundred files.
-    options = _archive_options(ns, sectors=(1,), focus=(1, 1, 2))
+    options = _archive_options(ns, sectors=(1,), focus=(1, 1, 2), port=ns.port)
     log.info("starting the local archive (%d targets, %s files)...", ns.targets, ns.file_size)
-    with ArchiveThread(options) as thread:
+    thread = ArchiveThread(options)
+    try:
+        thread.start()
+    except OSError as err:  # the port is taken: any free one will do (this demo then downloads anew)
+        log.info("port %d is busy (%s); using a free port", ns.port, err.strerror)
+        thread = ArchiveThread(dataclasses.replace(options, port=0))
+        thread.start()
+    try:
         archive = thread.archive
         log.info("local archive: %s", archive.tap_url)
         settings = _settings(
@@ -491,6 +508,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
             },
         )
         code = _run_mirror(settings)
+    finally:
+        thread.stop()
     print(
         f"mirror in {settings.output.out_dir}; `tessmirror status --out {settings.output.out_dir}` "
         "reports on it, `tessmirror verify --out ...` re-checks it",

@@ -120,6 +120,8 @@ class LocalArchive:
         options = self.options
         cadences = cadences_for(options.file_size)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # As any server: a port whose last connections linger in TIME_WAIT can be bound again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             # Bind first: the catalogue's access_url needs the port.
             sock.bind((options.host, options.port))

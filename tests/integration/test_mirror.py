@@ -164,3 +164,20 @@ def test_sigterm_stops_gracefully_and_the_next_run_completes(archive, tmp_path):
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert_mirror_matches_truth(out, arc, expected)
+
+
+def test_the_demo_runs_twice_and_the_second_run_resumes(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a free port, kept by the demo across both runs
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "demo"
+    args = ("demo", "--out", out, "--targets", 32, "--file-size", "small", "--port", port)
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    planned = int(first.stderr.split("planned")[1].split()[0])
+    assert planned >= 32 and f"downloaded  {planned}" in first.stderr
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert f"skipped     {planned}" in second.stderr and "downloaded  0" in second.stderr
