@@ -13,7 +13,6 @@ full disk) raise `engine.exceptions.TessMirrorError` subclasses.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +100,3 @@ def mirror(config: str | Path | None = None, **kwargs: Any) -> Table:
     except RuntimeError:
         return asyncio.run(mirror_async(config, **kwargs))
     raise RuntimeError("mirror() was called inside a running event loop; use `await mirror_async(...)`")
-
-
-def overrides_from(mapping: Mapping[str, object]) -> dict[str, object]:
-    """Drop unset (None) values, so CLI flags that were not given do not override the file."""
-    return {k: v for k, v in mapping.items() if v is not None}

@@ -336,8 +336,11 @@ class MirrorRun:
         async for page in source.pages():
             todo: list[tuple[PlanItem, str, Path]] = []
             skipped = 0
+            page_bytes = 0
             for item in page:
                 self.outcome.planned += 1
+                declared = _declared_bytes(item)
+                page_bytes += declared
                 if done and redact(item.url) in done:  # the manifest keys URLs redacted
                     skipped += 1
                     if self.results is not None:
@@ -351,9 +354,9 @@ class MirrorRun:
                     await self._record(writer, FileResult(item, FileStatus.FAILED, error=redact(err)))
                     continue
                 todo.append((item, relpath, dest))
-                needed += _declared_bytes(item)
+                needed += declared
             self.outcome.skipped += skipped
-            self.progress.planned_items(len(page), sum(_declared_bytes(i) for i in page))
+            self.progress.planned_items(len(page), page_bytes)
             self.progress.skipped_items(skipped)
             if needed > free and not self.settings.run.force:
                 raise DiskFullError(

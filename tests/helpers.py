@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from engine.manifest import Manifest
@@ -39,6 +40,21 @@ def spawn_cli(*args: object, env: dict[str, str] | None = None, cwd: Path | None
         cwd=cwd,
         stdin=subprocess.DEVNULL,
     )
+
+
+def wait_until(condition, *, timeout: float = 60.0, interval: float = 0.05) -> bool:
+    """Poll `condition()` until it is true (returns True) or `timeout` seconds pass (returns False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def manifest_lines(path: Path) -> int:
+    """How many records a manifest file holds so far (0 before it exists)."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 def md5_of(path: Path) -> str:

@@ -104,27 +104,14 @@ def table_to_items(table: Table) -> Iterator[PlanItem]:
 
 # -- files ----------------------------------------------------------------------------------------
 def save_plan(table: Table, path: Path, *, meta: Mapping[str, Any] | None = None) -> None:
-    """Write `table` as ECSV, atomically (a temporary file, then os.replace); `meta` goes in the header."""
-    path = Path(path)
-    out = table.copy(copy_data=False)
-    if meta:
-        out.meta.update(
-            {key: redact(value) if isinstance(value, str) else value for key, value in meta.items()}
-        )
+    """Write `table` as an ECSV plan, atomically; `meta` (and the table's own) goes in the header."""
+    writer = PlanWriter(path, meta={**table.meta, **(meta or {})})
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                out.write(handle, format="ascii.ecsv")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    except OSError as err:
-        raise _local_error(err, path, "cannot write the plan") from None
+        writer.write(table_to_items(table))
+    except BaseException:
+        writer.discard()
+        raise
+    writer.commit()
 
 
 class PlanWriter:

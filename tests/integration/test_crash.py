@@ -22,8 +22,10 @@ from engine.manifest import MANIFEST_NAME, Manifest
 from tests.helpers import (
     assert_mirror_matches_truth,
     assert_verified_records_are_good,
+    manifest_lines,
     run_cli,
     spawn_cli,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -44,13 +46,12 @@ def cli_args(arch, out: Path) -> list[object]:
 
 def wait_for_records(manifest_path: Path, proc: subprocess.Popen, at_least: int, timeout: float = 60) -> None:
     """Block until the manifest holds `at_least` lines (downloads are under way)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
-        if manifest_path.exists() and manifest_path.read_bytes().count(b"\n") >= at_least:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {at_least} manifest records within {timeout} s")
+        return manifest_lines(manifest_path) >= at_least
+
+    assert wait_until(ready, timeout=timeout), f"no {at_least} manifest records within {timeout} s"
 
 
 def test_kill_and_resume_in_a_loop(archive, tmp_path: Path) -> None:

@@ -20,9 +20,11 @@ from tests.helpers import (
     assert_mirror_matches_truth,
     assert_verified_records_are_good,
     lc_names_in_footprint,
+    manifest_lines,
     mirrored_files,
     run_cli,
     spawn_cli,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -72,11 +74,7 @@ def test_kill_minus_nine_mid_run_then_resume_never_downloads_a_recorded_file_aga
     args = ("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--concurrency", "2")
     proc = spawn_cli(*args)
     manifest = out / ".tessmirror" / "manifest.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if manifest.exists() and manifest.read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: manifest_lines(manifest) >= 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
@@ -150,9 +148,7 @@ def test_sigterm_stops_gracefully_and_the_next_run_completes(archive, tmp_path):
     args = ("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--concurrency", "2")
     proc = spawn_cli(*args)
     manifest = out / ".tessmirror" / "manifest.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out / ".tessmirror" / "plan.ecsv").exists():
-        time.sleep(0.05)
+    wait_until((out / ".tessmirror" / "plan.ecsv").exists)
     time.sleep(0.5)  # downloads are under way: 2 at a time, 0.3 s each before the first byte
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
