@@ -111,7 +111,18 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
         "--products",
         dest="selection.products",
         type=_str_list,
-        help="product types, e.g. lc,tp,dvt (default: lc)",
+        help="product types, e.g. lc,tp,dvt or ffic (default: lc)",
+    )
+    g.add_argument(
+        "--footprint",
+        dest="selection.footprint",
+        choices=("middle", "composite"),
+        help="each CCD's footprint from its middle exposure (default) or first+middle+last",
+    )
+    g.add_argument(
+        "--collection",
+        dest="selection.collection",
+        help="obs_collection: TESS (default) or HLSP (TESS-SPOC and QLP light curves)",
     )
     g.add_argument("--tap-url", dest="tap.url", help="TAP base URL (default: MAST's CAOM TAP)")
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from engine.exceptions import ConfigError
 from engine.models import VerifyLevel
-from engine.settings import PRODUCT_SUFFIXES, Settings
+from engine.settings import CHUNK_SIZE_MAX, FOOTPRINTS, PRODUCT_SUFFIXES, Settings
 
 try:  # Python >= 3.11
     import tomllib
@@ -396,7 +396,13 @@ def _validate(settings: Settings, *, require_selection: bool) -> None:
         )
     _at_least("tap.page_size", tap.page_size, 1)
     _at_least("tap.retries", tap.retries, 0)
-    for key in ("tap.poll_timeout", "tap.job_timeout", "fetch.connect_timeout", "fetch.idle_timeout"):
+    for key in (
+        "tap.poll_timeout",
+        "tap.job_timeout",
+        "tap.request_timeout",
+        "fetch.connect_timeout",
+        "fetch.idle_timeout",
+    ):
         value = _get(settings, key)
         if value <= 0:
             raise ConfigError(key, f"timeout {value} must be positive", hint="give seconds, e.g. 30")
@@ -408,6 +414,13 @@ def _validate(settings: Settings, *, require_selection: bool) -> None:
         )
     _at_least("fetch.per_host", fetch.per_host, 1)
     _at_least("fetch.chunk_size", fetch.chunk_size, 1024)
+    if fetch.chunk_size > CHUNK_SIZE_MAX:
+        raise ConfigError(
+            "fetch.chunk_size",
+            f"{fetch.chunk_size} is above the maximum {CHUNK_SIZE_MAX} (64 MiB)",
+            hint="the default 262144 (256 kB) is right for almost every link",
+        )
+    _at_least("fetch.max_file_size", fetch.max_file_size, 1)
     _at_least("fetch.retries", fetch.retries, 0)
     _at_least("fetch.max_redirects", fetch.max_redirects, 0)
     _at_least("fetch.backoff_initial", fetch.backoff_initial, 0)
@@ -438,6 +451,12 @@ def _validate_selection(settings: Settings, *, require_selection: bool) -> None:
             "selection.cameras" if sel.cameras else "selection.ccds",
             "cameras/CCDs choose a footprint, which needs a sector",
             hint="add --sector N (selection.sector)",
+        )
+    if sel.footprint not in FOOTPRINTS:
+        raise ConfigError(
+            "selection.footprint",
+            f"unknown footprint {sel.footprint!r}",
+            hint=f"use one of: {', '.join(FOOTPRINTS)}",
         )
     if not sel.collection.strip():
         raise ConfigError("selection.collection", "must not be empty", hint="use TESS")

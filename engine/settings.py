@@ -21,7 +21,14 @@ PRODUCT_SUFFIXES: dict[str, str] = {
     "dvs": "_dvs.pdf",
     "fast-lc": "_fast-lc.fits",
     "fast-tp": "_fast-tp.fits",
+    # Full-frame images: planned from the per-exposure FFI observations, not from light-curve rows.
+    "ffic": "_ffic.fits",
+    "ffir": "_ffir.fits",
 }
+# How the footprint of a sector/camera/CCD is taken from its per-exposure FFI observations.
+FOOTPRINTS = ("middle", "composite")
+# Never buffer more than this per read, whatever fetch.chunk_size says.
+CHUNK_SIZE_MAX = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -32,6 +39,9 @@ class TapSettings:
     poll_timeout: float = 10.0  # seconds for one UWS poll (pyvo's WAIT)
     job_timeout: float = 1800.0  # a job not finished by then (e.g. stuck QUEUED) is abandoned
     retries: int = 4  # tries per TAP job beyond the first
+    # Every HTTP request to the TAP service (capabilities, job submission, polls, results): no
+    # answer within this many seconds (connect, or between bytes) ends that try.
+    request_timeout: float = 60.0
 
 
 @dataclass(slots=True)
@@ -49,6 +59,9 @@ class Selection:
     sectors: list[int] | None = None  # which sectors' products; None: all, as in the notebook
     products: list[str] = field(default_factory=lambda: ["lc"])
     collection: str = "TESS"  # obs_collection; keeps HLSPs (e.g. *_llc.fits) out
+    # "middle": the middle exposure's polygon (by obs_id) of each camera/CCD; "composite": the first,
+    # middle and last exposures' polygons, so pointing jitter loses no target near an edge.
+    footprint: str = "middle"
 
 
 @dataclass(slots=True)
@@ -76,6 +89,8 @@ class FetchSettings:
     token_env: str | None = "MAST_API_TOKEN"  # environment variable holding an archive token
     # access_estsize is rounded kB: accept |bytes - kB*1024| <= tolerance*bytes + 1024.
     est_size_tolerance: float = 0.05
+    # A body is never allowed past this many bytes when the plan declares no size at all.
+    max_file_size: int = 4 * 1024**3
     user_agent: str = "tessmirror/0.1 (+https://github.com/tessmirror)"
 
 
