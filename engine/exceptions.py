@@ -28,13 +28,20 @@ module that meets them, so callers and the CLI only ever handle what is drawn he
     │       └── NotFitsError                   HTML error page, truncated FITS, bad HDU checksum
     └── UnsafePathError             1          an archive-supplied name would escape the output folder
 
-`Interrupted` (exit 130) is raised when SIGINT/SIGTERM stopped a run; it is not a failure of the data.
+A run stopped by SIGINT/SIGTERM exits with `EXIT_INTERRUPTED` (130); that is not an error of this
+tree, since nothing failed.
+
+`local_error_from_oserror` is the one translation of an OSError met on a local file into this tree
+(disk full, permission denied, anything else), so every module names the path and the verb the same way.
 
 Every error carries a `hint` (how to fix it, where that is known). Messages must never contain a
 token: build them from values that went through `engine.redact`.
 """
 
 from __future__ import annotations
+
+import errno
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
@@ -178,5 +185,47 @@ class UnsafePathError(TessMirrorError):
     retryable = False
 
 
-class Interrupted(TessMirrorError):
-    exit_code = EXIT_INTERRUPTED
+# -- OSError -> LocalError --------------------------------------------------------------------------
+# errno -> (class, message template, hint). One table, so a full disk reads the same everywhere.
+_DISK_FULL_HINT = "free some space (or raise the quota) and run again; the manifest resumes the run"
+_PERMISSION_HINT = "make the directory writable by this user, or choose another --out / --state-dir"
+_READ_ONLY_HINT = "the filesystem is mounted read-only: choose a writable --out / --state-dir"
+_OSERROR_TABLE: dict[int, tuple[type[LocalError], str, str]] = {
+    errno.ENOSPC: (DiskFullError, "no space left on the device to {doing} {path}", _DISK_FULL_HINT),
+    errno.EDQUOT: (DiskFullError, "disk quota exceeded to {doing} {path}", _DISK_FULL_HINT),
+    errno.EACCES: (PermissionDeniedError, "permission denied to {doing} {path}", _PERMISSION_HINT),
+    errno.EPERM: (PermissionDeniedError, "operation not permitted to {doing} {path}", _PERMISSION_HINT),
+    errno.EROFS: (PermissionDeniedError, "cannot {doing} {path}: read-only file system", _READ_ONLY_HINT),
+}
+
+
+def local_error_from_oserror(
+    err: OSError, path: object, doing: str, *, default: type[LocalError] = LocalError, hint: str | None = None
+) -> LocalError:
+    """Translate an OSError met while `doing` something to `path` into the LocalError it means.
+
+    Parameters
+    ----------
+    err
+        The OSError as raised.
+    path
+        The file or directory being worked on; named in the message and kept as ``.path``.
+    doing
+        A verb phrase that fits "cannot {doing} {path}", e.g. "write", "create", "read".
+    default
+        The class for an errno the table does not know (e.g. `ManifestError` for the manifest).
+    hint
+        The hint for such an errno; the table's own hints are used for the errnos it knows.
+
+    Returns
+    -------
+    LocalError
+        A DiskFullError, PermissionDeniedError or `default`; raise it ``from err``.
+    """
+    shown = str(path) if isinstance(path, (str, Path)) else repr(path)
+    known = _OSERROR_TABLE.get(err.errno or -1)
+    if known is not None:
+        cls, template, table_hint = known
+        return cls(template.format(doing=doing, path=shown), path=path, hint=table_hint)
+    reason = err.strerror or str(err) or type(err).__name__
+    return default(f"cannot {doing} {shown}: {reason}", path=path, hint=hint)

@@ -1,4 +1,4 @@
-"""The manifest (what is done) and the run lock (who is running).
+"""The manifest: what is done. (The run lock, who is running, lives in engine.lock.)
 
 Why append-only JSON Lines, not SQLite
 --------------------------------------
@@ -21,13 +21,6 @@ Crash safety (kill -9 at any instant)
   rename and the record costs one re-download, nothing worse.
 - The last record for a URL wins: a re-download, a failure or `verify --repair`'s "pending" simply
   appends a newer record.
-
-The run lock
-------------
-`RunLock` does not use fcntl/flock either (unreliable on NFS/Lustre). It publishes a lock file holding
-``{host, pid, started}`` atomically with `link()` (the classic NFS-safe exclusive create; O_CREAT|O_EXCL
-is the fallback where hard links are not supported), so the file is never seen half-written. A lock
-naming this host and a dead pid is stale and taken over; anything else refuses to start.
 """
 
 from __future__ import annotations
@@ -40,23 +33,15 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
-import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from engine.exceptions import (
-    DiskFullError,
-    LocalError,
-    ManifestError,
-    PermissionDeniedError,
-    RunLockedError,
-)
+from engine.exceptions import LocalError, ManifestError, local_error_from_oserror
+from engine.lock import LOCK_NAME, RunLock  # re-exported: callers imported the lock from here
 from engine.models import FileResult
 from engine.redact import redact
 
@@ -68,7 +53,6 @@ except ImportError:  # pragma: no cover - the stdlib parser is correct, only slo
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
-LOCK_NAME = "run.lock"
 STATUSES = ("verified", "failed", "pending", "quarantined")
 
 # Line framing: the CRC is fixed-width hex so the payload's byte range is known without parsing.
@@ -168,25 +152,12 @@ def _decode_entry(payload: bytes) -> ManifestEntry | None:
         return None
 
 
+_MANIFEST_HINT = "check the file system; the manifest is append-only JSON Lines and can be inspected"
+
+
 def _local_error(err: OSError, path: Path, verb: str) -> LocalError:
-    """Translate an OSError met when trying to `verb` `path` into the engine's exception."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(
-            f"no space left to {verb} {path}",
-            path=path,
-            hint="free some space (or raise the quota) and run again; the manifest resumes the run",
-        )
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDeniedError(
-            f"permission denied to {verb} {path} ({err.strerror or err})",
-            path=path,
-            hint="make the directory writable by this user, or choose another --out / state_dir",
-        )
-    return ManifestError(
-        f"cannot {verb} {path}: {err.strerror or err}",
-        path=path,
-        hint="check the file system; the manifest is append-only JSON Lines and can be inspected",
-    )
+    """An OSError met when trying to `verb` `path`: ManifestError unless the errno says more."""
+    return local_error_from_oserror(err, path, verb, default=ManifestError, hint=_MANIFEST_HINT)
 
 
 @contextlib.contextmanager
@@ -555,166 +526,13 @@ class ManifestWriter:
             raise self._error
 
 
-# -- the run lock -----------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-class RunLock:
-    """One run per output directory: the lock file `<state_dir>/run.lock` holds {host, pid, started}."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-        self.path = self.state_dir / LOCK_NAME
-        self._token: str | None = None
-
-    def _describe(self, holder: dict) -> str:
-        return (
-            f"another tessmirror run (pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
-            f"started {holder.get('started', '?')}) is using {self.state_dir}"
-        )
-
-    def _locked_error(self, message: str) -> RunLockedError:
-        return RunLockedError(
-            message,
-            path=self.path,
-            hint=f"wait for it to finish, or remove {self.path} if that run is dead",
-        )
-
-    def _read_holder(self) -> dict | None:
-        """The current lock's content; None when the lock vanished; {} when unreadable."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise _local_error(err, self.path, "read") from err
-        try:
-            holder = json.loads(data)
-        except ValueError:
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def _publish(self, content: bytes) -> bool:
-        """Create the lock file with `content`, atomically; False if it already exists."""
-        tmp = self.state_dir / f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                os.link(tmp, self.path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError as err:
-                if err.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
-                    return self._publish_excl(content)  # no hard links here
-                # NFS may report an error for a link that was made: the link count tells the truth.
-                if os.stat(tmp).st_nlink == 2:
-                    return True
-                raise
-        except OSError as err:
-            raise _local_error(err, self.path, "create") from err
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-    def _publish_excl(self, content: bytes) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return True
-
-    def _take_over(self, holder: dict) -> bool:
-        """Move a stale lock aside; False if someone else changed it meanwhile."""
-        aside = self.state_dir / f".{LOCK_NAME}.stale.{uuid.uuid4().hex}"
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True  # someone else removed it; just try to create ours
-        except OSError as err:
-            raise _local_error(err, self.path, "replace") from err
-        try:
-            moved = json.loads(aside.read_bytes())
-        except (OSError, ValueError):
-            moved = None
-        if moved != holder:
-            # A racing run replaced the stale lock with its live one before our rename: put it back.
-            with contextlib.suppress(OSError):
-                os.link(aside, self.path)
-            with contextlib.suppress(OSError):
-                os.unlink(aside)
-            return False
-        with contextlib.suppress(OSError):
-            os.unlink(aside)
-        return True
-
-    def acquire(self) -> None:
-        """Take the lock or raise RunLockedError naming the run that holds it."""
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise _local_error(err, self.state_dir, "create") from err
-        host = socket.gethostname()
-        token = uuid.uuid4().hex
-        mine = {
-            "host": host,
-            "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "token": token,
-        }
-        content = json.dumps(mine).encode()
-        for _ in range(5):
-            if self._publish(content):
-                self._token = token
-                return
-            holder = self._read_holder()
-            if holder is None:
-                continue  # released between our tries
-            if not holder:
-                raise self._locked_error(
-                    f"the lock file {self.path} exists but is unreadable, so another run may be using "
-                    f"{self.state_dir}"
-                )
-            pid = holder.get("pid")
-            if holder.get("host") == host and isinstance(pid, int) and not _pid_alive(pid):
-                log.warning("taking over a stale lock: %s (pid %s is not running)", self.path, pid)
-                self._take_over(holder)
-                continue
-            raise self._locked_error(self._describe(holder))
-        raise self._locked_error(f"could not take the lock {self.path}: other runs keep changing it")
-
-    def release(self) -> None:
-        """Remove the lock if it is still ours. Idempotent."""
-        if self._token is None:
-            return
-        token, self._token = self._token, None
-        try:
-            holder = self._read_holder()
-        except LocalError:
-            return
-        if holder and holder.get("token") == token:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
+__all__ = [
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "STATUSES",
+    "Manifest",
+    "ManifestEntry",
+    "ManifestWriter",
+    "RunLock",
+    "encode_entry",
+]

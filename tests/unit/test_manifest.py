@@ -1,4 +1,4 @@
-"""engine.manifest: the append-only manifest, its writer, and the run lock."""
+"""engine.manifest: the append-only manifest and its writer (the run lock: test_lock.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.exceptions import DiskFullError, ManifestError, PermissionDeniedError, RunLockedError
-from engine.manifest import Manifest, ManifestEntry, ManifestWriter, RunLock, encode_entry
+from engine.exceptions import DiskFullError, ManifestError, PermissionDeniedError
+from engine.manifest import Manifest, ManifestEntry, ManifestWriter, encode_entry
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -449,89 +447,8 @@ def test_manifest_survives_kill_9_at_random_moments(tmp_path: Path) -> None:
     assert seen > 0
 
 
-# -- the run lock -------------------------------------------------------------------------------
-def test_second_acquire_refuses_naming_pid_and_host(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    with RunLock(state):
-        assert (state / "run.lock").exists()
-        with pytest.raises(RunLockedError) as info:
-            RunLock(state).acquire()
-    message = str(info.value)
-    assert f"pid {os.getpid()}" in message
-    assert socket.gethostname() in message
-    assert str(state / "run.lock") in message  # the hint names the file to remove
-    assert not (state / "run.lock").exists()  # released on exit
+def test_the_lock_is_still_importable_from_the_manifest_module() -> None:
+    from engine import lock, manifest
 
-
-def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    state = tmp_path / "state"
-    state.mkdir()
-    stale = {"host": socket.gethostname(), "pid": dead.pid, "started": "2020-01-01T00:00:00"}
-    (state / "run.lock").write_text(json.dumps(stale))
-    lock = RunLock(state)
-    lock.acquire()
-    holder = json.loads((state / "run.lock").read_text())
-    assert holder["pid"] == os.getpid()
-    lock.release()
-    assert not (state / "run.lock").exists()
-    assert [p.name for p in state.iterdir()] == []  # no temporary or stale files left behind
-
-
-def test_lock_of_another_host_is_never_taken_over(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "T0"}))
-    with pytest.raises(RunLockedError) as info:
-        RunLock(state).acquire()
-    assert "pid 1 on host elsewhere, started T0" in str(info.value)
-
-
-def test_unreadable_lock_file_refuses(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "run.lock").write_bytes(b"\x00garbage")
-    with pytest.raises(RunLockedError) as info:
-        RunLock(state).acquire()
-    assert str(state / "run.lock") in str(info.value)
-
-
-def test_release_leaves_a_lock_that_is_not_ours(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    lock = RunLock(state)
-    lock.acquire()
-    other = {"host": "elsewhere", "pid": 1, "started": "T0", "token": "theirs"}
-    (state / "run.lock").write_text(json.dumps(other))
-    lock.release()
-    lock.release()
-    assert json.loads((state / "run.lock").read_text()) == other
-
-
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to drop privileges"
-)
-def test_lock_in_a_directory_we_cannot_write_raises_permission_denied(tmp_path: Path) -> None:
-    # Root ignores directory modes, so the check runs as `nobody` in a child process.
-    tmp_path.chmod(0o755)
-    state = tmp_path / "state"
-    code = textwrap.dedent(
-        f"""
-        from pathlib import Path
-        from engine.exceptions import PermissionDeniedError
-        from engine.manifest import RunLock
-        try:
-            RunLock(Path({str(state)!r})).acquire()
-        except PermissionDeniedError as err:
-            print("denied:", err)
-        """
-    )
-    out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=30,
-    )
-    assert out.stdout.startswith("denied:"), out.stderr
-    assert str(state) in out.stdout
+    assert manifest.RunLock is lock.RunLock
+    assert manifest.LOCK_NAME == lock.LOCK_NAME

@@ -1,0 +1,310 @@
+"""engine.lock: one run per output directory; stale locks taken over, malformed ones named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine.exceptions import EXIT_LOCAL, RunLockedError
+from engine.lock import PID_MAX, RunLock
+
+REPO = Path(__file__).resolve().parents[2]
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+
+
+@pytest.fixture(autouse=True)
+def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts outside Slurm, whatever the machine running the suite is."""
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def plant(directory: Path, holder: object) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "run.lock"
+    path.write_text(holder if isinstance(holder, str) else json.dumps(holder))
+    return path
+
+
+def dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_second_acquire_refuses_naming_pid_and_host(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with RunLock(state):
+        assert (state / "run.lock").exists()
+        with pytest.raises(RunLockedError) as info:
+            RunLock(state).acquire()
+    message = str(info.value)
+    assert f"pid {os.getpid()}" in message
+    assert socket.gethostname() in message
+    assert str(state / "run.lock") in message  # the hint names the file to remove
+    assert info.value.exit_code == EXIT_LOCAL
+    assert not (state / "run.lock").exists()  # released on exit
+
+
+def test_the_lock_lives_under_the_output_directory_whatever_the_state_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with RunLock(tmp_path / "state-a", out_dir=out) as lock:
+        assert lock.path == out / ".tessmirror" / "run.lock"
+        assert lock.path.exists() and (tmp_path / "state-a" / "run.lock").exists()
+        with pytest.raises(RunLockedError) as info:
+            RunLock(tmp_path / "state-b", out_dir=out).acquire()
+        assert str(out) in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+        # The refused run took nothing: its own state directory holds no lock.
+        assert not (tmp_path / "state-b" / "run.lock").exists()
+    assert not lock.path.exists() and not (tmp_path / "state-a" / "run.lock").exists()
+
+
+def test_two_outputs_cannot_share_one_state_directory(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with RunLock(state, out_dir=tmp_path / "out-a"), pytest.raises(RunLockedError):
+        RunLock(state, out_dir=tmp_path / "out-b").acquire()
+    # The refused run released the output lock it had taken first.
+    assert not (tmp_path / "out-b" / ".tessmirror" / "run.lock").exists()
+
+
+def test_the_default_state_directory_holds_a_single_lock(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with RunLock(out / ".tessmirror", out_dir=out) as lock:
+        assert lock.paths == [out / ".tessmirror" / "run.lock"]
+
+
+def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    plant(state, {"host": socket.gethostname(), "pid": dead_pid(), "started": "2020-01-01T00:00:00"})
+    lock = RunLock(state)
+    lock.acquire()
+    holder = json.loads((state / "run.lock").read_text())
+    assert holder["pid"] == os.getpid()
+    lock.release()
+    assert not (state / "run.lock").exists()
+    assert [p.name for p in state.iterdir()] == []  # no temporary or stale files left behind
+
+
+def test_a_lock_naming_our_own_pid_is_stale(tmp_path: Path) -> None:
+    """A restarted container: we are pid 1 again, and so was the run that left the lock."""
+    state = tmp_path / "state"
+    plant(state, {"host": socket.gethostname(), "pid": os.getpid(), "started": "T0", "token": "old"})
+    with RunLock(state):
+        assert json.loads((state / "run.lock").read_text())["token"] != "old"
+
+
+def test_a_pid_now_running_another_process_is_stale(tmp_path: Path) -> None:
+    """The pid is alive, but it started later than the lock's process: the pid was reused."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to read process start times")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = tmp_path / "state"
+        holder = {"host": socket.gethostname(), "pid": sleeper.pid, "started": "T0", "pid_start": "x:1"}
+        plant(state, holder)
+        with RunLock(state):
+            assert json.loads((state / "run.lock").read_text())["pid"] == os.getpid()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_live_process_with_its_own_start_time_keeps_its_lock(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from engine.lock import RunLock
+        lock = RunLock(Path({str(tmp_path / "state")!r}))
+        lock.acquire()
+        print("locked", flush=True)
+        sys.stdin.read()
+        lock.release()
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError) as info:
+            RunLock(tmp_path / "state").acquire()
+        assert f"pid {child.pid}" in str(info.value)
+    finally:
+        child.communicate("", timeout=30)
+    assert not (tmp_path / "state" / "run.lock").exists()
+
+
+def test_lock_of_another_host_is_never_taken_over(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    plant(state, {"host": "elsewhere", "pid": 1, "started": "T0"})
+    with pytest.raises(RunLockedError) as info:
+        RunLock(state).acquire()
+    assert "pid 1 on host elsewhere, started T0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("\x00garbage", "not JSON"),
+        ('{"host": "HERE", "pid": 7', "not JSON"),  # cut short
+        ("[1, 2]", "no host"),
+        ('{"pid": 7}', "no host"),
+        (json.dumps({"host": "HERE", "pid": 99999999999999999999}), "impossible pid"),
+        (json.dumps({"host": "HERE", "pid": PID_MAX + 1}), "impossible pid"),
+        (json.dumps({"host": "HERE", "pid": -5}), "impossible pid"),
+        (json.dumps({"host": "HERE", "pid": 0}), "impossible pid"),
+        (json.dumps({"host": "HERE", "pid": "12"}), "impossible pid"),
+        (json.dumps({"host": "HERE", "pid": True}), "impossible pid"),
+        (json.dumps({"host": "HERE", "pid": 1.5}), "impossible pid"),
+    ],
+    ids=[
+        "binary",
+        "truncated",
+        "list",
+        "nohost",
+        "huge",
+        "above-max",
+        "negative",
+        "zero",
+        "string",
+        "bool",
+        "float",
+    ],
+)
+def test_a_malformed_lock_is_a_clear_refusal_naming_the_file_to_delete(
+    tmp_path: Path, content: str, why: str
+) -> None:
+    state = tmp_path / "state"
+    # The lock names this machine, so no rule about other hosts can hide the check.
+    path = plant(state, content.replace("HERE", socket.gethostname()))
+    with pytest.raises(RunLockedError) as info:
+        RunLock(state).acquire()
+    assert why in info.value.message
+    assert info.value.exit_code == EXIT_LOCAL
+    assert info.value.hint is not None and f"delete {path}" in info.value.hint
+    assert path.exists()  # never removed on a guess
+
+
+def test_the_lock_records_the_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    with RunLock(tmp_path / "state") as lock:
+        holder = json.loads(lock.path.read_text())
+    assert holder["slurm_job_id"] == "4242" and holder["slurm_array_task_id"] == "7"
+
+
+def test_a_requeued_slurm_job_takes_its_own_lock_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same job id, other host and pid, a higher restart count: the earlier run of this job is gone."""
+    state = tmp_path / "state"
+    plant(state, {"host": "node017", "pid": 31337, "started": "T0", "slurm_job_id": "4242"})
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with RunLock(state) as lock:
+        holder = json.loads(lock.path.read_text())
+        assert holder["host"] == socket.gethostname() and holder["slurm_restart_count"] == "1"
+
+
+def test_a_requeued_job_without_a_restart_count_is_known_by_its_new_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    plant(state, {"host": "node017", "pid": 31337, "started": "T0", "slurm_job_id": "4242"})
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with RunLock(state):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours"),
+    [
+        ({"slurm_job_id": "1111"}, {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}),  # another job
+        (
+            {"slurm_job_id": "4242", "slurm_array_task_id": "3"},
+            {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "4"},
+        ),
+        ({}, {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}),  # a run outside Slurm
+    ],
+    ids=["other-job", "other-array-task", "no-job"],
+)
+def test_another_slurm_job_or_task_keeps_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, theirs: dict[str, str], ours: dict[str, str]
+) -> None:
+    state = tmp_path / "state"
+    plant(state, {"host": "node017", "pid": 31337, "started": "T0", **theirs})
+    for name, value in ours.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RunLockedError) as info:
+        RunLock(state).acquire()
+    assert "node017" in str(info.value)
+
+
+def test_the_same_slurm_job_still_running_keeps_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same job, same restart count, same host, live pid: a second step of one job, not a requeue."""
+    code = "import sys; sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        state = tmp_path / "state"
+        holder = {"host": socket.gethostname(), "pid": child.pid, "started": "T0", "slurm_job_id": "4242"}
+        plant(state, holder)
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        with pytest.raises(RunLockedError, match="Slurm job 4242"):
+            RunLock(state).acquire()
+    finally:
+        child.communicate(b"", timeout=30)
+
+
+def test_release_leaves_a_lock_that_is_not_ours(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    lock = RunLock(state)
+    lock.acquire()
+    other = {"host": "elsewhere", "pid": 1, "started": "T0", "token": "theirs"}
+    (state / "run.lock").write_text(json.dumps(other))
+    lock.release()
+    lock.release()
+    assert json.loads((state / "run.lock").read_text()) == other
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to drop privileges"
+)
+def test_lock_in_a_directory_we_cannot_write_raises_permission_denied(tmp_path: Path) -> None:
+    # Root ignores directory modes, so the check runs as `nobody` in a child process.
+    tmp_path.chmod(0o755)
+    state = tmp_path / "state"
+    code = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from engine.exceptions import PermissionDeniedError
+        from engine.lock import RunLock
+        try:
+            RunLock(Path({str(state)!r})).acquire()
+        except PermissionDeniedError as err:
+            print("denied:", err)
+        """
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=30,
+    )
+    assert out.stdout.startswith("denied:"), out.stderr
+    assert str(state) in out.stdout
