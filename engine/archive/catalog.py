@@ -236,6 +236,43 @@ OBSCORE_COLUMNS = [
     "target_name",
 ]
 
+OBSCORE_META: dict[
+    str, tuple[str, str, str]
+] = {  # name: (utype, ucd, unit), ObsCore 1.1 (what taplint checks)
+    "access_estsize": ("obscore:Access.Size", "phys.size;meta.file", "kbyte"),
+    "access_format": ("obscore:Access.Format", "meta.code.mime", ""),
+    "access_url": ("obscore:Access.Reference", "meta.ref.url", ""),
+    "calib_level": ("obscore:ObsDataset.calibLevel", "meta.code;obs.calib", ""),
+    "dataproduct_type": ("obscore:ObsDataset.dataProductType", "meta.code.class", ""),
+    "em_max": ("obscore:Char.SpectralAxis.Coverage.Bounds.Limits.HiLimit", "em.wl;stat.max", "m"),
+    "em_min": ("obscore:Char.SpectralAxis.Coverage.Bounds.Limits.LoLimit", "em.wl;stat.min", "m"),
+    "em_res_power": ("obscore:Char.SpectralAxis.Resolution.ResolPower.refVal", "spect.resolution", ""),
+    "em_xel": ("obscore:Char.SpectralAxis.numBins", "meta.number", ""),
+    "facility_name": ("obscore:Provenance.ObsConfig.facility.name", "meta.id;instr.tel", ""),
+    "instrument_name": ("obscore:Provenance.ObsConfig.instrument.name", "meta.id;instr", ""),
+    "o_ucd": ("obscore:Char.ObservableAxis.ucd", "meta.ucd", ""),
+    "obs_collection": ("obscore:DataID.Collection", "meta.id", ""),
+    "obs_id": ("obscore:DataID.observationID", "meta.id", ""),
+    "obs_publisher_did": ("obscore:Curation.PublisherDID", "meta.ref.ivoid", ""),
+    "obs_release_date": ("obscore:Curation.releaseDate", "time.release", ""),
+    "pol_states": ("obscore:Char.PolarizationAxis.stateList", "meta.code;phys.polarization", ""),
+    "pol_xel": ("obscore:Char.PolarizationAxis.numBins", "meta.number", ""),
+    "s_dec": ("obscore:Char.SpatialAxis.Coverage.Location.Coord.Position2D.Value2.C2", "pos.eq.dec", "deg"),
+    "s_fov": ("obscore:Char.SpatialAxis.Coverage.Bounds.Extent.diameter", "phys.angSize;instr.fov", "deg"),
+    "s_ra": ("obscore:Char.SpatialAxis.Coverage.Location.Coord.Position2D.Value2.C1", "pos.eq.ra", "deg"),
+    "s_region": ("obscore:Char.SpatialAxis.Coverage.Support.Area", "pos.outline;obs.field", ""),
+    "s_resolution": ("obscore:Char.SpatialAxis.Resolution.Refval.value", "pos.angResolution", "arcsec"),
+    "s_xel1": ("obscore:Char.SpatialAxis.numBins1", "meta.number", ""),
+    "s_xel2": ("obscore:Char.SpatialAxis.numBins2", "meta.number", ""),
+    "t_exptime": ("obscore:Char.TimeAxis.Coverage.Support.Extent", "time.duration;obs.exposure", "s"),
+    "t_max": ("obscore:Char.TimeAxis.Coverage.Bounds.Limits.StopTime", "time.end;obs.exposure", "d"),
+    "t_min": ("obscore:Char.TimeAxis.Coverage.Bounds.Limits.StartTime", "time.start;obs.exposure", "d"),
+    "t_resolution": ("obscore:Char.TimeAxis.Resolution.Refval.value", "time.resolution", "s"),
+    "t_xel": ("obscore:Char.TimeAxis.numBins", "meta.number", ""),
+    "target_name": ("obscore:Target.Name", "meta.id;src", ""),
+}
+
+
 # Column types that are not strings ('char'). Types follow MAST's TAP_SCHEMA where known.
 _TYPES: dict[str, str] = {
     **dict.fromkeys(["id", "observationTID", "planeTID", "artifactTID", "objID", "contentLength"], "long"),

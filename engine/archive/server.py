@@ -22,7 +22,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from engine.archive.catalog import INDEXED_COLUMNS, Catalog, build_catalog
+from engine.archive.catalog import INDEXED_COLUMNS, OBSCORE_META, Catalog, build_catalog
 from engine.archive.faults import FaultPlan
 from engine.archive.files import FileServer, FileStore, RequestRecord
 from engine.archive.fitsgen import cadences_for
@@ -60,6 +60,12 @@ class ArchiveOptions:
 
 
 ARTIFACT_TABLES = ("dbo.caomplane", "dbo.caomartifact")
+# The join paths (mast-facts: "Join keys"), declared in TAP_SCHEMA.keys so clients can discover them.
+JOIN_KEYS = (
+    ("ivoa.obscore", "obs_id", "dbo.caomobservation", "observationID"),
+    ("dbo.caomplane", "observationTID", "dbo.caomobservation", "observationTID"),
+    ("dbo.caomartifact", "planeTID", "dbo.caomplane", "planeTID"),
+)
 
 
 def load_database(catalog: Catalog, *, artifacts: bool = True):  # -> TapDatabase (imported lazily)
@@ -74,8 +80,17 @@ def load_database(catalog: Catalog, *, artifacts: bool = True):  # -> TapDatabas
         if not artifacts and key in ARTIFACT_TABLES:
             continue
         indexed = set(INDEXED_COLUMNS.get(key, ()))
-        columns = [ColumnDef(name, datatype, indexed=name in indexed) for name, datatype in table.columns]
+        meta = OBSCORE_META if key == "ivoa.obscore" else {}
+        columns = []
+        for name, datatype in table.columns:
+            utype, ucd, unit = meta.get(name, ("", "", ""))
+            columns.append(
+                ColumnDef(name, datatype, unit=unit, ucd=ucd, indexed=name in indexed, utype=utype)
+            )
         db.add_table(table.schema, table.name, columns, table.rows)
+    for from_table, from_column, target_table, target_column in JOIN_KEYS:
+        if artifacts or not {from_table, target_table} & set(ARTIFACT_TABLES):
+            db.add_key(from_table, target_table, [(from_column, target_column)])
     return db
 
 

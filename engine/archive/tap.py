@@ -26,11 +26,11 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 from aiohttp import web
-from astropy.io.votable import from_table
+from astropy.io.votable import converters, from_table
 from astropy.io.votable.tree import Info
 from astropy.table import Table
 
-from engine.archive.tapdb import AdqlError, ColumnDef, TableInfo, TapDatabase
+from engine.archive.tapdb import AdqlError, ColumnDef, TableInfo, TapDatabase, delimited
 
 VOTABLE_TYPE = "application/x-votable+xml"
 CSV_TYPE = "text/csv;header=present"
@@ -131,6 +131,7 @@ class TapService:
         app.router.add_get(f"{p}/async/{{job}}/phase", self._get_phase)
         app.router.add_post(f"{p}/async/{{job}}/phase", self._post_phase)
         app.router.add_get(f"{p}/async/{{job}}/parameters", self._parameters)
+        app.router.add_post(f"{p}/async/{{job}}/parameters", self._post_parameters)
         app.router.add_get(f"{p}/async/{{job}}/results/result", self._result)
         app.router.add_get(f"{p}/async/{{job}}/error", self._error)
         for name in ("quote", "executionduration", "destruction", "owner"):
@@ -247,7 +248,7 @@ class TapService:
         ]
         for schema, tables in by_schema.items():
             parts.append(f"<schema><name>{escape(schema)}</name>\n")
-            parts.extend(_vosi_table(t) for t in tables)
+            parts.extend(_vosi_table(t, self._db.foreign_keys(t.full_name)) for t in tables)
             parts.append("</schema>\n")
         parts.append("</vosi:tableset>\n")
         return web.Response(body="".join(parts).encode(), content_type="text/xml", charset="utf-8")
@@ -256,7 +257,8 @@ class TapService:
         name = request.match_info["name"].lower()
         for table in self._db.tables():
             if table.full_name.lower() == name:
-                body = '<?xml version="1.0" encoding="UTF-8"?>\n' + _vosi_table(table, namespaces=True)
+                keys = self._db.foreign_keys(table.full_name)
+                body = '<?xml version="1.0" encoding="UTF-8"?>\n' + _vosi_table(table, keys, namespaces=True)
                 return web.Response(body=body.encode(), content_type="text/xml", charset="utf-8")
         raise web.HTTPNotFound(text=f"no such table: {request.match_info['name']}")
 
@@ -389,6 +391,8 @@ class TapService:
         if job.phase == "COMPLETED":
             href = quoteattr(f"{job_url}/results/result")
             results = f'<uws:result id="result" xlink:href={href} mime-type="{job.result_type}"/>'
+        # UWS 1.1: runId is not nillable; echo the client's RUNID, or leave the element out.
+        run_id = f"<uws:runId>{escape(job.params['RUNID'])}</uws:runId>" if "RUNID" in job.params else ""
         error = ""
         if job.phase == "ERROR":
             error = (
@@ -398,7 +402,7 @@ class TapService:
         return (
             f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:job {_UWS_NS} version="1.1">\n'
             f"<uws:jobId>{job.job_id}</uws:jobId>\n"
-            '<uws:runId xsi:nil="true"/><uws:ownerId xsi:nil="true"/>\n'
+            f'{run_id}<uws:ownerId xsi:nil="true"/>\n'
             f"<uws:phase>{job.phase}</uws:phase>\n"
             '<uws:quote xsi:nil="true"/>\n'
             f"<uws:creationTime>{_iso(job.created)}</uws:creationTime>\n"
@@ -462,6 +466,17 @@ class TapService:
             body=(body + "</uws:parameters>\n").encode(), content_type="text/xml", charset="utf-8"
         )
 
+    async def _post_parameters(self, request: web.Request) -> web.Response:
+        """UWS: parameters may be changed by POST while the job is PENDING; later they are fixed."""
+        job = self._find_job(request)
+        params = await self._params(request)
+        if job.phase != "PENDING":
+            raise web.HTTPConflict(
+                text=f"job {job.job_id} is {job.phase}; parameters change only while PENDING"
+            )
+        job.params.update(params)
+        raise web.HTTPSeeOther(location=self._job_url(request, job))
+
     async def _job_scalar(self, request: web.Request) -> web.Response:
         job = self._find_job(request)
         name = request.path.rsplit("/", 1)[-1]
@@ -510,6 +525,10 @@ def encode_votable(table: Table, *, overflowed: bool) -> bytes:
     for votable_field in votable.get_first_table().fields:
         if votable_field.datatype in ("char", "unicodeChar"):
             votable_field.arraysize = "*"
+        elif votable_field.datatype == "bit" and votable_field.arraysize is None:
+            # astropy writes a masked bool column as `bit`; TAP_SCHEMA declares it boolean.
+            votable_field.datatype = "boolean"
+            votable_field.converter = converters.get_converter(votable_field)
     buffer = io.BytesIO()
     votable.to_xml(buffer)
     body = buffer.getvalue()
@@ -573,7 +592,9 @@ def _time_element(name: str, timestamp: float | None) -> str:
     return f"<uws:{name}>{_iso(timestamp)}</uws:{name}>\n"
 
 
-def _vosi_table(table: TableInfo, *, namespaces: bool = False) -> str:
+def _vosi_table(
+    table: TableInfo, keys: list[tuple[str, str, list[tuple[str, str]]]] = (), *, namespaces: bool = False
+) -> str:
     ns = (
         ' xmlns:vs="http://www.ivoa.net/xml/VODataService/v1.1" '
         'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
@@ -582,18 +603,33 @@ def _vosi_table(table: TableInfo, *, namespaces: bool = False) -> str:
     )
     columns = "".join(_vosi_column(c) for c in table.columns)
     description = f"<description>{escape(table.description)}</description>" if table.description else ""
-    return f'<table type="table"{ns}><name>{escape(table.full_name)}</name>{description}\n{columns}</table>\n'
+    foreign = "".join(_vosi_key(target, text, pairs) for target, text, pairs in keys)
+    return (
+        f'<table type="table"{ns}><name>{escape(table.full_name)}</name>{description}\n{columns}{foreign}'
+        "</table>\n"
+    )
+
+
+def _vosi_key(target: str, description: str, pairs: list[tuple[str, str]]) -> str:
+    columns = "".join(
+        f"<fkColumn><fromColumn>{escape(f)}</fromColumn><targetColumn>{escape(t)}</targetColumn></fkColumn>"
+        for f, t in pairs
+    )
+    text = f"<description>{escape(description)}</description>" if description else ""
+    return f"<foreignKey><targetTable>{escape(target)}</targetTable>{columns}{text}</foreignKey>\n"
 
 
 def _vosi_column(column: ColumnDef) -> str:
     arraysize = ' arraysize="*"' if column.datatype == "char" else ""
-    parts = [f"<name>{escape(column.name)}</name>"]
+    parts = [f"<name>{escape(delimited(column.name))}</name>"]
     if column.description:
         parts.append(f"<description>{escape(column.description)}</description>")
     if column.unit:
         parts.append(f"<unit>{escape(column.unit)}</unit>")
     if column.ucd:
         parts.append(f"<ucd>{escape(column.ucd)}</ucd>")
+    if column.utype:
+        parts.append(f"<utype>{escape(column.utype)}</utype>")
     parts.append(f'<dataType xsi:type="vs:VOTableType"{arraysize}>{column.datatype}</dataType>')
     if column.indexed:
         parts.append("<flag>indexed</flag>")

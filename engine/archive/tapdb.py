@@ -54,6 +54,7 @@ class ColumnDef:
     unit: str = ""
     ucd: str = ""
     indexed: bool = False
+    utype: str = ""
 
 
 @dataclass
@@ -75,6 +76,15 @@ class TableInfo:
         return f"{self.schema}.{self.name}"
 
 
+# ADQL reserved words used as column names here; TAP 1.1 wants such names delimited in the metadata.
+_RESERVED_COLUMN_NAMES = frozenset({"size"})
+
+
+def delimited(name: str) -> str:
+    """A column name as TAP_SCHEMA and VOSI publish it: quoted when it is an ADQL reserved word."""
+    return f'"{name}"' if name.lower() in _RESERVED_COLUMN_NAMES else name
+
+
 def _tap_schema_tables() -> list[tuple[str, list[ColumnDef], str]]:
     def c(name: str, datatype: str = "char", description: str = "") -> ColumnDef:
         return ColumnDef(name, datatype, description)
@@ -89,14 +99,24 @@ def _tap_schema_tables() -> list[tuple[str, list[ColumnDef], str]]:
         ),
         (
             "columns",
-            [c("table_name"), c("column_name"), c("datatype"), c("arraysize"), c("xtype"), c("utype"),
-             c("description"), c("unit"), c("ucd"), c("indexed", "int"), c("principal", "int"),
+            [c("table_name"), c("column_name"), c("datatype"), c("arraysize"), c("xtype"), c("size", "int"),
+             c("utype"), c("description"), c("unit"), c("ucd"), c("indexed", "int"), c("principal", "int"),
              c("std", "int"), c("column_index", "int")],
             "columns",
         ),
         ("keys", [c("key_id"), c("from_table"), c("target_table"), c("utype"), c("description")], "keys"),
         ("key_columns", [c("key_id"), c("from_column"), c("target_column")], "key columns"),
     ]  # fmt: skip
+
+
+# TAP 1.1 section 4: the foreign keys that link TAP_SCHEMA's own tables.
+_TAP_SCHEMA_KEYS = (
+    ("tables", "schema_name", "schemas", "schema_name"),
+    ("columns", "table_name", "tables", "table_name"),
+    ("keys", "from_table", "tables", "table_name"),
+    ("keys", "target_table", "tables", "table_name"),
+    ("key_columns", "key_id", "keys", "key_id"),
+)
 
 
 class TapDatabase:
@@ -109,6 +129,8 @@ class TapDatabase:
         self._conn.execute("PRAGMA journal_mode = OFF")
         self._conn.execute("PRAGMA synchronous = OFF")
         self._tables: dict[tuple[str, str], TableInfo] = {}
+        # Foreign keys: (key_id, from table, target table, description, [(from column, target column)]).
+        self._keys: list[tuple[str, str, str, str, list[tuple[str, str]]]] = []
         self._tap_schema_stale = True
         self._udf_error = threading.local()
         self._polygons: dict[tuple, SphericalPolygon] = {}
@@ -116,6 +138,38 @@ class TapDatabase:
         self._register_functions()
         for name, columns, description in _tap_schema_tables():
             self._create(_TAP_SCHEMA, name, columns, description)
+        for from_table, from_column, target_table, target_column in _TAP_SCHEMA_KEYS:
+            self._keys.append(
+                (
+                    f"tap_schema_{from_table}_{from_column}",
+                    f"{_TAP_SCHEMA}.{from_table}",
+                    f"{_TAP_SCHEMA}.{target_table}",
+                    f"TAP_SCHEMA.{from_table}.{from_column} names a row of TAP_SCHEMA.{target_table}",
+                    [(from_column, target_column)],
+                )
+            )
+
+    def add_key(
+        self, from_table: str, target_table: str, columns: Sequence[tuple[str, str]], *, description: str = ""
+    ) -> None:
+        """Declare a foreign key (a join path) in TAP_SCHEMA.keys / key_columns.
+
+        `from_table` and `target_table` are `schema.table`; `columns` are (from column, target column).
+        """
+        for qualified, names in (
+            (from_table, [f for f, _ in columns]),
+            (target_table, [t for _, t in columns]),
+        ):
+            schema, _, name = qualified.partition(".")
+            info = self._tables.get((schema.lower(), name.lower()))
+            if info is None:
+                raise ValueError(f"no table {qualified} for a foreign key")
+            for column in names:
+                if column.lower() not in info.column_map:
+                    raise ValueError(f"no column {qualified}.{column} for a foreign key")
+        key_id = f"{from_table}_{'_'.join(f for f, _ in columns)}".replace(".", "_").lower()
+        self._keys.append((key_id, from_table, target_table, description, list(columns)))
+        self._tap_schema_stale = True
 
     # -- loading ---------------------------------------------------------------------------------
     def add_table(
@@ -180,10 +234,15 @@ class TapDatabase:
             current = info.column_map[column.lower()]
             if not current.indexed:
                 indexed = ColumnDef(current.name, current.datatype, current.description, current.unit,
-                                    current.ucd, True)  # fmt: skip
+                                    current.ucd, True, current.utype)  # fmt: skip
                 info.column_map[column.lower()] = indexed
                 info.columns = [indexed if c is current else c for c in info.columns]
                 self._tap_schema_stale = True
+
+    def foreign_keys(self, full_name: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+        """Keys from table `full_name`: (target table, description, [(from column, target column)])."""
+        wanted = full_name.lower()
+        return [(dst, text, pairs) for _id, src, dst, text, pairs in self._keys if src.lower() == wanted]
 
     def tables(self) -> list[TableInfo]:
         """Every table, TAP_SCHEMA's included, in schema then creation order."""
@@ -249,15 +308,24 @@ class TapDatabase:
         table_rows = [(t.schema, t.full_name, "table", None, t.description, i) for i, t in enumerate(tables)]
         column_rows = [
             (
-                t.full_name, c.name, c.datatype, "*" if c.datatype == "char" else None, None, None,
-                c.description, c.unit, c.ucd, int(c.indexed), 1,
+                t.full_name, delimited(c.name), c.datatype, "*" if c.datatype == "char" else None, None, None,
+                c.utype or None, c.description, c.unit or None, c.ucd or None, int(c.indexed), 1,
                 int(t.schema.lower() in ("ivoa", "tap_schema")), i,
             )
             for t in tables
             for i, c in enumerate(t.columns)
         ]  # fmt: skip
+        key_rows = [(key_id, src, dst, None, text or None) for key_id, src, dst, text, _ in self._keys]
+        key_column_rows = [(key_id, f, t) for key_id, _s, _d, _t, pairs in self._keys for f, t in pairs]
         self._conn.execute("BEGIN")
-        for name, rows in (("schemas", schema_rows), ("tables", table_rows), ("columns", column_rows)):
+        tap_rows = (
+            ("schemas", schema_rows),
+            ("tables", table_rows),
+            ("columns", column_rows),
+            ("keys", key_rows),
+            ("key_columns", key_column_rows),
+        )
+        for name, rows in tap_rows:
             sql_name = f"tap_schema__{name}"
             self._conn.execute(f'DELETE FROM "{sql_name}"')
             if rows:
@@ -391,8 +459,9 @@ def _make_column(name: str, values: list, datatype: str, source: Any) -> Column:
             kwargs["description"] = source.description
         if getattr(source, "unit", ""):
             kwargs["unit"] = u.Unit(source.unit, parse_strict="silent")
-        if getattr(source, "ucd", ""):
-            kwargs["meta"] = {"ucd": source.ucd}
+        meta = {key: getattr(source, key, "") for key in ("ucd", "utype")}
+        if any(meta.values()):
+            kwargs["meta"] = {key: value for key, value in meta.items() if value}
     if any(missing):
         return MaskedColumn(data, mask=missing, **kwargs)
     return Column(data, **kwargs)
