@@ -3,6 +3,12 @@
 Pure functions; the same text is sent to MAST and to the local archive. Every value put into a query
 goes through `adql_number`/`adql_string`, because obs_ids, footprints and target names come from the
 archive or the user and are untrusted.
+
+MAST keeps one CAOM observation per FFI *exposure* (about 1,300 per sector/camera/CCD at a 30-minute
+cadence, up to about 10,000 at 200 s). So the footprint is found in two small steps that cannot
+overflow: `exposures_query` lists one CCD's exposure obs_ids (short rows, keyset-paged), the planner
+chooses among them in Python, and `regions_query` fetches only the chosen exposures' `s_region`.
+ADQL (TAP 1.0) has TOP and ORDER BY but no OFFSET, so "the middle row" cannot be asked for directly.
 """
 
 from __future__ import annotations
@@ -86,8 +92,9 @@ def observation_pattern(sector: int, camera: int, ccd: int) -> str:
 def footprint_query(sector: int, detectors: Sequence[tuple[int, int]], *, collection: str = "TESS") -> str:
     """The notebook's first query: obs_id and s_region of the FFI observation(s) of `sector`.
 
-    One (camera, ccd) gives the notebook's `TOP 1` query. Several are fetched in one query (no TOP):
-    the caller keeps one row per (camera, ccd), read back from the obs_id.
+    Kept as the notebook wrote it, for reference and for users who rerun it. The planner does not use
+    it: with one observation per exposure, `TOP 1` without a deterministic choice picks an arbitrary
+    exposure, and without `TOP` it returns every exposure (see `exposures_query`).
     """
     if not detectors:
         raise ValueError("footprint_query needs at least one (camera, ccd)")
@@ -102,6 +109,31 @@ def footprint_query(sector: int, detectors: Sequence[tuple[int, int]], *, collec
         f"WHERE collection = {adql_string(collection)} AND trgType = 'FIELD' "
         f"AND sequenceNumber = {adql_int(sector)} AND {like} ORDER BY obs_id"
     )
+
+
+def exposures_query(sector: int, camera: int, ccd: int, *, after: str | None = None) -> str:
+    """The obs_ids of every FFI exposure of one sector/camera/CCD, in obs_id order (keyset-paged).
+
+    Only `dbo.caomobservation` is read: short rows, no join, and no row per product.
+    """
+    pattern = adql_string(observation_pattern(sector, camera, ccd))
+    where = [
+        "collection = 'TESS'",
+        "trgType = 'FIELD'",
+        f"sequenceNumber = {adql_int(sector)}",
+        f"observationID LIKE {pattern}",
+    ]
+    if after is not None:
+        where.append(f"observationID > {adql_string(after)}")
+    return f"SELECT observationID FROM {OBSERVATION} WHERE {' AND '.join(where)} ORDER BY observationID"
+
+
+def regions_query(obs_ids: Sequence[str]) -> str:
+    """The `s_region` of the given observations (ObsCore may hold one row per product of each)."""
+    if not obs_ids:
+        raise ValueError("regions_query needs at least one obs_id")
+    listed = ", ".join(adql_string(o) for o in obs_ids)
+    return f"SELECT obs_id, s_region FROM {OBSCORE} WHERE obs_id IN ({listed}) ORDER BY obs_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,26 +160,88 @@ def inventory_query(
 ) -> str:
     """The notebook's second query: the products inside `region` (or of `targets`), in obs_id order.
 
-    Without `artifacts` it is the notebook's ObsCore query (one access_url per observation). With
-    `artifacts` it also joins the CAOM plane and artifact tables, one row per file, with exact size and
-    checksum. `after` continues a keyset page: rows strictly after the previous page's last row.
+    Without `artifacts` it is the notebook's ObsCore query (one access_url per ObsCore row). With
+    `artifacts` it also joins the CAOM plane and artifact tables, one row per (file, ObsCore row), with
+    exact size and checksum; the planner keeps, for each file, only a URL that names that file.
+    `after` continues a keyset page: rows strictly after (or at) the previous page's last key.
     """
+    where = _scope_where(
+        region=region,
+        targets=targets,
+        sectors=sectors,
+        collection=collection,
+        products=products,
+        artifacts=artifacts,
+    )
+    return _select(where, artifacts=artifacts, after=after)
+
+
+def ffi_files_query(
+    sector: int,
+    camera: int,
+    ccd: int,
+    *,
+    products: Sequence[str] = ("ffic",),
+    artifacts: bool = False,
+    after: Keyset | None = None,
+) -> str:
+    """The FFI files (`_ffic.fits`, `_ffir.fits`) of every exposure of one sector/camera/CCD.
+
+    With `artifacts` the files come from `dbo.caomartifact` (exact sizes and md5s), else from the
+    exposures' ObsCore rows. Same columns and keyset order as `inventory_query`.
+    """
+    wrong = [p for p in products if p not in ("ffic", "ffir")]
+    if wrong or not products:
+        raise ValueError(f"ffi_files_query plans ffic/ffir only, not {wrong or 'nothing'}")
+    where = [
+        "obs_collection = 'TESS'",
+        "trgType = 'FIELD'",
+        f"sequenceNumber = {adql_int(sector)}",
+        f"observationID LIKE {adql_string(observation_pattern(sector, camera, ccd))}",
+        _products_where(products, artifacts=artifacts),
+    ]
+    return _select(where, artifacts=artifacts, after=after)
+
+
+def sectors_query(
+    *,
+    region: Region | None = None,
+    targets: Sequence[str] | None = None,
+    sectors: Sequence[int] | None = None,
+    products: Sequence[str] = ("lc",),
+    collection: str = "TESS",
+) -> str:
+    """The sectors an (ObsCore-only) inventory would cover: how a join that timed out is split."""
+    where = _scope_where(
+        region=region,
+        targets=targets,
+        sectors=sectors,
+        collection=collection,
+        products=products,
+        artifacts=False,
+    )
+    return (
+        f"SELECT DISTINCT sequenceNumber AS sector FROM {_OBS_JOIN} WHERE {' AND '.join(where)} "
+        "ORDER BY sequenceNumber"
+    )
+
+
+def _scope_where(
+    *,
+    region: Region | None,
+    targets: Sequence[str] | None,
+    sectors: Sequence[int] | None,
+    collection: str,
+    products: Sequence[str],
+    artifacts: bool,
+) -> list[str]:
     if (region is None) == (targets is None):
         raise ValueError("give exactly one of region or targets")
-    unknown = [p for p in products if p not in PRODUCT_SUFFIXES]
-    if unknown or not products:
-        raise ValueError(f"unknown product types {unknown}; known: {', '.join(PRODUCT_SUFFIXES)}")
     where = [
         f"obs_collection = {adql_string(collection)}",
         "dataproduct_type = 'timeseries'",
+        _products_where(products, artifacts=artifacts),
     ]
-    if artifacts:
-        # One LIKE per product suffix; '_' is a LIKE wildcard, so drop the suffix's leading '_' and
-        # let the planner check the exact suffix of each file name.
-        likes = [f"{ARTIFACT}.productFileName LIKE {adql_string('%' + _like_suffix(p))}" for p in products]
-    else:
-        likes = [f"access_url LIKE {adql_string('%' + _like_suffix(p))}" for p in products]
-    where.append(likes[0] if len(likes) == 1 else "(" + " OR ".join(likes) + ")")
     if sectors:
         where.append(f"sequenceNumber IN ({', '.join(adql_int(s) for s in sectors)})")
     if region is not None:
@@ -157,8 +251,23 @@ def inventory_query(
         if not targets:
             raise ValueError("targets is empty")
         where.append(f"target_name IN ({', '.join(adql_string(t) for t in targets)})")
+    return where
+
+
+def _products_where(products: Sequence[str], *, artifacts: bool) -> str:
+    unknown = [p for p in products if p not in PRODUCT_SUFFIXES]
+    if unknown or not products:
+        raise ValueError(f"unknown product types {unknown}; known: {', '.join(PRODUCT_SUFFIXES)}")
+    # One LIKE per product suffix; '_' is a LIKE wildcard, so drop the suffix's leading '_' and let the
+    # planner check the exact suffix of each file name. '%lc.fits' also matches QLP's '_llc.fits'.
+    column = f"{ARTIFACT}.productFileName" if artifacts else "access_url"
+    likes = [f"{column} LIKE {adql_string('%' + _like_suffix(p))}" for p in products]
+    return likes[0] if len(likes) == 1 else "(" + " OR ".join(likes) + ")"
+
+
+def _select(where: list[str], *, artifacts: bool, after: Keyset | None) -> str:
     if after is not None:
-        where.append(_keyset_condition(after, artifacts=artifacts))
+        where = [*where, _keyset_condition(after, artifacts=artifacts)]
     columns = "target_name, sequenceNumber AS sector, s_ra, s_dec, access_url, access_estsize, obs_id"
     source = _OBS_JOIN
     order = "obs_id"

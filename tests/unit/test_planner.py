@@ -12,8 +12,8 @@ from engine.archive.tap import TapOptions
 from engine.archive.tapdb import TapDatabase
 from engine.exceptions import EmptySelectionError, IncompletePlanError, UnsafePathError
 from engine.models import PlanItem
-from engine.plan.adql import Region
-from engine.plan.planner import Planner
+from engine.plan.adql import Region, inventory_query
+from engine.plan.planner import Planner, _Cursor
 from engine.plan.tap import TapClient
 from engine.settings import Selection, Settings, TapSettings
 from tests.unit.test_plan_tap import char, number, serve
@@ -152,9 +152,10 @@ def test_keyset_pages_split_observations_without_loss_or_duplicates() -> None:
                 "collection": "TESS",
                 "artifacts": True,
             }
+            build = lambda after: inventory_query(**args, after=after)  # noqa: E731
             keys = [
                 (str(r["obs_id"]), str(r["productFileName"]))
-                async for t in planner._keyset_pages(args, 3)
+                async for t in planner._keyset_pages(build, True, 3, _Cursor())
                 for r in t
             ]
             assert len(keys) == len(set(keys))  # nothing fetched twice, before any dedupe
@@ -235,10 +236,12 @@ def test_urls_file_needs_no_tap(tmp_path: Path) -> None:
     assert planner.queries == []
 
 
-def test_footprint_overflow_is_an_incomplete_plan_not_a_short_one() -> None:
-    # Two CCD footprints asked with a page of one row: refusing beats silently planning one CCD.
-    with pytest.raises(IncompletePlanError, match="footprint query for sector 1 overflowed"):
-        run_plan(caom_db(), page_size=1, sector=1, cameras=[1], ccds=[1, 2])
+def test_footprints_page_through_a_service_limit_of_two_rows() -> None:
+    # Two CCDs' exposures asked with pages of two rows: each CCD's obs_id list is paged, never cut.
+    planner, pages = run_plan(caom_db(), TapOptions(default_maxrec=2, hard_limit=2), page_size=None, sector=1,
+                              cameras=[1], ccds=[1, 2])  # fmt: skip
+    assert [(d.camera, d.ccd) for d in planner.detectors] == [(1, 1), (1, 2)]
+    assert {i.obs_id for p in pages for i in p} == expected_obs(10, 13)
 
 
 def test_a_page_that_cannot_be_split_is_an_incomplete_plan() -> None:
@@ -255,7 +258,7 @@ def test_rows_with_control_characters_in_urls_are_kept_for_the_layout_to_refuse(
     from astropy.table import Table
 
     from engine.layout import relpath_for
-    from engine.plan.planner import _artifact_item
+    from engine.plan.planner import _artifact_items
 
     name = "bad\x7fname_lc.fits"
     row = Table(
@@ -267,9 +270,9 @@ def test_rows_with_control_characters_in_urls_are_kept_for_the_layout_to_refuse(
             "contentLength": [SIZE],
             "contentChecksum": [f"md5:{md5_of(name)}"],
         }
-    )[0]
-    item = _artifact_item(row)
-    assert item is not None and item.filename == name
+    )
+    (item,) = _artifact_items(row)
+    assert item.filename == name
     assert "\x7f" not in item.url and "bad%7Fname" in item.url
     with pytest.raises(UnsafePathError, match="U\\+007F"):
         relpath_for(item, "mast")

@@ -1,0 +1,251 @@
+"""Plan invariants, checked on every page of a plan as it arrives, whatever the archive sent.
+
+1. **One row per destination file.** Rows whose destination (`engine.layout.relpath_for`) was planned
+   before, with a compatible declared size and md5, are *merged*: one download, the other URLs kept as
+   fallbacks (`GuardedPage.fallbacks`). Rows that would put different bytes at one path (exact sizes
+   or md5s that differ, or estimates that cannot describe the same file) are *failed*, with a reason
+   naming both URLs; so two workers never write one path.
+2. **Every URL names the file of its row.** The `uri=` value's last part, or else the URL path's last
+   part, must equal `filename`; a URL for another file is never paired with this file's size or md5.
+3. **Nothing vanishes silently.** A row with no URL, an unusable URL (a scheme other than http(s),
+   such as `file:`, `data:`, `ftp:`; no host) or a URL that names another file is *dropped*, counted
+   by reason; a name the layout refuses (`UnsafePathError`) is *failed*, with the layout's reason.
+
+Memory stays bounded whatever the plan's size: per destination the guard keeps an 8-byte digest of
+the path and one packed integer (declared size, estimate, 64 bits of the md5), about 100 bytes. The
+full URL is kept only for the most recent `recent_urls` destinations, to name it in a conflict; an
+older one is named by its destination. Digest collisions are negligible (1 in 10^6 at 10^7 paths).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from engine.exceptions import UnsafePathError
+from engine.layout import relpath_for
+from engine.models import PlanItem
+from engine.plan.table import filename_from_url
+from engine.redact import redact
+
+# Reasons a row is dropped (the keys of `PlanGuard.dropped`).
+NO_URL = "no URL"
+BAD_SCHEME = "unusable URL scheme"
+BAD_URL = "malformed URL"
+MISMATCH = "URL names another file"
+DROP_REASONS = (NO_URL, BAD_SCHEME, BAD_URL, MISMATCH)
+
+RECENT_URLS = 100_000  # full URLs remembered for conflict messages (about 15 MB at most)
+_FIELD = (1 << 40) - 1  # sizes and estimates are packed in 40 bits each (up to 1 TB; more is unknown)
+_MIB = 1024 * 1024
+
+
+def url_problem(item: PlanItem) -> tuple[str, str] | None:
+    """Why `item` cannot be downloaded as planned: (reason key, detail), or None when its URL is usable
+    and names `item.filename`. Pure: used by the guard and by tests."""
+    url = item.url.strip() if isinstance(item.url, str) else ""
+    if not url:
+        return NO_URL, "the row has no URL"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as err:  # e.g. an invalid IPv6 literal or port
+        return BAD_URL, f"cannot parse the URL {redact(url)!r}: {err}"
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        shown = f"{scheme}:" if scheme else "no scheme"
+        return BAD_SCHEME, f"the URL {redact(url)!r} has {shown}; only http(s) is downloaded"
+    if not host or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return BAD_URL, f"the URL {redact(url)!r} has no host or has white space or control characters"
+    named = filename_from_url(url)
+    if _nfc(named) != _nfc(item.filename):
+        return MISMATCH, f"the URL {redact(url)!r} names {named!r}, not {item.filename!r}"
+    return None
+
+
+@dataclass
+class GuardedPage:
+    """One page after the invariants: what to download, record as failed, and what was dropped."""
+
+    items: list[tuple[PlanItem, str]] = field(default_factory=list)  # (item, relpath) to download
+    failed: list[tuple[PlanItem, str]] = field(default_factory=list)  # (item, reason) to record
+    dropped: list[tuple[PlanItem, str]] = field(default_factory=list)  # (item, reason), counted only
+    merged: int = 0  # rows merged into a download planned before (on this page or an earlier one)
+    # relpath -> other URLs that name the same file (on this page), in arrival order
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[PlanItem]:
+        """The items to pass on: downloads first, then failures (so a conflict follows its original)."""
+        return [item for item, _ in self.items] + [item for item, _ in self.failed]
+
+
+class PlanGuard:
+    """Checks pages of a plan against every destination planned so far (see the module docstring).
+
+    Counters: `planned` (downloads admitted), `merged`, `conflicts`, `unsafe` (names the layout
+    refused), `dropped` (a Counter by reason).
+    """
+
+    def __init__(self, layout: str, *, recent_urls: int = RECENT_URLS) -> None:
+        relpath_for(PlanItem(url="", filename="x"), layout)  # an unknown layout fails now, by name
+        self.layout = layout
+        self.planned = 0
+        self.merged = 0
+        self.conflicts = 0
+        self.unsafe = 0
+        self.dropped: Counter[str] = Counter()
+        self._declared: dict[int, int] = {}  # digest of relpath -> packed (md5, size, estimate)
+        self._recent: dict[int, str] = {}  # digest of relpath -> first URL, for the newest ones only
+        self._recent_cap = max(0, recent_urls)
+
+    def admit(self, page: list[PlanItem]) -> GuardedPage:
+        """Sort one page into downloads, failures, merges and drops, updating the counters."""
+        out = GuardedPage()
+        for item in page:
+            problem = url_problem(item)
+            if problem is not None and problem[0] != MISMATCH:
+                self._drop(out, item, *problem)
+                continue
+            try:
+                relpath = relpath_for(item, self.layout)
+            except UnsafePathError as err:
+                self.unsafe += 1
+                out.failed.append((item, redact(str(err))))
+                continue
+            if problem is not None:
+                self._drop(out, item, *problem)
+                continue
+            key = int.from_bytes(
+                hashlib.blake2b(relpath.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big"
+            )
+            packed = _pack(item)
+            before = self._declared.get(key)
+            if before is None:
+                self._declared[key] = packed
+                self._remember(key, item.url)
+                self.planned += 1
+                out.items.append((item, relpath))
+                continue
+            disagreement = _disagreement(before, packed)
+            if disagreement:
+                self.conflicts += 1
+                first = self._recent.get(key)
+                earlier = f"{redact(first)!r}" if first else "a URL planned earlier"
+                out.failed.append(
+                    (
+                        item,
+                        f"conflicting rows for {relpath}: {redact(item.url)!r} and {earlier} declare "
+                        f"different files ({disagreement}); neither is trusted for the other",
+                    )
+                )
+                continue
+            self.merged += 1
+            out.merged += 1
+            self._declared[key] = _union(before, packed)
+            if item.url != self._recent.get(key):
+                urls = out.fallbacks.setdefault(relpath, [])
+                if item.url not in urls:
+                    urls.append(item.url)
+
+        return out
+
+    # -- reporting ------------------------------------------------------------------------------
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def counts(self) -> dict[str, int]:
+        """The counters as a flat dict (for the summary and the plan's metadata)."""
+        counts = {
+            "planned": self.planned,
+            "merged": self.merged,
+            "conflicts": self.conflicts,
+            "unsafe": self.unsafe,
+            "dropped": self.dropped_total,
+        }
+        counts.update({f"dropped: {reason}": n for reason, n in sorted(self.dropped.items())})
+        return counts
+
+    def summary_line(self) -> str:
+        """One line for the run's summary, e.g. 'plan: 826 files, 826 rows merged, 2 dropped (no URL: 2)'."""
+        parts = [f"plan: {self.planned} files"]
+        if self.merged:
+            parts.append(f"{self.merged} duplicate rows merged")
+        if self.conflicts:
+            parts.append(f"{self.conflicts} conflicting rows failed")
+        if self.unsafe:
+            parts.append(f"{self.unsafe} unsafe names failed")
+        if self.dropped:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items()))
+            parts.append(f"{self.dropped_total} rows dropped ({reasons})")
+        return ", ".join(parts)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _drop(self, out: GuardedPage, item: PlanItem, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        out.dropped.append((item, f"{reason}: {detail}"))
+
+    def _remember(self, key: int, url: str) -> None:
+        if not self._recent_cap:
+            return
+        if len(self._recent) >= self._recent_cap:
+            del self._recent[next(iter(self._recent))]  # the oldest (dicts keep insertion order)
+        self._recent[key] = url
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name) if isinstance(name, str) else ""
+
+
+def _field(value: int) -> int:
+    """A size or estimate as a 40-bit field: 0 for unknown (negative, or too large to be real)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return 0
+    return number + 1 if 0 <= number < _FIELD - 1 else 0
+
+
+def _pack(item: PlanItem) -> int:
+    md5 = item.md5.lower() if isinstance(item.md5, str) else ""
+    try:
+        md5_bits = (1 << 64) | int(md5[:16], 16) if len(md5) == 32 else 0
+    except ValueError:
+        md5_bits = 0
+    return (md5_bits << 80) | (_field(item.size) << 40) | _field(item.est_kb)
+
+
+def _unpack(packed: int) -> tuple[int, int, int]:
+    """(md5 bits or 0, size + 1 or 0, estimate in kB + 1 or 0)."""
+    return packed >> 80, (packed >> 40) & _FIELD, packed & _FIELD
+
+
+def _union(old: int, new: int) -> int:
+    """What is known of one file from two agreeing rows: the first's values, gaps filled by the second."""
+    (md5_a, size_a, est_a), (md5_b, size_b, est_b) = _unpack(old), _unpack(new)
+    return ((md5_a or md5_b) << 80) | ((size_a or size_b) << 40) | (est_a or est_b)
+
+
+def _estimates_disagree(low: int, high: int) -> bool:
+    """Two byte counts, at least one an estimate, that cannot describe one file: the larger is past the
+    estimate's ceiling, max(2 x smaller, smaller + 1 MiB)."""
+    low, high = min(low, high), max(low, high)
+    return high > max(2 * low, low + _MIB)
+
+
+def _disagreement(old: int, new: int) -> str:
+    """'' when two rows may describe the same file, else what differs."""
+    (md5_a, size_a, est_a), (md5_b, size_b, est_b) = _unpack(old), _unpack(new)
+    if md5_a and md5_b and md5_a != md5_b:
+        return "md5 differs"
+    if size_a and size_b:
+        return f"size {size_a - 1} vs {size_b - 1} bytes" if size_a != size_b else ""
+    bytes_a = size_a - 1 if size_a else (est_a - 1) * 1024 if est_a else -1
+    bytes_b = size_b - 1 if size_b else (est_b - 1) * 1024 if est_b else -1
+    if bytes_a >= 0 and bytes_b >= 0 and _estimates_disagree(bytes_a, bytes_b):
+        return f"about {bytes_a} vs {bytes_b} bytes"
+    return ""
