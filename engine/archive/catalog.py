@@ -15,21 +15,36 @@ Measured on 2 shared cores: 212,000 rows (78,000 small files) in ~11 s; the defa
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import numpy as np
 
-from engine.archive import fitsgen
-from engine.archive.footprints import CcdKey, Vertex, ffi_obs_id, footprints, lc_stamp, s_region, sector_stamp
+from engine.archive import ffigen, fitsgen
+from engine.archive.footprints import (
+    CcdKey,
+    Vertex,
+    ffi_obs_id,
+    ffi_time,
+    footprints,
+    lc_stamp,
+    s_region,
+    sector_stamp,
+)
 from engine.archive.geometry import polygon_contains
 
 DOWNLOAD_PATH = "/api/v0.1/Download/file"
+FILES_PATH = "/files/"  # plain path URLs: {base}/files/<ArchiveFile.path>
+S3_PATH = "/stpubdata/"  # the second host's bucket: {s3 base}/stpubdata/<s3_key(entry)>
+URL_FORMS = ("uri", "path")
+JITTER_ARCSEC = 5.0  # largest pointing offset of an FFI exposure from the middle one, per axis
+MAX_EXPOSURES = 10_000
 TESS_URI_PREFIX = "mast:TESS/product/"
 HLSP_URI_PREFIX = "mast:HLSP/qlp/"
 HLSP_FRACTION = 0.1
@@ -326,6 +341,26 @@ class ArchiveFile:
     size: int
     md5: str
     identity: fitsgen.FileIdentity
+    # Where the file sits in MAST's trees, e.g. `tess/tid/s0001/0000/0000/2515/5310/<name>` or
+    # `tess/ffi/s0001/2018/207/1-2/<name>` (the name percent-encoded): the path URL is
+    # {base}/files/<path>, the second host's key is `s3_key(path)`.
+    path: str = ""
+
+
+def s3_key(path: str) -> str:
+    """The bucket key of an archive path, in MAST's cloud layout (`tess/public/tid/...`)."""
+    mission, _, rest = path.partition("/")
+    return f"{mission}/public/{rest}" if mission == "tess" else path
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """One FFI exposure of a CCD: its CAOM observation id, 0-based number, polygon and start time."""
+
+    obs_id: str
+    index: int
+    vertices: tuple[Vertex, ...]
+    stamp: str  # YYYYDDDHHMMSS, as in the obs_id
 
 
 @dataclass(slots=True)
@@ -357,6 +392,11 @@ class Catalog(Mapping[str, ArchiveFile]):
     files: dict[str, ArchiveFile]
     tables: dict[str, CatalogTable]
     by_uri: dict[str, ArchiveFile] = field(default_factory=dict)
+    # Per CCD, its FFI exposures in obs_id (= time) order. The middle one, `exposures[key][n // 2]`,
+    # has exactly the CCD's footprint `footprints[key]`, the polygon targets were placed in.
+    exposures: dict[CcdKey, list[Exposure]] = field(default_factory=dict)
+    by_path: dict[str, ArchiveFile] = field(default_factory=dict)
+    ffi_dims: tuple[int, int] = ffigen.SMALL_DIMS
 
     def __getitem__(self, name: str) -> ArchiveFile:
         return self.files[name]
@@ -369,6 +409,38 @@ class Catalog(Mapping[str, ArchiveFile]):
 
     def lookup_uri(self, uri: str) -> ArchiveFile | None:
         return self.by_uri.get(uri)
+
+    def lookup_path(self, path: str) -> ArchiveFile | None:
+        """The file at an archive path (`ArchiveFile.path`), percent-encoded or not."""
+        return self.by_path.get(path) or self.by_path.get(quote(unquote(path), safe="/"))
+
+    def middle_exposure(self, key: CcdKey) -> Exposure:
+        """The exposure whose polygon is the CCD's footprint: number n // 2 of n, in obs_id order."""
+        exposures = self.exposures[key]
+        return exposures[len(exposures) // 2]
+
+    def files_inside(
+        self, vertices: Sequence[Vertex], *, products: Sequence[str] = ("lc",), collection: str = "TESS"
+    ) -> list[ArchiveFile]:
+        """Files of `products` in `collection` whose target position lies inside the polygon.
+
+        Independent of the TAP service (positions from the files' identities, the same spherical
+        test as placement), so a test can count the truth for any footprint, e.g.
+        `catalog.files_inside(catalog.middle_exposure((1, 1, 2)).vertices)`.
+        """
+        chosen = [f for f in self.files.values() if f.product in products and f.collection == collection]
+        if not chosen:
+            return []
+        ra = np.array([f.identity.ra for f in chosen])
+        dec = np.array([f.identity.dec for f in chosen])
+        inside = polygon_contains(ra, dec, tuple(vertices))
+        return [f for f, keep in zip(chosen, inside, strict=True) if keep]
+
+    def render(self, identity: fitsgen.FileIdentity) -> Iterable[bytes]:
+        """The bytes of a file, in pieces (FFIs are streamed, never held whole)."""
+        if identity.product in ffigen.FFI_PRODUCTS:
+            return ffigen.render(identity, dims=self.ffi_dims, seed=self.seed)
+        return fitsgen.render(identity, cadences=self.cadences, seed=self.seed)
 
     @property
     def row_count(self) -> int:
@@ -513,20 +585,95 @@ def _small_region(ra: float, dec: float, half: float = 0.032) -> str:
     return s_region([((r % 360.0), max(-90.0, min(90.0, d))) for r, d in corners])
 
 
+def tid_path(sector: int, tic: int, name: str) -> str:
+    """MAST's tree for light curves and pixel files: `tess/tid/s0001/0000/0000/2515/5310/<name>`."""
+    digits = f"{tic:016d}"
+    parts = "/".join(digits[i : i + 4] for i in range(0, 16, 4))
+    return f"tess/tid/s{sector:04d}/{parts}/{quote(name, safe='')}"
+
+
+def ffi_path(sector: int, camera: int, ccd: int, stamp: str, name: str) -> str:
+    """MAST's tree for FFIs: `tess/ffi/s0001/2018/207/1-2/<name>` (year and day of the exposure)."""
+    return f"tess/ffi/s{sector:04d}/{stamp[:4]}/{stamp[4:7]}/{camera}-{ccd}/{quote(name, safe='')}"
+
+
+def hlsp_path(sector: int, tic: int, name: str) -> str:
+    digits = f"{tic:016d}"
+    parts = "/".join(digits[i : i + 4] for i in range(0, 16, 4))
+    return f"hlsp/qlp/s{sector:04d}/{parts}/{quote(name, safe='')}"
+
+
+def draw(seed: int, kind: str, name: str) -> float:
+    """A uniform 0..1 value fixed by (seed, kind, name): the archive's deterministic coin."""
+    text = f"{seed}\0{kind}\0{name}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") / 2**64
+
+
+def jitter(seed: int, key: CcdKey, count: int) -> np.ndarray:
+    """Pointing offsets (arcsec, ra*cos(dec) and dec) of `count` exposures; zero for number count // 2."""
+    rng = np.random.default_rng([seed, *key, 3571])
+    offsets = rng.uniform(-JITTER_ARCSEC, JITTER_ARCSEC, (count, 2))
+    offsets[count // 2] = 0.0
+    return offsets
+
+
+def _shift(vertices: tuple[Vertex, ...], offset: np.ndarray) -> tuple[Vertex, ...]:
+    if not offset.any():
+        return vertices
+    shifted = []
+    for ra, dec in vertices:
+        d_ra = offset[0] / 3600.0 / max(np.cos(np.radians(dec)), 1e-3)
+        new_dec = max(-90.0, min(90.0, dec + offset[1] / 3600.0))
+        shifted.append((round(float((ra + d_ra) % 360.0), 6), round(float(new_dec), 6)))
+    return tuple(shifted)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How the catalogue's rows are shaped (the ArchiveOptions knobs that change the tables)."""
+
+    exposures_per_ccd: int = 1
+    ffi_files: bool = False
+    ffi_dims: tuple[int, int] = ffigen.SMALL_DIMS
+    obscore_per_product: bool = False
+    url_form: str = "uri"
+    null_checksum_fraction: float = 0.0
+    null_length_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.exposures_per_ccd <= MAX_EXPOSURES:
+            raise ValueError(
+                f"exposures_per_ccd {self.exposures_per_ccd} is out of range; use 1-{MAX_EXPOSURES}"
+            )
+        if self.url_form not in URL_FORMS:
+            raise ValueError(f"url_form {self.url_form!r} is not valid; use one of {', '.join(URL_FORMS)}")
+        for name in ("null_checksum_fraction", "null_length_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} is not a fraction; use 0 to 1")
+
+
 class _Builder:
-    def __init__(self, *, seed: int, cadences: int, base_url: str) -> None:
+    def __init__(self, *, seed: int, cadences: int, base_url: str, shape: Shape | None = None) -> None:
         self.seed, self.cadences, self.base_url = seed, cadences, base_url
+        self.shape = shape or Shape()
         self.observations = _Columns(CAOMOBSERVATION_COLUMNS)
         self.planes = _Columns(CAOMPLANE_COLUMNS)
         self.artifacts = _Columns(CAOMARTIFACT_COLUMNS)
         self.obscore = _Columns(OBSCORE_COLUMNS)
         self.files: dict[str, ArchiveFile] = {}
-        self.pending: list[tuple[str, str, str, str, int, fitsgen.FileIdentity]] = []
+        self.pending: list[tuple[str, str, str, str, int, fitsgen.FileIdentity, str]] = []
+        self.exposures: dict[CcdKey, list[Exposure]] = {}
         self.next_tid = 1000 + (seed % 1000) * 1_000_000  # distinct, deterministic ids per seed
 
     def tid(self) -> int:
         self.next_tid += 1
         return self.next_tid
+
+    def url(self, uri: str, path: str) -> str:
+        """The access_url of a file in the chosen form: MAST's Download API, or a plain path."""
+        if self.shape.url_form == "path":
+            return f"{self.base_url}{FILES_PATH}{path}"
+        return download_url(self.base_url, uri)
 
     def observation(
         self, *, obs_id: str, collection: str, trg_type: str, sector: int, name: str, ra: float, dec: float
@@ -601,6 +748,7 @@ class _Builder:
         collection: str,
         identity: fitsgen.FileIdentity,
         uri_prefix: str,
+        path: str,
         name: str | None = None,
     ) -> int:
         """Add a plane and its artifact; returns the file size. The md5 is filled in by `finish`.
@@ -608,6 +756,7 @@ class _Builder:
         `name` is the declared file name when it differs from the content's (`identity.name`).
         """
         name = identity.name if name is None else name
+        image = identity.product in ffigen.FFI_PRODUCTS
         plane_tid = self.tid()
         self.planes.add(
             id=plane_tid,
@@ -615,12 +764,15 @@ class _Builder:
             observationTID=obs_tid,
             observationUUID=f"{obs_tid:032x}",
             productID=f"{obs_id}_{identity.product}",
-            calibrationLevel=3,
-            dataProductType="timeseries",
+            calibrationLevel=(2 if identity.product == "ffic" else 1) if image else 3,
+            dataProductType="image" if image else "timeseries",
             collection=collection,
             statusCode=0,
         )
-        size = fitsgen.file_size(identity.product, self.cadences)
+        if image:
+            size = ffigen.ffi_size(identity.product, self.shape.ffi_dims)
+        else:
+            size = fitsgen.file_size(identity.product, self.cadences)
         uri = uri_prefix + name
         artifact_tid = self.tid()
         self.artifacts.add(
@@ -638,67 +790,148 @@ class _Builder:
             releaseType="data",
             statusCode=0,
         )
-        self.pending.append((name, uri, obs_id, collection, size, identity))
+        self.pending.append((name, uri, obs_id, collection, size, identity, path))
         return size
 
     def finish(self) -> None:
-        """Compute every file's md5 (threads: hashlib releases the GIL on big buffers) and record it."""
+        """Compute every file's md5 (threads: hashlib releases the GIL on big buffers) and record it.
+
+        FFIs go by (CCD, product) group: one pass over the shared prefix, then one trailer a file.
+        Then the NULLs of `null_checksum_fraction` / `null_length_fraction` are put in, by a coin
+        fixed by (seed, file name); the truth in `files` keeps the real values.
+        """
 
         def md5_of(identity: fitsgen.FileIdentity) -> str:
             return fitsgen.digest(identity, cadences=self.cadences, seed=self.seed)[1]
 
+        def ffi_md5s(group: list[fitsgen.FileIdentity]) -> list[str]:
+            return ffigen.md5s(group, dims=self.shape.ffi_dims, seed=self.seed)
+
         identities = [p[5] for p in self.pending]
+        ordinary = [i for i, identity in enumerate(identities) if identity.product not in ffigen.FFI_PRODUCTS]
+        groups: dict[tuple, list[int]] = {}
+        for i, identity in enumerate(identities):
+            if identity.product in ffigen.FFI_PRODUCTS:
+                groups.setdefault(
+                    (identity.sector, identity.camera, identity.ccd, identity.product), []
+                ).append(i)
+        md5s: list[str] = [""] * len(identities)
         workers = min(4, os.cpu_count() or 1)
-        if workers > 1 and len(identities) > 256:
-            with ThreadPoolExecutor(workers, thread_name_prefix="archive-md5") as pool:
-                md5s = list(pool.map(md5_of, identities, chunksize=64))
-        else:
-            md5s = [md5_of(identity) for identity in identities]
+        with ThreadPoolExecutor(workers, thread_name_prefix="archive-md5") as pool:
+            if len(ordinary) > 256 and workers > 1:
+                found = pool.map(md5_of, [identities[i] for i in ordinary], chunksize=64)
+            else:
+                found = map(md5_of, [identities[i] for i in ordinary])
+            for i, md5 in zip(ordinary, found, strict=True):
+                md5s[i] = md5
+            indices = list(groups.values())
+            for members, found_group in zip(
+                indices, pool.map(ffi_md5s, [[identities[i] for i in m] for m in indices]), strict=True
+            ):
+                for i, md5 in zip(members, found_group, strict=True):
+                    md5s[i] = md5
         checksums = self.artifacts.values["contentChecksum"]
-        for row, ((name, uri, obs_id, collection, size, identity), md5) in enumerate(
+        lengths = self.artifacts.values["contentLength"]
+        shape = self.shape
+        for row, ((name, uri, obs_id, collection, size, identity, path), md5) in enumerate(
             zip(self.pending, md5s, strict=True)
         ):
-            checksums[row] = f"md5:{md5}"  # artifact rows were added in the same order as `pending`
+            # artifact rows were added in the same order as `pending`
+            nulled = (
+                shape.null_checksum_fraction
+                and draw(self.seed, "null-checksum", name) < shape.null_checksum_fraction
+            )
+            checksums[row] = None if nulled else f"md5:{md5}"
+            if (
+                shape.null_length_fraction
+                and draw(self.seed, "null-length", name) < shape.null_length_fraction
+            ):
+                lengths[row] = None
             product = identity.product
-            self.files[name] = ArchiveFile(name, uri, product, obs_id, collection, size, md5, identity)
+            self.files[name] = ArchiveFile(name, uri, product, obs_id, collection, size, md5, identity, path)
         self.pending.clear()
 
     def ffi(self, key: CcdKey, vertices: tuple[Vertex, ...]) -> None:
+        """The CCD's FFI exposures: one CAOM observation (and ObsCore row or rows) each."""
         sector, camera, ccd = key
-        obs_id = ffi_obs_id(sector, camera, ccd)
+        count = self.shape.exposures_per_ccd
         centre, _ = _cap(vertices)
-        ra = float(np.degrees(np.arctan2(centre[1], centre[0])) % 360.0)
-        dec = float(np.degrees(np.arcsin(centre[2])))
+        ra0 = float(np.degrees(np.arctan2(centre[1], centre[0])) % 360.0)
+        dec0 = float(np.degrees(np.arcsin(centre[2])))
         name = f"TESS FFI Sector {sector} Camera {camera} CCD {ccd}"
+        exposures = self.exposures.setdefault(key, [])
+        for index, offset in enumerate(jitter(self.seed, key, count)):
+            obs_id = ffi_obs_id(sector, camera, ccd, index)
+            polygon = _shift(vertices, offset)
+            stamp = ffi_time(sector, index).strftime("%Y%j%H%M%S")
+            exposures.append(Exposure(obs_id, index, polygon, stamp))
+            ra = round(float((ra0 + offset[0] / 3600.0 / max(np.cos(np.radians(dec0)), 1e-3)) % 360.0), 6)
+            dec = round(float(dec0 + offset[1] / 3600.0), 6)
+            self._ffi_exposure(key, obs_id, index, polygon, stamp, name, ra, dec)
+
+    def _ffi_exposure(
+        self,
+        key: CcdKey,
+        obs_id: str,
+        index: int,
+        polygon: tuple[Vertex, ...],
+        stamp: str,
+        name: str,
+        ra: float,
+        dec: float,
+    ) -> None:
+        sector, camera, ccd = key
+        region = s_region(polygon)
         tid = self.observation(
             obs_id=obs_id, collection="TESS", trg_type="FIELD", sector=sector, name=name, ra=ra, dec=dec
         )
-        self.obscore_row(
+        row = dict(
             obs_id=obs_id,
             collection="TESS",
             product_type="image",
             name=name,
-            ra=round(ra, 6),
-            dec=round(dec, 6),
-            region=s_region(vertices),
+            ra=ra,
+            dec=dec,
+            region=region,
             sector=sector,
-            url=None,
-            est_kb=None,
             tid=tid,
         )
-        plane_tid = self.tid()
-        self.planes.add(
-            id=plane_tid,
-            planeTID=plane_tid,
-            observationTID=tid,
-            observationUUID=f"{tid:032x}",
-            productID=obs_id,
-            calibrationLevel=2,
-            dataProductType="image",
-            collection="TESS",
-            posBoundsSTCS=s_region(vertices),
-            statusCode=0,
-        )
+        if not self.shape.ffi_files:
+            self.obscore_row(url=None, est_kb=None, **row)
+            plane_tid = self.tid()
+            self.planes.add(
+                id=plane_tid,
+                planeTID=plane_tid,
+                observationTID=tid,
+                observationUUID=f"{tid:032x}",
+                productID=obs_id,
+                calibrationLevel=2,
+                dataProductType="image",
+                collection="TESS",
+                posBoundsSTCS=region,
+                statusCode=0,
+            )
+            return
+        urls = []
+        for product in ffigen.FFI_PRODUCTS:
+            file_name = f"{obs_id}_{product}.fits"
+            # tic carries the exposure number into the file's EXPOSURE header (there is no target).
+            identity = fitsgen.FileIdentity(file_name, product, index, sector, camera, ccd, ra, dec)
+            path = ffi_path(sector, camera, ccd, stamp, file_name)
+            size = self.plane_with_file(
+                obs_tid=tid,
+                obs_id=obs_id,
+                collection="TESS",
+                identity=identity,
+                uri_prefix=TESS_URI_PREFIX,
+                path=path,
+            )
+            urls.append((self.url(TESS_URI_PREFIX + file_name, path), round(size / 1024)))
+        if self.shape.obscore_per_product:
+            for url, est_kb in urls:
+                self.obscore_row(url=url, est_kb=est_kb, **row)
+        else:
+            self.obscore_row(url=urls[0][0], est_kb=urls[0][1], **row)  # the calibrated image
 
     def light_curve(self, target: Target, key: CcdKey) -> None:
         sector, camera, ccd = key
@@ -713,7 +946,7 @@ class _Builder:
             ra=target.ra,
             dec=target.dec,
         )
-        sizes = {}
+        rows = []
         for product, file_name in (
             ("lc", f"{obs_id}_lc.fits"),
             ("tp", f"{obs_id}_tp.fits"),
@@ -722,23 +955,30 @@ class _Builder:
             identity = fitsgen.FileIdentity(
                 file_name, product, target.tic, sector, camera, ccd, target.ra, target.dec, target.tessmag
             )
-            sizes[product] = self.plane_with_file(
-                obs_tid=tid, obs_id=obs_id, collection="TESS", identity=identity, uri_prefix=TESS_URI_PREFIX
+            path = tid_path(sector, target.tic, file_name)
+            size = self.plane_with_file(
+                obs_tid=tid,
+                obs_id=obs_id,
+                collection="TESS",
+                identity=identity,
+                uri_prefix=TESS_URI_PREFIX,
+                path=path,
             )
-        lc_uri = TESS_URI_PREFIX + f"{obs_id}_lc.fits"
-        self.obscore_row(
-            obs_id=obs_id,
-            collection="TESS",
-            product_type="timeseries",
-            name=name,
-            ra=target.ra,
-            dec=target.dec,
-            region=_small_region(target.ra, target.dec),
-            sector=sector,
-            url=download_url(self.base_url, lc_uri),
-            est_kb=round(sizes["lc"] / 1024),
-            tid=tid,
-        )
+            rows.append((self.url(TESS_URI_PREFIX + file_name, path), round(size / 1024)))
+        for url, est_kb in rows if self.shape.obscore_per_product else rows[:1]:
+            self.obscore_row(
+                obs_id=obs_id,
+                collection="TESS",
+                product_type="timeseries",
+                name=name,
+                ra=target.ra,
+                dec=target.dec,
+                region=_small_region(target.ra, target.dec),
+                sector=sector,
+                url=url,
+                est_kb=est_kb,
+                tid=tid,
+            )
 
     def hlsp(self, target: Target, key: CcdKey) -> None:
         sector, camera, ccd = key
@@ -756,8 +996,14 @@ class _Builder:
         identity = fitsgen.FileIdentity(
             f"{obs_id}.fits", "llc", target.tic, sector, camera, ccd, target.ra, target.dec, target.tessmag
         )
+        path = hlsp_path(sector, target.tic, identity.name)
         llc_size = self.plane_with_file(
-            obs_tid=tid, obs_id=obs_id, collection="HLSP", identity=identity, uri_prefix=HLSP_URI_PREFIX
+            obs_tid=tid,
+            obs_id=obs_id,
+            collection="HLSP",
+            identity=identity,
+            uri_prefix=HLSP_URI_PREFIX,
+            path=path,
         )
         self.obscore_row(
             obs_id=obs_id,
@@ -768,7 +1014,7 @@ class _Builder:
             dec=target.dec,
             region=_small_region(target.ra, target.dec),
             sector=sector,
-            url=download_url(self.base_url, HLSP_URI_PREFIX + identity.name),
+            url=self.url(HLSP_URI_PREFIX + identity.name, path),
             est_kb=round(llc_size / 1024),
             tid=tid,
         )
@@ -820,12 +1066,14 @@ def _add_hostile(builder: _Builder, fps: Mapping[CcdKey, tuple[Vertex, ...]], ke
         # The bytes are an ordinary light curve stored under a plain name (`identity.name`); only the
         # declared name is hostile, so the server can answer it and the client's refusal is what stops it.
         identity = fitsgen.FileIdentity(f"hostile-{i:02d}_lc.fits", "lc", tic, sector, camera, ccd, ra, dec)
+        path = tid_path(sector, tic, name)
         size = builder.plane_with_file(
             obs_tid=tid,
             obs_id=obs_id,
             collection="TESS",
             identity=identity,
             uri_prefix=TESS_URI_PREFIX,
+            path=path,
             name=name,
         )
         builder.obscore_row(
@@ -837,7 +1085,7 @@ def _add_hostile(builder: _Builder, fps: Mapping[CcdKey, tuple[Vertex, ...]], ke
             dec=dec,
             region=_small_region(ra, dec),
             sector=sector,
-            url=download_url(builder.base_url, TESS_URI_PREFIX + name),
+            url=builder.url(TESS_URI_PREFIX + name, path),
             est_kb=round(size / 1024),
             tid=tid,
         )
@@ -856,12 +1104,19 @@ def build_catalog(
     base_url: str = "http://127.0.0.1:0",
     focus: CcdKey | None = None,
     hostile_names: bool = False,
+    shape: Shape | None = None,
 ) -> Catalog:
     """Generate the whole archive for these options (deterministic).
 
     `focus=(sector, camera, ccd)` places every target inside that one footprint (they still get light
     curves in every other sector whose footprint holds them); `hostile_names` adds the observations
-    of HOSTILE_NAMES and HOSTILE_OBS_IDS.
+    of HOSTILE_NAMES and HOSTILE_OBS_IDS; `shape` sets FFI exposures, FFI files, ObsCore rows per
+    product, the URL form and NULLs in the artifact table (see `Shape`; the default is one FFI
+    observation per CCD, one ObsCore row per observation, Download API URLs, no NULLs).
+
+    Targets are placed uniformly inside the CCD footprints `footprints[key]`, which are the polygons
+    of each CCD's *middle* exposure (`Catalog.middle_exposure`); the other exposures are shifted by up
+    to JITTER_ARCSEC, so a target within a few arcsec of an edge can fall outside some of them.
     """
     sector_list = tuple(sorted({int(s) for s in sectors}))
     if not sector_list:
@@ -883,7 +1138,7 @@ def build_catalog(
     seen = target_sectors(fps, ras, decs)
     hlsp_draw = rng.random(sum(len(keys) for keys in seen.values()))
 
-    builder = _Builder(seed=seed, cadences=cadences, base_url=base_url.rstrip("/"))
+    builder = _Builder(seed=seed, cadences=cadences, base_url=base_url.rstrip("/"), shape=shape)
     for key in sorted(fps):
         builder.ffi(key, fps[key])
     draw = 0
@@ -910,6 +1165,9 @@ def build_catalog(
         files=builder.files,
         tables=tables,
         by_uri=_by_uri(builder.files.values()),
+        exposures=builder.exposures,
+        by_path={entry.path: entry for entry in builder.files.values()},
+        ffi_dims=builder.shape.ffi_dims,
     )
 
 

@@ -182,11 +182,17 @@ class FaultPlan:
         draw = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") / 2**64
         return draw < rule.rate
 
-    def decide(self, name: str, attempt: int) -> Decision:
-        """The faults for attempt `attempt` (1-based) at file `name`: first firing status, first body."""
+    def decide(self, name: str, attempt: int, *, statuses: bool = True) -> Decision:
+        """The faults for attempt `attempt` (1-based) at file `name`: first firing status, first body.
+
+        `statuses=False` skips the status faults: the redirect target of MAST's Download API (the
+        second host) only spoils bodies, the API itself already answered the status faults.
+        """
         status = body = None
         retry_after, stall_after, stall_seconds, redirect_to = 1.0, 65_536, 3600.0, "ftp"
         for rule in self.rules:
+            if not statuses and rule.kind in STATUS_FAULTS:
+                continue
             if not self.fires(rule, name, attempt):
                 continue
             if rule.kind in STATUS_FAULTS and status is None:

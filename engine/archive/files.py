@@ -1,5 +1,19 @@
 """The archive's file server: MAST's `/api/v0.1/Download/file?uri=...`, with faults on demand.
 
+Three ways in, as on the real service:
+
+* the Download API, `/api/v0.1/Download/file?uri=mast:TESS/product/<file>`: it serves the file, or,
+  with `s3_base` set, answers `302 Found` with `Location` on the *second host*, the way MAST sends
+  clients to `stpubdata.s3.amazonaws.com/tess/public/...`;
+* plain paths, `/files/<ArchiveFile.path>` (archive.stsci.edu's `tid/sNNNN/...` and `ffi/...` trees);
+* the second host (its own socket and port), `/stpubdata/<key>` in MAST's cloud key layout
+  (`tess/public/tid/...`, `tess/public/ffi/sNNNN/YYYY/DDD/C-D/...`), with S3's validators: the
+  ETag is the file's md5 (a single-part upload), Range and If-Range are honoured.
+
+On a redirect the API counts the attempt and answers the status faults (500, 503, html, redirect,
+...); the second host counts its own GETs and applies the body faults, latency and bandwidth. A file
+picked by `chunked_fraction` (a coin fixed by seed and name) is always sent without Content-Length.
+
 Files are materialised lazily: the first request for a file renders it (in a thread) into the data
 directory with an atomic rename, and every request after that is a plain file. A clean answer is
 aiohttp's `FileResponse` (sendfile, Range/206/416, ETag). A faulted one (see `faults.py`) is streamed
@@ -19,11 +33,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from engine.archive import fitsgen
-from engine.archive.catalog import DOWNLOAD_PATH, ArchiveFile, Catalog
+from engine.archive.catalog import DOWNLOAD_PATH, FILES_PATH, S3_PATH, ArchiveFile, Catalog, draw, s3_key
 from engine.archive.faults import LIE_EXTRA, OVERLONG_EXTRA, Decision, FaultPlan
 
 _HTML_ERROR_PAGE = (
@@ -43,6 +57,7 @@ class RequestRecord:
     time: float  # time.time() when it arrived
     attempt: int = 0  # the file's GET count including this one (0 for HEAD and 404)
     fault: str = ""  # the injected fault(s), e.g. "503" or "reset"
+    host: str = "api"  # "api" (Download API), "files" (plain paths) or "s3" (the second host)
 
 
 class FileStore:
@@ -54,7 +69,7 @@ class FileStore:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def _write(self, entry: ArchiveFile, target: Path) -> None:
-        pieces = fitsgen.render(entry.identity, cadences=self.catalog.cadences, seed=self.catalog.seed)
+        pieces = self.catalog.render(entry.identity)
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with open(temporary, "wb") as handle:
             for piece in pieces:
@@ -96,29 +111,66 @@ def _if_range_allows(request: web.BaseRequest, etag: str, mtime: float) -> bool:
 class FileServer:
     """The aiohttp handlers for file downloads; `request_log` records every answer."""
 
-    def __init__(self, catalog: Catalog, store: FileStore, faults: Callable[[], FaultPlan]) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: FileStore,
+        faults: Callable[[], FaultPlan],
+        *,
+        chunked_fraction: float = 0.0,
+        s3_base: Callable[[], str] | None = None,
+    ) -> None:
+        """`s3_base` (the second host's base URL, once bound) turns on the API's redirects to it."""
+        if not 0.0 <= chunked_fraction <= 1.0:
+            raise ValueError(f"chunked_fraction {chunked_fraction} is not a fraction; use 0 to 1")
         self.catalog = catalog
         self.store = store
         self._faults = faults
+        self.chunked_fraction = chunked_fraction
+        self._s3_base = s3_base
         self.request_log: list[RequestRecord] = []
         self.attempts: dict[str, int] = defaultdict(int)  # GETs per file name, for fault decisions
+        self.s3_attempts: dict[str, int] = defaultdict(int)  # GETs per file name on the second host
         self.closing = asyncio.Event()  # set on shutdown: stalled responses give up
         self._link: LinkBucket | None = None
+        self._by_key = {s3_key(entry.path): entry for entry in catalog.values() if entry.path}
 
     def add_routes(self, app: web.Application) -> None:
         for path in (DOWNLOAD_PATH, DOWNLOAD_PATH + "/"):  # MAST's bulk scripts use the trailing slash
             app.router.add_get(path, self.handle)  # add_get also answers HEAD
+        app.router.add_get(FILES_PATH + "{tail:.*}", self.handle_path)
         app.on_response_prepare.append(_report_file_response)
 
+    def add_s3_routes(self, app: web.Application) -> None:
+        """The second host's one route (mount it on its own application and socket)."""
+        app.router.add_get(S3_PATH + "{key:.*}", self.handle_s3)
+
+    def s3_url(self, entry: ArchiveFile) -> str:
+        assert self._s3_base is not None
+        return f"{self._s3_base()}{S3_PATH}{s3_key(entry.path)}"
+
+    def chunked(self, entry: ArchiveFile) -> bool:
+        """Whether this file is always sent without Content-Length (fixed by seed and name)."""
+        fraction = self.chunked_fraction
+        return fraction > 0 and draw(self.catalog.seed, "chunked", entry.name) < fraction
+
     def _log(
-        self, request: web.BaseRequest, name: str, status: int, started: float, attempt: int, fault: str
+        self,
+        request: web.BaseRequest,
+        name: str,
+        status: int,
+        started: float,
+        attempt: int,
+        fault: str,
+        host: str = "api",
     ) -> None:
         record = RequestRecord(
-            request.method, name, status, request.headers.get("Range", ""), started, attempt, fault
+            request.method, name, status, request.headers.get("Range", ""), started, attempt, fault, host
         )
         self.request_log.append(record)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The Download API: the file itself, or a 302 to the second host when redirects are on."""
         started = time.time()
         uri = request.query.get("uri", "")
         entry = self.catalog.lookup_uri(uri)
@@ -126,28 +178,80 @@ class FileServer:
             name = uri.rsplit("/", 1)[-1] if uri.startswith("mast:") else ""
             self._log(request, name, 404, started, 0, "")
             return web.Response(status=404, text=f"404 Not Found: no file for uri {uri!r}\n")
-        if request.method == "HEAD":
-            decision, attempt = Decision(), 0
-        else:
+        if self._s3_base is None:
+            return await self._serve(request, entry, started, "api")
+        attempt, decision = 0, Decision()
+        if request.method != "HEAD":
             self.attempts[entry.name] += 1
             attempt = self.attempts[entry.name]
             decision = self._faults().decide(entry.name, attempt)
+        if decision.status:
+            response = self._status_fault(decision, request, entry)
+        else:
+            location = self.s3_url(entry)
+            response = web.Response(
+                status=302, text=f"302 Found: {location}\n", headers={"Location": location}
+            )
+        self._log(request, entry.name, response.status, started, attempt, decision.status or "")
+        return response
+
+    async def handle_path(self, request: web.Request) -> web.StreamResponse:
+        """Plain path URLs, `/files/<path>`: served directly (no redirect), like archive.stsci.edu."""
+        started = time.time()
+        raw = request.raw_path.split("?", 1)[0]
+        entry = self.catalog.lookup_path(raw[len(FILES_PATH) :])
+        if entry is None:
+            self._log(request, raw.rsplit("/", 1)[-1], 404, started, 0, "", "files")
+            return web.Response(status=404, text=f"404 Not Found: no file at {raw!r}\n")
+        return await self._serve(request, entry, started, "files")
+
+    async def handle_s3(self, request: web.Request) -> web.StreamResponse:
+        """The second host: S3-style keys, S3's ETag (the md5), body faults only."""
+        started = time.time()
+        raw = request.raw_path.split("?", 1)[0][len(S3_PATH) :]
+        entry = self._by_key.get(raw) or self._by_key.get(quote(unquote(raw), safe="/"))
+        if entry is None:
+            self._log(request, raw.rsplit("/", 1)[-1], 404, started, 0, "", "s3")
+            body = "<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>NoSuchKey</Code></Error>\n"
+            return web.Response(status=404, text=body, content_type="application/xml")
+        return await self._serve(request, entry, started, "s3")
+
+    async def _serve(
+        self, request: web.Request, entry: ArchiveFile, started: float, host: str
+    ) -> web.StreamResponse:
+        """Answer with the file's bytes (or the faults due for this attempt) on one of the hosts."""
+        s3 = host == "s3"
+        counter = self.s3_attempts if s3 else self.attempts
+        if request.method == "HEAD":
+            decision, attempt = Decision(), 0
+        else:
+            counter[entry.name] += 1
+            attempt = counter[entry.name]
+            decision = self._faults().decide(entry.name, attempt, statuses=not s3)
         if decision.latency:
             await asyncio.sleep(decision.latency)
         if decision.status:
             response = self._status_fault(decision, request, entry)
-            self._log(request, entry.name, response.status, started, attempt, decision.label)
+            self._log(request, entry.name, response.status, started, attempt, decision.label, host)
             return response
         path = await self.store.path(entry)
 
         def on_sent(status: int) -> None:
-            self._log(request, entry.name, status, started, attempt, decision.label)
+            self._log(request, entry.name, status, started, attempt, decision.label, host)
 
         link = self._link_bucket()
+        chunked = self.chunked(entry)
+        etag = entry.md5 if s3 else None
         # A HEAD has no body to spoil or throttle: always the clean answer.
-        if request.method == "HEAD" or not (decision.body or decision.bandwidth or link):
+        if (
+            not s3
+            and not chunked
+            and (request.method == "HEAD" or not (decision.body or decision.bandwidth or link))
+        ):
             return await self._clean(request, path, on_sent)
-        return await self._stream(request, path, decision, on_sent, link)
+        if request.method == "HEAD":
+            decision = Decision()
+        return await self._stream(request, path, decision, on_sent, link, etag=etag, chunked=chunked)
 
     def _link_bucket(self) -> LinkBucket | None:
         """The shared bucket for the current plan's `linkcap` (rebuilt when the rate changes)."""
@@ -196,9 +300,13 @@ class FileServer:
         decision: Decision,
         on_sent: Callable[[int], None],
         link: LinkBucket | None = None,
+        *,
+        etag: str | None = None,
+        chunked: bool = False,
     ) -> web.StreamResponse:
+        """Send the file (or its asked range) by hand: faults, pacing, S3's ETag, chunked encoding."""
         stat = path.stat()
-        size, etag = stat.st_size, _etag(stat)
+        size, etag = stat.st_size, etag or _etag(stat)
         start, stop = 0, size
         response = web.StreamResponse()
         response.headers["Accept-Ranges"] = "bytes"
@@ -223,11 +331,20 @@ class FileServer:
                     start, stop = asked.start, min(asked.stop if asked.stop is not None else size, size)
                 response.set_status(206)
                 response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        if request.method == "HEAD":
+            if not chunked:
+                response.content_length = stop - start
+            await response.prepare(request)
+            on_sent(response.status)
+            await response.write_eof()
+            return response
         data = bytearray(await asyncio.to_thread(_read_range, path, start, stop))
         if decision.body == "overlong":
             # No Content-Length at all (chunked): nothing but the client's own cap ends the body early.
             response.enable_chunked_encoding()
             data += _filler(OVERLONG_EXTRA)
+        elif chunked:
+            response.enable_chunked_encoding()  # as dynamically generated answers come: no length
         else:
             response.content_length = stop - start
         await response.prepare(request)

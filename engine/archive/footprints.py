@@ -68,10 +68,25 @@ def lc_stamp(sector: int) -> str:
     return sector_stamp(sector)[0].strftime(_STAMP_FORMAT)
 
 
-def ffi_obs_id(sector: int, camera: int, ccd: int) -> str:
-    """MAST's FFI observation id, e.g. `tess2018207052942-s0001-1-2-0120-s`."""
-    when, scid = sector_stamp(sector)
-    stamp = (when + _FFI_AFTER_LC).strftime(_STAMP_FORMAT)
+def ffi_cadence_seconds(sector: int) -> int:
+    """Seconds between FFI exposures: 30 min in sectors 1-26, 10 min in 27-55, 200 s after."""
+    if sector <= 26:
+        return 1800
+    if sector <= 55:
+        return 600
+    return 200
+
+
+def ffi_time(sector: int, exposure: int = 0) -> datetime:
+    """Start of FFI exposure `exposure` (0-based) of a sector: the first, then one cadence apart."""
+    when, _scid = sector_stamp(sector)
+    return when + _FFI_AFTER_LC + timedelta(seconds=exposure * ffi_cadence_seconds(sector))
+
+
+def ffi_obs_id(sector: int, camera: int, ccd: int, exposure: int = 0) -> str:
+    """MAST's FFI observation id, e.g. `tess2018207052942-s0001-1-2-0120-s` (exposure 0 of sector 1)."""
+    _when, scid = sector_stamp(sector)
+    stamp = ffi_time(sector, exposure).strftime(_STAMP_FORMAT)
     return f"tess{stamp}-s{sector:04d}-{camera}-{ccd}-{scid:04d}-s"
 
 

@@ -16,14 +16,16 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
-from engine.archive.catalog import INDEXED_COLUMNS, OBSCORE_META, Catalog, build_catalog
+from engine.archive.catalog import INDEXED_COLUMNS, OBSCORE_META, Catalog, Shape, build_catalog
 from engine.archive.faults import FaultPlan
+from engine.archive.ffigen import ffi_dims
 from engine.archive.files import FileServer, FileStore, RequestRecord
 from engine.archive.fitsgen import cadences_for
 
@@ -57,6 +59,77 @@ class ArchiveOptions:
     # (sector, camera, ccd): place every target in that one footprint (a dense notebook query
     # without generating the whole sky). Other sectors whose footprints hold them still list them.
     focus: tuple[int, int, int] | None = None
+
+    # -- the real service's shapes (docs/MAST_MODEL.md). The defaults keep the first release's shape;
+    # `ArchiveOptions.mast_like()` gives MAST's. --
+    # FFI observations per (sector, camera, CCD): one CAOM observation + ObsCore row per exposure,
+    # obs_ids a cadence apart (30 min in sectors 1-26, 10 min in 27-55, 200 s after), polygons
+    # shifted by up to a few arcsec; the middle one (n // 2 in obs_id order) is the CCD footprint
+    # the targets were placed in. MAST: ~1,300 per CCD at 30 min; here 1-10,000.
+    exposures_per_ccd: int = 1
+    # True: every FFI exposure has `<obs_id>_ffic.fits` and `_ffir.fits` (planes, artifacts, files).
+    ffi_files: bool = False
+    # FFI file size: "small" (16x16 pixels, 20,160 bytes for ffic), "full" (2136x2078, ~35 MB), or
+    # a side in pixels.
+    ffi_file_size: str | int = "small"
+    # True: one ivoa.obscore row per product file (lc, tp, dvt; ffic, ffir), same obs_id, each with
+    # its own access_url and access_estsize. False: one row per observation (the light curve).
+    obscore_per_product: bool = False
+    # access_url form: "uri" ({base}/api/v0.1/Download/file?uri=mast:TESS/product/FILE) or "path"
+    # ({base}/files/tess/tid/s0001/.../FILE, archive.stsci.edu's tree). Both are always served.
+    url_form: str = "uri"
+    # True: the Download API answers 302 to a second host:port (`archive.s3_url`) that serves
+    # /stpubdata/tess/public/... with the md5 as ETag, as MAST redirects to S3.
+    redirect_to_s3: bool = False
+    # Fraction of files (a coin fixed by seed and name) always sent without Content-Length.
+    chunked_fraction: float = 0.0
+    # Fractions of artifact rows whose contentChecksum / contentLength are NULL (by seed and name).
+    null_checksum_fraction: float = 0.0
+    null_length_fraction: float = 0.0
+    # A sync query running longer than this many seconds answers HTTP 504 (MAST's gateway: ~60 s).
+    sync_timeout: float | None = None
+    # An async job running longer than this many seconds ends in ERROR, saying why (MAST: ~10 min).
+    async_abort_after: float | None = None
+    # Seconds a query that joins dbo.caomartifact spends before it runs: a deterministic slow join.
+    slow_join: float = 0.0
+
+    @classmethod
+    def mast_like(cls, **overrides: Any) -> ArchiveOptions:
+        """Options shaped like the real MAST service (docs/MAST_MODEL.md), with `overrides` applied.
+
+        300 FFI exposures per CCD with their files, one ObsCore row per product, Download API URLs
+        redirected to a second host, a fifth of the files chunked, ~10% NULL checksums and ~5% NULL
+        lengths, a 60 s sync gateway timeout and async jobs aborted after 10 minutes.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown ArchiveOptions field(s): {', '.join(unknown)}")
+        shape: dict[str, Any] = dict(
+            exposures_per_ccd=300,
+            ffi_files=True,
+            obscore_per_product=True,
+            url_form="uri",
+            redirect_to_s3=True,
+            chunked_fraction=0.2,
+            null_checksum_fraction=0.1,
+            null_length_fraction=0.05,
+            sync_timeout=60.0,
+            async_abort_after=600.0,
+        )
+        return cls(**{**shape, **overrides})
+
+    def shape(self) -> Shape:
+        """The catalogue-shaping part of these options (validated)."""
+        return Shape(
+            exposures_per_ccd=self.exposures_per_ccd,
+            ffi_files=self.ffi_files,
+            ffi_dims=ffi_dims(self.ffi_file_size),
+            obscore_per_product=self.obscore_per_product,
+            url_form=self.url_form,
+            null_checksum_fraction=self.null_checksum_fraction,
+            null_length_fraction=self.null_length_fraction,
+        )
 
 
 ARTIFACT_TABLES = ("dbo.caomplane", "dbo.caomartifact")
@@ -101,11 +174,13 @@ class LocalArchive:
         self.options = options or ArchiveOptions()
         self._faults = self.options.faults
         self._runner: web.AppRunner | None = None
+        self._s3_runner: web.AppRunner | None = None
         self._files: FileServer | None = None
         self._tap_options = None
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self.catalog: Catalog | None = None
         self.base_url = ""
+        self.s3_url = ""  # the second host's base URL (redirect_to_s3), e.g. http://127.0.0.1:PORT
         self.data_dir: Path | None = None
 
     @property
@@ -134,14 +209,21 @@ class LocalArchive:
 
         options = self.options
         cadences = cadences_for(options.file_size)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # As any server: a port whose last connections linger in TIME_WAIT can be bound again.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        shape = options.shape()
+        for name in ("sync_timeout", "async_abort_after"):
+            value = getattr(options, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} {value} must be > 0 seconds (or None for no limit)")
+        if options.slow_join < 0:
+            raise ValueError(f"slow_join {options.slow_join} must be >= 0 seconds")
+        sock = _listening_socket(options.host, options.port)
+        s3_sock = None
         try:
             # Bind first: the catalogue's access_url needs the port.
-            sock.bind((options.host, options.port))
-            sock.listen(128)
             self.base_url = f"http://{options.host}:{sock.getsockname()[1]}"
+            if options.redirect_to_s3:
+                s3_sock = _listening_socket(options.host, 0)
+                self.s3_url = f"http://{options.host}:{s3_sock.getsockname()[1]}"
             self.catalog = await asyncio.to_thread(
                 build_catalog,
                 sectors=options.sectors,
@@ -151,6 +233,7 @@ class LocalArchive:
                 base_url=self.base_url,
                 focus=options.focus,
                 hostile_names=options.hostile_names,
+                shape=shape,
             )
             db = await asyncio.to_thread(load_database, self.catalog, artifacts=options.artifacts)
             if options.data_dir is None:
@@ -164,11 +247,18 @@ class LocalArchive:
                 hard_limit=options.tap_hard_limit,
                 max_wait=options.tap_max_wait,
                 faults=self._faults.tap_faults(),
+                sync_timeout=options.sync_timeout,
+                async_abort_after=options.async_abort_after,
+                slow_join=options.slow_join,
             )
             app = web.Application()
             TapService(db, self._tap_options).add_routes(app, TAP_PATH)
             self._files = FileServer(
-                self.catalog, FileStore(self.catalog, self.data_dir), lambda: self._faults
+                self.catalog,
+                FileStore(self.catalog, self.data_dir),
+                lambda: self._faults,
+                chunked_fraction=options.chunked_fraction,
+                s3_base=(lambda: self.s3_url) if s3_sock is not None else None,
             )
             self._files.add_routes(app)
             # handler_cancellation: a client that hangs up stops its (possibly stalled) handler.
@@ -177,8 +267,18 @@ class LocalArchive:
             )
             await self._runner.setup()
             await web.SockSite(self._runner, sock).start()
+            if s3_sock is not None:
+                s3_app = web.Application()
+                self._files.add_s3_routes(s3_app)
+                self._s3_runner = web.AppRunner(
+                    s3_app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0
+                )
+                await self._s3_runner.setup()
+                await web.SockSite(self._s3_runner, s3_sock).start()
         except BaseException:
             sock.close()
+            if s3_sock is not None:
+                s3_sock.close()
             await self._cleanup()
             raise
         return self
@@ -191,12 +291,26 @@ class LocalArchive:
     async def _cleanup(self) -> None:
         if self._files is not None:
             self._files.closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in (self._s3_runner, self._runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._runner = self._s3_runner = None
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # As any server: a port whose last connections linger in TIME_WAIT can be bound again.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def serve_forever(options: ArchiveOptions, *, on_ready: Callable[[LocalArchive], None]) -> None:

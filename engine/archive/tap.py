@@ -18,6 +18,7 @@ import hashlib
 import io
 import itertools
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,27 @@ class TapOptions:
     hard_limit: int = 100_000
     max_wait: float = 30.0  # cap on UWS WAIT blocking
     faults: TapFaults = field(default_factory=TapFaults)
+    # A sync query still running after this many seconds is answered HTTP 504 (MAST's gateway).
+    sync_timeout: float | None = None
+    # An async job still EXECUTING after this many seconds ends in ERROR with a message saying so.
+    async_abort_after: float | None = None
+    # Seconds a query that joins dbo.caomartifact with another table waits before it runs.
+    slow_join: float = 0.0
+
+
+_GATEWAY_TIMEOUT = (
+    "<!DOCTYPE html><html><head><title>504 Gateway Time-out</title></head><body>"
+    "<h1>504 Gateway Time-out</h1><p>The server didn't respond in time.</p></body></html>"
+)
+_JOINED_TABLES = re.compile(
+    r"\b(caomobservation|caomplane|caomartifact|obscore|obspointing)\b", re.IGNORECASE
+)
+
+
+def joins_artifacts(query: str) -> bool:
+    """Whether an ADQL query reads dbo.caomartifact together with another catalogue table."""
+    tables = {name.lower() for name in _JOINED_TABLES.findall(query)}
+    return "caomartifact" in tables and len(tables) > 1
 
 
 @dataclass
@@ -190,6 +212,7 @@ class TapService:
     async def _capabilities(self, request: web.Request) -> web.Response:
         base = escape(self._base_url(request))
         opts = self._options
+        duration = math.ceil(opts.async_abort_after) if opts.async_abort_after else 0
 
         def vosi(kind: str) -> str:
             return (
@@ -218,7 +241,8 @@ class TapService:
             '    <outputFormat ivo-id="ivo://ivoa.net/std/TAPRegExt#output-votable-td">'
             f"<mime>{VOTABLE_TYPE}</mime><alias>votable</alias></outputFormat>\n"
             f"    <outputFormat><mime>{CSV_TYPE}</mime><alias>csv</alias></outputFormat>\n"
-            f"    <executionDuration><default>0</default></executionDuration>\n"
+            f"    <executionDuration><default>{duration}</default><hard>{duration}</hard>"
+            "</executionDuration>\n"
             f'    <outputLimit><default unit="row">{opts.default_maxrec}</default>'
             f'<hard unit="row">{opts.hard_limit}</hard></outputLimit>\n'
             "  </capability>\n" + vosi("capabilities") + vosi("availability") + vosi("tables") + ""
@@ -272,10 +296,18 @@ class TapService:
         if self._fault("error", faults.job_error_rate, number):
             return _error_response(_simulated_error(), status=500)
         loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        future = loop.run_in_executor(None, self._run_query, params, cancel)
+        future.add_done_callback(_consume)
         try:
-            body, content_type = await loop.run_in_executor(None, self._run_query, params, None)
+            body, content_type = await asyncio.wait_for(asyncio.shield(future), self._options.sync_timeout)
+        except asyncio.TimeoutError:
+            # The gateway gives up; the query itself is interrupted so it frees the database.
+            return web.Response(status=504, text=_GATEWAY_TIMEOUT, content_type="text/html")
         except (AdqlError, _QueryRejected) as err:
             return _error_response(str(err), status=400)
+        finally:
+            cancel.set()  # no-op once finished; stops the query when timed out or the client left
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     def _run_query(self, params: dict[str, str], cancel: threading.Event | None) -> tuple[bytes, str]:
@@ -292,7 +324,14 @@ class TapService:
                 f"RESPONSEFORMAT={response_format!r} is not supported; use votable (the default) or csv"
             )
         maxrec = self._maxrec(params.get("MAXREC"))
-        table, overflowed = self._db.execute(params.get("QUERY", ""), maxrec=maxrec, cancel=cancel)
+        query = params.get("QUERY", "")
+        if self._options.slow_join > 0 and joins_artifacts(query):
+            # The `slow_join` knob: a join with the artifact table takes this long (interruptible).
+            if cancel is not None and cancel.wait(self._options.slow_join):
+                raise AdqlError("the query was aborted")
+            if cancel is None:
+                time.sleep(self._options.slow_join)
+        table, overflowed = self._db.execute(query, maxrec=maxrec, cancel=cancel)
         if response_format in _CSV_FORMATS:
             return encode_csv(table), CSV_TYPE
         return encode_votable(table, overflowed=overflowed), VOTABLE_TYPE
@@ -343,7 +382,17 @@ class TapService:
             if self._fault("error", faults.job_error_rate, job.number):
                 raise AdqlError(_simulated_error())
             loop = asyncio.get_running_loop()
-            body, content_type = await loop.run_in_executor(None, self._run_query, job.params, job.cancel)
+            future = loop.run_in_executor(None, self._run_query, job.params, job.cancel)
+            future.add_done_callback(_consume)
+            limit = self._options.async_abort_after
+            try:
+                body, content_type = await asyncio.wait_for(asyncio.shield(future), limit)
+            except asyncio.TimeoutError:
+                job.cancel.set()
+                raise AdqlError(
+                    f"query aborted: it ran longer than this service's execution limit of {limit:g} s; "
+                    "split it into smaller queries (e.g. per sector) or leave out the artifact join"
+                ) from None
         except (AdqlError, _QueryRejected) as err:
             outcome, job.error = "ERROR", str(err)
         except Exception as err:  # a bug here must still end the job, or clients wait forever
@@ -391,6 +440,8 @@ class TapService:
         if job.phase == "COMPLETED":
             href = quoteattr(f"{job_url}/results/result")
             results = f'<uws:result id="result" xlink:href={href} mime-type="{job.result_type}"/>'
+        limit = self._options.async_abort_after
+        duration = math.ceil(limit) if limit else 0
         # UWS 1.1: runId is not nillable; echo the client's RUNID, or leave the element out.
         run_id = f"<uws:runId>{escape(job.params['RUNID'])}</uws:runId>" if "RUNID" in job.params else ""
         error = ""
@@ -407,7 +458,7 @@ class TapService:
             '<uws:quote xsi:nil="true"/>\n'
             f"<uws:creationTime>{_iso(job.created)}</uws:creationTime>\n"
             f"{_time_element('startTime', job.started)}{_time_element('endTime', job.ended)}"
-            "<uws:executionDuration>0</uws:executionDuration>\n"
+            f"<uws:executionDuration>{duration}</uws:executionDuration>\n"
             f"<uws:destruction>{_iso(job.created + 7 * 86400)}</uws:destruction>\n"
             f"<uws:parameters>{parameters}</uws:parameters>\n"
             f"<uws:results>{results}</uws:results>\n{error}"
@@ -480,9 +531,10 @@ class TapService:
     async def _job_scalar(self, request: web.Request) -> web.Response:
         job = self._find_job(request)
         name = request.path.rsplit("/", 1)[-1]
+        limit = self._options.async_abort_after
         values = {
             "quote": "",
-            "executionduration": "0",
+            "executionduration": str(math.ceil(limit) if limit else 0),
             "destruction": _iso(job.created + 7 * 86400),
             "owner": "",
         }
@@ -510,6 +562,12 @@ class TapService:
 
 
 # -- documents --------------------------------------------------------------------------------------
+def _consume(future: asyncio.Future) -> None:
+    """Retrieve a worker's outcome nobody awaits any more (a timed-out query), so it is not logged."""
+    if not future.cancelled():
+        future.exception()
+
+
 def encode_votable(table: Table, *, overflowed: bool) -> bytes:
     """A TAP result VOTable; an OVERFLOW status follows the TABLE when MAXREC cut the result."""
     table = table.copy(copy_data=False)
