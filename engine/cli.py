@@ -1,31 +1,126 @@
 """The `tessmirror` command. Every flag is also a configuration key; flags win over the file.
 
 Exit codes (see README): 0 all verified; 1 some files failed or a mirror check found problems;
-2 bad input; 3 the archive failed; 4 this machine refused (disk, permissions, a lock); 130 interrupted.
+2 bad input; 3 the archive failed; 4 this machine refused (disk, permissions, a lock, memory);
+129 stopped by SIGHUP; 130 stopped by SIGINT or SIGTERM; 141 standard output was a pipe whose
+reader went away (`plan | head -1`), as for any Unix tool stopped by SIGPIPE.
+
+Signals: `main()` installs its handlers first thing, before any heavy import. Before the run's event
+loop is up, a signal raises `_Stopped` (nothing holds a lock yet); while the loop runs, it asks the run
+to stop, and the run flushes the manifest and releases the lock. A second signal is ignored: it never
+changes the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from engine import __version__
 from engine.exceptions import (
     EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     ConfigError,
     TessMirrorError,
 )
 from engine.redact import RedactingFilter, redact
+
+if TYPE_CHECKING:
+    import asyncio
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1` under pipefail
+
+
+# -- signals ------------------------------------------------------------------------------------
+class _Stopped(BaseException):
+    """Raised by the signal handler while no event loop can take the stop request."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _SignalGate:
+    """Turns SIGINT, SIGTERM and SIGHUP into one graceful stop, whatever phase the CLI is in."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._deliver = None  # callable(signum) while an event loop takes stop requests
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.received is not None:
+            return  # already stopping: a second signal must not change the outcome
+        self.received = signum
+        deliver = self._deliver
+        if deliver is None:
+            raise _Stopped(signum)
+        deliver(signum)
+
+    @contextlib.contextmanager
+    def deliver_to(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Iterator[None]:
+        """While the run's loop is up, a signal calls `stop` in that loop instead of raising.
+
+        A process-directed signal may land on any thread (pyvo's, a verify thread), and then the main
+        thread's select() is not interrupted. A wakeup fd makes the C-level handler write a byte the
+        loop watches, so the loop wakes at once and the main thread runs the Python handler.
+        """
+        import socket
+
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        loop.add_reader(reader.fileno(), _drain, reader)
+
+        def deliver(_signum: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
+                loop.call_soon_threadsafe(stop)
+
+        self._deliver = deliver
+        try:
+            yield
+        finally:
+            self._deliver = None
+            loop.remove_reader(reader.fileno())
+            signal.set_wakeup_fd(previous)
+            reader.close()
+            writer.close()
+
+    @property
+    def exit_code(self) -> int:
+        return 129 if self.received == signal.SIGHUP else 130
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+
+_GATE = _SignalGate()
+
+
+def _drain(sock: object) -> None:
+    with contextlib.suppress(OSError):
+        while sock.recv(512):  # type: ignore[attr-defined]
+            pass
+
 
 log = logging.getLogger("tessmirror")
 
@@ -280,6 +375,10 @@ class _BarFriendlyHandler(logging.StreamHandler):
             from tqdm import tqdm
 
             tqdm.write(self.format(record), file=self.stream)
+        except OSError:
+            # stderr closed, or its reader went away (`run 2>&1 | head`): nobody reads the log any
+            # more, and the run itself must go on (or stop) as if nothing happened.
+            self.setStream(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the handler
         except Exception:
             self.handleError(record)
 
@@ -318,18 +417,26 @@ def cmd_plan(ns: argparse.Namespace) -> int:
                 f"cannot write {ns.output}: {err.strerror}",
                 hint="give a path in an existing, writable directory",
             ) from None
+    elif 1 in _CLOSED_AT_START:
+        raise _closed_stdout("the plan")
     exporter = PlanExporter(ns.format, out)
 
     async def export() -> int:
+        import asyncio
+
         count = 0
-        async for page in plan_source_for(settings, save=False).pages():
-            exporter.write(page)
-            count += len(page)
+        task = asyncio.current_task()
+        assert task is not None
+        with _GATE.deliver_to(asyncio.get_running_loop(), task.cancel):
+            async for page in plan_source_for(settings, save=False).pages():
+                exporter.write(page)
+                count += len(page)
         return count
 
     try:
-        count = asyncio.run(export())
+        count = _run_loop(export())
         exporter.close()
+        out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
@@ -338,14 +445,51 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_loop(coro):
+    """Run `coro` to its end in a new event loop, as `asyncio.run` does, with two differences.
+
+    The default thread pool has a chosen size (it serves short file operations: plan pages, manifest
+    batches). And the loop is closed without joining that pool's threads: `asyncio.run` waits for
+    them, so one thread stuck in a network call (pyvo on a silent service) would hold the exit for
+    ever. `_exit_promptly` gives such threads a short grace period instead.
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.new_event_loop()
+    pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
+    loop.set_default_executor(pool)
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            pool.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+
+
 def _run_mirror(settings, source=None) -> int:
+    import asyncio
+
     from engine.manager import MirrorRun, summarize
 
-    outcome = asyncio.run(MirrorRun(settings, source, collect_results=False).run())
+    run = MirrorRun(settings, source, collect_results=False, handle_signals=False)
+
+    async def mirror():
+        with _GATE.deliver_to(asyncio.get_running_loop(), run.stop):
+            return await run.run()
+
+    outcome = _run_loop(mirror())
     for line in summarize(outcome):
-        print(line, file=sys.stderr)
-    if outcome.interrupted:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        _say(line)
     return outcome.exit_code
 
 
@@ -358,6 +502,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from engine.progress import human_bytes
 
     settings = _settings(ns, selection=False)
+    if 1 in _CLOSED_AT_START:
+        raise _closed_stdout("the report")
     manifest_path = settings.state_dir / "manifest.jsonl"
     if not manifest_path.exists():
         raise ConfigError(
@@ -375,21 +521,29 @@ def cmd_status(ns: argparse.Namespace) -> int:
     print(f"bytes       {human_bytes(nbytes)} verified")
     plan = settings.state_dir / "plan.ecsv"
     if plan.exists():
-        from engine.plan.table import iter_plan
+        from engine.plan.table import SAVED_PLAN_HINT, iter_plan
 
-        planned = sum(1 for _ in iter_plan(plan))
+        planned = sum(1 for _ in iter_plan(plan, key="plan", hint=SAVED_PLAN_HINT))
         print(f"planned     {planned} ({max(planned - counts.get('verified', 0), 0)} still to do)")
     failed = [e for e in entries.values() if e.status == "failed"]
     for e in failed[:20]:
         print(f"  ! {e.path or e.url}: {e.error}")
+    sys.stdout.flush()
     return EXIT_OK if not failed else EXIT_PARTIAL
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
+    """Check the mirror again. Exit 0 only when every planned file is verified on disk and nothing
+    unexpected lies in the mirror; exit 1 otherwise, with each file named.
+
+    `--repair` downloads again every file that is bad, missing, failed or still pending. Unexpected
+    files are reported and left in place (tessmirror never moves or deletes a file it did not write:
+    it may be the user's), so a mirror with unexpected files keeps exit 1 until they are moved out.
+    """
     from engine.manager import TablePlan
     from engine.manifest import Manifest
     from engine.mirrorcheck import check_mirror
-    from engine.plan.table import items_to_table, iter_plan
+    from engine.plan.table import SAVED_PLAN_HINT, items_to_table, iter_plan
 
     settings = _settings(ns, selection=False)
     manifest = Manifest(settings.state_dir)
@@ -411,33 +565,53 @@ def cmd_verify(ns: argparse.Namespace) -> int:
         progress=progress,
         workers=max(settings.verify.workers, 1),
     )
-    print(f"checked     {report.checked}", file=sys.stderr)
-    print(f"ok          {report.ok}", file=sys.stderr)
+    # Files the manifest still owes (a failed download, a repair that did not succeed): check_mirror
+    # leaves them to the next run, but the mirror is not whole until they are verified.
+    unfinished = [e for e in manifest.load().values() if e.status != "verified"]
+    unexpected = [p for p in report.problems if p.kind == "unexpected"]
+    _say(f"checked     {report.checked}")
+    _say(f"ok          {report.ok}")
     for problem in report.problems:
-        print(f"  {problem.kind:<10} {problem.path}  {problem.detail}", file=sys.stderr)
-    if not report.problems:
-        return EXIT_OK
+        _say(f"  {problem.kind:<10} {problem.path}  {problem.detail}")
+    reported = {p.url for p in report.problems if p.url}
+    for entry in unfinished:
+        if entry.url not in reported:
+            detail = entry.error or "not downloaded yet"
+            _say(f"  {entry.status:<10} {entry.path or redact(entry.url)}  {detail}")
+    owed = len(reported | {e.url for e in unfinished})
     if not ns.repair:
-        print(
-            f"{len(report.problems)} problem(s); `tessmirror verify --repair` downloads them again",
-            file=sys.stderr,
+        if not report.problems and not unfinished:
+            return EXIT_OK
+        _say(
+            f"{len(report.problems) + owed - len(reported)} problem(s); "
+            "`tessmirror verify --repair` downloads the bad and missing files again"
         )
         return EXIT_PARTIAL
-    # Re-download what was quarantined: the saved plan knows each file's declared size and md5.
-    pending = {e.url for e in manifest.load().values() if e.status == "pending"}
-    plan_path = settings.state_dir / "plan.ecsv"
-    if plan_path.exists():
-        items = [i for i in iter_plan(plan_path) if redact(i.url) in pending]
-    else:
-        from engine.models import PlanItem
+    code = EXIT_OK
+    if owed:
+        # The saved plan knows each file's declared size and md5; without one the manifest does.
+        todo = {e.url: e for e in manifest.load().values() if e.status != "verified"}
+        plan_path = settings.state_dir / "plan.ecsv"
+        if plan_path.exists():
+            items = [
+                i for i in iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT) if redact(i.url) in todo
+            ]
+        else:
+            from engine.models import PlanItem
 
-        items = [
-            PlanItem(url=e.url, filename=Path(e.path).name, obs_id=e.obs_id, size=e.nbytes, md5=e.md5)
-            for e in manifest.load().values()
-            if e.status == "pending"
-        ]
-    print(f"repairing {len(items)} file(s)", file=sys.stderr)
-    return _run_mirror(settings, TablePlan(items_to_table(items)))
+            items = [
+                PlanItem(url=e.url, filename=Path(e.path).name, obs_id=e.obs_id, size=e.nbytes, md5=e.md5)
+                for e in todo.values()
+            ]
+        _say(f"repairing {len(items)} file(s)")
+        code = _run_mirror(settings, TablePlan(items_to_table(items)))
+    if unexpected:
+        _say(
+            f"{len(unexpected)} unexpected file(s) left in place: tessmirror never moves a file it did "
+            "not write; move them out of the mirror"
+        )
+        code = max(code, EXIT_PARTIAL)
+    return code
 
 
 def cmd_fetch(ns: argparse.Namespace) -> int:
@@ -521,10 +695,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         code = _run_mirror(settings)
     finally:
         thread.stop()
-    print(
+    _say(
         f"mirror in {settings.output.out_dir}; `tessmirror status --out {settings.output.out_dir}` "
-        "reports on it, `tessmirror verify --out ...` re-checks it",
-        file=sys.stderr,
+        "reports on it, `tessmirror verify --out ...` re-checks it"
     )
     return code
 
@@ -539,31 +712,163 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+IO_THREADS = 4  # the event loop's default pool: plan pages and manifest batches, never network
+_CLOSED_AT_START: set[int] = set()
+
+
+def _reopen_closed_std_fds() -> set[int]:
+    """Point closed standard descriptors at /dev/null; returns which were closed.
+
+    With `2>&-` the first file the run opens would otherwise get descriptor 2, and anything written
+    to "stderr" (a warning from a C library) would land in the manifest or a FITS file.
+    """
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.add(fd)
+    if not closed:
+        return closed
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in closed:
+        if fd != null:
+            os.dup2(null, fd)
+    if null not in closed:
+        os.close(null)
+    if 1 in closed:
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - process lifetime
+    if 2 in closed:
+        sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - process lifetime
+    return closed
+
+
+def _closed_stdout(what: str) -> TessMirrorError:
+    from engine.exceptions import UsageError
+
+    return UsageError(
+        f"standard output is closed: nowhere to write {what}",
+        hint="redirect it to a file (> FILE), or give -o FILE",
+    )
+
+
+def _silence(fd: int) -> None:
+    """After EPIPE: send the rest to /dev/null, so the interpreter's final flush stays quiet."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a closed stderr or a vanished reader is not an error of the run."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        _silence(2)
+
+
+def _exit_promptly(code: int) -> int:
+    """Make sure the process ends now with `code`.
+
+    Threads that are not daemons (a verify worker in a long check, a library's pool) would otherwise
+    be joined at interpreter exit, which can wait for ever on a hung network call. They get a short
+    grace period; then the process exits without waiting. Streams are flushed first.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(deadline - time.monotonic(), 0))
+    if any(
+        t.is_alive() and not t.daemon and t is not threading.current_thread() for t in threading.enumerate()
+    ):
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+EXIT_GRACE_SECONDS = 2.0
+
+
+def _resource_error(err: BaseException) -> TessMirrorError | None:
+    """MemoryError and a failure to start a thread: this machine refused (exit 4), one line."""
+    from engine.exceptions import LocalError
+
+    if isinstance(err, MemoryError):
+        return LocalError(
+            "out of memory (the process hit its memory or address-space limit)",
+            hint="raise `ulimit -v`, set MALLOC_ARENA_MAX=2, or lower --concurrency; run again to resume",
+        )
+    if isinstance(err, RuntimeError) and "can't start new thread" in str(err):
+        return LocalError(
+            "cannot start a thread (a process, memory or address-space limit was reached)",
+            hint="raise `ulimit -u`/`ulimit -v`, set MALLOC_ARENA_MAX=2, or lower --concurrency",
+        )
+    return None
+
+
+def _report(err: TessMirrorError) -> int:
+    _say(f"tessmirror: error: {redact(err.message)}")
+    if err.hint:
+        _say(f"tessmirror: hint: {redact(err.hint)}")
+    return err.exit_code
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     try:
         # Inside the try: flag parsers (--polygon, --cone, --ccd x) raise ConfigError, which argparse
         # does not catch.
-        ns = parser.parse_args(argv)
+        ns = build_parser().parse_args(argv)
         _setup_logging(getattr(ns, "run.log_level", None))
+        log.info("tessmirror %s: starting %s", __version__, ns.command)
         if ns.command == "archive":
             return cmd_archive_serve(ns)
         return COMMANDS[ns.command](ns)
+    except _Stopped:
+        return _GATE.exit_code
     except TessMirrorError as err:
-        print(f"tessmirror: error: {redact(err.message)}", file=sys.stderr)
-        if err.hint:
-            print(f"tessmirror: hint: {redact(err.hint)}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("tessmirror: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as err:  # a bug: say so plainly, keep the traceback for --log-level DEBUG
+        return _report(err)
+    except BrokenPipeError:
+        # Our reader went away (`plan | head -1`): stop quietly, as a Unix tool stopped by SIGPIPE.
+        _silence(1)
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # a SIGINT that arrived before the handlers were in place
+        return 130
+    except BaseException as err:
+        if _GATE.received is not None:
+            return _GATE.exit_code  # the run's cancellation, unwinding: not an error
+        if isinstance(err, SystemExit):
+            raise
+        resource = _resource_error(err)
+        if resource is not None:
+            return _report(resource)
+        if not isinstance(err, Exception):
+            raise
+        # A bug: say so plainly, keep the traceback for --log-level DEBUG.
         log.debug("internal error", exc_info=True)
-        print(
-            f"tessmirror: internal error: {redact(repr(err))} (run with --log-level DEBUG for details)",
-            file=sys.stderr,
-        )
+        _say(f"tessmirror: internal error: {redact(repr(err))} (run with --log-level DEBUG for details)")
         return EXIT_INTERNAL
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `tessmirror` command; returns its exit code (see the module docstring)."""
+    _GATE.install()  # first thing: from here on, a signal is a graceful stop
+    try:
+        _CLOSED_AT_START.update(_reopen_closed_std_fds())
+        code = _dispatch(argv)
+    except _Stopped:  # a signal between the handler and _dispatch's own try
+        code = _GATE.exit_code
+    try:
+        if _GATE.received is not None:
+            code = _GATE.exit_code
+            _say(f"tessmirror: stopped by {_GATE.name}: run the same command again to resume")
+        return _exit_promptly(code)
+    except _Stopped:
+        return _GATE.exit_code
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from engine.exceptions import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
+    ConfigError,
     DiskFullError,
     LocalError,
     PermissionDeniedError,
@@ -45,7 +46,16 @@ from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import relpath_for, resolve_within
 from engine.manifest import Manifest, ManifestWriter, RunLock
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
-from engine.plan.table import PlanWriter, iter_input, iter_plan, plan_meta, table_to_items
+from engine.plan.table import (
+    SAVED_PLAN_HINT,
+    PlanTail,
+    PlanWriter,
+    iter_input,
+    iter_plan,
+    plan_meta,
+    remove_stale_temp_files,
+    table_to_items,
+)
 from engine.progress import Progress, human_bytes
 from engine.redact import redact, register_secret
 from engine.settings import Settings
@@ -91,28 +101,93 @@ class TablePlan(ItemsPlan):
 
 
 class TapPlan:
-    """Plans through TAP, page by page; each page is written to the plan file as it arrives, and the
-    file takes its final name only when planning has finished (a partial plan is never saved)."""
+    """Plans through TAP and saves the plan as planning goes, at the archive's pace.
+
+    With `save_to`, a planning task writes every page to the plan file as TAP returns it, whether or
+    not the downloads keep up, and commits the file the moment the last page is in: a run stopped
+    after planning resumes without TAP. `pages()` meanwhile reads the rows back from that file
+    (`PlanTail`), so memory stays bounded however far planning runs ahead. A plan that failed or was
+    interrupted is discarded, never saved partial. Without `save_to` (`tessmirror plan`) the pages
+    pass straight through.
+
+    `on_page(count, nbytes)` and `on_complete(total)` report planning's progress as it happens.
+    """
 
     def __init__(self, planner: Planner, save_to: Path | None, meta: dict[str, str]) -> None:
         self.planner = planner
         self.save_to = save_to
         self.meta = meta
+        self.page_size = 1000
+        self.on_page: Callable[[int, int], None] | None = None
+        self.on_complete: Callable[[int], None] | None = None
+        self.total: int | None = None  # known once planning has finished
+
+    def _planned(self, page: list[PlanItem]) -> None:
+        if self.on_page is not None:
+            self.on_page(len(page), sum(_declared_bytes(item) for item in page))
+
+    def _completed(self, total: int) -> None:
+        self.total = total
+        if self.on_complete is not None:
+            self.on_complete(total)
 
     async def pages(self) -> AsyncIterator[list[PlanItem]]:
-        writer = PlanWriter(self.save_to, meta=self.meta) if self.save_to is not None else None
+        if self.save_to is None:
+            total = 0
+            async for page in self.planner.pages():
+                total += len(page)
+                self._planned(page)
+                yield page
+            self._completed(total)
+            return
+        writer = await asyncio.to_thread(PlanWriter, self.save_to, meta=self.meta)
+        try:
+            tail = await asyncio.to_thread(PlanTail, writer)
+        except BaseException:
+            writer.discard()
+            raise
+        grown = asyncio.Event()
+        planning = asyncio.create_task(self._plan(writer, grown), name="planner")
+        consumed = 0
+        try:
+            while True:
+                if consumed < writer.count:
+                    count = min(self.page_size, writer.count - consumed)
+                    page = await asyncio.to_thread(tail.read, count)
+                    consumed += count
+                    yield page
+                elif planning.done():
+                    planning.result()  # planning's error, if it failed
+                    if consumed >= writer.count:
+                        return
+                else:
+                    grown.clear()
+                    waiter = asyncio.ensure_future(grown.wait())
+                    try:
+                        await asyncio.wait({planning, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+        finally:
+            if not planning.done():
+                planning.cancel()
+                await asyncio.gather(planning, return_exceptions=True)
+            tail.close()
+
+    async def _plan(self, writer: PlanWriter, grown: asyncio.Event) -> None:
+        """Run the planner to its end, writing each page; commit the file when the last is in."""
         try:
             async for page in self.planner.pages():
-                if writer is not None:
-                    await asyncio.to_thread(writer.write, page)
-                yield page
-        except BaseException:
-            if writer is not None:
-                writer.discard()
-            raise
-        if writer is not None:
+                await asyncio.to_thread(writer.write, page)
+                self._planned(page)
+                grown.set()
             await asyncio.to_thread(writer.commit)
-            log.info("plan saved: %s (%d files)", self.save_to, writer.count)
+        except BaseException:
+            writer.discard()
+            raise
+        finally:
+            grown.set()
+        log.info("plan saved: %s (%d files)", self.save_to, writer.count)
+        self._completed(writer.count)
 
 
 def selection_fingerprint(settings: Settings) -> str:
@@ -126,14 +201,16 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
     plan in the state directory for resuming (`tessmirror plan` only prints it)."""
     sel = settings.selection
     if sel.urls_file is not None:
-        iter_input(sel.urls_file)  # fail now, with the file named, if it cannot be read
-        return ItemsPlan(lambda: iter_input(sel.urls_file))
+        # Opened now (a missing file fails here, named) and read once: pipes and `-` work.
+        items = iter_input(sel.urls_file, key="selection.urls_file")
+        return ItemsPlan(lambda: items)
     plan_path = settings.state_dir / PLAN_FILE
     fingerprint = selection_fingerprint(settings)
     if save and plan_path.exists() and not settings.run.refresh_plan:
-        if plan_meta(plan_path).get("selection_fingerprint") == fingerprint:
+        meta = plan_meta(plan_path, key="plan", hint=SAVED_PLAN_HINT)
+        if meta.get("selection_fingerprint") == fingerprint:
             log.info("resuming from the saved plan %s; --refresh-plan queries TAP again", plan_path)
-            return ItemsPlan(lambda: iter_plan(plan_path))
+            return ItemsPlan(lambda: iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT))
         log.info("the saved plan %s was made for another selection; planning again", plan_path)
     from engine.plan.planner import Planner
     from engine.plan.tap import TapClient
@@ -141,6 +218,52 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
     tap = TapClient(settings.tap.url, settings=settings.tap)
     meta = {"selection_fingerprint": fingerprint, "tap_url": redact(settings.tap.url)}
     return TapPlan(Planner(settings, tap), plan_path if save else None, meta)
+
+
+def read_token(settings: Settings) -> str | None:
+    """The archive token from `fetch.token_env`, checked before anything starts.
+
+    A token with a carriage return (a file saved on Windows), a newline, other whitespace or a control
+    character can never authenticate: it is refused at once (exit 2) rather than failing every file.
+    The message names the variable, never the value.
+    """
+    name = settings.fetch.token_env
+    value = os.environ.get(name) if name else None
+    if not value:
+        return None
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        what = (
+            "a carriage return (\\r)"
+            if "\r" in value
+            else "a newline"
+            if "\n" in value
+            else "whitespace or a control character"
+        )
+        raise ConfigError(
+            name,
+            f"the token in this environment variable contains {what}",
+            hint=f'set it again without it, e.g. export {name}="$(printf %s "${name}" | tr -d \'\\r\\n\')"',
+        )
+    return value
+
+
+class ResourceExhaustedError(LocalError):
+    """Memory or threads ran out (a MemoryError, or "can't start new thread"): this machine refused."""
+
+
+def resource_error(err: BaseException) -> ResourceExhaustedError | None:
+    """The one-line LocalError (exit 4) for a MemoryError or a failed thread start; else None."""
+    if isinstance(err, MemoryError):
+        return ResourceExhaustedError(
+            "out of memory: the process reached its memory or address-space limit (ulimit -v)",
+            hint="raise the limit, set MALLOC_ARENA_MAX=2, or lower --concurrency; run again to resume",
+        )
+    if isinstance(err, RuntimeError) and "can't start new thread" in str(err):
+        return ResourceExhaustedError(
+            "cannot start a thread: the process reached a thread, memory or address-space limit",
+            hint="raise `ulimit -u` or `ulimit -v`, set MALLOC_ARENA_MAX=2, or lower --concurrency",
+        )
+    return None
 
 
 # -- the outcome --------------------------------------------------------------------------------
@@ -217,17 +340,38 @@ class MirrorRun:
         self.results = _ResultColumns() if collect_results else None
         self.outcome = RunOutcome()
         self._stop = asyncio.Event()
+        self._planned_total: int | None = None
+        self._source_reports = False  # the plan source reports planning to `progress` itself
 
     # -- entry --------------------------------------------------------------------------------
     async def run(self) -> RunOutcome:
+        """Plan (or read the plan), download, record; returns the counts (and the results table).
+
+        Raises TessMirrorError subclasses for problems with the whole run. A MemoryError or a failed
+        thread start becomes ResourceExhaustedError (exit 4) after the manifest was flushed and the
+        lock released. Cancelling the task (the Python API, a notebook's interrupt) stops the run the
+        same way and re-raises CancelledError.
+        """
+        try:
+            return await self._run()
+        except (MemoryError, RuntimeError) as err:
+            resource = resource_error(err)
+            if resource is None:
+                raise
+            raise resource from None
+
+    async def _run(self) -> RunOutcome:
         settings = self.settings
+        token = read_token(settings)  # before anything: a bad token is bad input (exit 2)
         _prepare_dir(self.out_dir, "output.out_dir")
         _prepare_dir(settings.state_dir, "output.state_dir")
-        with RunLock(settings.state_dir):
+        with RunLock(settings.state_dir, out_dir=self.out_dir):
+            # Temporary plan files of a run killed mid-plan: ours to remove now that we hold the lock.
+            remove_stale_temp_files(settings.state_dir / PLAN_FILE)
             manifest = Manifest(settings.state_dir)
             done = self._already_done(manifest)
             source = self.source or plan_source_for(settings)
-            token = os.environ.get(settings.fetch.token_env) if settings.fetch.token_env else None
+            self._watch_planning(source)
             register_secret(token)
             writer = ManifestWriter(manifest, fsync=settings.output.fsync)
             await writer.start()
@@ -253,14 +397,32 @@ class MirrorRun:
                     )
                     await self._pipeline(source, done, downloader, writer)
             finally:
-                await writer.close()
+                # Shielded: a second cancellation (a notebook's second interrupt) must not cut the
+                # manifest's last batch short.
+                await _finish(writer.close())
                 executor.shutdown(wait=False, cancel_futures=True)
                 self.progress.close()
         self.outcome.results = self.results.table() if self.results is not None else None
+        if self._planned_total is not None:
+            self.outcome.planned = max(self.outcome.planned, self._planned_total)
         self.outcome.pending = max(
             self.outcome.planned - self.outcome.downloaded - self.outcome.skipped - self.outcome.failed, 0
         )
         return self.outcome
+
+    def _watch_planning(self, source: PlanSource) -> None:
+        """Progress counts planned files as planning finds them, not as downloads reach them."""
+        self._planned_total = None
+        if not isinstance(source, TapPlan):
+            return
+        self._source_reports = True
+
+        def on_complete(total: int) -> None:
+            self._planned_total = total
+            self.progress.plan_complete()
+
+        source.on_page = self.progress.planned_items
+        source.on_complete = on_complete
 
     def _already_done(self, manifest: Manifest) -> set[str]:
         """URLs verified by earlier runs. Trusted without a stat (parallel filesystems make a stat per
@@ -331,9 +493,25 @@ class MirrorRun:
         n_workers: int,
     ) -> None:
         free = _free_bytes(self.out_dir)
+        # aclosing: when the producer is cancelled, the source stops planning now, not at GC time.
+        async with contextlib.aclosing(source.pages()) as pages:
+            await self._produce_pages(pages, done, queue, writer, free)
+        if not self._source_reports:
+            self.progress.plan_complete()
+        for _ in range(n_workers):
+            await queue.put(_DONE)
+
+    async def _produce_pages(
+        self,
+        pages: AsyncIterator[list[PlanItem]],
+        done: set[str],
+        queue: asyncio.Queue,
+        writer: ManifestWriter,
+        free: int,
+    ) -> None:
         needed = 0
         layout = self.settings.output.layout
-        async for page in source.pages():
+        async for page in pages:
             todo: list[tuple[PlanItem, str, Path]] = []
             skipped = 0
             page_bytes = 0
@@ -356,7 +534,8 @@ class MirrorRun:
                 todo.append((item, relpath, dest))
                 needed += declared
             self.outcome.skipped += skipped
-            self.progress.planned_items(len(page), page_bytes)
+            if not self._source_reports:
+                self.progress.planned_items(len(page), page_bytes)
             self.progress.skipped_items(skipped)
             if needed > free and not self.settings.run.force:
                 raise DiskFullError(
@@ -367,9 +546,6 @@ class MirrorRun:
                 )
             for job in todo:
                 await queue.put(job)
-        self.progress.plan_complete()
-        for _ in range(n_workers):
-            await queue.put(_DONE)
 
     async def _work(self, queue: asyncio.Queue, downloader: Downloader, writer: ManifestWriter) -> None:
         while True:
@@ -381,6 +557,14 @@ class MirrorRun:
                 result = await downloader.fetch(item, dest, relpath)
             except (LocalError, asyncio.CancelledError):
                 raise
+            except (MemoryError, RuntimeError) as err:
+                resource = resource_error(err)
+                if resource is not None:  # the machine, not this file: stop the run (exit 4)
+                    raise resource from None
+                log.error("internal error while fetching %s: %s", item.filename, redact(repr(err)))
+                result = FileResult(
+                    item, FileStatus.FAILED, path=relpath, error=redact(f"internal error: {err}")
+                )
             except Exception as err:  # a bug must cost one file, not the night's run
                 log.exception("internal error while fetching %s", item.filename)
                 result = FileResult(
@@ -431,6 +615,16 @@ class MirrorRun:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+async def _finish(closing: Awaitable[None]) -> None:
+    """Await `closing` to its end even if this task is cancelled meanwhile (then re-raise)."""
+    task = asyncio.ensure_future(closing)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
 def _quiet_relpath(item: PlanItem, layout: str) -> str:
     try:
         return relpath_for(item, layout)

@@ -7,13 +7,16 @@ otherwise let a hostile name write elsewhere or run commands.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import glob
 import io
 import itertools
 import os
 import re
 import shlex
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -37,6 +40,10 @@ from engine.redact import redact
 from engine.settings import PRODUCT_SUFFIXES
 
 EXPORT_FORMATS = ("ecsv", "votable", "csv", "urls", "aria2", "curl")
+INPUT_HINT = "give a plan written by tessmirror (ECSV), or a file of URLs"
+# For the plan a run saved in its state directory: the fix is to plan again.
+SAVED_PLAN_HINT = "the saved plan is damaged; pass --refresh-plan to query TAP again (it replaces the file)"
+STDIN = "-"  # `--input -`: read the plan or URL list from standard input
 _INT_COLUMNS = frozenset({"sector", "size", "est_kb"})
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
@@ -136,16 +143,24 @@ class PlanWriter:
             )
             self._handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
             self._handle.write(buffer.getvalue())
+            self._handle.flush()  # a PlanTail may read the rows while we write them
         except OSError as err:
             raise _local_error(err, self.path, "cannot write the plan") from None
         # Strings quoted, numbers bare: exactly what astropy's ECSV reader expects back.
         self._rows = csv.writer(self._handle, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
 
+    @property
+    def tmp_path(self) -> Path:
+        """Where the rows are, until `commit()`."""
+        return Path(self._tmp)
+
     def write(self, items: Iterable[PlanItem]) -> None:
+        """Append rows; they are flushed, so a PlanTail can read every row counted in `count`."""
         try:
             for item in items:
                 self._rows.writerow([getattr(item, name) for name in PLAN_COLUMNS])
                 self.count += 1
+            self._handle.flush()
         except OSError as err:
             raise _local_error(err, self.path, "cannot write the plan") from None
 
@@ -160,23 +175,99 @@ class PlanWriter:
             raise _local_error(err, self.path, "cannot write the plan") from None
 
     def discard(self) -> None:
-        self._handle.close()
+        with contextlib.suppress(OSError):
+            self._handle.close()
         Path(self._tmp).unlink(missing_ok=True)
 
 
-def _plan_header(handle: Iterator[str], path: Path, key: str) -> tuple[dict[str, Any], str]:
-    """Reads the ECSV header lines; returns (header dict, the first line after it)."""
+def remove_stale_temp_files(path: Path) -> int:
+    """Remove the temporary files PlanWriters for `path` left behind (a run killed mid-plan).
+
+    Call it only while holding the run lock, when no other writer of this plan can be at work.
+    Returns how many were removed.
+    """
+    path = Path(path)
+    removed = 0
+    with contextlib.suppress(OSError):
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                removed += 1
+    return removed
+
+
+class PlanTail:
+    """Reads, in order, the rows a PlanWriter has flushed, while it goes on writing.
+
+    The caller knows how many rows are complete (the writer's `count` after a `write()` returned)
+    and never asks for more, so a half-written row is never read. The tail keeps its own descriptor:
+    the writer's rename on commit does not disturb it.
+    """
+
+    def __init__(self, writer: PlanWriter) -> None:
+        self.path = writer.path
+        self._handle = open(writer.tmp_path, encoding="utf-8", newline="")  # noqa: SIM115 - close()
+        header, first = _plan_header(self._handle, self.path, "plan", SAVED_PLAN_HINT)
+        self._rows = csv.reader(_Lines(self._handle), delimiter=header.get("delimiter", " "))
+        names = next(csv.reader([first], delimiter=header.get("delimiter", " ")), [])
+        self._columns = _columns(names)
+        self._number = 0
+
+    def read(self, count: int) -> list[PlanItem]:
+        """The next `count` rows (all of them flushed by the writer)."""
+        items = []
+        for row in itertools.islice(self._rows, count):
+            self._number += 1
+            items.append(_row_item(row, self._columns, self.path, self._number, "plan", SAVED_PLAN_HINT))
+        return items
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class _Lines:
+    """An iterator over a file's lines that can be resumed after reaching the current end."""
+
+    def __init__(self, handle: TextIO) -> None:
+        self.handle = handle
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+def _plan_header(
+    handle: Iterator[str], path: Path, key: str, hint: str = INPUT_HINT
+) -> tuple[dict[str, Any], str]:
+    """Reads the ECSV header lines; returns (header dict, the first line after it).
+
+    Any fault (not text, not YAML, no datatype) is one ConfigError line with `hint`: YAML's own
+    messages run over several lines and point at internals.
+    """
     lines: list[str] = []
-    for line in handle:
-        if not line.startswith("#"):
-            break
-        lines.append(line[2:] if line.startswith("# ") else line[1:])
-    else:
-        line = ""
     try:
+        for line in handle:
+            if not line.startswith("#"):
+                break
+            lines.append(line[2:] if line.startswith("# ") else line[1:])
+        else:
+            line = ""
         return _header_from_yaml(lines), line
-    except Exception as err:  # yaml raises several types for a bad header
-        raise ConfigError(key, f"{str(path)!r} is not a valid ECSV plan: {err}") from None
+    except Exception as err:  # yaml raises several types for a bad header; a binary file, others
+        raise ConfigError(
+            key, f"{str(path)!r} is not a valid ECSV plan: {_one_line(err)}", hint=hint
+        ) from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return text or type(err).__name__
 
 
 def _header_from_yaml(lines: list[str]) -> dict[str, Any]:
@@ -195,44 +286,71 @@ def _header_from_yaml(lines: list[str]) -> dict[str, Any]:
     return {**header, "meta": meta}
 
 
-def plan_meta(path: Path, *, key: str = "input") -> dict[str, Any]:
+def plan_meta(path: Path, *, key: str = "input", hint: str = INPUT_HINT) -> dict[str, Any]:
     """The `meta` of a saved plan, read from its header alone."""
-    with open(path, encoding="utf-8") as handle:
-        header, _ = _plan_header(handle, Path(path), key)
-    return dict(header.get("meta") or {})
+    try:
+        with open(path, encoding="utf-8") as handle:
+            header, _ = _plan_header(handle, Path(path), key, hint)
+    except OSError as err:
+        raise ConfigError(
+            key, f"cannot read the plan {str(path)!r}: {err.strerror or err}", hint=hint
+        ) from None
+    meta = header.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ConfigError(
+            key, f"{str(path)!r} is not a valid ECSV plan: its meta is not a mapping", hint=hint
+        )
+    return dict(meta)
 
 
-def iter_plan(path: Path, *, key: str = "input") -> Iterator[PlanItem]:
+def iter_plan(path: Path, *, key: str = "input", hint: str = INPUT_HINT) -> Iterator[PlanItem]:
     """Stream the PlanItems of an ECSV plan, in bounded memory (a plan may hold a million rows)."""
     path = Path(path)
-    hint = "give a plan written by tessmirror (ECSV), or a file of URLs"
     try:
         handle = open(path, encoding="utf-8", newline="")  # noqa: SIM115 - closed in the finally
     except FileNotFoundError:
         raise ConfigError(key, f"the plan {str(path)!r} does not exist", hint=hint) from None
     except OSError as err:
         raise ConfigError(key, f"cannot read the plan {str(path)!r}: {err.strerror}", hint=hint) from None
+    return _iter_plan_handle(handle, path, key, hint)
+
+
+def _iter_plan_handle(
+    handle: TextIO, path: Path, key: str, hint: str, first_lines: Iterable[str] = ()
+) -> Iterator[PlanItem]:
+    """The rows of an ECSV plan open in `handle` (after `first_lines`, already read from it)."""
     try:
-        header, first = _plan_header(handle, path, key)
-        rows = csv.reader(itertools.chain([first], handle), delimiter=header.get("delimiter", " "))
+        lines = itertools.chain(first_lines, handle)
+        header, first = _plan_header(lines, path, key, hint)
+        delimiter = header.get("delimiter", " ")
+        rows = csv.reader(itertools.chain([first], lines), delimiter=delimiter)
         names = next(rows, [])
-        if "url" not in names or "filename" not in names:
+        columns = _columns(names)
+        if not columns:
             raise ConfigError(key, f"the plan {str(path)!r} has no url/filename columns", hint=hint)
-        columns = [(name, names.index(name), name in _INT_COLUMNS) for name in PLAN_COLUMNS if name in names]
-        for number, row in enumerate(rows, start=2):
-            try:
-                fields = {
-                    name: (int(row[i]) if row[i] else -1) if is_int else row[i] for name, i, is_int in columns
-                }
-            except (ValueError, IndexError):
-                raise ConfigError(
-                    key, f"{str(path)!r}, data row {number - 1}: malformed", hint=hint
-                ) from None
-            yield PlanItem(**fields)
-    except UnicodeDecodeError as err:
-        raise ConfigError(key, f"cannot read the plan {str(path)!r}: {err}", hint=hint) from None
+        for number, row in enumerate(rows, start=1):
+            yield _row_item(row, columns, path, number, key, hint)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(key, f"cannot read the plan {str(path)!r}: {_one_line(err)}", hint=hint) from None
     finally:
         handle.close()
+
+
+def _columns(names: list[str]) -> list[tuple[str, int, bool]]:
+    """(name, index, is_int) for each plan column present; [] when url or filename is missing."""
+    if "url" not in names or "filename" not in names:
+        return []
+    return [(name, names.index(name), name in _INT_COLUMNS) for name in PLAN_COLUMNS if name in names]
+
+
+def _row_item(
+    row: list[str], columns: list[tuple[str, int, bool]], path: Path, number: int, key: str, hint: str
+) -> PlanItem:
+    try:
+        fields = {name: (int(row[i]) if row[i] else -1) if is_int else row[i] for name, i, is_int in columns}
+    except (ValueError, IndexError):
+        raise ConfigError(key, f"{str(path)!r}, data row {number}: malformed", hint=hint) from None
+    return PlanItem(**fields)
 
 
 def load_plan(path: Path, *, key: str = "input") -> Table:
@@ -259,18 +377,37 @@ def load_plan(path: Path, *, key: str = "input") -> Table:
 
 def iter_input(path: Path, *, key: str = "input") -> Iterator[PlanItem]:
     """A saved ECSV plan, or a plain URL list (one a line; '#' comments and blank lines ignored),
-    streamed as PlanItems."""
+    streamed as PlanItems.
+
+    The file is opened here (a missing or unreadable file fails now, named) and read once, front to
+    back, as the iterator is consumed: a pipe, `/dev/stdin`, `<(...)` and `-` (standard input) work.
+    """
     path = Path(path)
+    if str(path) == STDIN or (path.name == STDIN and not path.exists()):
+        handle = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
+        path = Path("<stdin>")
+    else:
+        try:
+            handle = open(path, encoding="utf-8", newline="")  # noqa: SIM115 - closed by the iterator
+        except FileNotFoundError:
+            raise ConfigError(key, f"the file {str(path)!r} does not exist", hint="check --input") from None
+        except OSError as err:
+            raise ConfigError(
+                key, f"cannot read {str(path)!r}: {err.strerror or err}", hint="check --input"
+            ) from None
+    return _iter_input_handle(handle, path, key)
+
+
+def _iter_input_handle(handle: TextIO, path: Path, key: str) -> Iterator[PlanItem]:
     try:
-        with path.open("r", encoding="utf-8") as handle:
-            head = handle.read(16)
-    except FileNotFoundError:
-        raise ConfigError(key, f"the file {str(path)!r} does not exist", hint="check --input") from None
+        first = handle.readline()
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(key, f"cannot read {str(path)!r}: {err}", hint="check --input") from None
-    if head.startswith("# %ECSV"):
-        return iter_plan(path, key=key)
-    return _iter_url_list(path, key=key)
+        handle.close()
+        raise ConfigError(key, f"cannot read {str(path)!r}: {_one_line(err)}", hint="check --input") from None
+    if first.startswith("# %ECSV"):
+        yield from _iter_plan_handle(handle, path, key, INPUT_HINT, [first])
+    else:
+        yield from _iter_url_list(handle, path, key=key, first=first)
 
 
 def read_input(path: Path, *, key: str = "input") -> Table:
@@ -278,11 +415,11 @@ def read_input(path: Path, *, key: str = "input") -> Table:
     return items_to_table(iter_input(path, key=key))
 
 
-def _iter_url_list(path: Path, *, key: str) -> Iterator[PlanItem]:
+def _iter_url_list(handle: TextIO, path: Path, *, key: str, first: str = "") -> Iterator[PlanItem]:
     seen: set[str] = set()
     hint = "one http(s) URL a line; lines starting with # are comments"
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    try:
+        for number, line in enumerate(itertools.chain([first] if first else [], handle), start=1):
             url = line.strip()
             if not url or url.startswith("#"):
                 continue
@@ -298,6 +435,10 @@ def _iter_url_list(path: Path, *, key: str) -> Iterator[PlanItem]:
             yield PlanItem(
                 url=url, filename=filename, product=product_of(filename), sector=sector_of(filename)
             )
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {_one_line(err)}", hint="check --input") from None
+    finally:
+        handle.close()
 
 
 def _local_error(err: OSError, path: Path, what: str) -> LocalError:
