@@ -541,23 +541,25 @@ class Planner:
             after = last
 
     async def _regions(self, chosen: list[str], maxrec: int) -> list[Region]:
-        """The polygons of the chosen exposures, without repeats, in the order chosen."""
-        table = await self._run(regions_query(chosen), maxrec)
-        texts: dict[str, set[str]] = {}
-        for row in table:
-            text = _text(row, "s_region")
-            if text:
-                texts.setdefault(_text(row, "obs_id"), set()).add(text)
+        """The polygons of the chosen exposures, without repeats, in the order chosen.
+
+        One small query per exposure (one for `middle`, three for `composite`): ObsCore may hold a row
+        per product of an exposure, and asking them one by one keeps every answer far below a page.
+        """
         regions: list[Region] = []
         for obs_id in chosen:
-            if obs_id not in texts:
+            table = await self._run(regions_query([obs_id]), maxrec)
+            texts = {
+                text for row in table if _text(row, "obs_id") == obs_id and (text := _text(row, "s_region"))
+            }
+            if not texts:
                 raise TapJobError(
                     f"the archive has no s_region for the FFI exposure {redact(obs_id)!r}",
                     hint="give the region yourself with --polygon",
                 )
-            # ObsCore may hold one row per product of the exposure; they should agree, and if they do
-            # not, the smallest text is still the same choice on every run.
-            region = _footprint_region(obs_id, min(texts[obs_id]))
+            # The product rows of one exposure should agree; if they do not, the smallest text is still
+            # the same choice on every run.
+            region = _footprint_region(obs_id, min(texts))
             if region not in regions:
                 regions.append(region)
         return regions
