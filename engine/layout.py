@@ -4,8 +4,9 @@ Every name here came from the archive and is untrusted: a hostile or broken serv
 `../../.bashrc`, `/etc/passwd`, `C:evil`, a name with a NUL or a terminal escape in it, or one longer
 than any file system allows. `safe_filename` refuses those (it never "cleans" them: a silently
 rewritten name could collide with another file), `relpath_for` builds the layout from validated
-parts only, and `resolve_within` is the last gate before a path is opened: it proves the result,
-with any symlinks already on disk followed, is still inside the output folder.
+parts only, `within` checks a relative path lexically, and `resolve_within` adds a snapshot check
+that no symlink already on disk takes the path outside the output folder. The writes themselves go
+through `engine.fetch.partfile`, which never follows a symlink whatever this check saw.
 """
 
 from __future__ import annotations
@@ -145,45 +146,45 @@ def relpath_for(item: PlanItem, layout: str) -> str:
     return f"{sector_dir}/{filename}"
 
 
-def resolve_within(root: Path, relpath: str) -> Path:
-    """`root / relpath` as an absolute path, proven to stay inside `root`.
+def within(root: Path, relpath: str) -> Path:
+    """`root / relpath` as an absolute path, checked lexically only (no file system access).
 
-    Every component must pass `safe_filename`; then the path is resolved with the symlinks that
-    already exist under `root`, and must still be inside `root` (a symlink planted in the mirror
-    must not redirect writes elsewhere). Raises UnsafePathError otherwise.
-
-    This runs once per file, so it walks the components with one lstat each and remembers the
-    real directories it has seen; only a symlink on the way costs a full resolve.
+    `relpath` must be a relative POSIX path whose every component passes `safe_filename`; the root
+    is made absolute and resolved (it may be a symlink: the user chose it). Raises UnsafePathError.
+    Symlinks *under* the root are not looked at here: writes go through
+    `engine.fetch.partfile`, which never follows one.
     """
     if not isinstance(relpath, str) or not relpath:
         raise _refuse(relpath, "empty path")
     if "\\" in relpath or PurePosixPath(relpath).is_absolute() or PureWindowsPath(relpath).drive:
         raise _refuse(relpath, "absolute or not a POSIX relative path")
     safe_parts = [safe_filename(part) for part in relpath.split("/")]
+    return _resolved_root(str(root)).joinpath(*safe_parts)
+
+
+def resolve_within(root: Path, relpath: str) -> Path:
+    """`root / relpath` as an absolute path (see `within`), refused if a symlink already on disk
+    would take it outside `root`.
+
+    The symlink check is advisory: it is a snapshot (a path can be swapped a moment later), which is
+    why nothing is remembered between calls and why writers must use `engine.fetch.partfile`. It
+    lets readers (`tessmirror verify`) and the planner refuse an escaping path early, with a clear
+    one-line failure. Cost: one lstat per existing component (~2 us each).
+    """
+    candidate = within(root, relpath)
     base = _resolved_root(str(root))
-    candidate = base.joinpath(*safe_parts)
     current = str(base)
-    for depth, part in enumerate(safe_parts):
+    for part in candidate.parts[len(base.parts) :]:
         current = os.path.join(current, part)
-        if current in _REAL_DIRS:
-            continue
         try:
             mode = os.lstat(current).st_mode
         except FileNotFoundError:
-            break  # nothing below it exists yet, so no symlink can redirect it
+            break  # nothing below it exists yet, so no symlink can redirect it (yet)
         except OSError as err:
             raise _refuse(relpath, f"cannot be resolved: {err}") from None
         if stat.S_ISLNK(mode):
             return _resolve_through_links(base, candidate, relpath)
-        if stat.S_ISDIR(mode) and depth < len(safe_parts) - 1:
-            if len(_REAL_DIRS) > _REAL_DIRS_MAX:
-                _REAL_DIRS.clear()
-            _REAL_DIRS.add(current)
     return candidate
-
-
-_REAL_DIRS: set[str] = set()  # absolute paths seen to be real directories (not symlinks)
-_REAL_DIRS_MAX = 100_000
 
 
 @functools.lru_cache(maxsize=64)

@@ -18,6 +18,15 @@ and re-hashing it would cost as much as the 2 MB it would save for a typical lig
 Verification happens before the rename: size/md5/sniff while streaming (engine.verify.stream), then
 FITS structure and HDU checksums in `executor` (engine.verify.fits). A failure there is an
 `IntegrityError`: retried from zero. Only a verified file is fsynced and renamed to `dest`.
+
+Every write under the output folder goes through `engine.fetch.partfile.PartFile` (directory
+descriptors, O_NOFOLLOW, rename relative to the folder's descriptor): a symlink planted under --out is
+refused (`UnsafePathError`, recorded as a failure), never followed.
+
+Size caps (`StreamCheck.limit`, see engine.verify.stream): the smallest of the archive's exact size,
+its estimate's ceiling, the server's Content-Length, and `fetch.max_file_size` for rows that declare
+no size. A Content-Length above the cap is refused before any body byte is read; a body without one is
+cut as soon as it passes the cap (one integer comparison per chunk).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from engine.exceptions import (
     UnsafeRedirectError,
 )
 from engine.fetch.bandwidth import TokenBucket
+from engine.fetch.partfile import PartFile
 from engine.fetch.retry import parse_retry_after, retrying
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
@@ -76,49 +86,10 @@ _IO_POOL = concurrent.futures.ThreadPoolExecutor(
 )
 
 
-class PartFile:
-    """The `<dest>.part` file, written with plain os calls. Blocking: the Downloader runs it in threads.
-
-    Tests substitute a subclass (e.g. one whose `write` fails with ENOSPC) through
-    `Downloader(part_file=...)`.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = -1
-
-    def open(self) -> None:
-        """Create the parent folders and an empty `.part` (an earlier one is truncated: restarted)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self._fd = os.open(self.path, flags, 0o644)
-
-    def write(self, data: bytes | memoryview) -> None:
-        written = os.write(self._fd, data)
-        if written < len(data):  # short writes happen (signals, some filesystems): finish the block
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(self._fd, view) :]
-
-    def truncate(self) -> None:
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
-
-    def commit(self, dest: Path, *, fsync: bool) -> None:
-        """Make the bytes durable (optionally), close, and atomically rename to `dest`."""
-        if fsync:
-            os.fsync(self._fd)
-        self.close()
-        os.replace(self.path, dest)
-
-    def discard(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+def _root_of(dest: Path, relpath: str) -> Path:
+    """The output folder: `dest` without the directories `relpath` adds (dest = root/relpath)."""
+    depth = relpath.count("/")
+    return dest.parents[depth] if depth < len(dest.parents) else dest.parent
 
 
 def local_error(exc: OSError, path: Path) -> LocalError:
@@ -213,7 +184,7 @@ class Downloader:
         bandwidth: TokenBucket | None = None,
         executor: concurrent.futures.Executor | None = None,
         fsync: bool = True,
-        part_file: Callable[[Path], PartFile] = PartFile,
+        part_file: Callable[..., PartFile] = PartFile,
     ) -> None:
         self._session = session
         self._settings = fetch
@@ -224,18 +195,24 @@ class Downloader:
         self._executor = executor  # for FITS checks; None: the loop's default thread pool
         self._fsync = fsync
         self._part_file = part_file
+        self._estimate_warned = False
 
     # -- the public call ---------------------------------------------------------------------------
     async def fetch(self, item: PlanItem, dest: Path, relpath: str) -> FileResult:
         """Download `item` to `dest` (already checked to lie inside the output folder)."""
         started = self._clock.monotonic()
-        part = self._part_file(dest.with_name(dest.name + ".part"))
-        check = StreamCheck(item, self._level, est_tolerance=self._settings.est_size_tolerance)
+        part = self._part_file(dest.with_name(dest.name + ".part"), root=_root_of(dest, relpath))
+        check = StreamCheck(
+            item,
+            self._level,
+            est_tolerance=self._settings.est_size_tolerance,
+            max_file_size=self._settings.max_file_size,
+        )
         transfer = _Transfer(item, part, check, bytearray(self._settings.chunk_size), dest)
         attempts = 0
         try:
-            await self._io(part.path, part.open)
             try:
+                await self._io(part.path, part.open)
                 async for attempt in retrying(
                     self._settings, self._clock, before_sleep=self._log_retry(item)
                 ):
@@ -244,6 +221,7 @@ class Downloader:
                         nbytes, md5 = await self._try_once(transfer)
                 if not transfer.committed:
                     await self._io(part.path, lambda: part.commit(dest, fsync=self._fsync))
+                self._warn_if_off_estimate(check)
             except (TransferError, UnsafePathError) as exc:
                 await self._io(part.path, part.discard)
                 return FileResult(
@@ -303,13 +281,39 @@ class Downloader:
 
     def _verify_and_commit(self, t: _Transfer) -> None:
         """The FITS check, then (only if it passed) fsync and rename, in one thread hop: a mirror of
-        small files pays per hop, not per byte."""
+        small files pays per hop, not per byte.
+
+        verify_fits reads the part by path, so the part's folder is first proven to be still the one
+        it was written in (not moved, not swapped for a symlink): the check reads our bytes only.
+        """
+        try:
+            t.part.check_in_place()
+        except OSError as exc:
+            raise local_error(exc, t.part.path) from exc
         verify_fits(t.part.path)
         try:
             t.part.commit(t.dest, fsync=self._fsync)
         except OSError as exc:
             raise local_error(exc, t.part.path) from exc
         t.committed = True
+
+    def _warn_if_off_estimate(self, check: StreamCheck) -> None:
+        """A verified file whose size is far from its estimate: a warning, once per Downloader (the
+        archive's estimates are rounded and sometimes stale; such a file is still good)."""
+        if not check.off_estimate:
+            return
+        item = check.item
+        if self._estimate_warned:
+            log.debug("%s: %d bytes, estimate %d kB", item.filename, check.nbytes, item.est_kb)
+            return
+        self._estimate_warned = True
+        log.warning(
+            "%s: %d bytes, far from the archive's estimate of %d kB; kept (it passed its checks). "
+            "Further files off their estimate are logged at DEBUG",
+            item.filename,
+            check.nbytes,
+            item.est_kb,
+        )
 
     async def _restart(self, t: _Transfer) -> None:
         await self._io(t.part.path, t.part.truncate)

@@ -7,13 +7,17 @@ Size rules (checked by `finish`):
 
 * the body length equals the total the server announced (Content-Length, or the total of a
   Content-Range), when it announced one;
-* it equals `item.size` when the archive declared an exact size (`size >= 0`);
-* otherwise, when only ObsCore's `access_estsize` (rounded kB) is known, it must be within
-  ``|bytes - est_kb*1024| <= tolerance*bytes + 1024``: the `+ 1024` absorbs the kB rounding of small
-  files, the relative term the archive's approximations for large ones.
+* it equals `item.size` when the archive declared an exact size (CAOM `contentLength`, binding);
+* when only ObsCore's `access_estsize` (rounded kB, an *estimate*) is known, the body may be anything
+  up to `estimate_ceiling(est_kb)` = max(2 x est_kb x 1024, est_kb x 1024 + 1 MiB) bytes. A body
+  within the ceiling that differs from the estimate by more than
+  ``fetch.est_size_tolerance x bytes + 1024`` is kept when its md5/FITS checks pass: `off_estimate`
+  tells the caller to log a warning. `est_size_tolerance` controls only that warning.
 
-The same rules give a *cap* (`limit`): the download stops as soon as the body runs past the declared
-size (or past the largest size the estimate allows), so a hostile server cannot fill the disk.
+The cap (`limit`) is the smallest of: the exact size, the estimate's ceiling, the total the server
+announced, and `max_file_size` when the row declares no size at all (a URL list). `expect_total`
+refuses a Content-Length above the cap before any body byte is read; a body without one is refused
+as soon as it runs past the cap, so a hostile server cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ _SIGNATURES: dict[str, bytes] = {
 _MARKUP_STARTS = (b"<", b"{", b"[")
 _SNIFF_BYTES = 16  # enough for every signature and for the markup check past leading whitespace
 NO_LIMIT = sys.maxsize
+MIB = 1024 * 1024
+DEFAULT_MAX_FILE_SIZE = 4 * 1024**3  # fetch.max_file_size's default
 
 
 def product_suffix(item: PlanItem) -> str:
@@ -51,11 +57,21 @@ def is_fits_item(item: PlanItem) -> bool:
     return _SIGNATURES.get(product_suffix(item)) == FITS_SIGNATURE
 
 
-def estimate_ceiling(est_kb: int, tolerance: float) -> int:
-    """The largest byte count an `access_estsize` of `est_kb` accepts: b - e <= t*b + 1024, solved for b."""
-    if tolerance >= 1:
-        return NO_LIMIT
-    return int((est_kb * 1024 + 1024) / (1 - tolerance))
+def estimate_ceiling(est_kb: int) -> int:
+    """The most bytes a file whose `access_estsize` is `est_kb` may have.
+
+    ``max(2 * est_kb * 1024, est_kb * 1024 + 1 MiB)``: twice the estimate leaves room for estimates
+    that are stale or rounded, the extra MiB for small files (a 0 kB estimate still admits 1 MiB),
+    and it still stops a runaway body long before it fills a disk.
+    """
+    estimate = max(est_kb, 0) * 1024
+    return max(2 * estimate, estimate + MIB)
+
+
+def off_estimate(nbytes: int, est_kb: int, tolerance: float) -> bool:
+    """True when `nbytes` is farther from the estimate than ``tolerance * nbytes + 1024`` (the kB
+    rounding): worth a warning, never a refusal."""
+    return est_kb >= 0 and abs(nbytes - est_kb * 1024) > tolerance * nbytes + 1024
 
 
 def sniff_prefix(item: PlanItem, prefix: bytes, *, complete: bool) -> bool:
@@ -94,12 +110,33 @@ class StreamCheck:
     worker thread, one block after another).
     """
 
-    __slots__ = ("_hasher", "_limit", "_prefix", "_tolerance", "item", "level", "nbytes", "sniffed", "total")
+    __slots__ = (
+        "_hasher",
+        "_limit",
+        "_max_file_size",
+        "_prefix",
+        "_tolerance",
+        "item",
+        "level",
+        "nbytes",
+        "off_estimate",
+        "sniffed",
+        "total",
+    )
 
-    def __init__(self, item: PlanItem, level: VerifyLevel, *, est_tolerance: float = 0.05) -> None:
+    def __init__(
+        self,
+        item: PlanItem,
+        level: VerifyLevel,
+        *,
+        est_tolerance: float = 0.05,
+        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    ) -> None:
         self.item = item
         self.level = VerifyLevel.parse(level)
         self._tolerance = est_tolerance
+        self._max_file_size = max_file_size
+        self.off_estimate = False  # set by finish(): the body is far from the estimate (warn only)
         self.nbytes = 0
         self.total: int | None = None  # the total the server announced for this body
         self.sniffed = False
@@ -110,17 +147,17 @@ class StreamCheck:
 
     # -- setup -------------------------------------------------------------------------------------
     def _declared_limit(self) -> int:
+        """The cap before any server header: the exact size, else the estimate's ceiling, else
+        max_file_size. Never NO_LIMIT: a row without any size is still bounded."""
         if self.item.size >= 0:
             return self.item.size
-        if self.total is not None:
-            return self.total
         if self.item.est_kb >= 0:
-            return estimate_ceiling(self.item.est_kb, self._tolerance)
-        return NO_LIMIT
+            return estimate_ceiling(self.item.est_kb)
+        return self._max_file_size
 
     @property
     def limit(self) -> int:
-        """Bytes past which the body is refused (`NO_LIMIT` when nothing was declared)."""
+        """Bytes past which the body is refused: the smallest of every size known so far."""
         return self._limit
 
     @property
@@ -129,7 +166,8 @@ class StreamCheck:
         return bool(self.item.md5) and self.level >= VerifyLevel.CHECKSUM
 
     def expect_total(self, total: int | None) -> None:
-        """Record the body length the server announced; refuse at once if it contradicts the archive."""
+        """Record the body length the server announced; refuse it at once (before any body byte) if it
+        contradicts the archive's exact size or exceeds the cap. The cap becomes `total`."""
         if total is None:
             return
         if self.item.size >= 0 and total != self.item.size:
@@ -138,8 +176,27 @@ class StreamCheck:
                 f"{self.item.size}",
                 hint="the file may have been reprocessed; re-plan with --refresh-plan",
             )
+        cap = self._declared_limit()
+        if total > cap:
+            raise SizeMismatchError(
+                f"{self.item.filename}: the server announces {total} bytes, more than the {cap} bytes "
+                f"{self._cap_source()} allows; refused before the body",
+                hint=self._cap_hint(),
+            )
         self.total = total
-        self._limit = self._declared_limit()
+        self._limit = total
+
+    def _cap_source(self) -> str:
+        if self.item.size >= 0:
+            return "the declared size"
+        if self.item.est_kb >= 0:
+            return f"the estimate of {self.item.est_kb} kB"
+        return "fetch.max_file_size"
+
+    def _cap_hint(self) -> str:
+        if self.item.size < 0 and self.item.est_kb < 0:
+            return "raise fetch.max_file_size if files this large are expected"
+        return "the archive's size disagrees with what it serves; try again later"
 
     def reset(self) -> None:
         """Forget every byte seen: the next body starts from zero."""
@@ -170,10 +227,11 @@ class StreamCheck:
             self._hasher.update(chunk)
 
     def _too_long(self) -> SizeMismatchError:
+        source = "the server announced" if self.total is not None else self._cap_source()
         return SizeMismatchError(
-            f"{self.item.filename}: the body runs past {self._limit} bytes, the most the declared size "
+            f"{self.item.filename}: the body runs past {self._limit} bytes, the most {source} "
             "allows; refused",
-            hint="the archive's size disagrees with what it serves; try again later",
+            hint=self._cap_hint(),
         )
 
     def check_running_length(self, received: int) -> None:
@@ -190,6 +248,9 @@ class StreamCheck:
             self.sniffed = sniff_prefix(self.item, self._prefix, complete=True)
         name = self.item.filename or self.item.url
         check_size(name, self.nbytes, total=self.total, item=self.item, tolerance=self._tolerance)
+        self.off_estimate = self.item.size < 0 and off_estimate(
+            self.nbytes, self.item.est_kb, self._tolerance
+        )
         md5 = self._hasher.hexdigest() if self._hasher is not None else ""
         if self.checksum_declared and md5 != self.item.md5.lower():
             raise ChecksumMismatchError(
@@ -205,8 +266,12 @@ class StreamCheck:
         return self.nbytes, md5
 
 
-def check_size(name: str, nbytes: int, *, total: int | None, item: PlanItem, tolerance: float) -> None:
-    """The size rules of this module's docstring; raises SizeMismatchError."""
+def check_size(name: str, nbytes: int, *, total: int | None, item: PlanItem, tolerance: float = 0.0) -> None:
+    """The size rules of this module's docstring; raises SizeMismatchError.
+
+    `tolerance` is accepted for callers of the earlier rule; an estimate only bounds the size by its
+    ceiling now (see `off_estimate` for the warning).
+    """
     if total is not None and nbytes != total:
         raise SizeMismatchError(
             f"{name}: received {nbytes} bytes but the server announced {total}",
@@ -218,8 +283,9 @@ def check_size(name: str, nbytes: int, *, total: int | None, item: PlanItem, tol
                 f"{name}: {nbytes} bytes but the archive declares {item.size}",
                 hint="the transfer was cut short or the archive changed the file",
             )
-    elif item.est_kb >= 0 and abs(nbytes - item.est_kb * 1024) > tolerance * nbytes + 1024:
+    elif item.est_kb >= 0 and nbytes > estimate_ceiling(item.est_kb):
         raise SizeMismatchError(
-            f"{name}: {nbytes} bytes is too far from the archive's estimate of {item.est_kb} kB",
-            hint="raise fetch.est_size_tolerance if the archive's estimates are known to be loose",
+            f"{name}: {nbytes} bytes is more than the {estimate_ceiling(item.est_kb)} bytes the "
+            f"archive's estimate of {item.est_kb} kB allows",
+            hint="the archive's estimate disagrees with what it serves; try again later",
         )

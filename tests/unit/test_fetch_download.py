@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -555,3 +556,125 @@ def test_client_error_descriptions_are_one_bounded_line() -> None:
     assert _describe(ValueError("first\nsecond")) == "first"
     assert len(_describe(ValueError("x" * 1000))) == 160
     assert _describe(ValueError("")) == "ValueError"
+
+
+# -- size caps ----------------------------------------------------------------------------------------
+class CountingPart(PartFile):
+    """Records the most bytes the .part ever held (checked after every write)."""
+
+    largest = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        super().write(data)
+        CountingPart.largest = max(CountingPart.largest, os.fstat(self._fd).st_size)
+
+
+def test_content_length_above_the_estimate_ceiling_is_refused_before_any_body_byte(tmp_path: Path) -> None:
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        CountingPart.largest = 0
+        # A 53 kB estimate, a server announcing 30 MB. The server sends its headers and then waits:
+        # a client that read any body first would hit the idle timeout instead of this refusal.
+        archive.script["e_lc.fits"] = [
+            Behaviour(
+                body=FITS_BYTES + b"\0" * (31_457_280 - len(FITS_BYTES)), stall_after=0, stall_seconds=30
+            )
+        ]
+        item = item_for(archive, "e_lc.fits", FITS_BYTES, declare=False, est_kb=53)
+        dest = tmp_path / "e_lc.fits"
+        result = await downloader.fetch(item, dest, "e_lc.fits")
+        assert result.status is FileStatus.FAILED
+        assert (
+            "announces 31457280 bytes, more than the" in result.error and "estimate of 53 kB" in result.error
+        )
+        assert CountingPart.largest == 0
+        assert not dest.exists() and not dest.with_name("e_lc.fits.part").exists()
+
+    run(scenario, fetch=settings(retries=0), part_file=CountingPart)
+
+
+def test_a_row_without_any_size_stops_at_max_file_size_on_a_chunked_body(tmp_path: Path) -> None:
+    cap = 3 * 65536
+
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        CountingPart.largest = 0
+        huge = FITS_BYTES + b"\0" * 20_000_000
+        archive.script["u_lc.fits"] = [
+            Behaviour(body=huge, announce=-1, stall_after=cap + 65536, stall_seconds=30)
+        ]
+        item = PlanItem(url=archive.url("u_lc.fits"), filename="u_lc.fits")  # a URL-list row: no size
+        dest = tmp_path / "u_lc.fits"
+        result = await downloader.fetch(item, dest, "u_lc.fits")
+        assert result.status is FileStatus.FAILED
+        assert f"runs past {cap} bytes, the most fetch.max_file_size allows" in result.error
+        assert 0 < CountingPart.largest <= cap
+        assert not dest.exists() and not dest.with_name("u_lc.fits.part").exists()
+
+    run(scenario, fetch=settings(retries=0, max_file_size=cap), part_file=CountingPart)
+
+
+def test_a_row_without_any_size_is_refused_when_content_length_exceeds_max_file_size(tmp_path: Path) -> None:
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["m_lc.fits"] = FITS_BYTES
+        result = await downloader.fetch(PlanItem(url=archive.url("m_lc.fits"), filename="m_lc.fits"),
+                                        tmp_path / "m_lc.fits", "m_lc.fits")  # fmt: skip
+        assert result.status is FileStatus.FAILED
+        assert "fetch.max_file_size" in result.error
+
+    run(scenario, fetch=settings(retries=0, max_file_size=100_000))
+
+
+def test_a_body_off_its_estimate_but_within_the_ceiling_is_kept_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        for name in ("f1_lc.fits", "f2_lc.fits"):
+            archive.files[name] = FITS_BYTES
+            # An estimate of 1 kB for a ~150 kB file: far off, but under the 1 MiB-and-more ceiling.
+            item = item_for(archive, name, FITS_BYTES, declare=False, est_kb=1, md5=FITS_MD5)
+            result = await downloader.fetch(item, tmp_path / name, name)
+            assert result.status is FileStatus.VERIFIED, result.error
+            assert (tmp_path / name).read_bytes() == FITS_BYTES
+
+    with caplog.at_level("DEBUG", logger="engine.fetch.download"):
+        run(scenario)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "estimate" in r.getMessage()]
+    assert len(warnings) == 1 and "f1_lc.fits" in warnings[0].getMessage()
+    assert any("f2_lc.fits" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
+
+
+# -- a hostile output folder ---------------------------------------------------------------------------
+def test_a_planted_part_symlink_is_not_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out"
+    (out / "s0001").mkdir(parents=True)
+    (out / "s0001" / "p_lc.fits.part").symlink_to(victim)
+
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["p_lc.fits"] = FITS_BYTES
+        dest = out / "s0001" / "p_lc.fits"
+        result = await downloader.fetch(item_for(archive, "p_lc.fits", FITS_BYTES), dest, "s0001/p_lc.fits")
+        assert result.status is FileStatus.VERIFIED, result.error
+        assert not dest.is_symlink() and dest.read_bytes() == FITS_BYTES
+
+    run(scenario)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_folder_symlinked_outside_is_a_one_line_failure_before_any_request(tmp_path: Path) -> None:
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s0001").symlink_to(sentinel)
+
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["y_lc.fits"] = FITS_BYTES
+        dest = out / "s0001" / "y_lc.fits"
+        result = await downloader.fetch(item_for(archive, "y_lc.fits", FITS_BYTES), dest, "s0001/y_lc.fits")
+        assert result.status is FileStatus.FAILED
+        assert "it is a symlink" in result.error and "\n" not in result.error
+        assert archive.seen == []
+
+    run(scenario)
+    assert list(sentinel.iterdir()) == []

@@ -120,20 +120,76 @@ def test_undeclared_md5_is_not_pretended() -> None:
     assert not check.checksum_declared
 
 
-def test_estimated_size_tolerance() -> None:
+def test_estimate_ceiling_is_twice_the_estimate_or_one_mib_more() -> None:
+    assert estimate_ceiling(1991) == 2 * 1991 * 1024  # large files: twice the estimate
+    assert estimate_ceiling(53) == 53 * 1024 + 1024 * 1024  # small ones: the estimate plus 1 MiB
+    assert estimate_ceiling(0) == 1024 * 1024
+    assert estimate_ceiling(1024) == 2 * 1024 * 1024  # where the two meet
+
+
+def test_body_within_the_estimate_ceiling_but_off_the_estimate_is_kept_with_a_flag() -> None:
+    # 1,000,000 bytes against an estimate of 1991 kB: far off, still under the ceiling. It was the
+    # reason to reject a good file; now it only asks for a warning.
+    small = StreamCheck(item(est_kb=1991), VerifyLevel.SIZE, est_tolerance=0.05)
+    small.feed(b"SIMPLE  =" + b"\0" * 999_991)
+    assert small.finish()[0] == 1_000_000
+    assert small.off_estimate
+
+
+def test_body_close_to_the_estimate_raises_no_flag() -> None:
     # 2,039,040 bytes is 1991.25 KiB; an estimate of 1991 kB is within the rounding slack.
     exact = 2_039_040
-    assert estimate_ceiling(1991, 0.0) == 1991 * 1024 + 1024
     ok = StreamCheck(item(est_kb=1991), VerifyLevel.SIZE, est_tolerance=0.0)
     ok.feed(b"SIMPLE  =" + b"\0" * (exact - 9))
     assert ok.finish()[0] == exact
+    assert not ok.off_estimate
+
+
+def test_body_past_the_estimate_ceiling_is_cut_while_streaming() -> None:
     far = StreamCheck(item(est_kb=1000), VerifyLevel.SIZE, est_tolerance=0.05)
-    with pytest.raises(SizeMismatchError, match=f"runs past {estimate_ceiling(1000, 0.05)} bytes"):
-        far.feed(b"SIMPLE  =" + b"\0" * (exact - 9))  # past the ceiling: cut while streaming
-    small = StreamCheck(item(est_kb=1991), VerifyLevel.SIZE, est_tolerance=0.05)
-    small.feed(b"SIMPLE  =" + b"\0" * 1_000_000)
-    with pytest.raises(SizeMismatchError, match="too far from the archive's estimate"):
-        small.finish()
+    assert far.limit == estimate_ceiling(1000)
+    with pytest.raises(SizeMismatchError, match=f"runs past {estimate_ceiling(1000)} bytes"):
+        far.feed(b"SIMPLE  =" + b"\0" * (estimate_ceiling(1000) - 8))
+
+
+def test_content_length_above_the_estimate_ceiling_is_refused_before_the_body() -> None:
+    check = StreamCheck(item(est_kb=53), VerifyLevel.FITS)
+    with pytest.raises(SizeMismatchError, match=r"announces 31457280 bytes, more than .* estimate of 53 kB"):
+        check.expect_total(31_457_280)
+    assert check.nbytes == 0
+
+
+def test_content_length_lowers_the_cap_but_never_raises_it() -> None:
+    check = StreamCheck(item(est_kb=53), VerifyLevel.FITS)
+    check.expect_total(40_000)
+    assert check.limit == 40_000
+    undeclared = StreamCheck(item(), VerifyLevel.FITS, max_file_size=10_000)
+    with pytest.raises(SizeMismatchError, match=r"more than the 10000 bytes fetch\.max_file_size allows"):
+        undeclared.expect_total(10_001)
+
+
+def test_a_row_without_any_size_is_capped_by_max_file_size() -> None:
+    check = StreamCheck(item(), VerifyLevel.SIZE, max_file_size=5760)
+    assert check.limit == 5760
+    check.feed(b"SIMPLE  =" + b"\0" * 5751)
+    with pytest.raises(
+        SizeMismatchError, match=r"runs past 5760 bytes, the most fetch\.max_file_size allows"
+    ):
+        check.feed(b"\0")
+    assert StreamCheck(item(), VerifyLevel.SIZE).limit == 4 * 1024**3  # the documented default
+
+
+def test_exact_size_stays_the_cap_whatever_the_estimate() -> None:
+    check = StreamCheck(item(size=2880, est_kb=5000), VerifyLevel.SIZE, max_file_size=100)
+    assert check.limit == 2880
+
+
+def test_check_file_refuses_only_past_the_estimate_ceiling(tmp_path: Path) -> None:
+    from engine.verify.stream import check_size
+
+    check_size("x", 1_000_000, total=None, item=item(est_kb=1991), tolerance=0.0)
+    with pytest.raises(SizeMismatchError, match="the archive's estimate of 10 kB allows"):
+        check_size("x", estimate_ceiling(10) + 1, total=None, item=item(est_kb=10))
 
 
 def test_truncated_fits_is_refused_only_at_fits_level() -> None:

@@ -1,0 +1,258 @@
+"""PartFile: every write under --out goes through directory descriptors and never follows a symlink.
+
+Each test plants something hostile under the output folder and checks, byte for byte, that a victim
+file and a sentinel folder OUTSIDE it are untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine.exceptions import UnsafePathError
+from engine.fetch.partfile import PartFile, walk
+
+DATA = b"SIMPLE  =                    T" + b"\0" * 2850
+VICTIM_BYTES = b"the victim's precious bytes\n"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> dict[str, Path]:
+    """An output folder, a victim file and a sentinel folder (with one file) outside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(VICTIM_BYTES)
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep.txt").write_bytes(b"keep")
+    return {"out": out, "victim": victim, "sentinel": sentinel, "tmp": tmp_path}
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under `folder`: file bytes, or 'dir' / 'link -> target'."""
+    seen: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            seen[key] = f"link -> {os.readlink(path)}"
+        elif path.is_dir():
+            seen[key] = "dir"
+        else:
+            seen[key] = path.read_bytes()
+    return seen
+
+
+def assert_outside_untouched(world: dict[str, Path]) -> None:
+    assert world["victim"].read_bytes() == VICTIM_BYTES
+    assert snapshot(world["sentinel"]) == {"keep.txt": b"keep"}
+
+
+def part_for(out: Path, relpath: str) -> tuple[PartFile, Path]:
+    dest = out.joinpath(*relpath.split("/"))
+    return PartFile(dest.with_name(dest.name + ".part"), root=out), dest
+
+
+def write_file(out: Path, relpath: str, data: bytes = DATA) -> Path:
+    part, dest = part_for(out, relpath)
+    part.open()
+    part.write(data)
+    part.check_in_place()
+    part.commit(dest, fsync=True)
+    return dest
+
+
+# -- the ordinary path --------------------------------------------------------------------------------
+def test_creates_the_folders_and_renames_the_part_into_place(world: dict[str, Path]) -> None:
+    dest = write_file(world["out"], "tid/s0001/0000/0001/a_lc.fits")
+    assert dest.read_bytes() == DATA
+    assert not dest.with_name("a_lc.fits.part").exists()
+    assert os.listdir(dest.parent) == ["a_lc.fits"]
+
+
+def test_a_root_that_is_missing_is_created_and_a_symlinked_root_is_allowed(tmp_path: Path) -> None:
+    real = tmp_path / "scratch"
+    real.mkdir()
+    (tmp_path / "out-link").symlink_to(real)  # the user may point --out at a symlink
+    write_file(tmp_path / "out-link", "s0001/a_lc.fits")
+    assert (real / "s0001" / "a_lc.fits").read_bytes() == DATA
+    write_file(tmp_path / "new" / "out", "b_lc.fits")
+    assert (tmp_path / "new" / "out" / "b_lc.fits").read_bytes() == DATA
+
+
+def test_an_earlier_regular_part_is_truncated_and_restarted(world: dict[str, Path]) -> None:
+    part, dest = part_for(world["out"], "s0001/a_lc.fits")
+    dest.parent.mkdir()
+    part.path.write_bytes(b"x" * 10_000)
+    part.open()
+    assert part.path.stat().st_size == 0
+    part.write(DATA)
+    part.commit(dest, fsync=False)
+    assert dest.read_bytes() == DATA
+
+
+def test_discard_removes_the_part(world: dict[str, Path]) -> None:
+    part, dest = part_for(world["out"], "s0001/a_lc.fits")
+    part.open()
+    part.write(DATA)
+    part.discard()
+    assert os.listdir(dest.parent) == []
+
+
+def test_without_a_root_the_parts_own_folder_is_the_root(tmp_path: Path) -> None:
+    part = PartFile(tmp_path / "a_lc.fits.part")
+    part.open()
+    part.write(DATA)
+    part.commit(tmp_path / "a_lc.fits", fsync=False)
+    assert (tmp_path / "a_lc.fits").read_bytes() == DATA
+
+
+# -- planted parts ------------------------------------------------------------------------------------
+def test_a_planted_part_symlink_is_removed_and_the_victim_untouched(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "s0001").mkdir()
+    (out / "s0001" / "a_lc.fits.part").symlink_to(world["victim"])
+    dest = write_file(out, "s0001/a_lc.fits")
+    assert dest.read_bytes() == DATA and not dest.is_symlink()
+    assert_outside_untouched(world)
+
+
+def test_a_dangling_part_symlink_creates_nothing_where_it_points(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "s0001").mkdir()
+    target = world["sentinel"] / "created.fits"
+    (out / "s0001" / "a_lc.fits.part").symlink_to(target)
+    write_file(out, "s0001/a_lc.fits")
+    assert not target.exists()
+    assert_outside_untouched(world)
+
+
+def test_a_planted_part_hard_link_is_removed_and_the_victim_untouched(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "s0001").mkdir()
+    os.link(world["victim"], out / "s0001" / "a_lc.fits.part")
+    dest = write_file(out, "s0001/a_lc.fits")
+    assert dest.read_bytes() == DATA
+    assert_outside_untouched(world)
+
+
+def test_a_planted_part_fifo_is_removed_without_blocking(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "s0001").mkdir()
+    os.mkfifo(out / "s0001" / "a_lc.fits.part")
+    done = threading.Event()
+
+    def write() -> None:
+        write_file(out, "s0001/a_lc.fits")
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert done.wait(30), "opening a planted FIFO blocked"
+    assert (out / "s0001" / "a_lc.fits").read_bytes() == DATA
+
+
+def test_a_part_that_is_an_empty_folder_is_removed_and_a_full_one_refused(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "s0001" / "a_lc.fits.part").mkdir(parents=True)
+    assert write_file(out, "s0001/a_lc.fits").read_bytes() == DATA
+    (out / "s0001" / "b_lc.fits.part").mkdir()
+    (out / "s0001" / "b_lc.fits.part" / "x").write_bytes(b"x")
+    with pytest.raises(UnsafePathError, match=r"b_lc\.fits\.part.*is a directory"):
+        write_file(out, "s0001/b_lc.fits")
+
+
+# -- planted folders ----------------------------------------------------------------------------------
+def test_a_folder_symlinked_outside_is_refused_and_nothing_written_there(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "tid").mkdir()
+    (out / "tid" / "s0001").symlink_to(world["sentinel"])
+    with pytest.raises(UnsafePathError, match=r"s0001.*it is a symlink \(to .*sentinel") as info:
+        write_file(out, "tid/s0001/a_lc.fits")
+    assert info.value.hint and "never writes through a symlink" in info.value.hint
+    assert "\n" not in info.value.message
+    assert_outside_untouched(world)
+
+
+def test_a_folder_symlinked_inside_the_mirror_is_refused_too(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "real").mkdir()
+    (out / "alias").symlink_to(out / "real")
+    with pytest.raises(UnsafePathError, match="it is a symlink"):
+        write_file(out, "alias/a_lc.fits")
+    assert list((out / "real").iterdir()) == []
+
+
+def test_a_file_where_a_folder_belongs_is_refused(world: dict[str, Path]) -> None:
+    (world["out"] / "s0001").write_bytes(b"not a folder")
+    with pytest.raises(UnsafePathError, match=r"s0001.*not a directory"):
+        write_file(world["out"], "s0001/a_lc.fits")
+
+
+def test_walk_without_create_does_not_make_folders(world: dict[str, Path]) -> None:
+    with pytest.raises(FileNotFoundError):
+        walk(world["out"], ("a", "b"), create=False)
+    assert list(world["out"].iterdir()) == []
+
+
+# -- the final name ------------------------------------------------------------------------------------
+def test_a_final_name_planted_as_a_symlink_is_replaced_not_followed(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "s0001").mkdir()
+    (out / "s0001" / "a_lc.fits").symlink_to(world["victim"])
+    dest = write_file(out, "s0001/a_lc.fits")
+    assert not dest.is_symlink() and dest.read_bytes() == DATA
+    assert_outside_untouched(world)
+
+
+def test_a_final_name_that_is_a_folder_is_refused(world: dict[str, Path]) -> None:
+    out = world["out"]
+    (out / "s0001" / "a_lc.fits").mkdir(parents=True)
+    with pytest.raises(UnsafePathError, match="a directory has the file's name"):
+        write_file(out, "s0001/a_lc.fits")
+    assert (out / "s0001" / "a_lc.fits").is_dir()
+
+
+# -- folders swapped while a file is written -----------------------------------------------------------
+def test_a_folder_swapped_for_a_symlink_mid_download_is_refused(world: dict[str, Path]) -> None:
+    out = world["out"]
+    part, dest = part_for(out, "tid/s0001/a_lc.fits")
+    part.open()
+    part.write(DATA)
+    (out / "tid" / "s0001").rename(out / "moved")
+    (out / "tid" / "s0001").symlink_to(world["sentinel"])
+    with pytest.raises(UnsafePathError, match=r"s0001': it is a symlink"):
+        part.check_in_place()
+    with pytest.raises(UnsafePathError, match=r"s0001': it is a symlink"):
+        part.commit(dest, fsync=False)
+    part.discard()
+    assert_outside_untouched(world)
+    assert list((out / "moved").iterdir()) == []  # neither the part nor the file is left behind
+
+
+def test_a_folder_moved_away_mid_download_does_not_keep_the_file(world: dict[str, Path]) -> None:
+    out = world["out"]
+    part, dest = part_for(out, "s0001/a_lc.fits")
+    part.open()
+    part.write(DATA)
+    away = world["tmp"] / "away"
+    (out / "s0001").rename(away)
+    with pytest.raises(UnsafePathError, match="moved away during the download"):
+        part.commit(dest, fsync=False)
+    part.discard()
+    assert list(away.iterdir()) == []
+
+
+def test_a_folder_replaced_by_another_real_folder_mid_download_is_refused(world: dict[str, Path]) -> None:
+    out = world["out"]
+    part, dest = part_for(out, "s0001/a_lc.fits")
+    part.open()
+    part.write(DATA)
+    (out / "s0001").rename(world["tmp"] / "away")
+    (out / "s0001").mkdir()
+    with pytest.raises(UnsafePathError, match="replaced during the download"):
+        part.commit(dest, fsync=False)
+    part.discard()
+    assert list((out / "s0001").iterdir()) == [] and list((world["tmp"] / "away").iterdir()) == []
