@@ -12,9 +12,13 @@ from engine.plan.adql import (
     adql_number,
     adql_string,
     columns_query,
+    exposures_query,
+    ffi_files_query,
     footprint_query,
     inventory_query,
     observation_pattern,
+    regions_query,
+    sectors_query,
 )
 
 FOOTPRINT = [330.343765, -44.336318, 324.663797, -33.277719, 337.720578, -28.384567, 344.128621, -38.561643,
@@ -118,3 +122,49 @@ def test_literals() -> None:
     assert columns_query("dbo.caomartifact") == (
         "SELECT column_name FROM TAP_SCHEMA.columns WHERE table_name = 'dbo.caomartifact'"
     )
+
+
+def test_exposures_query_lists_one_ccds_obs_ids_without_a_join_and_pages_on_them() -> None:
+    query = exposures_query(1, 1, 2)
+    assert query == (
+        "SELECT observationID FROM dbo.caomobservation WHERE collection = 'TESS' AND trgType = 'FIELD' "
+        "AND sequenceNumber = 1 AND observationID LIKE 'tess%-s0001-1-2-%-s' ORDER BY observationID"
+    )
+    after = exposures_query(1, 1, 2, after="tess2018207052942-s0001-1-2-0120-s")
+    assert "AND observationID > 'tess2018207052942-s0001-1-2-0120-s' ORDER BY observationID" in after
+    assert "observationID > 'x'' OR 1=1 --'" in exposures_query(1, 1, 2, after="x' OR 1=1 --")
+    with pytest.raises(ValueError):
+        exposures_query(1, 5, 2)
+
+
+def test_regions_query_asks_only_the_chosen_exposures() -> None:
+    query = regions_query(["a", "b'c"])
+    assert query == "SELECT obs_id, s_region FROM ivoa.obscore WHERE obs_id IN ('a', 'b''c') ORDER BY obs_id"
+    with pytest.raises(ValueError):
+        regions_query([])
+
+
+def test_ffi_files_query_reads_every_exposure_of_one_ccd() -> None:
+    query = ffi_files_query(1, 1, 2, products=["ffic", "ffir"], artifacts=True)
+    assert "trgType = 'FIELD' AND sequenceNumber = 1 AND observationID LIKE 'tess%-s0001-1-2-%-s'" in query
+    name = "dbo.caomartifact.productFileName"
+    assert f"({name} LIKE '%ffic.fits' OR {name} LIKE '%ffir.fits')" in query
+    # obs_collection (ObsCore's), never the bare `collection` that three joined CAOM tables share
+    assert "obs_collection = 'TESS'" in query and " collection =" not in query
+    assert query.endswith(f"ORDER BY obs_id, {name}")
+    plain = ffi_files_query(1, 4, 4, after=Keyset("o1", inclusive=True))
+    assert (
+        "access_url LIKE '%ffic.fits'" in plain and "obs_id >= 'o1'" in plain and "caomartifact" not in plain
+    )
+    with pytest.raises(ValueError):
+        ffi_files_query(1, 1, 2, products=["lc"])
+
+
+def test_sectors_query_is_the_inventory_scope_without_the_join() -> None:
+    query = sectors_query(region=Region.circle(10, -5, 0.5), products=["lc", "tp"], collection="HLSP")
+    assert query.startswith(
+        "SELECT DISTINCT sequenceNumber AS sector FROM dbo.caomobservation JOIN ivoa.obscore"
+    )
+    assert "obs_collection = 'HLSP'" in query and "caomartifact" not in query
+    assert "(access_url LIKE '%lc.fits' OR access_url LIKE '%tp.fits')" in query
+    assert query.endswith("ORDER BY sequenceNumber")
