@@ -27,7 +27,7 @@ from engine.archive.fitsgen import BLOCK, FileIdentity, card, header_block, ones
 
 FFI_PRODUCTS = ("ffic", "ffir")
 FULL_DIMS = (2136, 2078)  # columns x rows of a whole frame, collateral pixels included
-SMALL_DIMS = (16, 16)  # 1 KiB a plane: a small file is 7 FITS blocks (20,160 bytes)
+SMALL_DIMS = (16, 16)  # 1 KiB a plane: a small ffic is 6 FITS blocks (17,280 bytes)
 _ROWS_PER_BLOCK = 256
 _IMAGES = {"ffic": (("CAL", -32), ("UNCERT", -32)), "ffir": (("RAW", 32),)}
 _NUMPY = {-32: ">f4", 32: ">i4"}

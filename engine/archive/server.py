@@ -69,7 +69,7 @@ class ArchiveOptions:
     exposures_per_ccd: int = 1
     # True: every FFI exposure has `<obs_id>_ffic.fits` and `_ffir.fits` (planes, artifacts, files).
     ffi_files: bool = False
-    # FFI file size: "small" (16x16 pixels, 20,160 bytes for ffic), "full" (2136x2078, ~35 MB), or
+    # FFI file size: "small" (16x16 pixels: 17,280 bytes for ffic), "full" (2136x2078, ~35 MB), or
     # a side in pixels.
     ffi_file_size: str | int = "small"
     # True: one ivoa.obscore row per product file (lc, tp, dvt; ffic, ffir), same obs_id, each with
