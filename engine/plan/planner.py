@@ -5,8 +5,8 @@
    arcseconds. So for each requested camera/CCD (small async jobs, at most FOOTPRINT_CONCURRENCY at
    once) the planner lists that CCD's exposure obs_ids only (short rows, keyset-paged, so any number of
    exposures fits), chooses in Python, and fetches the `s_region` of the chosen exposures only:
-   - `middle` (the default): the middle exposure by obs_id (index (n - 1) // 2 of the sorted ids),
-     the same answer on every run; one polygon per CCD, as in MAST's notebook (which took `TOP 1`).
+   - `middle` (the default): the middle exposure by obs_id (index n // 2 of the n sorted ids, the
+     later of two middles when n is even), the same answer on every run; one polygon per CCD, as in MAST's notebook (which took `TOP 1`).
    - `composite`: the first, middle and last exposures' polygons. ADQL has no polygon union, so the
      inventory runs once per polygon and rows found twice are merged; a target near a CCD edge is not
      lost to pointing jitter, at three times the inventory queries.
@@ -111,13 +111,14 @@ def normalise_target(name: str) -> str:
 def choose_exposures(obs_ids: Iterable[str], mode: str) -> list[str]:
     """The exposures whose polygons make a CCD's footprint: see the module docstring.
 
-    `middle`: [the middle obs_id]; `composite`: [first, middle, last] without repeats. Deterministic:
+    `middle`: [the middle obs_id, number n // 2 of n]; `composite`: [first, middle, last] without
+    repeats. Deterministic:
     the ids are sorted here, whatever order the service sent them in.
     """
     ordered = sorted(set(obs_ids))
     if not ordered:
         raise ValueError("no exposures to choose from")
-    middle = ordered[(len(ordered) - 1) // 2]
+    middle = ordered[len(ordered) // 2]
     if mode == "middle":
         return [middle]
     if mode == "composite":
