@@ -6,12 +6,14 @@
    once) the planner lists that CCD's exposure obs_ids only (short rows, keyset-paged, so any number of
    exposures fits), chooses in Python, and fetches the `s_region` of the chosen exposures only:
    - `middle` (the default): the middle exposure by obs_id (index n // 2 of the n sorted ids, the
-     later of two middles when n is even), the same answer on every run; one polygon per CCD, as in MAST's notebook (which took `TOP 1`).
+     later of two middles when n is even), the same answer on every run; one polygon per CCD, as in
+     MAST's notebook (which took `TOP 1`).
    - `composite`: the first, middle and last exposures' polygons. ADQL has no polygon union, so the
      inventory runs once per polygon and rows found twice are merged; a target near a CCD edge is not
      lost to pointing jitter, at three times the inventory queries.
-   `middle` is the default because it is the notebook's answer, costs one inventory per CCD, and the
-   jitter within a sector moves the edge by arcseconds, far less than a target's aperture.
+   `middle` is the default because it is the notebook's answer and costs one inventory per CCD; the
+   jitter within a sector moves a CCD's edge by arcseconds (less than one 21-arcsec TESS pixel), so
+   only targets that close to an edge can differ.
 2. Inventory: per region (or batch of target names), keyset pages ordered by (obs_id[, file name]).
    A page that overflowed or came back full may have more behind it; the next page starts *at* its
    last key, after dropping the rows that carry that key, so a key split by the page boundary is
@@ -66,7 +68,7 @@ from engine.plan.adql import (
     regions_query,
     sectors_query,
 )
-from engine.plan.invariants import PlanGuard, url_problem
+from engine.plan.invariants import GuardedPage, PlanGuard, url_problem
 from engine.plan.table import filename_from_url, iter_input, product_of
 from engine.plan.tap import TapClient
 from engine.redact import redact
@@ -148,8 +150,10 @@ class Planner:
     """Turns `settings.selection` into pages of PlanItems, using `tap` for the queries.
 
     After (or during) `pages()`: `statements` (every ADQL text sent), `guard` (the invariants'
-    counters), `detectors` (the footprint exposures chosen), `artifacts` (whether the artifact join was
-    used), `join_fallback` (why planning fell back to ObsCore only, or ""), `unmatched_targets`.
+    counters), `last_page` (the `GuardedPage` behind the page just yielded: its dropped rows and
+    fallback URLs, for a caller that records them), `detectors` (the footprint exposures chosen),
+    `artifacts` (whether the artifact join was used), `join_fallback` (why planning fell back to
+    ObsCore only, or ""), `unmatched_targets`.
     """
 
     def __init__(self, settings: Settings, tap: TapClient, *, clock: Clock | None = None) -> None:
@@ -159,6 +163,7 @@ class Planner:
         self.artifacts: bool | None = None  # whether the artifact join is used; known after the probe
         self.statements: list[str] = []  # every ADQL text sent, in order, without repeats
         self.guard = PlanGuard(settings.output.layout)
+        self.last_page: GuardedPage | None = None
         self.detectors: list[Detector] = []
         self.join_fallback = ""
         self.unmatched_targets: list[str] = []
@@ -173,7 +178,12 @@ class Planner:
         return self.statements
 
     async def pages(self) -> AsyncIterator[list[PlanItem]]:
-        """Yield each page of checked PlanItems as soon as it arrives (see `PlanGuard`)."""
+        """Yield each page of checked PlanItems as soon as it arrives (see `PlanGuard`).
+
+        A page holds the downloads, then the rows that fail (unsafe names, conflicts), so that the
+        consumer records them (a PlanGuard there fails them again, with the same reason). Merged
+        duplicates and dropped rows are not in it; `guard` counts them and `last_page` lists them.
+        """
         sel = self.settings.selection
         total = 0
         if sel.urls_file is not None:
@@ -222,6 +232,7 @@ class Planner:
     def _checked(self, raw: list[PlanItem]) -> list[PlanItem]:
         """One page through the guard: merged rows and dropped rows leave; failures stay (to be recorded)."""
         guarded = self.guard.admit(raw)
+        self.last_page = guarded
         for item, reason in guarded.dropped:
             self._note("dropped", f"dropped a row of {redact(item.obs_id) or 'the plan'}: {reason}")
         for item, reason in guarded.failed:
