@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.exceptions import ConfigError, UnsafePathError
-from engine.layout import LAYOUTS, relpath_for, resolve_within, safe_filename
+from engine.layout import LAYOUTS, relpath_for, resolve_within, safe_filename, within
 from engine.models import PlanItem
 
 LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"
@@ -167,7 +167,28 @@ def test_resolve_within_refuses_a_symlink_loop(tmp_path: Path) -> None:
         resolve_within(tmp_path, "a/x")
 
 
+def test_resolve_within_remembers_nothing_so_a_folder_swapped_later_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "mirror"
+    (root / "tid" / "s0001").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert resolve_within(root, f"tid/s0001/{LC}") == root.resolve() / "tid" / "s0001" / LC
+    (root / "tid" / "s0001").rename(root / "moved")
+    os.symlink(outside, root / "tid" / "s0001")
+    with pytest.raises(UnsafePathError, match="outside"):
+        resolve_within(root, f"tid/s0001/{LC}")
+
+
+def test_within_is_lexical_and_refuses_the_same_bad_relpaths(tmp_path: Path) -> None:
+    os.symlink("/etc", tmp_path / "tid")
+    assert within(tmp_path, f"tid/{LC}") == tmp_path.resolve() / "tid" / LC  # not looked at on disk
+    for relpath in ("", "../x", "/etc/passwd", "a//b", "a\\b", "C:/x", "a/\x00/b"):
+        with pytest.raises(UnsafePathError):
+            within(tmp_path, relpath)
+
+
 def test_resolve_within_allows_symlinks_that_stay_inside(tmp_path: Path) -> None:
+    # Reading through them is harmless; writing is refused later, by engine.fetch.partfile.
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "alias")
     assert resolve_within(tmp_path, f"alias/{LC}") == tmp_path.resolve() / "alias" / LC
