@@ -156,3 +156,28 @@ def test_targets_with_padded_tic_ids_are_found_and_unknown_ones_are_named(mast, 
     assert sorted(item.filename for item in iter_plan(out)) == sorted(f.name for f in some)
     assert "1 of 3 targets matched no file" in proc.stderr and proc.stderr.count("matched no file") == 1
     assert ": 7" in proc.stderr
+
+
+def test_a_join_the_service_aborts_is_split_then_planned_from_obscore_with_one_warning(tmp_path):
+    # Every query that joins dbo.caomartifact takes 3 s and the service aborts jobs after 1 s, as MAST
+    # aborts long joins: the sector-by-sector retry fails too, and planning falls back to ObsCore.
+    options = ArchiveOptions.mast_like(
+        sectors=(1,), targets=64, file_size="small", exposures_per_ccd=8, slow_join=3.0, async_abort_after=1.0
+    )
+    config = tmp_path / "tessmirror.toml"
+    config.write_text("[tap]\npoll_timeout = 1.0\njob_timeout = 20.0\nretries = 0\n")
+    with ArchiveThread(options) as thread:
+        archive = thread.archive
+        out = tmp_path / "plan.ecsv"
+        args = ("--sector", "1", "--camera", "1", "--ccd", "2", "--format", "ecsv", "-o", out)
+        proc = run_cli("plan", "--config", config, "--tap-url", archive.tap_url, *args, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        warnings = [
+            line for line in proc.stderr.splitlines() if "artifact join" in line and "WARNING" in line
+        ]
+        assert len(warnings) == 1 and "planning from ObsCore only" in warnings[0], proc.stderr
+        assert "sector by sector" in proc.stderr  # the smaller pieces were tried first
+        items = list(iter_plan(out))
+        assert sorted(item.filename for item in items) == sorted(expected_names(archive, [(1, 2)]))
+        assert all(item.md5 == "" and item.size == -1 and item.est_kb > 0 for item in items)
+        assert_plan_is_clean(archive, items)
