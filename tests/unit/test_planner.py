@@ -359,9 +359,13 @@ def shapes_db(
     per_product: bool = True,
     artifacts: bool = True,
     ffi_files: bool = True,
+    twin: int | None = None,
 ) -> TapDatabase:
     """MAST's shapes: one observation per FFI exposure (jittered s_region), one ObsCore row per product
-    (lc, tp) with its own access_url in `form`, artifacts with md5:<hex>; one QLP HLSP per target."""
+    (lc, tp) with its own access_url in `form`, artifacts with md5:<hex>; one QLP HLSP per target.
+
+    `twin`: a second observation of target 2002 whose light curve has the same file name, declared
+    `twin` bytes longer (0: the same file again)."""
     obscore, observations, planes, files = [], [], [], []
     tid = 0
 
@@ -403,6 +407,16 @@ def shapes_db(
         add_files(
             tid, hlsp, [f"{hlsp}.fits"], "HLSP", True, kind="timeseries", target=target, ra=ra, region=""
         )
+    if twin is not None:
+        tid += 1
+        lc = "tess2018206045859-s0001-0000000000002002-0120-s_lc.fits"
+        obs_id = "tess2018206045859-s0001-0000000000002002-0121-s"
+        observations.append((obs_id, tid, "TESS", "OBJECT", 1))
+        planes.append((tid, tid))
+        md5 = md5_of(lc) if twin == 0 else md5_of("another file")
+        files.append((tid * 10, tid, lc, f"mast:TESS/product/{lc}", SIZE + twin, f"md5:{md5}"))
+        url = file_url(lc, form).replace(BASE, "http://mirror.example.org")
+        obscore.append((obs_id, "TESS", "timeseries", "2002", 11.0, -5.0, "", url, (SIZE + twin) // 1024))
     db = TapDatabase()
     db.add_table(
         "ivoa",
@@ -663,3 +677,49 @@ def test_a_url_list_goes_through_the_same_invariants(tmp_path: Path) -> None:
     items = [i for p in asyncio.run(collect(planner)) for i in p]
     assert [i.url for i in items] == [file_url(a, "uri")]
     assert planner.guard.merged == 1 and planner.statements == []
+
+
+@pytest.mark.parametrize("form", ["uri", "path"])
+def test_the_same_file_offered_by_two_observations_is_one_download(form: str, caplog) -> None:
+    with caplog.at_level("DEBUG", logger="engine.plan.planner"):
+        planner, items = fake_plan(FakeTap(shapes_db(form=form, twin=0)), sector=1, cameras=[1], ccds=[2])
+    assert len(items) == len(IN_MIDDLE) and planner.guard.merged == 1
+    assert_clean(items)
+    # The other observation's URL is kept as a fallback of the one download, not lost.
+    offered = [r.getMessage() for r in caplog.records if "also offered at" in r.getMessage()]
+    assert len(offered) == 1 and "mirror.example.org" in offered[0]
+
+
+def test_rows_that_would_put_different_bytes_at_one_path_are_passed_on_once_as_a_failure() -> None:
+    planner, items = fake_plan(FakeTap(shapes_db(twin=7)), page_size=None, sector=1, cameras=[1], ccds=[2])
+    lc = "tess2018206045859-s0001-0000000000002002-0120-s_lc.fits"
+    twins = [i for i in items if i.filename == lc]
+    assert [i.size for i in twins] == [SIZE, SIZE + 7]  # the first planned, then its conflict
+    assert planner.guard.conflicts == 1 and planner.guard.planned == len(IN_MIDDLE)
+    # Passed on so the run records it; a guard there fails it again, naming both URLs.
+    from engine.plan.invariants import PlanGuard
+
+    again = PlanGuard("mast").admit(twins)
+    ((failed, reason),) = again.failed
+    assert failed is twins[1] and twins[0].url in reason and twins[1].url in reason
+
+
+def test_a_service_that_stops_answering_is_not_split_or_replanned() -> None:
+    from engine.exceptions import TapUnavailableError
+
+    down = TapUnavailableError("the TAP service at http://x does not answer")
+    tap = FakeTap(shapes_db(), fail=lambda q: down if "caomartifact" in q and "TAP_SCHEMA" not in q else None)
+    with pytest.raises(TapUnavailableError):
+        fake_plan(tap, sector=1, cameras=[1], ccds=[2])
+    assert sum("caomartifact" in q for q in tap.sent) == 1
+
+
+def test_a_refused_query_is_a_query_fault() -> None:
+    from engine.exceptions import TapJobError, TapTimeoutError
+    from engine.plan.planner import _is_query_fault
+
+    assert _is_query_fault(TapJobError("the TAP service at http://x refused the query (HTTP 400): bad"))
+    assert _is_query_fault(TapJobError("the TAP service at http://x could not run the query: syntax error"))
+    assert not _is_query_fault(TapJobError("the TAP service at http://x could not run the query: timeout"))
+    assert not _is_query_fault(TapJobError("the TAP job at http://x/table/1 ended ABORTED: column scan"))
+    assert not _is_query_fault(TapTimeoutError("the TAP job was still EXECUTING after 600 s"))
