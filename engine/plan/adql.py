@@ -220,10 +220,8 @@ def sectors_query(
         products=products,
         artifacts=False,
     )
-    return (
-        f"SELECT DISTINCT sequenceNumber AS sector FROM {_OBS_JOIN} WHERE {' AND '.join(where)} "
-        "ORDER BY sequenceNumber"
-    )
+    # No ORDER BY: with DISTINCT some services accept only selected names there; the caller sorts.
+    return f"SELECT DISTINCT sequenceNumber AS sector FROM {_OBS_JOIN} WHERE {' AND '.join(where)}"
 
 
 def _scope_where(

@@ -167,4 +167,4 @@ def test_sectors_query_is_the_inventory_scope_without_the_join() -> None:
     )
     assert "obs_collection = 'HLSP'" in query and "caomartifact" not in query
     assert "(access_url LIKE '%lc.fits' OR access_url LIKE '%tp.fits')" in query
-    assert query.endswith("ORDER BY sequenceNumber")
+    assert "ORDER BY" not in query
