@@ -8,6 +8,8 @@ never appear in the logs, the manifest, the saved plan or an error message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,13 @@ from engine.fetch.session import open_session
 from engine.manifest import Manifest
 from engine.models import FileStatus, PlanItem
 from engine.settings import FetchSettings, VerifySettings
-from tests.helpers import assert_mirror_matches_truth, assert_verified_records_are_good, run_cli
+from tests.helpers import (
+    assert_mirror_matches_truth,
+    assert_verified_records_are_good,
+    run_cli,
+    spawn_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +199,132 @@ def test_token_never_leaks(archive, tmp_path: Path) -> None:
     again = run_cli("fetch", "--input", url_list, "--out", fetched_out, "--retries", 1, env=env)
     assert again.returncode == 1 and url_secret not in again.stderr
     assert {r.name for r in arch.request_log[before:]} == {"missing_lc.fits"}
+
+
+# -- size caps a server cannot lift ---------------------------------------------------------------------
+HUGE_ANNOUNCED = 31_457_280  # 30 MB announced for a row the cap allows far less
+CAP = 1_048_576  # fetch.max_file_size in these tests
+
+
+class CapProbeServer:
+    """A server on 127.0.0.1 (free port, own thread) that tries to lift the cap two ways:
+
+    `/files/huge_lc.fits` announces a Content-Length of 30 MB and then holds its body back until the
+    test ends (a client that waited for the body would stall); `/files/endless_lc.fits` sends a
+    FITS-looking body forever, slowly, with no Content-Length. `sent` counts body bytes written.
+    """
+
+    def __init__(self) -> None:
+        self.sent = {"huge_lc.fits": 0, "endless_lc.fits": 0}
+        self.ended = threading.Event()  # the endless handler stopped (the client hung up)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._release: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/files/{name}"
+
+    def __enter__(self) -> CapProbeServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        self._release = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/files/huge_lc.fits", self._huge)
+        app.router.add_get("/files/endless_lc.fits", self._endless)
+        self._runner = web.AppRunner(app, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _stop(self) -> None:
+        assert self._release is not None
+        self._release.set()
+        await self._runner.cleanup()
+
+    async def _huge(self, request):
+        from aiohttp import web
+
+        response = web.StreamResponse(headers={"Content-Type": "application/fits"})
+        response.content_length = HUGE_ANNOUNCED
+        await response.prepare(request)
+        assert self._release is not None
+        await self._release.wait()
+        return response
+
+    async def _endless(self, request):
+        from aiohttp import web
+
+        response = web.StreamResponse(headers={"Content-Type": "application/fits"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        block = b"SIMPLE  =                    T" + b" " * (65_536 - 30)
+        try:
+            while True:
+                await response.write(block)
+                self.sent["endless_lc.fits"] += len(block)
+                block = bytes(65_536)
+                await asyncio.sleep(0.01)  # slowly, so the test can watch the .part grow
+        except (ConnectionResetError, RuntimeError, asyncio.CancelledError):
+            pass
+        finally:
+            self.ended.set()
+        return response
+
+
+def test_a_server_cannot_lift_the_size_cap(tmp_path: Path) -> None:
+    """URL-list rows declare no size, so fetch.max_file_size caps them: a Content-Length above it is
+    refused before any body byte, and an endless chunked body stops at the cap (the .part, watched
+    while it grows, never exceeds it)."""
+    config = tmp_path / "tessmirror.toml"
+    config.write_text(f"[fetch]\nmax_file_size = {CAP}\n")
+    out = tmp_path / "out"
+    part = out / "misc" / "endless_lc.fits.part"
+    largest = [0]
+    with CapProbeServer() as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(f"{server.url('huge_lc.fits')}\n{server.url('endless_lc.fits')}\n")
+        process = spawn_cli(
+            "fetch", "--input", urls, "--out", out, "--config", config, "--retries", 0, "--idle-timeout", 60
+        )
+
+        def watch() -> bool:
+            with contextlib.suppress(FileNotFoundError):
+                largest[0] = max(largest[0], part.stat().st_size)
+            return process.poll() is not None
+
+        try:
+            assert wait_until(watch, timeout=120, interval=0.002), "the run did not end"
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert server.ended.wait(30), "the endless body was still being read after the run"
+        sent = dict(server.sent)
+
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    entries = entries_by_name(out)
+    huge, endless = entries["huge_lc.fits"], entries["endless_lc.fits"]
+    assert huge.status == "failed" and endless.status == "failed"
+    assert (
+        f"announces {HUGE_ANNOUNCED} bytes, more than the {CAP} bytes fetch.max_file_size allows"
+        in huge.error
+    )
+    assert sent["huge_lc.fits"] == 0  # refused on the header: the server never got to send a byte
+    assert f"runs past {CAP} bytes, the most fetch.max_file_size allows" in endless.error
+    assert 0 < largest[0] <= CAP, largest[0]
+    assert not part.exists() and not (out / "misc" / "endless_lc.fits").exists()
+    assert sent["endless_lc.fits"] < 64 * CAP  # it stopped: not a runaway read
