@@ -343,7 +343,7 @@ class FileServer:
             # No Content-Length at all (chunked): nothing but the client's own cap ends the body early.
             response.enable_chunked_encoding()
             data += _filler(OVERLONG_EXTRA)
-        elif chunked:
+        elif chunked and decision.body != "lie":  # a `lie` needs its (understated) Content-Length
             response.enable_chunked_encoding()  # as dynamically generated answers come: no length
         else:
             response.content_length = stop - start
