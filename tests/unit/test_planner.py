@@ -348,6 +348,8 @@ def exposure_id(k: int, camera: int = 1, ccd: int = 2) -> str:
 def file_url(name: str, form: str, collection: str = "TESS") -> str:
     if form == "uri":
         return f"{BASE}/api/v0.1/Download/file?uri=mast:{collection}/product/{name}"
+    if form == "ftp":
+        return f"ftp://ftp.example.org/{name}"
     return f"{BASE}/files/{name}"
 
 
@@ -723,3 +725,10 @@ def test_a_refused_query_is_a_query_fault() -> None:
     assert not _is_query_fault(TapJobError("the TAP service at http://x could not run the query: timeout"))
     assert not _is_query_fault(TapJobError("the TAP job at http://x/table/1 ended ABORTED: column scan"))
     assert not _is_query_fault(TapTimeoutError("the TAP job was still EXECUTING after 600 s"))
+
+
+@pytest.mark.parametrize("artifacts", [True, False])
+def test_a_selection_whose_every_row_is_unusable_says_what_was_dropped(artifacts: bool) -> None:
+    tap = FakeTap(shapes_db(form="ftp", artifacts=artifacts))
+    with pytest.raises(EmptySelectionError, match=r"2 rows were dropped: unusable URL scheme: 2"):
+        fake_plan(tap, sector=1, cameras=[1], ccds=[2])
