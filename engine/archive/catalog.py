@@ -6,6 +6,12 @@ gets a 2-minute observation in *every* sector where some CCD footprint contains 
 overlaps have several sectors, as on MAST. About one (target, sector) in ten also gets a QLP
 High-Level Science Product (collection 'HLSP', file ending `_llc.fits`).
 
+The real service's shapes are set by `Shape` (from `ArchiveOptions`; docs/MAST_MODEL.md): FFI
+observations per exposure (`Catalog.exposures`, jittered polygons around the middle exposure, which
+is the footprint targets are placed in), FFI files (`ffigen`), ObsCore rows per product, URL forms
+(`ArchiveFile.path`), NULL checksums and lengths. `Catalog.files_inside` counts the truth for any
+polygon.
+
 Each table carries every column MAST's has (names from the notebook's listing); the ones not modelled
 here are NULL. Sizes come from `fitsgen.file_size` (arithmetic) and md5s from `fitsgen.digest`
 (no FITS encoding; see that module for the cost), hashed in a small thread pool once all rows exist.

@@ -176,3 +176,29 @@ def test_archive_options_reject_bad_limits(archive):
         archive(sync_timeout=0)
     with pytest.raises(ValueError, match="chunked_fraction"):
         archive(chunked_fraction=2.0)
+
+
+def test_head_on_the_second_host_gives_the_validators_without_a_body(archive):
+    running = archive(redirect_to_s3=True)
+    entry = a_file(running)
+    location = request(download_url(running, entry), "HEAD")[1]["Location"]
+    status, headers, body = request(location, "HEAD")
+    assert status == 200 and body == b""
+    assert headers["ETag"] == f'"{entry.md5}"' and int(headers["Content-Length"]) == entry.size
+    assert headers["Accept-Ranges"] == "bytes"
+
+
+def test_hostile_names_as_path_urls_stay_one_path_segment_and_are_served(archive):
+    running = archive(url_form="path", hostile_names=True)
+    table = running.catalog.tables["ivoa.obscore"]
+    index = [name for name, _ in table.columns].index("access_url")
+    urls = {str(row[index]) for row in table.rows if row[index]}
+    hostile = [e for e in running.catalog.values() if e.identity.name.startswith("hostile-")]
+    assert hostile
+    for entry in hostile:
+        url = f"{running.base_url}/files/{entry.path}"
+        assert urllib.parse.unquote(url.rsplit("/", 1)[-1]) == entry.name  # one segment, decoded
+        assert url in urls  # the table's access_url is this path URL
+        if "\x00" not in urllib.parse.unquote(entry.path):
+            status, _, body = request(url)
+            assert status == 200 and hashlib.md5(body).hexdigest() == entry.md5
