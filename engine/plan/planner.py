@@ -183,6 +183,7 @@ class Planner:
         A page holds the downloads, then the rows that fail (unsafe names, conflicts), so that the
         consumer records them (a PlanGuard there fails them again, with the same reason). Merged
         duplicates and dropped rows are not in it; `guard` counts them and `last_page` lists them.
+        A page may be empty when all its rows were dropped or merged, so that `last_page` is seen.
         """
         sel = self.settings.selection
         total = 0
@@ -191,13 +192,13 @@ class Planner:
             while raw := list(itertools.islice(items, URL_LIST_PAGE)):
                 page = self._checked(raw)
                 total += len(page)
-                if page:
+                if page or self._worth_reading(self.last_page):
                     yield page
         else:
             async for raw in self._inventory():
                 page = self._checked(raw)
                 total += len(page)
-                if page:
+                if page or self._worth_reading(self.last_page):
                     yield page
         self._report()
         if total == 0:
@@ -246,6 +247,10 @@ class Planner:
                 if name in self._targets_wanted:
                     self._targets_found.add(name)
         return page
+
+    @staticmethod
+    def _worth_reading(guarded: GuardedPage | None) -> bool:
+        return guarded is not None and bool(guarded.dropped or guarded.fallbacks)
 
     def _note(self, kind: str, message: str) -> None:
         """The first few drops/failures at WARNING, the rest at DEBUG (the summary counts them all)."""

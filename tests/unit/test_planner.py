@@ -729,6 +729,15 @@ def test_a_refused_query_is_a_query_fault() -> None:
 
 @pytest.mark.parametrize("artifacts", [True, False])
 def test_a_selection_whose_every_row_is_unusable_says_what_was_dropped(artifacts: bool) -> None:
-    tap = FakeTap(shapes_db(form="ftp", artifacts=artifacts))
+    settings = settings_for("http://127.0.0.1:9/unused", page_size=4, sector=1, cameras=[1], ccds=[2])
+    planner = Planner(settings, FakeTap(shapes_db(form="ftp", artifacts=artifacts)))  # type: ignore[arg-type]
+    dropped: list[str] = []
+
+    async def consume() -> None:
+        async for page in planner.pages():
+            assert page == [] and planner.last_page is not None  # yielded so its drops can be read
+            dropped.extend(item.url for item, _ in planner.last_page.dropped)
+
     with pytest.raises(EmptySelectionError, match=r"2 rows were dropped: unusable URL scheme: 2"):
-        fake_plan(tap, sector=1, cameras=[1], ccds=[2])
+        asyncio.run(consume())
+    assert len(dropped) == 2 and all(url.startswith("ftp://") for url in dropped)
