@@ -224,11 +224,13 @@ class Downloader:
                 self._warn_if_off_estimate(check)
             except (TransferError, UnsafePathError) as exc:
                 await self._io(part.path, part.discard)
+                # An unsafe path keeps its hint (what to fix on disk), as the planner's refusals do.
+                reason = str(exc) if isinstance(exc, UnsafePathError) else exc.message
                 return FileResult(
                     item=item,
                     status=FileStatus.FAILED,
                     path=relpath,
-                    error=redact(exc.message),
+                    error=redact(reason),
                     attempts=attempts,
                     elapsed=self._clock.monotonic() - started,
                 )

@@ -2,6 +2,6 @@
 
 from engine.verify.file import check_file
 from engine.verify.fits import verify_fits
-from engine.verify.stream import StreamCheck
+from engine.verify.stream import StreamCheck, estimate_ceiling
 
-__all__ = ["StreamCheck", "check_file", "verify_fits"]
+__all__ = ["StreamCheck", "check_file", "estimate_ceiling", "verify_fits"]

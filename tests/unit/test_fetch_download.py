@@ -674,6 +674,7 @@ def test_a_folder_symlinked_outside_is_a_one_line_failure_before_any_request(tmp
         result = await downloader.fetch(item_for(archive, "y_lc.fits", FITS_BYTES), dest, "s0001/y_lc.fits")
         assert result.status is FileStatus.FAILED
         assert "it is a symlink" in result.error and "\n" not in result.error
+        assert "never writes through a symlink" in result.error  # the hint: what to fix
         assert archive.seen == []
 
     run(scenario)
