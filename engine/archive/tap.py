@@ -84,6 +84,30 @@ _JOINED_TABLES = re.compile(
 )
 
 
+# The /examples document: MAST's notebook "Download MAST TESS Light Curves Within an FFI Footprint".
+EXAMPLES = (
+    (
+        "ffi-footprint",
+        "FFI footprint of sector 1, camera 1, CCD 2",
+        "One FFI observation of the CCD and its s_region (MAST keeps one per exposure).",
+        "SELECT TOP 1 c.obs_id, c.s_region FROM dbo.caomobservation AS o "
+        "JOIN ivoa.obscore AS c ON c.obs_id = o.observationID "
+        "WHERE o.collection = 'TESS' AND o.trgType = 'FIELD' AND o.sequenceNumber = 1 "
+        "AND c.obs_id LIKE '%-s0001-1-2-%'",
+    ),
+    (
+        "light-curves-in-footprint",
+        "Light curves inside that footprint",
+        "Every 2-minute light curve whose target lies in the footprint, over all sectors.",
+        "SELECT obs_id, target_name, access_url, access_estsize FROM ivoa.obscore "
+        "WHERE obs_collection = 'TESS' AND dataproduct_type = 'timeseries' "
+        "AND access_url LIKE '%_lc.fits' AND CONTAINS(POINT('ICRS', s_ra, s_dec), "
+        "POLYGON('ICRS', 330.343765, -44.336318, 324.663797, -33.277719, "
+        "337.720578, -28.384567, 344.128621, -38.561643)) = 1",
+    ),
+)
+
+
 def joins_artifacts(query: str) -> bool:
     """Whether an ADQL query reads dbo.caomartifact together with another catalogue table."""
     tables = {name.lower() for name in _JOINED_TABLES.findall(query)}
@@ -143,6 +167,7 @@ class TapService:
         app.router.add_get(f"{p}/availability", self._availability)
         app.router.add_get(f"{p}/tables", self._tables)
         app.router.add_get(f"{p}/tables/{{name}}", self._table)
+        app.router.add_get(f"{p}/examples", self._examples)
         app.router.add_route("GET", f"{p}/sync", self._sync)
         app.router.add_route("POST", f"{p}/sync", self._sync)
         app.router.add_get(f"{p}/async", self._job_list)
@@ -213,6 +238,11 @@ class TapService:
         base = escape(self._base_url(request))
         opts = self._options
         duration = math.ceil(opts.async_abort_after) if opts.async_abort_after else 0
+        examples = (
+            '  <capability standardID="ivo://ivoa.net/std/DALI#examples">\n'
+            f'    <interface xsi:type="vr:WebBrowser" xmlns:vr="http://www.ivoa.net/xml/VOResource/v1.0">'
+            f'<accessURL use="full">{base}/examples</accessURL></interface>\n  </capability>\n'
+        )
 
         def vosi(kind: str) -> str:
             return (
@@ -245,10 +275,31 @@ class TapService:
             "</executionDuration>\n"
             f'    <outputLimit><default unit="row">{opts.default_maxrec}</default>'
             f'<hard unit="row">{opts.hard_limit}</hard></outputLimit>\n'
-            "  </capability>\n" + vosi("capabilities") + vosi("availability") + vosi("tables") + ""
-            "</vosi:capabilities>\n"
+            "  </capability>\n"
+            + vosi("capabilities")
+            + vosi("availability")
+            + vosi("tables")
+            + examples
+            + "</vosi:capabilities>\n"
         )
         return web.Response(body=body.encode(), content_type="text/xml", charset="utf-8")
+
+    async def _examples(self, request: web.Request) -> web.Response:
+        """TAP 1.1 / DALI examples: the MAST notebook's two queries, as runnable ADQL."""
+        parts = [
+            '<?xml version="1.0" encoding="UTF-8"?>\n<!DOCTYPE html>\n'
+            '<html xmlns="http://www.w3.org/1999/xhtml"><head><title>Examples</title></head>\n'
+            '<body vocab="http://www.ivoa.net/rdf/examples#">\n<h1>Examples</h1>\n'
+        ]
+        for anchor, name, text, query in EXAMPLES:
+            parts.append(
+                f'<div typeof="example" id="{anchor}" resource="#{anchor}">\n'
+                f'<h2 property="name">{escape(name)}</h2>\n<p>{escape(text)}</p>\n'
+                f'<pre property="query">{escape(query)}</pre>\n</div>\n'
+            )
+        parts.append("</body></html>\n")
+        body = "".join(parts).encode()
+        return web.Response(body=body, content_type="application/xhtml+xml", charset="utf-8")
 
     async def _availability(self, request: web.Request) -> web.Response:
         since = _iso(self._started)

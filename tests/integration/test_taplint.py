@@ -1,9 +1,9 @@
 """The IVOA validator STILTS `taplint` finds no errors in the local archive's TAP service.
 
 taplint runs every stage it has (table metadata from /tables and TAP_SCHEMA, capabilities,
-availability, sync GET/POST and async queries, UWS, result metadata, ObsCore). Its three
-*failures* are stages that do not apply to this service and are not errors: no ivoa.obsplan
-(ObsLocTAP), no table uploads, no examples document.
+availability, sync GET/POST and async queries, UWS, result metadata, ObsCore, the examples
+document). Its two *failures* are stages that do not apply to this service and are not errors: no
+ivoa.obsplan (ObsLocTAP) and no table uploads.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def test_taplint_reports_no_errors_against_the_archive_with_its_defaults():
     assert totals["errors"] == 0, _problems(report)
     assert totals["warnings"] == 0, _problems(report)
     assert re.search(r"S-OBS-COLS-\d+ ivoa\.ObsCore columns: 30/30 required", report), report[-2000:]
+    assert "Execution success/attempt: 2/2" in report  # the /examples queries ran
 
 
 def test_taplint_reports_no_errors_against_the_mast_like_archive():

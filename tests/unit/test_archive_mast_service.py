@@ -202,3 +202,17 @@ def test_hostile_names_as_path_urls_stay_one_path_segment_and_are_served(archive
         if "\x00" not in urllib.parse.unquote(entry.path):
             status, _, body = request(url)
             assert status == 200 and hashlib.md5(body).hexdigest() == entry.md5
+
+
+def test_examples_document_is_declared_and_its_queries_run(archive):
+    running = archive(focus=(1, 1, 2))
+    capabilities = request(running.tap_url + "/capabilities")[2].decode()
+    assert 'standardID="ivo://ivoa.net/std/DALI#examples"' in capabilities
+    status, headers, body = request(running.tap_url + "/examples")
+    assert status == 200 and headers["Content-Type"].startswith("application/xhtml+xml")
+    document = ElementTree.fromstring(body)
+    queries = [e.text for e in document.iter() if e.get("property") == "query"]
+    assert len(queries) == 2
+    for query in queries:
+        status, _, result = post_form(running.tap_url + "/sync", {"LANG": "ADQL", "QUERY": query})
+        assert status == 200 and b"<TR>" in result  # each example finds rows
