@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,3 +123,129 @@ def lc_names_in_footprint(archive, sector: int, camera: int, ccd: int) -> set[st
         if bool(polygon_contains([cols["s_ra"][i]], [cols["s_dec"][i]], vertices)[0]):
             names.add(url.rsplit("/", 1)[-1])
     return names
+
+
+class WatchedCli:
+    """`tessmirror ARGS...` in a subprocess whose stderr is read as it comes, so a test can wait for a
+    log line (observable progress) before it acts, instead of sleeping and hoping."""
+
+    def __init__(
+        self,
+        *args: object,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        stdin: object = subprocess.DEVNULL,
+    ) -> None:
+        self.proc = subprocess.Popen(
+            cli_command(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=stdin,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+        self._lines: list[str] = []
+        self._stdout = ""
+        self._readers = [
+            threading.Thread(target=self._read_stderr, daemon=True),
+            threading.Thread(target=self._read_stdout, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._lines.append(line)
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        self._stdout = self.proc.stdout.read()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._lines)
+
+    def saw(self, phrase: str) -> bool:
+        return phrase in self.stderr
+
+    def wait_for(self, phrase: str, *, timeout: float = 60.0) -> None:
+        """Block until stderr shows `phrase`; fail at once if the process ends first."""
+
+        def seen() -> bool:
+            if self.saw(phrase):
+                return True
+            assert self.proc.poll() is None, (
+                f"ended (exit {self.proc.returncode}) before {phrase!r}:\n{self.stderr[-3000:]}"
+            )
+            return False
+
+        assert wait_until(seen, timeout=timeout), f"no {phrase!r} within {timeout} s:\n{self.stderr[-3000:]}"
+
+    def signal(self, signum: int) -> float:
+        """Send `signum`; returns the monotonic time it was sent."""
+        self.proc.send_signal(signum)
+        return time.monotonic()
+
+    def finish(self, *, timeout: float = 60.0) -> tuple[int, float]:
+        """Wait for the exit (killing it after `timeout`); returns (exit code, monotonic end time)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"still running {timeout} s later:\n{self.stderr[-3000:]}") from None
+        ended = time.monotonic()
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return self.proc.returncode, ended
+
+    @property
+    def stdout(self) -> str:
+        return self._stdout
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers: a hung TAP service.
+
+    `url` is an http URL on it; `accepted` counts connections, so a test knows a client is waiting.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/tap"
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            self._held.append(conn)  # kept open, never read from, never answered
+            self.accepted += 1
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+
+def lock_files(out_dir: Path) -> list[Path]:
+    """Run locks left under an output folder (none once a run has ended gracefully)."""
+    return list(out_dir.rglob("run.lock")) if out_dir.exists() else []
