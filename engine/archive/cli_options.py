@@ -15,13 +15,17 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.archive.catalog import MAX_EXPOSURES, URL_FORMS
-from engine.archive.faults import FaultPlan
-from engine.archive.server import ArchiveOptions
 from engine.exceptions import ConfigError
 
+if TYPE_CHECKING:
+    from engine.archive.server import ArchiveOptions
+
+# Kept here (and checked against catalog.py by the tests) so that building the parser imports
+# nothing heavy: catalog/server pull in numpy, astropy and aiohttp, needed only to serve.
+MAX_EXPOSURES = 10_000
+URL_FORMS = ("uri", "path")
 SECTOR_MAX = 200
 
 
@@ -199,6 +203,9 @@ def archive_options_from_args(ns: argparse.Namespace, **extra: Any) -> ArchiveOp
 
     Raises ConfigError naming the flag for a bad fault spec, sector list or option mix.
     """
+    from engine.archive.faults import FaultPlan
+    from engine.archive.server import ArchiveOptions
+
     fields: dict[str, Any] = {}
     spec = getattr(ns, "faults", "") or ""
     try:

@@ -95,3 +95,26 @@ def test_bad_sectors_or_faults_are_config_errors_naming_the_flag(argv, flag):
     with pytest.raises(ConfigError) as caught:
         archive_options_from_args(parse(*argv))
     assert caught.value.key == flag
+
+
+def test_the_flag_limits_agree_with_the_catalogue():
+    from engine.archive import catalog, cli_options
+
+    assert cli_options.MAX_EXPOSURES == catalog.MAX_EXPOSURES
+    assert cli_options.URL_FORMS == catalog.URL_FORMS
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys\n"
+        "from engine.archive.cli_options import add_archive_arguments\n"
+        "add_archive_arguments(argparse.ArgumentParser())\n"
+        "print(sorted(m for m in ('aiohttp', 'numpy', 'astropy') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
