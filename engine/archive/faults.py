@@ -29,6 +29,11 @@ Spec string (the CLI's `--faults`), comma-separated tokens::
   to a file's first n attempts (0, the default, means every attempt: with rate 1 a permanent failure).
 * TAP faults are passed to the TAP service: `tap_error`, `tap_queued`, `tap_html503` (rates) and
   `tap_slow` (seconds per poll).
+* Where they strike: without `redirect_to_s3` every fault strikes on the one file server (Download
+  API and `/files/` paths). With it, the Download API counts the attempt and answers the status
+  faults (500, 502, 429, 503, html, redirect) instead of its 302; the second host counts its own
+  GETs per file and applies the body faults, `latency`, `bandwidth` and `linkcap`
+  (`decide(..., statuses=False)`).
 * `seed=<int>` seeds the decisions: a fault fires when hash(seed, fault, file name, attempt) < rate,
   so a run is reproducible.
 """
