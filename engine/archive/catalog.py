@@ -36,6 +36,7 @@ from engine.archive import ffigen, fitsgen
 from engine.archive.footprints import (
     CcdKey,
     Vertex,
+    ffi_cadence_seconds,
     ffi_obs_id,
     ffi_time,
     footprints,
@@ -720,8 +721,15 @@ class _Builder:
         url: str | None,
         est_kb: int | None,
         tid: int,
+        exposure: int | None = None,
     ) -> None:
+        """One ivoa.obscore row; `exposure` (an FFI's number) narrows the times to that exposure."""
         start, stop = fitsgen.sector_times(sector)
+        exptime = 120.0 if product_type == "timeseries" else 1800.0
+        if exposure is not None:
+            cadence = ffi_cadence_seconds(sector)
+            start += exposure * cadence / 86400.0
+            stop, exptime = start + cadence / 86400.0, 0.8 * cadence  # 80%: the deadtime correction
         self.obscore.add(
             obs_id=obs_id,
             obs_collection=collection,
@@ -738,7 +746,7 @@ class _Builder:
             instrument_name="Photometer",
             t_min=start + MJD_OF_BTJD_ZERO,
             t_max=stop + MJD_OF_BTJD_ZERO,
-            t_exptime=120.0 if product_type == "timeseries" else 1800.0,
+            t_exptime=exptime,
             em_min=6.0e-7,
             em_max=1.0e-6,
             objID=tid,
@@ -901,6 +909,8 @@ class _Builder:
             region=region,
             sector=sector,
             tid=tid,
+            # One observation per CCD (the first release's shape) spans the sector; one per exposure its own.
+            exposure=index if self.shape.exposures_per_ccd > 1 else None,
         )
         if not self.shape.ffi_files:
             self.obscore_row(url=None, est_kb=None, **row)
