@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,10 @@ from engine.archive import FaultPlan
 from engine.exceptions import EXIT_INTERRUPTED, EXIT_OK
 from engine.manifest import MANIFEST_NAME, Manifest
 from tests.helpers import (
+    WatchedCli,
     assert_mirror_matches_truth,
     assert_verified_records_are_good,
+    lock_files,
     manifest_lines,
     run_cli,
     spawn_cli,
@@ -54,20 +55,48 @@ def wait_for_records(manifest_path: Path, proc: subprocess.Popen, at_least: int,
     assert wait_until(ready, timeout=timeout), f"no {at_least} manifest records within {timeout} s"
 
 
+def kill_after_progress(cli: WatchedCli, out: Path, trigger: str, rng: random.Random) -> bool:
+    """Wait for the observable progress `trigger` names, then SIGKILL; False if the run ended first.
+
+    start-up: the start banner; plan: the saved plan file; records: the manifest grew by 1-6 lines.
+    """
+    state = out / ".tessmirror"
+    before = manifest_lines(state / MANIFEST_NAME)
+    ended = lambda: cli.proc.poll() is not None  # noqa: E731 - read at each poll
+    if trigger == "start-up":
+        reached = wait_until(lambda: cli.saw("starting run") or ended(), timeout=90)
+    elif trigger == "plan":
+        reached = wait_until(
+            lambda: (state / "plan.ecsv").exists() or cli.proc.poll() is not None, timeout=90
+        )
+    else:
+        grow = rng.randint(1, 6)
+        reached = wait_until(
+            lambda: manifest_lines(state / MANIFEST_NAME) >= before + grow or ended(),
+            timeout=90,
+        )
+    assert reached, f"no {trigger} progress within 90 s:\n{cli.stderr[-3000:]}"
+    if cli.proc.poll() is not None:
+        return False
+    cli.signal(signal.SIGKILL)
+    return True
+
+
 def test_kill_and_resume_in_a_loop(archive, tmp_path: Path) -> None:
+    """SIGKILL in every phase, each kill after observable progress, never after a lucky sleep."""
     arch = archive(sectors=(1,), targets=160, file_size="small", faults=FaultPlan.from_spec(PACED))
     names = light_curves(arch)
     out = tmp_path / "out"
     rng = random.Random(int(os.environ.get("TESSMIRROR_KILL_SEED", "20240611")))
+    # Most rounds kill mid-download (that is where progress is kept); some in start-up and planning.
+    triggers = ["records"] * (KILL_ROUNDS - 3) + ["start-up", "plan", "start-up"]
+    rng.shuffle(triggers)
     verified_after: list[int] = []
     kills = 0
-    for _round in range(KILL_ROUNDS):
-        proc = spawn_cli(*cli_args(arch, out))
-        time.sleep(rng.uniform(0.3, 3.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.communicate(timeout=60)
+    for trigger in triggers:
+        cli = WatchedCli(*cli_args(arch, out))
+        kills += kill_after_progress(cli, out, trigger, rng)
+        cli.finish(timeout=60)
         # After every kill: the manifest loads and every record it calls verified is a good file.
         Manifest(out / ".tessmirror").load()
         verified_after.append(assert_verified_records_are_good(out, arch))
@@ -79,6 +108,7 @@ def test_kill_and_resume_in_a_loop(archive, tmp_path: Path) -> None:
     assert_mirror_matches_truth(out, arch, names)
     assert assert_verified_records_are_good(out, arch) == len(names)
     assert not list(out.rglob("*.part"))
+    assert not list((out / ".tessmirror").glob(".plan.ecsv.*.tmp")), "plan temp files are cleaned up"
 
 
 def test_torn_last_manifest_record_is_ignored_on_resume(archive, tmp_path: Path) -> None:
@@ -119,7 +149,7 @@ def test_signal_stops_gracefully_and_the_next_run_resumes(archive, tmp_path: Pat
     assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
     assert "Traceback" not in stderr
     assert "run the same command again to resume" in stderr
-    assert not (out / ".tessmirror" / "run.lock").exists(), "a graceful stop releases the lock"
+    assert not lock_files(out), "a graceful stop releases the lock"
     done = {
         Path(e.path).name for e in Manifest(out / ".tessmirror").load().values() if e.status == "verified"
     }

@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import signal
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from engine.plan.table import load_plan
 from tests.helpers import (
     assert_mirror_matches_truth,
     assert_verified_records_are_good,
+    cli_command,
     lc_names_in_footprint,
     manifest_lines,
     mirrored_files,
@@ -74,7 +75,7 @@ def test_kill_minus_nine_mid_run_then_resume_never_downloads_a_recorded_file_aga
     args = ("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--concurrency", "2")
     proc = spawn_cli(*args)
     manifest = out / ".tessmirror" / "manifest.jsonl"
-    wait_until(lambda: manifest_lines(manifest) >= 3)
+    assert wait_until(lambda: manifest_lines(manifest) >= 3, timeout=90), "no downloads within 90 s"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
@@ -148,8 +149,7 @@ def test_sigterm_stops_gracefully_and_the_next_run_completes(archive, tmp_path):
     args = ("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--concurrency", "2")
     proc = spawn_cli(*args)
     manifest = out / ".tessmirror" / "manifest.jsonl"
-    wait_until((out / ".tessmirror" / "plan.ecsv").exists)
-    time.sleep(0.5)  # downloads are under way: 2 at a time, 0.3 s each before the first byte
+    assert wait_until(lambda: manifest_lines(manifest) >= 1, timeout=90), "no downloads within 90 s"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
@@ -177,3 +177,75 @@ def test_the_demo_runs_twice_and_the_second_run_resumes(tmp_path):
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
     assert f"skipped     {planned}" in second.stderr and "downloaded  0" in second.stderr
+
+
+def test_the_plan_is_saved_when_planning_ends_not_when_downloads_do(archive, tmp_path):
+    """Planning runs at the archive's pace: the plan file is complete while most files still wait."""
+    # Every target in the footprint, and TAP pages of 20 rows: planning takes several pages, while
+    # the download queue holds only 2 x concurrency files.
+    arc = archive(
+        targets=160,
+        focus=(1, 1, 2),
+        tap_hard_limit=20,
+        tap_default_maxrec=20,
+        faults=FaultPlan.from_spec("bandwidth=60000"),
+    )
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    out = tmp_path / "mirror"
+    args = ("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--concurrency", "2")
+    proc = spawn_cli(*args)
+    plan = out / ".tessmirror" / "plan.ecsv"
+    manifest = out / ".tessmirror" / "manifest.jsonl"
+    try:
+        assert wait_until(lambda: plan.exists() or proc.poll() is not None, timeout=90)
+        assert proc.poll() is None, "the run ended before its plan was saved"
+        records_when_saved = manifest_lines(manifest)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert records_when_saved < len(expected) // 2, "the plan was held back by the downloads"
+    assert len(load_plan(plan)) == len(expected)
+
+    # Resumed after the kill while every TAP job fails: the saved plan is enough.
+    arc.faults = FaultPlan.from_spec("tap_error=1")
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the saved plan" in resumed.stderr
+    assert_mirror_matches_truth(out, arc, expected)
+
+
+def test_plan_temp_files_left_by_a_kill_are_removed_at_the_next_start(archive, tmp_path):
+    arc = archive(targets=32)
+    out = tmp_path / "mirror"
+    state = out / ".tessmirror"
+    state.mkdir(parents=True)
+    stale = state / ".plan.ecsv.k1ll3d.tmp"
+    stale.write_text("# %ECSV 1.0\n")
+    result = run_cli("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert (state / "plan.ecsv").exists()
+
+
+def test_input_from_a_pipe_is_read_once_and_streamed(archive, tmp_path):
+    """`--input -` and `--input /dev/stdin`: the URL list arrives through a pipe, read once."""
+    arc = archive(targets=32)
+    plan = tmp_path / "plan.ecsv"
+    exported = run_cli("plan", "--tap-url", arc.tap_url, *FOOTPRINT, "--format", "urls", "-o", plan)
+    assert exported.returncode == 0, exported.stderr
+    urls = plan.read_text()
+    for name, source in (("dash", "-"), ("devstdin", "/dev/stdin")):
+        out = tmp_path / name
+        proc = subprocess.run(
+            cli_command("fetch", "--input", source, "--out", out),
+            input=urls,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"planned     {len(urls.split())}" in proc.stderr, proc.stderr[-2000:]
+        assert len(mirrored_files(out)) == len(urls.split())
