@@ -265,7 +265,16 @@ def _plan_header(
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    """A short, single-line reason; YAML's own messages run over several lines with a code excerpt."""
+    problem = getattr(err, "problem", None)
+    if problem:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (header line {mark.line + 1})" if mark is not None else ""
+        context = getattr(err, "context", None)
+        text = f"{context}: {problem}{where}" if context else f"{problem}{where}"
+    else:
+        text = str(err)
+    text = " ".join(text.split())
     text = text if len(text) <= 200 else text[:197] + "..."
     return text or type(err).__name__
 

@@ -6,16 +6,21 @@ sees a message, not a traceback. The README's bad-input table is this table.
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from engine.archive import ArchiveOptions, ArchiveThread, LocalArchive
-from engine.exceptions import EXIT_ARCHIVE, EXIT_USAGE
-from tests.helpers import run_cli
+from engine.archive import ArchiveOptions, ArchiveThread, FaultPlan, LocalArchive
+from engine.cli import EXIT_BROKEN_PIPE
+from engine.exceptions import EXIT_ARCHIVE, EXIT_PARTIAL, EXIT_USAGE
+from engine.manifest import Manifest
+from tests.helpers import cli_command, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +177,155 @@ def test_bad_url_list_gets_a_clear_message(tmp_path: Path, content: str | None, 
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("tessmirror: error:")]
     assert errors and phrase in errors[0], result.stderr[-3000:]
+
+
+# -- lifecycle cases (issue 10): saved plans, pipes, closed streams, tokens, verify ---------------
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("tessmirror: error:")]
+
+
+@pytest.fixture(scope="module")
+def finished_mirror(local_archive: LocalArchive, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete mirror of the module's archive (copied by tests that change it)."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    result = run_cli("run", "--tap-url", local_archive.tap_url, "--sector", "1", "--out", out, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def copy_of(mirror: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(mirror, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["# %ECSV 1.0\n# ---\n# datatype:\n# - {name: url, datatype: string\n", "\x00\xff garbage\n"],
+    ids=["broken YAML header", "not text"],
+)
+def test_a_saved_plan_with_a_broken_header_is_one_line_with_the_refresh_plan_hint(
+    local_archive: LocalArchive, finished_mirror: Path, tmp_path: Path, content: str
+) -> None:
+    out = copy_of(finished_mirror, tmp_path)
+    (out / ".tessmirror" / "plan.ecsv").write_bytes(content.encode("latin-1"))
+    args = ("run", "--tap-url", local_archive.tap_url, "--sector", "1", "--out", out)
+    result = run_cli(*args, timeout=60)
+    assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "plan.ecsv" in errors[0] and "not a valid ECSV plan" in errors[0]
+    assert "tessmirror: hint:" in result.stderr and "--refresh-plan" in result.stderr
+    refreshed = run_cli(*args, "--refresh-plan", timeout=120)
+    assert refreshed.returncode == 0, refreshed.stderr[-3000:]
+
+
+def test_plan_into_a_pipe_closed_early_exits_141_quietly(local_archive: LocalArchive) -> None:
+    command = cli_command("plan", "--tap-url", local_archive.tap_url, "--sector", "1", "--format", "urls")
+    script = f"set -o pipefail; {shlex.join(command)} | head -1"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_BROKEN_PIPE, result.stderr[-3000:]
+    assert result.stdout.startswith("http://127.0.0.1")
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+    assert not error_lines(result.stderr)
+
+
+def test_status_into_a_pipe_closed_early_exits_without_a_traceback(finished_mirror: Path) -> None:
+    script = f"set -o pipefail; {shlex.join(cli_command('status', '--out', finished_mirror))} | head -1"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    # 0 when every line fitted in the pipe before `head` left, 141 when a write found it gone.
+    assert result.returncode in (0, EXIT_BROKEN_PIPE), result.stderr[-3000:]
+    assert result.stdout.startswith("mirror")
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+def test_a_run_with_stderr_closed_completes_and_keeps_the_manifest_clean(
+    local_archive: LocalArchive, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    command = shlex.join(
+        cli_command("run", "--tap-url", local_archive.tap_url, "--sector", "1", "--out", out)
+    )
+    result = subprocess.run(["bash", "-c", f"{command} 2>&-"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    entries = Manifest(out / ".tessmirror").load()
+    assert entries and all(e.status == "verified" for e in entries.values())
+    # Descriptor 2 was reopened on /dev/null: nothing meant for stderr landed in the manifest.
+    assert b"INFO" not in (out / ".tessmirror" / "manifest.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["plan", "status"])
+def test_a_closed_stdout_is_bad_input_for_commands_that_print(
+    local_archive: LocalArchive, finished_mirror: Path, command: str
+) -> None:
+    args = (
+        ("plan", "--tap-url", local_archive.tap_url, "--sector", "1")
+        if command == "plan"
+        else ("status", "--out", finished_mirror)
+    )
+    result = subprocess.run(
+        ["bash", "-c", f"{shlex.join(cli_command(*args))} >&-"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "standard output is closed" in errors[0]
+
+
+@pytest.mark.parametrize("token", ["s3cr3t-t0ken\r", "s3cr3t t0ken", "s3cr3t-t0ken\n", "s3cr3t\x07t0ken"])
+def test_a_token_with_control_characters_is_refused_at_start_without_showing_it(
+    local_archive: LocalArchive, tmp_path: Path, token: str
+) -> None:
+    served_before = len(local_archive.request_log)
+    result = run_cli(
+        "run",
+        "--tap-url",
+        local_archive.tap_url,
+        "--sector",
+        "1",
+        "--out",
+        tmp_path / "out",
+        env={"MAST_API_TOKEN": token},
+        timeout=60,
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "MAST_API_TOKEN" in errors[0], result.stderr
+    assert "s3cr3t" not in result.stderr and "t0ken" not in result.stderr
+    assert len(local_archive.request_log) == served_before
+
+
+def test_verify_after_a_repair_whose_downloads_failed_exits_1_naming_the_files(tmp_path: Path) -> None:
+    with ArchiveThread(ArchiveOptions(sectors=(1,), targets=16, file_size="small")) as running:
+        arch = running.archive
+        assert arch is not None
+        out = tmp_path / "out"
+        first = run_cli("run", "--tap-url", arch.tap_url, "--sector", "1", "--out", out, timeout=120)
+        assert first.returncode == 0, first.stderr[-3000:]
+        victim = next(p for p in out.rglob("*.fits"))
+        victim.write_bytes(victim.read_bytes()[:-2880])  # truncated
+        arch.faults = FaultPlan.from_spec("wrong=1")  # every download now arrives corrupt
+        repair = run_cli("verify", "--out", out, "--repair", "--retries", "0", timeout=120)
+        assert repair.returncode == EXIT_PARTIAL, repair.stderr[-3000:]
+
+        again = run_cli("verify", "--out", out, timeout=120)
+
+    assert again.returncode == EXIT_PARTIAL, again.stderr[-3000:]
+    assert victim.name in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_verify_repair_finding_only_unexpected_files_exits_1_and_leaves_them(
+    finished_mirror: Path, tmp_path: Path
+) -> None:
+    out = copy_of(finished_mirror, tmp_path)
+    stray = out / "notes-from-a-colleague.txt"
+    stray.write_text("mine")
+    result = run_cli("verify", "--out", out, "--repair", timeout=120)
+    assert result.returncode == EXIT_PARTIAL, result.stderr[-3000:]
+    assert "unexpected" in result.stderr and stray.name in result.stderr
+    assert "left in place" in result.stderr
+    assert stray.read_text() == "mine"
