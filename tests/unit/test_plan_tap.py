@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import pytest
+import requests
 from aiohttp import web
 
 from engine.archive.tap import TapFaults, TapOptions, TapService
 from engine.archive.tapdb import ColumnDef, TapDatabase
 from engine.exceptions import TapJobError, TapTimeoutError, TapUnavailableError
-from engine.plan.tap import TapClient
+from engine.plan.tap import DaemonExecutor, TapClient, TapHttpSession
 from engine.settings import TapSettings
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 PREFIX = "/caom"
@@ -220,3 +223,252 @@ def test_not_a_tap_service_is_unavailable() -> None:
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+# -- silent and broken services -------------------------------------------------------------------
+QUICK = TapSettings(url="x", poll_timeout=2.0, job_timeout=10.0, retries=1, request_timeout=0.5)
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte.
+
+    Yields its base URL and the accepted connections (so a test can see requests arrived).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            accepted.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/caom", accepted
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def hang_on(method: str, suffix: str, release: asyncio.Event) -> Callable:
+    """A middleware that holds every `method` request to a path ending in `suffix` until `release`."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+        if request.method == method and request.path.endswith(suffix):
+            await release.wait()
+        return await handler(request)
+
+    return middleware
+
+
+def spoil_results(how: str) -> tuple[Callable, list[str]]:
+    """A middleware that spoils every job result: "half" (a complete answer holding half the VOTable),
+    "cut" (the full Content-Length declared, half sent, the connection closed) or "html" (a 200 page)."""
+    spoiled: list[str] = []
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+        response = await handler(request)
+        if request.method != "GET" or not request.path.endswith("/results/result"):
+            return response
+        spoiled.append(request.path)
+        body = response.body if isinstance(response, web.Response) else b""
+        assert isinstance(body, bytes) and body.startswith(b"<?xml"), "expected the archive's VOTable"
+        if how == "html":
+            return web.Response(text="<html><body>Oops</body></html>", content_type="text/html")
+        if how == "half":
+            return web.Response(body=body[: len(body) // 2], content_type=response.content_type)
+        cut = web.StreamResponse(headers={"Content-Type": response.content_type})
+        cut.content_length = len(body)
+        await cut.prepare(request)
+        await cut.write(body[: len(body) // 2])
+        assert request.transport is not None
+        request.transport.close()
+        return cut
+
+    return middleware, spoiled
+
+
+def test_a_service_that_never_answers_ends_in_unavailable_naming_it() -> None:
+    with silent_server() as (url, accepted):
+
+        async def main() -> None:
+            with pytest.raises(TapUnavailableError) as info:
+                await asyncio.wait_for(client(url, QUICK).hardlimit(), 60)
+            assert "did not answer within 0.5 s" in info.value.message
+            assert url in info.value.message
+            with pytest.raises(TapUnavailableError, match=re.escape("did not answer within 0.5 s")):
+                await asyncio.wait_for(client(url, QUICK).run("SELECT 1 FROM ivoa.things"), 60)
+
+        asyncio.run(main())
+        assert accepted, "the client never even connected"
+
+
+def test_a_service_that_hangs_on_job_submission_times_out_and_is_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        services: list[TapService] = []
+        async with serve(small_db(), middleware=hang_on("POST", "/async", release), services=services) as url:
+            tap = client(url, QUICK)
+            assert await tap.hardlimit() == TapOptions().hard_limit  # /capabilities still answers
+            with pytest.raises(TapUnavailableError) as info:
+                await asyncio.wait_for(tap.run("SELECT obs_id FROM ivoa.things"), 60)
+            release.set()
+        assert "did not answer within 0.5 s while submitting a job" in info.value.message
+        assert info.value.exit_code == 3
+
+    with caplog.at_level("WARNING", logger="engine.plan.tap"):
+        asyncio.run(main())
+    assert sum("trying again" in r.getMessage() for r in caplog.records) == QUICK.retries
+
+
+@pytest.mark.parametrize("how", ["half", "cut", "html"])
+def test_a_broken_result_is_retried_then_unavailable_never_an_internal_error(how: str) -> None:
+    async def main() -> None:
+        middleware, spoiled = spoil_results(how)
+        async with serve(small_db(), middleware=middleware) as url:
+            with pytest.raises(TapUnavailableError) as info:
+                await client(url, QUICK).run("SELECT obs_id FROM ivoa.things")
+        assert len(spoiled) == QUICK.retries + 1  # every try fetched a result and found it broken
+        assert "sent a broken answer while fetching the result" in info.value.message
+        assert url in info.value.message
+        assert "\n" not in str(info.value)  # one line, whatever the parser said
+
+    asyncio.run(main())
+
+
+def test_a_broken_result_once_is_cured_by_the_retry() -> None:
+    async def main() -> None:
+        spoiled: list[str] = []
+
+        @web.middleware
+        async def once(request: web.Request, handler: Callable) -> web.StreamResponse:
+            response = await handler(request)
+            if request.path.endswith("/results/result") and not spoiled:
+                spoiled.append(request.path)
+                return web.Response(text="<VOTABLE><RESOURCE>", content_type="text/xml")
+            return response
+
+        async with serve(small_db(4), middleware=once) as url:
+            table = await client(url, QUICK).run("SELECT obs_id FROM ivoa.things")
+        assert len(table) == 4 and spoiled
+
+    asyncio.run(main())
+
+
+def test_garbage_instead_of_capabilities_is_tried_again_once_then_unavailable() -> None:
+    async def main() -> None:
+        seen: list[str] = []
+
+        async def capabilities(request: web.Request) -> web.Response:
+            seen.append(request.path)
+            return web.Response(text="<?xml version='1.0'?><vosi:capa", content_type="text/xml")
+
+        app = web.Application()
+        app.router.add_get("/caom/capabilities", capabilities)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}/caom"
+            with pytest.raises(TapUnavailableError, match="bad /capabilities"):
+                await client(url, FAST).hardlimit()
+        finally:
+            await runner.cleanup()
+        assert len(seen) == 2  # one more try cures a cut answer; a wrong URL is not worth more
+
+    asyncio.run(main())
+
+
+def test_429_with_retry_after_is_retried_then_succeeds() -> None:
+    async def main() -> None:
+        refused: list[str] = []
+
+        @web.middleware
+        async def busy(request: web.Request, handler: Callable) -> web.StreamResponse:
+            if request.method == "POST" and request.path.endswith("/async") and not refused:
+                refused.append(request.path)
+                return web.Response(status=429, headers={"Retry-After": "0"}, text="slow down")
+            return await handler(request)
+
+        async with serve(small_db(2), middleware=busy) as url:
+            table = await client(url, QUICK).run("SELECT obs_id FROM ivoa.things")
+        assert len(table) == 2 and refused
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_call_returns_at_once_and_its_thread_gives_up() -> None:
+    """The coroutine ends as soon as it is cancelled; the worker, blocked in a request to a silent
+    service, ends when that request times out and sends nothing more."""
+    settings = TapSettings(url="x", poll_timeout=2.0, job_timeout=30.0, retries=4, request_timeout=2.0)
+    with silent_server() as (url, accepted):
+        executor = DaemonExecutor(2)
+
+        async def main() -> None:
+            tap = TapClient(url, settings=settings, executor=executor, backoff=0.01)
+            task = asyncio.create_task(tap.run("SELECT 1 FROM ivoa.things"))
+            assert await asyncio.to_thread(wait_until, lambda: len(accepted) >= 1, timeout=30)
+            task.cancel()
+            # Far below the request timeout times the tries (2 s x 5): the coroutine does not wait.
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 1.5)
+
+        asyncio.run(main())
+        threads = [t for t in threading.enumerate() if t.name.startswith("tap-")]
+        assert threads and all(t.daemon for t in threads)
+        assert wait_until(lambda: not any(t.is_alive() for t in threads) or _idle(executor), timeout=30)
+        connections = len(accepted)
+        executor.shutdown(wait=True)
+        assert len(accepted) == connections, "a cancelled call must not try again"
+
+
+def _idle(executor: DaemonExecutor) -> bool:
+    return executor._idle == len(executor._threads)
+
+
+def test_close_cancels_calls_in_flight_and_refuses_new_ones() -> None:
+    with silent_server() as (url, accepted):
+
+        async def main() -> None:
+            tap = TapClient(url, settings=QUICK, backoff=0.01)
+            task = asyncio.create_task(tap.run("SELECT 1 FROM ivoa.things"))
+            assert await asyncio.to_thread(wait_until, lambda: len(accepted) >= 1, timeout=30)
+            tap.close()
+            with pytest.raises(TapJobError, match="cancelled"):
+                await asyncio.wait_for(task, 30)
+            with pytest.raises(TapJobError, match="closed"):
+                await tap.run("SELECT 1 FROM ivoa.things")
+
+        asyncio.run(main())
+
+
+def test_every_request_gets_the_timeouts() -> None:
+    seen: list[object] = []
+
+    class Recording(TapHttpSession):
+        def send(self, request, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(kwargs.get("timeout"))
+            raise requests.ConnectionError("recorded")
+
+    session = Recording(7.0)
+    for timeout in (None, 3, 30.0, (1.0, 40.0)):
+        with pytest.raises(requests.ConnectionError):
+            session.get("http://127.0.0.1:9/x", timeout=timeout)
+    assert seen == [(7.0, 7.0), (7.0, 3.0), (7.0, 7.0), (1.0, 40.0)]
