@@ -11,7 +11,11 @@ Policy (AIMD, as TCP does for its congestion window):
 * **Shared pause.** A ``Retry-After`` pauses *new* requests of every worker until it has passed: the
   server asked the client, not one connection, to wait. Requests already streaming continue.
 * **Additive increase.** ``on_success()`` counts finished requests; every ``limit`` successes add
-  one to ``limit``, up to ``initial``. So recovery takes about one "round" of requests per step.
+  one to ``limit``, up to the ``ceiling`` (``initial`` unless retargeted). So recovery takes about
+  one "round" of requests per step.
+* **Retarget.** ``retarget(n)`` moves both the ceiling and the limit to ``n`` at once: the
+  ``--concurrency auto`` tuner (`engine.fetch.autotune`) steers the limit through it, while a 429 or
+  503 still halves the limit here, at once, whatever the tuner last asked for.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class AdaptiveLimiter:
         self.minimum = minimum
         self._clock = clock or SystemClock()
         self._limit = initial
+        self._ceiling = initial
         self._in_flight = 0
         self._successes = 0
         self._generation = 0
@@ -54,8 +59,37 @@ class AdaptiveLimiter:
         return self._limit
 
     @property
+    def ceiling(self) -> int:
+        """The most the additive increase may grow `limit` to."""
+        return self._ceiling
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot (more work than the limit lets through)."""
+        return len(self._waiters)
+
+    @property
+    def saturated(self) -> bool:
+        """Every slot is taken: the limit, not the supply of work, bounds the requests in flight."""
+        return self._in_flight >= self._limit
+
+    def retarget(self, limit: int) -> None:
+        """Set the ceiling and the limit to `limit` (at least `minimum`); wake waiters it lets in.
+
+        Requests already in flight above a lowered limit finish normally; no new one starts until
+        the count is below it again.
+        """
+        if limit < 1:
+            raise ValueError(f"AdaptiveLimiter retarget({limit}): must be at least 1")
+        limit = max(self.minimum, limit)
+        self._ceiling = limit
+        self._limit = limit
+        self._successes = 0
+        self._wake()
 
     @property
     def paused_for(self) -> float:
@@ -122,8 +156,8 @@ class AdaptiveLimiter:
             self._paused_until = max(self._paused_until, self._clock.monotonic() + retry_after)
 
     def on_success(self) -> None:
-        """A request completed normally: grow the limit by one per `limit` successes, up to `initial`."""
-        if self._limit >= self.initial:
+        """A request completed normally: grow the limit by one per `limit` successes, up to the ceiling."""
+        if self._limit >= self._ceiling:
             return
         self._successes += 1
         if self._successes >= self._limit:

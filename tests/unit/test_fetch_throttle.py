@@ -186,3 +186,42 @@ def test_backoff_is_full_jitter_capped_and_floored_by_retry_after() -> None:
     assert max(delays[:50]) <= 1.0  # first retry: within [0, initial]
     assert max(delays) > 4.0  # later retries widen up to backoff_max
     assert wait(state(1, HTTPStatusError(503, "busy", retry_after=30.0))) == 30.0
+
+
+def test_retarget_moves_the_ceiling_and_the_limit_and_bounds_the_recovery() -> None:
+    limiter = AdaptiveLimiter(8, clock=FakeClock())
+    limiter.retarget(20)
+    assert (limiter.limit, limiter.ceiling) == (20, 20)
+    limiter.on_overload(None)
+    assert limiter.limit == 10  # a 429/503 still halves at once
+    for _ in range(10 * 10 + 11 * 10):
+        limiter.on_success()
+    assert limiter.limit == 20  # recovered to the retargeted ceiling, not to `initial`
+    limiter.retarget(3)
+    assert (limiter.limit, limiter.ceiling) == (3, 3)
+    with pytest.raises(ValueError, match="retarget"):
+        limiter.retarget(0)
+
+
+def test_retarget_up_lets_waiting_requests_in_and_down_lets_running_ones_finish() -> None:
+    async def main() -> None:
+        limiter = AdaptiveLimiter(2, clock=FakeClock())
+        release = asyncio.Event()
+
+        async def request() -> None:
+            async with limiter.slot():
+                await release.wait()
+
+        tasks = [asyncio.create_task(request()) for _ in range(6)]
+        await asyncio.sleep(0)
+        assert (limiter.in_flight, limiter.waiting, limiter.saturated) == (2, 4, True)
+        limiter.retarget(5)
+        await asyncio.sleep(0)
+        assert (limiter.in_flight, limiter.waiting) == (5, 1)
+        limiter.retarget(1)
+        assert limiter.in_flight == 5  # nothing is cut off mid-transfer
+        release.set()
+        await asyncio.gather(*tasks)
+        assert (limiter.in_flight, limiter.waiting, limiter.saturated) == (0, 0, False)
+
+    asyncio.run(main())
