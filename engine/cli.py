@@ -712,7 +712,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-IO_THREADS = 4  # the event loop's default pool: plan pages and manifest batches, never network
+IO_THREADS = 2  # the event loop's default pool: plan pages, manifest batches, DNS; never a download
 _CLOSED_AT_START: set[int] = set()
 
 
@@ -769,46 +769,71 @@ def _say(line: str) -> None:
 
 
 def _exit_promptly(code: int) -> int:
-    """Make sure the process ends now with `code`.
+    """Make sure the process ends soon with `code`, whatever threads are left.
 
-    Threads that are not daemons (a verify worker in a long check, a library's pool) would otherwise
-    be joined at interpreter exit, which can wait for ever on a hung network call. They get a short
-    grace period; then the process exits without waiting. Streams are flushed first.
+    At exit the interpreter joins every thread that is not a daemon (thread pools included). One
+    stuck in a hung network call, or a library's pool that is never shut down, would hold the exit
+    for ever: a daemon watchdog ends the process `EXIT_GRACE_SECONDS` after this point if the
+    ordinary exit has not happened by then. Streams are flushed first.
     """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    deadline = time.monotonic() + EXIT_GRACE_SECONDS
-    for thread in threading.enumerate():
-        if thread is threading.current_thread() or thread.daemon:
-            continue
-        thread.join(max(deadline - time.monotonic(), 0))
-    if any(
-        t.is_alive() and not t.daemon and t is not threading.current_thread() for t in threading.enumerate()
-    ):
+
+    def watchdog() -> None:
+        time.sleep(EXIT_GRACE_SECONDS)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    try:
+        threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
+    except RuntimeError:  # no thread to spare (a tight ulimit): the work is done, end now
         logging.shutdown()
         os._exit(code)
     return code
 
 
-EXIT_GRACE_SECONDS = 2.0
+def _cap_malloc_arenas() -> None:
+    """Ask glibc for at most MALLOC_ARENAS malloc arenas, unless MALLOC_ARENA_MAX says otherwise.
+
+    glibc gives each thread that allocates its own arena, reserving 64 MiB of address space each
+    (up to 8 per core): with a dozen threads that is most of a run's address space, and what a
+    `ulimit -v` on a login node refuses (measured: 1.1 GB VmPeak by default, 0.4 GB with two arenas,
+    for a resident size of about 105 MB either way). Not glibc: nothing to do.
+    """
+    # numpy's OpenBLAS starts a thread and a buffer per core at import; tessmirror does no linear
+    # algebra, and under a tight `ulimit -v` OpenBLAS calls exit(1) when a buffer fails, lock held.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass  # another C library (musl): it has no per-thread arenas to cap
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+MALLOC_ARENAS = 2
+
+
+EXIT_GRACE_SECONDS = 3.0
 
 
 def _resource_error(err: BaseException) -> TessMirrorError | None:
-    """MemoryError and a failure to start a thread: this machine refused (exit 4), one line."""
-    from engine.exceptions import LocalError
+    """MemoryError, ENOMEM, a failure to start a thread: this machine refused (exit 4), one line."""
+    try:
+        from engine.manager import resource_error
+    except Exception:  # no memory left even to import: say it plainly
+        if isinstance(err, (MemoryError, RuntimeError, OSError)):
+            from engine.exceptions import LocalError
 
-    if isinstance(err, MemoryError):
-        return LocalError(
-            "out of memory (the process hit its memory or address-space limit)",
-            hint="raise `ulimit -v`, set MALLOC_ARENA_MAX=2, or lower --concurrency; run again to resume",
-        )
-    if isinstance(err, RuntimeError) and "can't start new thread" in str(err):
-        return LocalError(
-            "cannot start a thread (a process, memory or address-space limit was reached)",
-            hint="raise `ulimit -u`/`ulimit -v`, set MALLOC_ARENA_MAX=2, or lower --concurrency",
-        )
-    return None
+            return LocalError("out of memory or threads", hint="raise `ulimit -v`, or set MALLOC_ARENA_MAX=2")
+        return None
+    return resource_error(err)
 
 
 def _report(err: TessMirrorError) -> int:
@@ -858,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `tessmirror` command; returns its exit code (see the module docstring)."""
     _GATE.install()  # first thing: from here on, a signal is a graceful stop
     try:
+        _cap_malloc_arenas()  # before any thread starts
         _CLOSED_AT_START.update(_reopen_closed_std_fds())
         code = _dispatch(argv)
     except _Stopped:  # a signal between the handler and _dispatch's own try

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -258,6 +259,11 @@ def resource_error(err: BaseException) -> ResourceExhaustedError | None:
             "out of memory: the process reached its memory or address-space limit (ulimit -v)",
             hint="raise the limit, set MALLOC_ARENA_MAX=2, or lower --concurrency; run again to resume",
         )
+    if isinstance(err, OSError) and err.errno == errno.ENOMEM:
+        return ResourceExhaustedError(
+            f"out of memory: {err.strerror} (the process reached its memory or address-space limit)",
+            hint="raise `ulimit -v`, set MALLOC_ARENA_MAX=2, or lower --concurrency; run again to resume",
+        )
     if isinstance(err, RuntimeError) and "can't start new thread" in str(err):
         return ResourceExhaustedError(
             "cannot start a thread: the process reached a thread, memory or address-space limit",
@@ -354,7 +360,7 @@ class MirrorRun:
         """
         try:
             return await self._run()
-        except (MemoryError, RuntimeError) as err:
+        except (MemoryError, RuntimeError, OSError) as err:
             resource = resource_error(err)
             if resource is None:
                 raise
@@ -557,15 +563,10 @@ class MirrorRun:
                 result = await downloader.fetch(item, dest, relpath)
             except (LocalError, asyncio.CancelledError):
                 raise
-            except (MemoryError, RuntimeError) as err:
+            except Exception as err:  # a bug must cost one file, not the night's run
                 resource = resource_error(err)
                 if resource is not None:  # the machine, not this file: stop the run (exit 4)
                     raise resource from None
-                log.error("internal error while fetching %s: %s", item.filename, redact(repr(err)))
-                result = FileResult(
-                    item, FileStatus.FAILED, path=relpath, error=redact(f"internal error: {err}")
-                )
-            except Exception as err:  # a bug must cost one file, not the night's run
                 log.exception("internal error while fetching %s", item.filename)
                 result = FileResult(
                     item, FileStatus.FAILED, path=relpath, error=redact(f"internal error: {err}")
