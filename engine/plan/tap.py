@@ -62,7 +62,7 @@ T = TypeVar("T")
 
 FINAL_PHASES = frozenset({"COMPLETED", "ERROR", "ABORTED", "ARCHIVED"})
 URL_HINT = "check tap.url / --tap-url"
-BUSY_HINT = "the TAP service is failing or overloaded; try again later (tap.retries, tap.request_timeout)"
+BUSY_HINT = "the service is failing or overloaded: try again later, or raise tap.request_timeout"
 # An ERROR phase whose message says the query itself is wrong will fail the same way again. pyvo has
 # no exception type for this (an ERROR phase is always DALQueryError), so the server's text decides.
 _QUERY_FAULT = re.compile(

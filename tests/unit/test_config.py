@@ -225,6 +225,8 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
         ({"fetch.idle_timeout": -1}, "fetch.idle_timeout", "must be positive"),
         ({"tap.job_timeout": -5}, "tap.job_timeout", "must be positive"),
         ({"tap.poll_timeout": "soon"}, "tap.poll_timeout", "expected a number"),
+        ({"tap.request_timeout": 0}, "tap.request_timeout", "must be positive"),
+        ({"tap.request_timeout": "inf"}, "tap.request_timeout", "tap.request_timeout"),
         ({"tap.url": "ftp://mast/caom"}, "tap.url", "not an http(s) URL"),
         ({"tap.url": "https:" + "//"}, "tap.url", "not an http(s) URL"),
         ({"output.layout": "tree"}, "output.layout", "mast, sector, flat"),
@@ -268,3 +270,9 @@ def test_nothing_selected() -> None:
 def test_cameras_without_a_sector() -> None:
     err = config_error(None, {"selection.cameras": "1"})
     assert err.key == "selection.cameras" and "sector" in str(err)
+
+
+def test_the_tap_request_timeout_is_read_from_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[tap]\nrequest_timeout = 2.5\n"), SELECTED)
+    assert settings.tap.request_timeout == 2.5
+    assert load_settings(None, SELECTED).tap.request_timeout == 60.0  # the documented default
