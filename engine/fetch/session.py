@@ -13,11 +13,14 @@ so every redirect hop is judged on its own: a redirect to a third-party host nev
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import os
+import unicodedata
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 from yarl import URL
 
+from engine.exceptions import ConfigError
 from engine.redact import register_secret
 from engine.settings import MAST_TAP_URL, FetchSettings
 
@@ -51,6 +54,61 @@ def token_middleware(token: str, hosts: Iterable[str]) -> aiohttp.ClientMiddlewa
         return await handler(request)
 
     return add_token
+
+
+def _flaw(token: str) -> str | None:
+    """What is wrong with a token's characters (never quoting it), or None."""
+    if token != token.rstrip("\r\n"):
+        ending = "a carriage return (\\r)" if "\r" in token[len(token.rstrip("\r\n")) :] else "a newline"
+        return f"ends in {ending}"
+    if token != token.strip():
+        return "starts or ends with whitespace"
+    for position, char in enumerate(token, start=1):
+        if char.isspace() or unicodedata.category(char).startswith("C"):
+            return f"holds a space or control character (U+{ord(char):04X}) at character {position}"
+    return None
+
+
+def read_token(env_name: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The archive token from the environment variable `env_name` (`fetch.token_env`), or None.
+
+    Parameters
+    ----------
+    env_name
+        The variable's name; None or "" means no token is used.
+    environ
+        Where to look (default: `os.environ`).
+
+    Returns
+    -------
+    str or None
+        The token, registered with `engine.redact` so it never reaches a log; None when the variable
+        is unset or empty.
+
+    Raises
+    ------
+    ConfigError
+        ("fetch.token_env") when the value carries a newline, carriage return, surrounding whitespace
+        or a control character: an HTTP header cannot carry it, and every file would fail. The
+        message names the variable, never its value.
+    """
+    if not env_name:
+        return None
+    token = (os.environ if environ is None else environ).get(env_name)
+    if not token:
+        return None
+    flaw = _flaw(token)
+    if flaw is not None:
+        register_secret(token.strip())  # whatever happens next, the token itself is never shown
+        if flaw.startswith("ends in"):
+            hint = f"strip the newline: export {env_name}=$(tr -d '\\r\\n' < token.txt)"
+        else:
+            hint = f"set it to the token alone: export {env_name}=$(tr -d '[:space:][:cntrl:]' < token.txt)"
+        raise ConfigError(
+            "fetch.token_env", f"the token in the environment variable {env_name} {flaw}", hint=hint
+        )
+    register_secret(token)
+    return token
 
 
 def open_session(

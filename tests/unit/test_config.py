@@ -276,3 +276,45 @@ def test_the_tap_request_timeout_is_read_from_the_file(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "[tap]\nrequest_timeout = 2.5\n"), SELECTED)
     assert settings.tap.request_timeout == 2.5
     assert load_settings(None, SELECTED).tap.request_timeout == 60.0  # the documented default
+
+
+# -- the archive token (engine.fetch.session.read_token) ---------------------------------------------
+SECRET = "s3cr3t-T0KEN-value"
+
+
+@pytest.mark.parametrize(
+    ("value", "words", "fix"),
+    [
+        (SECRET + "\r", "ends in a carriage return", "tr -d '\\r\\n'"),
+        (SECRET + "\r\n", "ends in a carriage return", "tr -d '\\r\\n'"),
+        (SECRET + "\n", "ends in a newline", "tr -d '\\r\\n'"),
+        (SECRET + " ", "whitespace", "[:space:]"),
+        ("\t" + SECRET, "whitespace", "[:space:]"),
+        (SECRET[:4] + "\x07" + SECRET[4:], "control character (U+0007) at character 5", "[:cntrl:]"),
+        (SECRET[:4] + " " + SECRET[4:], "space", "[:space:]"),
+    ],
+    ids=["cr", "crlf", "lf", "trailing-space", "leading-tab", "bell", "inner-space"],
+)
+def test_a_token_with_a_newline_or_control_character_is_refused_naming_the_variable_only(
+    value: str, words: str, fix: str
+) -> None:
+    from engine.fetch.session import read_token
+
+    with pytest.raises(ConfigError) as info:
+        read_token("MAST_API_TOKEN", {"MAST_API_TOKEN": value})
+    err = info.value
+    assert err.key == "fetch.token_env" and err.exit_code == 2
+    assert "MAST_API_TOKEN" in err.message and words in err.message
+    assert err.hint is not None and fix in err.hint and "export MAST_API_TOKEN=" in err.hint
+    assert SECRET not in str(err) and SECRET[:8] not in str(err)
+
+
+def test_a_clean_token_is_returned_and_an_absent_one_is_none() -> None:
+    from engine.fetch.session import read_token
+    from engine.redact import redact
+
+    assert read_token("MAST_API_TOKEN", {"MAST_API_TOKEN": SECRET}) == SECRET
+    assert SECRET not in redact(f"Authorization: token {SECRET}")  # registered as a secret
+    assert read_token("MAST_API_TOKEN", {}) is None
+    assert read_token("MAST_API_TOKEN", {"MAST_API_TOKEN": ""}) is None
+    assert read_token(None, {"MAST_API_TOKEN": SECRET}) is None
