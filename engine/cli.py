@@ -891,10 +891,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if _GATE.received is not None:
             code = _GATE.exit_code
+        # The outcome is decided. The interpreter's finalization puts the default handlers back,
+        # and a signal then (a second Ctrl-C) would turn it into a death by signal: ignore them.
+        for sig in _GATE.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if _GATE.received is not None:
             _say(f"tessmirror: stopped by {_GATE.name}: run the same command again to resume")
         return _exit_promptly(code)
     except _Stopped:
-        return _GATE.exit_code
+        return _exit_promptly(_GATE.exit_code)
 
 
 if __name__ == "__main__":
