@@ -126,6 +126,7 @@ class ConcurrencyTuner:
         self.state = "probing"  # "probing": climbing; "holding": settled at the knee
         s = self.settings
         self._target = min(max(s.start, s.minimum), s.maximum)
+        self._first_target = self._target
         limiter.retarget(self._target)
         now = self._clock.monotonic()
         self._started = now
@@ -161,6 +162,17 @@ class ConcurrencyTuner:
     def rtt(self) -> float:
         """The path's round-trip time as seen in the time to first byte (a guess before any)."""
         return self._base_ttfb if self._base_ttfb is not None else self.settings.rtt_guess
+
+    def mean_limit(self) -> float:
+        """The connection count averaged over the time since the tuner started."""
+        end = self._clock.monotonic() - self._started
+        if end <= 0:
+            return float(self._target)
+        total, at, count = 0.0, 0.0, self._first_target
+        for step in self.steps:
+            total += count * (step.at - at)
+            at, count = step.at, step.after
+        return (total + count * (end - at)) / end
 
     # -- the loop ---------------------------------------------------------------------------------
     async def run(self) -> None:

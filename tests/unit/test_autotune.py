@@ -246,3 +246,14 @@ def test_run_samples_on_the_clock_until_cancelled() -> None:
         assert clock.now >= 5.0
 
     run(main())
+
+
+def test_mean_limit_weighs_each_count_by_the_time_it_was_in_force() -> None:
+    async def main() -> None:
+        async with Rig(Path(per_conn=100 * MB, link=50 * MB)) as rig:
+            await rig.drive(30)
+            (up, down) = rig.tuner.steps  # 8 until the first step, 16 until the second, then 8
+            expected = (8 * up.at + 16 * (down.at - up.at) + 8 * (30 - down.at)) / 30
+            assert rig.tuner.mean_limit() == pytest.approx(expected)
+
+    run(main())

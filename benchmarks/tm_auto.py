@@ -1,0 +1,118 @@
+"""`tessmirror fetch` with `--concurrency auto`, wired from outside the engine for the benchmarks.
+
+    python -m benchmarks.tm_auto --input PLAN --out DIR [--max-connections 32] [--start 8]
+                                 [--verify checksum] [--layout flat] [--no-fsync]
+
+The engine's CLI does not take `--concurrency auto` yet (the wiring into engine/manager.py,
+engine/cli.py and engine/settings.py is the lead's; see the report of the change that added
+engine/fetch/autotune.py). This driver builds the same run the CLI would (`load_settings`,
+`MirrorRun`) and adds exactly that wiring through MirrorRun's injection points:
+
+* every worker may run (``fetch.concurrency`` = ``fetch.per_host`` = max connections), and the
+  AdaptiveLimiter, steered by a ConcurrencyTuner, bounds the requests in flight;
+* the Downloader feeds the tuner the body bytes as they are written (``_absorb``) and the time from
+  sending each request to its response headers (``_open``).
+
+At the end it prints one line ``tuner: {json}`` with the connection count it settled on, the
+time-weighted mean count and every step, for benchmarks/wan.py to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from engine.cli import _run_loop
+from engine.config import load_settings
+from engine.exceptions import TessMirrorError
+from engine.fetch.autotune import DEFAULT_MAX_CONNECTIONS, DEFAULT_START, ConcurrencyTuner, TunerSettings
+from engine.fetch.download import Downloader
+from engine.manager import MirrorRun, summarize
+
+
+class TunedDownloader(Downloader):
+    """A Downloader that reports bytes and times to first byte to a ConcurrencyTuner."""
+
+    tuner: ConcurrencyTuner
+
+    async def _absorb(self, t, block) -> None:  # type: ignore[no-untyped-def]
+        self.tuner.add_bytes(len(block))
+        await super()._absorb(t, block)
+
+    async def _open(self, url, headers):  # type: ignore[no-untyped-def]
+        started = self._clock.monotonic()
+        response = await super()._open(url, headers)
+        self.tuner.add_first_byte(self._clock.monotonic() - started)
+        return response
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tm_auto", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, required=True, help="an ECSV plan or a URL list")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    parser.add_argument("--start", type=int, default=DEFAULT_START)
+    parser.add_argument("--verify", default="checksum", choices=("size", "checksum", "fits"))
+    parser.add_argument("--layout", default="flat", choices=("mast", "sector", "flat"))
+    parser.add_argument("--no-fsync", action="store_true")
+    ns = parser.parse_args(argv)
+    cap = ns.max_connections
+    try:
+        tuning = TunerSettings(start=ns.start, maximum=cap)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        settings = load_settings(
+            None,
+            {
+                "selection.urls_file": ns.input,
+                "output.out_dir": ns.out,
+                "output.layout": ns.layout,
+                "output.fsync": not ns.no_fsync,
+                "verify.level": ns.verify,
+                "fetch.concurrency": cap,
+                "fetch.per_host": cap,
+            },
+        )
+    except TessMirrorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    holder: dict[str, ConcurrencyTuner] = {}
+    tasks: list[asyncio.Task] = []
+
+    def downloader_factory(*args, **kwargs) -> Downloader:  # type: ignore[no-untyped-def]
+        downloader = TunedDownloader(*args, **kwargs)
+        tuner = ConcurrencyTuner(kwargs["throttle"], tuning, clock=kwargs["clock"])
+        downloader.tuner = tuner
+        holder["tuner"] = tuner
+        tasks.append(asyncio.get_running_loop().create_task(tuner.run(), name="tuner"))
+        return downloader
+
+    run = MirrorRun(settings, downloader_factory=downloader_factory, collect_results=False)
+    outcome = _run_loop(run.run())
+    for line in summarize(outcome):
+        print(line)
+    tuner = holder.get("tuner")
+    if tuner is not None:
+        steps = [
+            {
+                "at": round(s.at, 2),
+                "from": s.before,
+                "to": s.after,
+                "mb_s": round(s.rate / 1e6, 2),
+                "why": s.reason,
+            }
+            for s in tuner.steps
+        ]
+        print(
+            "tuner: "
+            + json.dumps({"settled": tuner.limit, "mean": round(tuner.mean_limit(), 1), "steps": steps})
+        )
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
