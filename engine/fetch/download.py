@@ -60,7 +60,7 @@ from engine.exceptions import (
     UnsafeRedirectError,
 )
 from engine.fetch.bandwidth import TokenBucket
-from engine.fetch.partfile import PartFile
+from engine.fetch.partfile import DirCache, PartFile
 from engine.fetch.retry import parse_retry_after, retrying
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
@@ -196,12 +196,19 @@ class Downloader:
         self._fsync = fsync
         self._part_file = part_file
         self._estimate_warned = False
+        self._dirs = DirCache()  # descriptors of the folders files go to (never path facts)
+
+    def close(self) -> None:
+        """Close the cached folder descriptors (also done when the Downloader is garbage collected)."""
+        self._dirs.close()
 
     # -- the public call ---------------------------------------------------------------------------
     async def fetch(self, item: PlanItem, dest: Path, relpath: str) -> FileResult:
         """Download `item` to `dest` (already checked to lie inside the output folder)."""
         started = self._clock.monotonic()
-        part = self._part_file(dest.with_name(dest.name + ".part"), root=_root_of(dest, relpath))
+        part = self._part_file(
+            dest.with_name(dest.name + ".part"), root=_root_of(dest, relpath), cache=self._dirs
+        )
         check = StreamCheck(
             item,
             self._level,
@@ -285,14 +292,14 @@ class Downloader:
         """The FITS check, then (only if it passed) fsync and rename, in one thread hop: a mirror of
         small files pays per hop, not per byte.
 
-        verify_fits reads the part by path, so the part's folder is first proven to be still the one
-        it was written in (not moved, not swapped for a symlink): the check reads our bytes only.
+        verify_fits reads the part through its folder's descriptor (`PartFile.read_path`), so a
+        folder swapped for a symlink meanwhile cannot make it read other bytes than ours.
         """
         try:
-            t.part.check_in_place()
+            reading = t.part.read_path()
         except OSError as exc:
             raise local_error(exc, t.part.path) from exc
-        verify_fits(t.part.path)
+        verify_fits(reading)
         try:
             t.part.commit(t.dest, fsync=self._fsync)
         except OSError as exc:

@@ -15,17 +15,22 @@ folder, a final name pre-planted as a symlink. Path-based calls (`open(path)`, `
   part is reused and truncated (today's behaviour: restarted, not resumed across runs);
 * commit is fsync + ``os.rename(part, final, src_dir_fd=fd, dst_dir_fd=fd)``: a final name that is a
   symlink is replaced, never followed; a final name that is a directory is refused;
-* a directory can still be *moved* while its descriptor is held (a rename is not a symlink), so
-  `PartFile.check_in_place` walks the path again and compares the device/inode with the descriptor;
-  the Downloader calls it before the FITS check reads the part and right after the rename, and a
-  file whose folder was moved or replaced is removed and recorded as failed, never left elsewhere.
+* a directory can still be *moved* while its descriptor is held (a rename is not a symlink), so after
+  the rename `PartFile.commit` walks the path again and compares device/inode with the descriptor: a
+  file whose folder was moved away or replaced meanwhile is removed and recorded as failed, never
+  left elsewhere;
+* the FITS check reads the part through its folder's descriptor (`PartFile.read_path`,
+  ``/proc/self/fd/<dir fd>/NAME``), never through the path under --out.
 
 Only the output folder itself is opened by path (following links): the user chose it, and it may
 well be a symlink to a scratch filesystem. No fact about a path ("was a real directory") is cached:
-paths can be swapped at any time; a descriptor cannot.
+paths can be swapped at any time. `DirCache` keeps *descriptors* of folders already entered (opened
+with O_NOFOLLOW | O_DIRECTORY, bounded LRU, closed on eviction and by `close`): a descriptor stays
+bound to its folder whatever happens to the path, and the check after the rename catches a folder
+that was moved since (its cached descriptor is then dropped).
 
-Costs (2,000 small files in a 4-level tree, see the report in the commit log): three walks of a few
-``openat`` calls per file, ~15 us per walk of six levels on ext4, small next to one fsync.
+Cost per file (2,000 files of 8 kB in a 4-level tree on tmpfs, path handling only, no fsync): see
+the figures in the commit that added the cache; one cached open, one walk after the rename.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import contextlib
 import errno
 import os
 import stat
+import threading
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 from engine.exceptions import UnsafePathError
@@ -47,6 +55,7 @@ _FRESH_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
 _REUSE_FLAGS = os.O_WRONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
 _DIR_MODE = 0o777  # narrowed by the umask, as mkdir(1) does
 _FILE_MODE = 0o644
+_PROC_FD = Path("/proc/self/fd")  # Linux: a folder's descriptor as a path prefix
 _SYMLINK_ERRNOS = frozenset({errno.ELOOP, errno.EMLINK})  # FreeBSD says EMLINK for O_NOFOLLOW
 _HINT = (
     "tessmirror never writes through a symlink or into a non-directory under --out; "
@@ -82,13 +91,14 @@ def open_root(root: Path) -> int:
         return os.open(root, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
 
 
-def walk(root: Path, parts: tuple[str, ...], *, create: bool) -> int:
+def walk(root: Path, parts: tuple[str, ...], *, create: bool, start: int = -1) -> int:
     """Open `root/parts...` one component at a time without following any symlink; return its fd.
 
     Missing directories are created when `create` is true (FileNotFoundError otherwise). A component
-    that is a symlink or not a directory raises UnsafePathError. The caller owns the returned fd.
+    that is a symlink or not a directory raises UnsafePathError. `start`, when given, is a descriptor
+    of `root` that the walk takes over (closes). The caller owns the returned fd.
     """
-    fd = open_root(root)
+    fd = open_root(root) if start < 0 else start
     for depth, name in enumerate(parts):
         fd = _enter(fd, name, root, parts[: depth + 1], create=create)  # consumes (closes) fd
     return fd
@@ -142,19 +152,109 @@ def _remove_dir(dir_fd: int, name: str, where: Path) -> None:
         raise _unsafe(where, f"it is a directory ({err.strerror}); remove it by hand") from None
 
 
+def _close_all(fds: OrderedDict[tuple[str, tuple[str, ...]], int]) -> None:
+    while fds:
+        os.close(fds.popitem()[1])
+
+
+class DirCache:
+    """Descriptors of folders already entered under the output folder, keyed by relative path.
+
+    Bounded (least recently used first out), thread-safe, and handing out *duplicates*, so an
+    eviction never closes a descriptor another thread is using. Closed by `close()`, or when garbage
+    collected. Only descriptors are kept, never the fact that a path was a real folder.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = max(size, 1)
+        self._fds: OrderedDict[tuple[str, tuple[str, ...]], int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def _get(self, key: tuple[str, tuple[str, ...]]) -> int:
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                return -1
+            self._fds.move_to_end(key)
+            return os.dup(fd)  # under the lock: an eviction cannot close it first
+
+    def _put(self, key: tuple[str, tuple[str, ...]], fd: int) -> None:
+        with self._lock:
+            if key in self._fds:
+                return  # another thread walked there too; keep the first
+            self._fds[key] = os.dup(fd)
+            while len(self._fds) > self._size:
+                os.close(self._fds.popitem(last=False)[1])
+
+    def root(self, root: Path) -> int:
+        """A new descriptor of the output folder (opened by path once, then duplicated)."""
+        key = (str(root), ())
+        fd = self._get(key)
+        if fd < 0:
+            fd = open_root(root)
+            self._put(key, fd)
+        return fd
+
+    def open(self, root: Path, parts: tuple[str, ...]) -> int:
+        """A new descriptor of `root/parts` (created if missing), walked without following links.
+
+        The walk starts from the deepest folder already held (a new target's folder in the mast
+        layout costs one or two `openat`, not six) and keeps each folder it enters.
+        """
+        base = str(root)
+        depth = len(parts)
+        fd = self._get((base, parts)) if parts else -1
+        while fd < 0 and depth > 0:
+            depth -= 1
+            fd = self._get((base, parts[:depth])) if depth else -1
+        if fd < 0:
+            fd = self.root(root)
+        while depth < len(parts):
+            fd = _enter(fd, parts[depth], root, parts[: depth + 1], create=True)  # consumes fd
+            depth += 1
+            self._put((base, parts[:depth]), fd)
+        return fd
+
+    def forget(self, root: Path, parts: tuple[str, ...]) -> None:
+        """Drop the descriptors of `root/parts`, of the folders above it and of those below it: one
+        of them was moved, replaced or removed (the check cannot tell which). The root stays."""
+        base = str(root)
+        with self._lock:
+            stale = [
+                key
+                for key in self._fds
+                if key[0] == base
+                and key[1]
+                and (key[1] == parts[: len(key[1])] or key[1][: len(parts)] == parts)
+            ]
+            for key in stale:
+                os.close(self._fds.pop(key))
+
+    def close(self) -> None:
+        """Close every cached descriptor (the cache stays usable; it refills on demand)."""
+        with self._lock:
+            _close_all(self._fds)
+
+
 class PartFile:
     """`<dest>.part`, written through a descriptor of its directory. Blocking: run it in threads.
 
     `path` is the part's path (for messages; it is never opened by path) and must lie lexically under
-    `root`, the output folder (default: the part's own folder, no walk). Tests substitute a subclass
-    (e.g. one whose `write` fails with ENOSPC) through `Downloader(part_file=...)`.
+    `root`, the output folder (default: the part's own folder, no walk). `cache` shares folder
+    descriptors between files (the Downloader passes one). Tests substitute a subclass (e.g. one
+    whose `write` fails with ENOSPC) through `Downloader(part_file=...)`.
     """
 
-    def __init__(self, path: Path, *, root: Path | None = None) -> None:
+    def __init__(self, path: Path, *, root: Path | None = None, cache: DirCache | None = None) -> None:
         self.path = path
         self.root = path.parent if root is None else root
         self.dirs: tuple[str, ...] = path.parent.relative_to(self.root).parts
         self.name = path.name
+        self._cache = cache
         self._fd = -1
         self._dir_fd = -1
 
@@ -162,8 +262,19 @@ class PartFile:
     def open(self) -> None:
         """Enter (creating) the part's directory safely and open an empty part file in it."""
         self.close()
-        self._dir_fd = walk(self.root, self.dirs, create=True)
-        self._fd = self._open_part()
+        if self._cache is None:
+            self._dir_fd = walk(self.root, self.dirs, create=True)
+            self._fd = self._open_part()
+            return
+        self._dir_fd = self._cache.open(self.root, self.dirs)
+        try:
+            self._fd = self._open_part()
+        except FileNotFoundError:
+            # The cached folder was removed since (e.g. the user cleaned the mirror): walk afresh.
+            self._close_dir()
+            self._cache.forget(self.root, self.dirs)
+            self._dir_fd = self._cache.open(self.root, self.dirs)
+            self._fd = self._open_part()
 
     def _open_part(self) -> int:
         for _ in range(4):  # each round removes one planted entry; a persistent attacker gets refused
@@ -215,21 +326,39 @@ class PartFile:
         os.lseek(self._fd, 0, os.SEEK_SET)
 
     # -- finishing ---------------------------------------------------------------------------------
+    def read_path(self) -> Path:
+        """A path that reads this part through its folder's descriptor, whatever happened to the
+        path under --out since (Linux: ``/proc/self/fd/<fd>/NAME``; its `.name` is the part's name,
+        for messages). Elsewhere: the part's path, after `check_in_place`."""
+        if _PROC_FD.is_dir():
+            return _PROC_FD / str(self._dir_fd) / self.name
+        self.check_in_place()
+        return self.path
+
     def check_in_place(self) -> None:
         """Raise UnsafePathError unless the held directory is still the one at its path under root.
 
-        A folder moved away or replaced by a symlink since `open` would otherwise receive the file
-        (or, for a path-based reader, send it reading elsewhere).
+        A folder moved away or replaced by a symlink since `open` would otherwise receive the file.
         """
+        start = self._cache.root(self.root) if self._cache is not None else -1
         try:
-            fresh = walk(self.root, self.dirs, create=False)
+            fresh = walk(self.root, self.dirs, create=False, start=start)
         except FileNotFoundError:
+            self._forget()
             raise _unsafe(self.path.parent, "the folder was moved away during the download") from None
+        except UnsafePathError:
+            self._forget()
+            raise
         try:
             if not same_file(fresh, self._dir_fd):
+                self._forget()
                 raise _unsafe(self.path.parent, "the folder was replaced during the download")
         finally:
             os.close(fresh)
+
+    def _forget(self) -> None:
+        if self._cache is not None:
+            self._cache.forget(self.root, self.dirs)
 
     def commit(self, dest: Path, *, fsync: bool) -> None:
         """Make the bytes durable (optionally), close, and atomically rename to `dest` (same folder).

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.exceptions import UnsafePathError
-from engine.fetch.partfile import PartFile, walk
+from engine.fetch.partfile import DirCache, PartFile, walk
 
 DATA = b"SIMPLE  =                    T" + b"\0" * 2850
 VICTIM_BYTES = b"the victim's precious bytes\n"
@@ -51,16 +51,16 @@ def assert_outside_untouched(world: dict[str, Path]) -> None:
     assert snapshot(world["sentinel"]) == {"keep.txt": b"keep"}
 
 
-def part_for(out: Path, relpath: str) -> tuple[PartFile, Path]:
+def part_for(out: Path, relpath: str, cache: DirCache | None = None) -> tuple[PartFile, Path]:
     dest = out.joinpath(*relpath.split("/"))
-    return PartFile(dest.with_name(dest.name + ".part"), root=out), dest
+    return PartFile(dest.with_name(dest.name + ".part"), root=out, cache=cache), dest
 
 
-def write_file(out: Path, relpath: str, data: bytes = DATA) -> Path:
-    part, dest = part_for(out, relpath)
+def write_file(out: Path, relpath: str, data: bytes = DATA, cache: DirCache | None = None) -> Path:
+    part, dest = part_for(out, relpath, cache)
     part.open()
     part.write(data)
-    part.check_in_place()
+    assert Path(part.read_path()).read_bytes() == data
     part.commit(dest, fsync=True)
     return dest
 
@@ -256,3 +256,72 @@ def test_a_folder_replaced_by_another_real_folder_mid_download_is_refused(world:
         part.commit(dest, fsync=False)
     part.discard()
     assert list((out / "s0001").iterdir()) == [] and list((world["tmp"] / "away").iterdir()) == []
+
+
+def test_the_fits_check_reads_the_part_through_its_folder_descriptor(world: dict[str, Path]) -> None:
+    out = world["out"]
+    part, _ = part_for(out, "s0001/a_lc.fits")
+    part.open()
+    part.write(DATA)
+    (out / "s0001").rename(world["tmp"] / "away")
+    decoy = world["tmp"] / "decoy"
+    decoy.mkdir()
+    (decoy / "a_lc.fits.part").write_bytes(b"an attacker's file")
+    (out / "s0001").symlink_to(decoy)
+    reading = part.read_path()
+    assert reading.name == "a_lc.fits.part"  # what error messages show
+    assert Path(reading).read_bytes() == DATA
+    part.discard()
+
+
+# -- the descriptor cache ------------------------------------------------------------------------------
+def test_the_cache_keeps_descriptors_not_facts_a_swapped_folder_is_refused(world: dict[str, Path]) -> None:
+    out = world["out"]
+    cache = DirCache()
+    write_file(out, "tid/s0001/a_lc.fits", cache=cache)
+    write_file(out, "tid/s0001/0000/z_lc.fits", cache=cache)
+    assert len(cache) == 4  # the root, tid, tid/s0001 and tid/s0001/0000
+    (out / "tid" / "s0001").rename(world["tmp"] / "moved")
+    (out / "tid" / "s0001").symlink_to(world["sentinel"])
+    # The cached descriptor still points at the moved folder: the file is written there, then the
+    # check after the rename finds the path changed, takes it back out and drops the descriptor.
+    with pytest.raises(UnsafePathError, match="it is a symlink"):
+        write_file(out, "tid/s0001/b_lc.fits", cache=cache)
+    assert sorted(os.listdir(world["tmp"] / "moved")) == ["0000", "a_lc.fits"]
+    assert os.listdir(world["tmp"] / "moved" / "0000") == ["z_lc.fits"]
+    assert len(cache) == 1  # the folders on that path and below it dropped; only the root kept
+    with pytest.raises(UnsafePathError, match="it is a symlink"):  # walked afresh: refused at once
+        write_file(out, "tid/s0001/c_lc.fits", cache=cache)
+    with pytest.raises(UnsafePathError, match="it is a symlink"):
+        write_file(out, "tid/s0001/0000/d_lc.fits", cache=cache)
+    assert_outside_untouched(world)
+    cache.close()
+    assert len(cache) == 0
+
+
+def test_a_cached_folder_removed_meanwhile_is_made_again(world: dict[str, Path]) -> None:
+    import shutil
+
+    out = world["out"]
+    cache = DirCache()
+    write_file(out, "s0001/a_lc.fits", cache=cache)
+    shutil.rmtree(out / "s0001")
+    assert write_file(out, "s0001/b_lc.fits", cache=cache).read_bytes() == DATA
+    cache.close()
+
+
+def test_the_cache_is_bounded_and_evicts_the_least_recently_used(world: dict[str, Path]) -> None:
+    out = world["out"]
+    cache = DirCache(size=2)
+    for name in ("a", "b", "c"):
+        write_file(out, f"{name}/x_lc.fits", cache=cache)
+    assert len(cache) == 2
+    assert all((out / n / "x_lc.fits").read_bytes() == DATA for n in "abc")
+    cache.close()
+
+
+def test_the_cache_serves_files_right_in_the_output_folder(world: dict[str, Path]) -> None:
+    cache = DirCache()
+    for name in ("a_lc.fits", "b_lc.fits"):
+        assert write_file(world["out"], name, cache=cache).read_bytes() == DATA
+    cache.close()
