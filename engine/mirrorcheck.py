@@ -1,10 +1,14 @@
 """Whole-mirror verification: `tessmirror verify --out DIR [--level ...] [--repair]`.
 
 Every file whose last manifest record is "verified" is checked again on disk (size, md5, FITS
-checksums, as deep as `level` asks) in a small thread pool; files under the mirror that no record
-names are reported as "unexpected". With `repair=True` each bad file is moved aside to
-`<state_dir>/quarantine/<relpath>` (never deleted: it may be the only copy someone has) and its URL
-gets a "pending" record, so the next run downloads it again.
+checksums, as deep as `level` asks) in a small thread pool. A URL whose last record is not "verified"
+(failed, pending: e.g. a `--repair` whose download failed) is reported as "missing": the mirror does
+not hold it. Files under the mirror that no record names are reported as "unexpected".
+
+With `repair=True` each bad file is moved aside to `<state_dir>/quarantine/<relpath>` (never deleted:
+it may be the only copy someone has) and its URL gets a "pending" record, so the next run downloads
+it again; unexpected files are moved to the quarantine too. `MirrorReport.intact` then says whether
+the mirror matches its manifest without a download (the CLI exits 0 when it does, 1 when not).
 
 With `repair=True` the check takes the output's RunLock (the manifest has one writer at a time, and
 a run must not write files while they are moved), unless the caller says it holds it already.
@@ -41,9 +45,11 @@ from engine.exceptions import (
     SizeMismatchError,
     UnsafePathError,
     UsageError,
+    local_error_from_oserror,
 )
 from engine.layout import resolve_within
-from engine.manifest import Manifest, ManifestEntry, RunLock
+from engine.lock import STATE_DIR_NAME, RunLock
+from engine.manifest import Manifest, ManifestEntry
 from engine.models import VerifyLevel
 from engine.redact import redact
 
@@ -63,14 +69,30 @@ class MirrorProblem:
     path: str  # relative to the mirror root, POSIX separators
     url: str  # "" for unexpected files
     detail: str
+    resolved: bool = False  # fixed by the check itself (an unexpected file moved to the quarantine)
 
 
 @dataclass(slots=True)
 class MirrorReport:
+    """What `check_mirror` found and did.
+
+    `intact` is the verdict: True when the mirror now matches its manifest, i.e. nothing was wrong,
+    or (with repair) the only problems were unexpected files, now in the quarantine. False means
+    files must be downloaded again (`to_download` of them are marked pending).
+    """
+
     checked: int = 0  # files the manifest says are verified, checked again
     ok: int = 0
     problems: list[MirrorProblem] = field(default_factory=list)
-    quarantined: list[str] = field(default_factory=list)  # where bad files were moved (absolute paths)
+    quarantined: list[str] = field(default_factory=list)  # where files were moved (absolute paths)
+    # URLs whose last record says "pending" after the check: found so, or so marked by this repair.
+    # The CLI's `--repair` (or the next run) downloads them.
+    to_download: int = 0
+
+    @property
+    def intact(self) -> bool:
+        """True when no problem is left that only a download can fix."""
+        return all(problem.resolved for problem in self.problems)
 
 
 def _classify(err: IntegrityError, path: Path, expected: int) -> str:
@@ -175,14 +197,21 @@ def _iter_files(root: Path, skip_dirs: set[tuple[int, int]]) -> Iterator[tuple[s
             continue  # removed while we walked
 
 
-def _quarantine(root: Path, state_dir: Path, relpath: str) -> Path | None:
-    """Move a bad file to <state_dir>/quarantine/<relpath> (a numbered name if taken). None if gone."""
-    source = resolve_within(root, relpath)
-    if not source.exists():
+def _quarantine(root: Path, state_dir: Path, relpath: str, *, follow: bool = True) -> Path | None:
+    """Move a bad file to <state_dir>/quarantine/<relpath> (a numbered name if taken). None if gone.
+
+    `follow=False`: the last component may be a symlink; the link itself is moved, never its target.
+    """
+    if follow:
+        source = resolve_within(root, relpath)
+    else:
+        parent, _, name = relpath.rpartition("/")
+        source = (resolve_within(root, parent) if parent else root) / name
+    if not (source.exists() if follow else os.path.lexists(source)):
         return None
     target = resolve_within(state_dir / QUARANTINE_DIR, relpath)
     candidate, number = target, 0
-    while candidate.exists():  # never overwrite an earlier quarantined copy
+    while os.path.lexists(candidate):  # never overwrite an earlier quarantined copy
         number += 1
         candidate = target.with_name(f"{target.name}.{number}")
     try:
@@ -194,6 +223,8 @@ def _quarantine(root: Path, state_dir: Path, relpath: str) -> Path | None:
             path=source,
             hint="run verify --repair as the user who owns the mirror",
         ) from err
+    except OSError as err:
+        raise local_error_from_oserror(err, source, f"move to {candidate}") from err
     return candidate
 
 
@@ -208,22 +239,34 @@ def check_mirror(
     workers: int = 2,
     progress_interval: float = 2.0,
     lock_held: bool = False,
+    move_unexpected: bool = True,
 ) -> MirrorReport:
     """Check every verified file of the mirror again, and look for files no record names.
 
     `layout_root` is where the manifest's relative paths live (default: `out_dir`); it is also the
     tree searched for unexpected files, skipping the state directory and `*.part` files.
     `progress(done, total)` is called at the start, every `progress_interval` seconds and at the end.
-    With `repair=True` the RunLock of `manifest.state_dir` is taken unless `lock_held` says the
-    caller holds it (RunLockedError, exit 4, while a run is using the mirror).
+    With `repair=True` the RunLock of `out_dir` (and of `manifest.state_dir`) is taken unless
+    `lock_held` says the caller holds it (RunLockedError, exit 4, while a run is using the mirror);
+    unexpected files are moved to the quarantine unless `move_unexpected=False` (then they stay,
+    reported, and the mirror is not `intact`).
     """
     out_dir = Path(out_dir)
     root = Path(layout_root) if layout_root is not None else out_dir
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory", hint="pass the --out folder of an earlier run")
     level = VerifyLevel.parse(level)
-    with RunLock(manifest.state_dir) if repair and not lock_held else contextlib.nullcontext():
-        return _check(root, manifest, level, repair, progress, max(int(workers), 1), progress_interval)
+    lock = RunLock(manifest.state_dir, out_dir=out_dir) if repair and not lock_held else None
+    with lock if lock is not None else contextlib.nullcontext():
+        skip = [manifest.state_dir, out_dir / STATE_DIR_NAME]  # our own files (lock, quarantine)
+        report = _check(
+            root, manifest, level, repair, progress, max(int(workers), 1), progress_interval, skip
+        )
+        if repair and move_unexpected:  # after the walk: moving files while walking could hide some
+            for problem in report.problems:
+                if problem.kind == "unexpected":
+                    _quarantine_unexpected(root, manifest.state_dir, problem, report)
+        return report
 
 
 def _check(
@@ -234,6 +277,7 @@ def _check(
     progress: Callable[[int, int], None] | None,
     workers: int,
     progress_interval: float,
+    skip: list[Path],
 ) -> MirrorReport:
     report = MirrorReport()
     latest, total = _latest_mask(manifest)
@@ -271,7 +315,16 @@ def _check(
             if entry.path:
                 expected += _digest(entry.path)
             if entry.status != "verified":
-                continue  # still to do: the next run handles it
+                # Not in the mirror: failed, or still to do (e.g. a repair whose download failed).
+                report.problems.append(_not_downloaded(entry))
+                if entry.status == "pending":
+                    report.to_download += 1
+                elif repair:
+                    bad.append((report.problems[-1], entry))  # marked pending, so a run fetches it
+                    if len(bad) >= _REPAIR_BATCH:
+                        _repair(root, manifest, bad, report)
+                        bad.clear()
+                continue
             in_flight.append((pool.submit(_check_one, root, entry, level), entry))
             if len(in_flight) >= 4 * workers:
                 collect(*in_flight.popleft())
@@ -286,11 +339,11 @@ def _check(
 
     expected_paths = _PathSet(expected)
     del expected
-    state_dir = manifest.state_dir
     skip_dirs: set[tuple[int, int]] = set()
-    if state_dir.is_dir():
-        stat = state_dir.stat()
-        skip_dirs.add((stat.st_dev, stat.st_ino))
+    for directory in skip:
+        with contextlib.suppress(OSError):
+            stat = directory.stat()
+            skip_dirs.add((stat.st_dev, stat.st_ino))
     walked: list[str] = []
     for relpath, _path in _iter_files(root, skip_dirs):
         walked.append(relpath)
@@ -301,9 +354,32 @@ def _check(
     return report
 
 
+def _not_downloaded(entry: ManifestEntry) -> MirrorProblem:
+    why = f"not in the mirror: its last record is {entry.status!r}"
+    if entry.error:
+        why += f" ({redact(entry.error)})"
+    return MirrorProblem("missing", entry.path, entry.url, why)
+
+
 def _report_unexpected(relpaths: list[str], report: MirrorReport) -> None:
     for relpath in relpaths:
         report.problems.append(MirrorProblem("unexpected", relpath, "", "no manifest record names this file"))
+
+
+def _quarantine_unexpected(root: Path, state_dir: Path, problem: MirrorProblem, report: MirrorReport) -> None:
+    """Move an unexpected file (or symlink: never followed) to the quarantine; mark it resolved."""
+    try:
+        moved = _quarantine(root, state_dir, problem.path, follow=False)
+    except UnsafePathError as err:  # its folder is no longer inside the mirror: leave it, say why
+        problem.detail += f"; not moved: {err.message}"
+        return
+    if moved is None:
+        problem.detail += "; it has gone since"
+    else:
+        report.quarantined.append(str(moved))
+        problem.detail += f"; moved to {moved}"
+        log.warning("quarantined the unexpected file %s to %s", problem.path, moved)
+    problem.resolved = True
 
 
 def _repair(
@@ -315,6 +391,7 @@ def _repair(
     replaced, whereas a file moved away while the manifest still said "verified" would never come back.
     """
     now = time.time()
+    report.to_download += len(bad)
     manifest.append_entries(
         replace(entry, status="pending", error=redact(f"verify: {problem.kind}: {problem.detail}"), time=now)
         for problem, entry in bad

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,7 @@ def build_mirror(tmp_path: Path) -> tuple[Path, Manifest, dict[str, ManifestEntr
             level="fits",
             time=1.0,
         )
-    # A record that is no longer verified is to-do, not checked; its path is not "unexpected" either.
-    failed = ManifestEntry(
-        url="https://archive.example.org/failed.fits", path="misc/failed.fits", status="failed"
-    )
-    (out / "misc").mkdir()
-    (out / "misc" / "failed.fits").write_bytes(b"left over")
-    manifest.append_entries([*entries.values(), failed])
+    manifest.append_entries(entries.values())
     return out, manifest, entries
 
 
@@ -88,6 +83,7 @@ def test_a_clean_mirror_reports_no_problems(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     report = check_mirror(out, manifest, level=VerifyLevel.FITS, progress=lambda d, t: calls.append((d, t)))
     assert (report.checked, report.ok, report.problems, report.quarantined) == (4, 4, [], [])
+    assert report.intact
     assert calls[0] == (0, 4)
     assert calls[-1] == (4, 4)
 
@@ -104,7 +100,9 @@ def test_damage_is_classified(tmp_path: Path) -> None:
         "stray.fits": "unexpected",
     }
     assert report.quarantined == []
+    assert not report.intact
     assert (out / NAMES["flipped"]).exists()  # no repair: nothing moved
+    assert (out / "stray.fits").exists()
 
 
 def test_fits_level_finds_corruption_without_a_recorded_md5(tmp_path: Path) -> None:
@@ -125,12 +123,18 @@ def test_repair_quarantines_bad_files_and_marks_them_pending(tmp_path: Path) -> 
 
     quarantine = manifest.state_dir / "quarantine"
     assert sorted(report.quarantined) == sorted(
-        str((quarantine / NAMES[k]).resolve()) for k in ("flipped", "truncated")
+        [
+            *(str((quarantine / NAMES[k]).resolve()) for k in ("flipped", "truncated")),
+            str(quarantine / "stray.fits"),
+        ]
     )
     assert (quarantine / NAMES["flipped"]).read_bytes() == flipped_bytes  # moved, never deleted
     assert not (out / NAMES["flipped"]).exists()
     assert not (out / NAMES["truncated"]).exists()
-    assert (out / "stray.fits").exists()  # unexpected files are reported, not touched
+    # Unexpected files are reported and moved to the quarantine as well (never deleted).
+    assert not (out / "stray.fits").exists()
+    assert (quarantine / "stray.fits").read_bytes() == b"not ours"
+    assert report.to_download == 3 and not report.intact  # three files must be downloaded again
 
     loaded = manifest.load()
     for key in ("flipped", "truncated", "deleted"):
@@ -141,11 +145,16 @@ def test_repair_quarantines_bad_files_and_marks_them_pending(tmp_path: Path) -> 
     assert loaded[entries["good"].url].status == "verified"
     assert manifest.verified_urls() == {entries["good"].url}
 
-    # A second check sees only the still-pending URLs as to-do: nothing left to complain about
-    # except the stray file; the quarantine (inside the state dir) is not "unexpected".
+    # Until they are downloaded, a second check reports the pending files as missing (a repair
+    # whose download failed is not a whole mirror); the quarantine (in the state dir) is not
+    # "unexpected", and nothing is marked pending twice.
+    lines = manifest.path.read_bytes().count(b"\n")
     again = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
     assert (again.checked, again.ok) == (1, 1)
-    assert by_path(again) == {"stray.fits": "unexpected"}
+    assert by_path(again) == {NAMES[k]: "missing" for k in ("flipped", "truncated", "deleted")}
+    assert all("last record is 'pending'" in p.detail for p in again.problems)
+    assert (again.to_download, again.intact) == (3, False)
+    assert manifest.path.read_bytes().count(b"\n") == lines
 
 
 def test_repair_never_overwrites_an_earlier_quarantined_copy(tmp_path: Path) -> None:
@@ -196,7 +205,7 @@ def _fields(entry: ManifestEntry) -> dict[str, object]:
 
 def test_only_the_last_record_of_a_url_counts(tmp_path: Path) -> None:
     out, manifest, entries = build_mirror(tmp_path)
-    # The flipped file was verified, then failed: it is to-do, not checked, and its path is expected.
+    # The flipped file was verified, then failed: not checked, reported missing from the mirror.
     manifest.append_entries([ManifestEntry(**{**_fields(entries["flipped"]), "status": "failed"})])
     # The deleted file failed once and was verified later: the later record is the one that counts.
     manifest.append_entries(
@@ -206,6 +215,7 @@ def test_only_the_last_record_of_a_url_counts(tmp_path: Path) -> None:
     report = check_mirror(out, manifest, level=VerifyLevel.FITS)
     assert report.checked == 3
     assert by_path(report) == {
+        NAMES["flipped"]: "missing",
         NAMES["truncated"]: "truncated",
         NAMES["deleted"]: "missing",
         "stray.fits": "unexpected",
@@ -250,7 +260,7 @@ def test_repair_works_in_batches_and_ignores_its_own_records(tmp_path: Path, mon
     out, manifest, entries = build_mirror(tmp_path)
     damage(out)
     report = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
-    assert (report.checked, report.ok, len(report.quarantined)) == (4, 1, 2)
+    assert (report.checked, report.ok, len(report.quarantined)) == (4, 1, 3)  # 2 bad, 1 stray
     # The pending records appended mid-check were not read back as records to judge.
     assert sorted(p.kind for p in report.problems) == ["corrupt", "missing", "truncated", "unexpected"]
     loaded = manifest.load()
@@ -273,4 +283,76 @@ def test_repair_refuses_while_a_run_holds_the_mirror(tmp_path: Path) -> None:
         assert manifest.load()[entries["flipped"].url].status == "verified"
         # A caller that holds the lock itself says so.
         report = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True, lock_held=True)
-    assert len(report.quarantined) == 2
+    assert len(report.quarantined) == 3
+
+
+def test_a_failed_download_is_reported_missing_and_repair_marks_it_for_download(tmp_path: Path) -> None:
+    """The state after a `verify --repair` whose download failed: the last record says "failed"."""
+    out, manifest, _ = build_mirror(tmp_path)
+    failed = ManifestEntry(
+        url="https://archive.example.org/failed.fits",
+        path="misc/failed.fits",
+        status="failed",
+        error="HTTP 503 from the archive",
+    )
+    (out / "misc").mkdir()
+    (out / "misc" / "failed.fits").write_bytes(b"left over")  # its path is expected, not "unexpected"
+    manifest.append_entries([failed])
+
+    report = check_mirror(out, manifest, level=VerifyLevel.FITS)
+    assert report.checked == 4 and report.ok == 4
+    assert by_path(report) == {"misc/failed.fits": "missing"}
+    assert "last record is 'failed' (HTTP 503 from the archive)" in report.problems[0].detail
+    assert not report.intact
+
+    repaired = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
+    assert not repaired.intact
+    assert manifest.load()[failed.url].status == "pending"  # the CLI's repair downloads pending URLs
+    assert repaired.to_download == 1
+    assert (out / "misc" / "failed.fits").exists()  # never verified, not moved: the download replaces it
+
+
+def test_repair_of_only_unexpected_files_moves_them_and_leaves_an_intact_mirror(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    (out / "stray.fits").write_bytes(b"not ours")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_bytes(b"mine")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"outside")
+    (out / "link.fits").symlink_to(outside)
+
+    found = check_mirror(out, manifest, level=VerifyLevel.SIZE)
+    strays = {"stray.fits", "notes/todo.txt", "link.fits"}
+    assert by_path(found) == dict.fromkeys(strays, "unexpected")
+    assert not found.intact  # reported, not fixed
+
+    report = check_mirror(out, manifest, level=VerifyLevel.SIZE, repair=True)
+    assert {p.path for p in report.problems} == strays
+    assert all(p.resolved for p in report.problems)
+    assert report.intact and report.to_download == 0
+    quarantine = manifest.state_dir / "quarantine"
+    assert (quarantine / "notes" / "todo.txt").read_bytes() == b"mine"
+    assert (quarantine / "link.fits").is_symlink()  # the link was moved, never followed
+    assert outside.read_bytes() == b"outside"
+    assert {e.status for e in manifest.load().values()} == {"verified"}  # no record changed
+    again = check_mirror(out, manifest, level=VerifyLevel.SIZE)
+    assert again.problems == [] and again.intact
+
+
+def test_a_state_dir_elsewhere_leaves_the_output_lock_out_of_unexpected(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    elsewhere = Manifest(tmp_path / "state")
+    elsewhere.append_entries(manifest.load().values())
+    shutil.rmtree(manifest.state_dir)
+    report = check_mirror(out, elsewhere, level=VerifyLevel.SIZE, repair=True)
+    assert report.problems == [] and report.intact
+    assert not (out / ".tessmirror" / "run.lock").exists()  # taken under --out, and released
+
+
+def test_repair_can_leave_unexpected_files_in_place_and_then_the_mirror_is_not_intact(tmp_path: Path) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    (out / "stray.fits").write_bytes(b"not ours")
+    report = check_mirror(out, manifest, level=VerifyLevel.SIZE, repair=True, move_unexpected=False)
+    assert by_path(report) == {"stray.fits": "unexpected"}
+    assert (out / "stray.fits").read_bytes() == b"not ours"
+    assert report.quarantined == [] and not report.intact and report.to_download == 0
