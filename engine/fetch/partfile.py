@@ -152,6 +152,26 @@ def _remove_dir(dir_fd: int, name: str, where: Path) -> None:
         raise _unsafe(where, f"it is a directory ({err.strerror}); remove it by hand") from None
 
 
+def open_under(root: Path, relpath: str, flags: int, mode: int = _FILE_MODE) -> int:
+    """Open `root/relpath` with `flags` (e.g. O_WRONLY | O_APPEND | O_CREAT) without following any
+    symlink under `root`, its folders created as needed; return the fd (the caller closes it).
+
+    For the other files written under --out (manifest, lock, plan): a `.tessmirror` folder or a
+    manifest swapped for a symlink is refused with UnsafePathError. To replace a file atomically,
+    `walk` to its folder and ``os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)``.
+    """
+    parts = tuple(relpath.split("/"))
+    dir_fd = walk(root, parts[:-1], create=True)
+    try:
+        return os.open(parts[-1], flags | _NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno in _SYMLINK_ERRNOS:
+            raise _unsafe(root.joinpath(*parts), _describe_entry(dir_fd, parts[-1])) from None
+        raise
+    finally:
+        os.close(dir_fd)
+
+
 def _close_all(fds: OrderedDict[tuple[str, tuple[str, ...]], int]) -> None:
     while fds:
         os.close(fds.popitem()[1])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.exceptions import UnsafePathError
-from engine.fetch.partfile import DirCache, PartFile, walk
+from engine.fetch.partfile import DirCache, PartFile, open_under, walk
 
 DATA = b"SIMPLE  =                    T" + b"\0" * 2850
 VICTIM_BYTES = b"the victim's precious bytes\n"
@@ -325,3 +325,21 @@ def test_the_cache_serves_files_right_in_the_output_folder(world: dict[str, Path
     for name in ("a_lc.fits", "b_lc.fits"):
         assert write_file(world["out"], name, cache=cache).read_bytes() == DATA
     cache.close()
+
+
+# -- other files under --out (manifest, lock, plan) -------------------------------------------------------
+def test_open_under_appends_without_following_a_planted_symlink(world: dict[str, Path]) -> None:
+    out = world["out"]
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    fd = open_under(out, ".tessmirror/manifest.jsonl", flags)
+    os.write(fd, b"{}\n")
+    os.close(fd)
+    assert (out / ".tessmirror" / "manifest.jsonl").read_bytes() == b"{}\n"
+    (out / ".tessmirror" / "manifest.jsonl").unlink()
+    (out / ".tessmirror" / "manifest.jsonl").symlink_to(world["victim"])
+    with pytest.raises(UnsafePathError, match=r"manifest\.jsonl.*it is a symlink"):
+        open_under(out, ".tessmirror/manifest.jsonl", flags)
+    (out / "other").symlink_to(world["sentinel"])
+    with pytest.raises(UnsafePathError, match=r"other.*it is a symlink"):
+        open_under(out, "other/lock", flags)
+    assert_outside_untouched(world)
