@@ -86,6 +86,9 @@ _STATUS_CODE = {"verified": VERIFIED, "failed": FAILED, "pending": PENDING, "qua
 COLOURS = {"verified": "#2a9d4b", "failed": "#d62728", "pending": "#8c8c8c"}
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# A URL up to white space, without a trailing ':' ',' ';' or ')' that belongs to the sentence.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+?(?=[:;,)]?(?:\s|$))")
+_LONG_NUMBER = re.compile(r"\d{5,}")
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[,.\d]*\s+([A-Z]+)\s+(.*)$")
 _RETRY_LINE = re.compile(r"\btry \d+ failed\b")
 _OVERLOAD = re.compile(r"\b(?:HTTP )?(?:429|503)\b")
@@ -185,8 +188,8 @@ def _collect_failures(manifest: Any, failed_last: np.ndarray, facts: ManifestFac
 
 
 def reason_of(error: str) -> str:
-    """A failure's reason without the quoted names in it, so one cause groups many files."""
-    text = _QUOTED.sub("'…'", error.strip())
+    """A failure's reason without the names, URLs and ids in it, so one cause groups many files."""
+    text = _LONG_NUMBER.sub("…", _URL.sub("…", _QUOTED.sub("'…'", error.strip())))
     return text if len(text) <= 200 else text[:199] + "…"
 
 
@@ -556,6 +559,7 @@ def draw_sky(plan: PlanFacts) -> tuple[bytes, str] | None:
     for sample in plan.sky.values():
         ras.extend(sample.ra)
         decs.extend(sample.dec)
+    shown = sum(len(sample.ra) for sample in plan.sky.values())
     centre = sky_centre(np.asarray(ras, float), np.asarray(decs, float))
     if centre is None:
         return None
@@ -581,7 +585,7 @@ def draw_sky(plan: PlanFacts) -> tuple[bytes, str] | None:
             ax.scatter(
                 x,
                 y,
-                s=_marker_size(len(sample.ra)),
+                s=_marker_size(shown, status),
                 c=COLOURS[status],
                 label=_legend(status, sample),
                 zorder=4 if status == "failed" else 2,
@@ -608,7 +612,7 @@ def draw_sky(plan: PlanFacts) -> tuple[bytes, str] | None:
             ax.scatter(
                 mollweide_x(sample.ra),
                 np.radians(sample.dec),
-                s=_marker_size(len(sample.ra)),
+                s=_marker_size(shown, status),
                 c=COLOURS[status],
                 label=_legend(status, sample),
                 zorder=4 if status == "failed" else 2,
@@ -624,8 +628,10 @@ def draw_sky(plan: PlanFacts) -> tuple[bytes, str] | None:
     return _png(fig), description
 
 
-def _marker_size(count: int) -> float:
-    return float(max(2.0, min(18.0, 4000.0 / max(count, 1))))
+def _marker_size(count: int, status: str) -> float:
+    """One size for every status (from the number of points drawn); failures a little larger."""
+    size = max(3.0, min(20.0, 12_000.0 / max(count, 1)))
+    return float(size * 2.0 if status == "failed" else size)
 
 
 def _legend(status: str, sample: SkySample) -> str:

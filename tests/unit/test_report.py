@@ -180,6 +180,16 @@ def test_failures_table_lists_each_failed_file_with_its_reason_and_tries(mirror)
     assert "HTTP 404 Not Found for &#x27;…&#x27;" in reasons  # the quoted name is left out of the reason
 
 
+def test_reasons_leave_out_urls_quoted_names_and_long_numbers_so_one_cause_is_one_row():
+    one = rep.reason_of(
+        "refusing a redirect from http://127.0.0.1:3/api?uri=mast:TESS/product/tess-s0001-0000000019269707_lc.fits"
+        " to ftp://127.0.0.1/tess-s0001-0000000019269707_lc.fits: only http and https are followed"
+    )
+    assert one == "refusing a redirect from … to …: only http and https are followed"
+    assert rep.reason_of("HTTP 503 Service Unavailable") == "HTTP 503 Service Unavailable"
+    assert rep.reason_of("size 2039040 != 1000") == "size … != 1000"
+
+
 def test_many_failures_are_capped_in_the_table_but_every_one_is_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(rep, "MAX_FAILURE_ROWS", 5)
     state = tmp_path / "m" / ".tessmirror"
