@@ -189,7 +189,8 @@ def test_a_malformed_lock_is_a_clear_refusal_naming_the_file(archive, tmp_path: 
     out = tmp_path / "out"
     lock = out / ".tessmirror" / "run.lock"
     lock.parent.mkdir(parents=True)
-    for content in ('{"host": "h", "pid": 99999999999999999999}', "not json at all"):
+    huge = json.dumps({"host": socket.gethostname(), "pid": 99999999999999999999})  # was exit 70
+    for content in (huge, "not json at all"):
         lock.write_text(content)
         result = run_cli("run", "--tap-url", arch.tap_url, "--sector", 1, "--out", out)
         assert result.returncode == EXIT_LOCAL, result.stderr[-3000:]
