@@ -11,11 +11,20 @@ from typing import ClassVar
 import pytest
 from astropy.table import Table
 
-from engine.exceptions import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DiskFullError
-from engine.manager import MirrorRun, TablePlan
+from engine.exceptions import (
+    EXIT_INTERRUPTED,
+    EXIT_LOCAL,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    ConfigError,
+    DiskFullError,
+    TapJobError,
+)
+from engine.manager import MirrorRun, ResourceExhaustedError, TablePlan, TapPlan
 from engine.manifest import Manifest
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
-from engine.plan.table import items_to_table
+from engine.plan.table import items_to_table, iter_plan
 from engine.progress import Progress
 from engine.settings import Settings
 
@@ -205,3 +214,136 @@ def test_a_local_error_stops_the_run_and_propagates(tmp_path):
     settings = make_settings(tmp_path)
     with pytest.raises(DiskFullError, match="no space"):
         run(settings, make_items(5), local_error=DiskFullError("no space left on device", path=tmp_path))
+
+
+# -- planning runs at the archive's pace; lifecycle ---------------------------------------------
+class FakePlanner:
+    """Yields `pages` pages of `per_page` items, then optionally fails; counts what it produced."""
+
+    def __init__(self, pages: int, per_page: int, *, fail_with: Exception | None = None) -> None:
+        self.items = make_items(pages * per_page)
+        self.per_page = per_page
+        self.fail_with = fail_with
+        self.yielded = 0
+
+    async def pages(self):
+        for start in range(0, len(self.items), self.per_page):
+            await asyncio.sleep(0)
+            self.yielded += self.per_page
+            yield self.items[start : start + self.per_page]
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+def tap_run(settings: Settings, planner: FakePlanner, **downloader_kwargs) -> MirrorRun:
+    FakeDownloader.instances.clear()
+    source = TapPlan(planner, settings.state_dir / "plan.ecsv", {"selection_fingerprint": "f"})
+    return MirrorRun(
+        settings,
+        source,
+        session_factory=fake_session,
+        downloader_factory=lambda *a, **k: FakeDownloader(*a, **{**k, **downloader_kwargs}),
+        progress=Progress(bar=False),
+        handle_signals=False,
+    )
+
+
+def test_planning_is_not_held_back_by_the_download_queue_and_the_plan_is_saved_when_it_ends(tmp_path):
+    settings = make_settings(tmp_path, concurrency=2)
+    planner = FakePlanner(pages=40, per_page=25)  # 1,000 files; the queue holds 4
+    gate = asyncio.Event()
+    plan = settings.state_dir / "plan.ecsv"
+
+    async def scenario():
+        mirror = tap_run(settings, planner, gate=gate)
+        task = asyncio.create_task(mirror.run())
+        deadline = asyncio.get_running_loop().time() + 60  # generous: this waits for progress
+        while not mirror.progress.planning_done and asyncio.get_running_loop().time() < deadline:
+            assert not task.done(), task
+            await asyncio.sleep(0.01)  # until planning is done, while every download is held
+        saved_while_blocked = plan.exists()
+        total_while_blocked = (mirror.progress.planned, mirror.progress.planning_done)
+        gate.set()
+        return saved_while_blocked, total_while_blocked, await task
+
+    saved, total, outcome = asyncio.run(scenario())
+    assert saved, "the plan must be saved when planning ends, not when downloads do"
+    assert total == (1000, True), "the progress total is right once planning is done"
+    assert sum(1 for _ in iter_plan(plan)) == 1000
+    assert outcome.downloaded == 1000 and outcome.exit_code == EXIT_OK
+    assert not list(settings.state_dir.glob(".plan.ecsv.*.tmp"))
+
+
+def test_a_plan_that_fails_midway_is_never_saved_and_leaves_no_temp_file(tmp_path):
+    settings = make_settings(tmp_path)
+    planner = FakePlanner(pages=5, per_page=10, fail_with=TapJobError("the TAP job failed"))
+    with pytest.raises(TapJobError):
+        asyncio.run(tap_run(settings, planner).run())
+    assert not (settings.state_dir / "plan.ecsv").exists()
+    assert not list(settings.state_dir.glob(".plan.ecsv.*.tmp"))
+    assert not (settings.state_dir / "run.lock").exists()
+
+
+def test_stale_plan_temp_files_are_removed_once_the_lock_is_held(tmp_path):
+    settings = make_settings(tmp_path)
+    settings.state_dir.mkdir(parents=True)
+    stale = settings.state_dir / ".plan.ecsv.abc123.tmp"
+    stale.write_text("left by a kill")
+    outcome, _ = run(settings, make_items(3))
+    assert outcome.exit_code == EXIT_OK and not stale.exists()
+
+
+@pytest.mark.parametrize("token", ["abc\r", "abc def", "abc\n", "abc\x1b[0m"])
+def test_a_token_with_control_characters_is_refused_before_anything_starts(tmp_path, monkeypatch, token):
+    settings = make_settings(tmp_path)
+    monkeypatch.setenv("MAST_API_TOKEN", token)
+    with pytest.raises(ConfigError) as caught:
+        run(settings, make_items(3))
+    assert caught.value.exit_code == EXIT_USAGE
+    assert "MAST_API_TOKEN" in str(caught.value) and "abc" not in str(caught.value)
+    assert not settings.output.out_dir.exists(), "nothing is created for a run that cannot start"
+
+
+def test_cancelling_the_run_flushes_the_manifest_and_releases_the_lock(tmp_path):
+    """The Python API installs no handlers: a notebook's interrupt cancels the task."""
+    settings = make_settings(tmp_path)
+    items = make_items(30)
+
+    async def scenario():
+        gate = asyncio.Event()
+        FakeDownloader.instances.clear()
+        mirror = MirrorRun(
+            settings,
+            TablePlan(items_to_table(items)),
+            session_factory=fake_session,
+            downloader_factory=lambda *a, **k: FakeDownloader(*a, gate=gate, failing={items[0].url}),
+            progress=Progress(bar=False),
+            handle_signals=False,
+        )
+        task = asyncio.create_task(mirror.run())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert not (settings.state_dir / "run.lock").exists()
+    assert not list(settings.output.out_dir.rglob("run.lock"))
+    Manifest(settings.state_dir).load()
+    resumed, _ = run(settings, items)
+    assert resumed.downloaded + resumed.skipped == 30
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), RuntimeError("can't start new thread"), OSError(12, "Cannot allocate memory")],
+    ids=["MemoryError", "no thread", "ENOMEM"],
+)
+def test_running_out_of_memory_or_threads_stops_the_run_with_exit_4(tmp_path, error):
+    settings = make_settings(tmp_path)
+    with pytest.raises(ResourceExhaustedError) as caught:
+        run(settings, make_items(5), local_error=error)
+    assert caught.value.exit_code == EXIT_LOCAL
+    assert "\n" not in caught.value.message
+    assert not list(settings.output.out_dir.rglob("run.lock"))
+    Manifest(settings.state_dir).load()
