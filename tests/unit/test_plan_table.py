@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import shlex
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,12 +15,19 @@ from astropy.table import Table
 from engine.exceptions import ConfigError, UnsafePathError
 from engine.models import PLAN_COLUMNS, PlanItem
 from engine.plan.table import (
+    SAVED_PLAN_HINT,
+    PlanTail,
+    PlanWriter,
     export_plan,
     filename_from_url,
     items_to_table,
+    iter_input,
+    iter_plan,
     load_plan,
+    plan_meta,
     product_of,
     read_input,
+    remove_stale_temp_files,
     save_plan,
     table_to_items,
 )
@@ -168,3 +178,94 @@ def test_table_exports_read_back() -> None:
         assert list(table["url"]) == [i.url for i in ITEMS]
     with pytest.raises(ConfigError, match="unknown export format"):
         export(ITEMS, "wget")
+
+
+# -- streaming plans: a tail that reads while the writer writes; inputs read once ------------------
+def test_a_plan_tail_reads_every_row_as_the_writer_flushes_it(tmp_path: Path) -> None:
+    hostile = PlanItem(url="https://mast.example.org/x", filename='two\nlines,"quoted"_lc.fits')
+    writer = PlanWriter(tmp_path / "plan.ecsv", meta={"selection_fingerprint": "abc"})
+    tail = PlanTail(writer)
+    read: list[PlanItem] = []
+    for page in (ITEMS, [hostile], ITEMS[:1]):
+        writer.write(page)
+        read += tail.read(len(page))  # exactly the rows written so far
+    writer.commit()
+    tail.close()
+    assert read == [*ITEMS, hostile, ITEMS[0]]
+    assert list(iter_plan(tmp_path / "plan.ecsv")) == read
+    assert plan_meta(tmp_path / "plan.ecsv")["selection_fingerprint"] == "abc"
+
+
+def test_stale_plan_temp_files_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.ecsv"
+    plan.write_text("kept")
+    stale = [tmp_path / ".plan.ecsv.abc.tmp", tmp_path / ".plan.ecsv.x_y.tmp"]
+    for path in stale:
+        path.write_text("left by a kill")
+    other = tmp_path / ".other.ecsv.abc.tmp"
+    other.write_text("not ours")
+    assert remove_stale_temp_files(plan) == 2
+    assert plan.exists() and other.exists() and not any(p.exists() for p in stale)
+
+
+def test_a_discarded_writer_leaves_no_file(tmp_path: Path) -> None:
+    writer = PlanWriter(tmp_path / "plan.ecsv")
+    writer.write(ITEMS)
+    writer.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["url list", "ecsv plan"])
+def test_input_from_a_pipe_is_read_once(tmp_path: Path, kind: str) -> None:
+    """A FIFO can be read only once: the sniffing and the reading must share one pass."""
+    fifo = tmp_path / "input"
+    os.mkfifo(fifo)
+    if kind == "url list":
+        text = "# comment\n" + "".join(item.url + "\n" for item in ITEMS)
+    else:
+        buffer = io.StringIO()
+        export_plan(items_to_table(ITEMS), "ecsv", buffer)
+        text = buffer.getvalue()
+
+    def feed() -> None:
+        with open(fifo, "w") as handle:
+            handle.write(text)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    items = list(iter_input(fifo))
+    feeder.join(timeout=10)
+    assert [item.url for item in items] == [item.url for item in ITEMS]
+
+
+def test_input_dash_reads_standard_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = io.BytesIO("".join(item.url + "\n" for item in ITEMS).encode())
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(data))
+    assert [item.url for item in iter_input(Path("-"))] == [item.url for item in ITEMS]
+
+
+def test_a_missing_input_fails_when_opened_not_when_read(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        iter_input(tmp_path / "nope.txt")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "# %ECSV 1.0\n# ---\n# datatype:\n# - {name: url, datatype: string\n",
+        "# %ECSV 1.0\n# ---\n# meta: [1, 2\n",
+        "# not ecsv at all\n",
+        "\udcff\udcfe",
+    ],
+    ids=["unclosed mapping", "unclosed list", "no ECSV line", "not UTF-8"],
+)
+def test_a_broken_plan_header_is_one_line_naming_the_file_with_the_hint(tmp_path: Path, content: str) -> None:
+    plan = tmp_path / "plan.ecsv"
+    plan.write_bytes(content.encode("utf-8", "surrogateescape"))
+    for call in (lambda: plan_meta(plan, key="plan", hint=SAVED_PLAN_HINT), lambda: list(iter_plan(plan))):
+        with pytest.raises(ConfigError) as caught:
+            call()
+        assert "\n" not in caught.value.message and "plan.ecsv" in caught.value.message
+    with pytest.raises(ConfigError) as caught:
+        plan_meta(plan, key="plan", hint=SAVED_PLAN_HINT)
+    assert "--refresh-plan" in (caught.value.hint or "")
