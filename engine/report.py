@@ -549,6 +549,15 @@ def _nice_step(extent: float, target: int = 6) -> float:
 
 def draw_sky(plan: PlanFacts) -> tuple[bytes, str] | None:
     """The sky picture (PNG bytes, the projection's description), or None with nothing to draw."""
+    drawn = sky_figure(plan)
+    if drawn is None:
+        return None
+    fig, description = drawn
+    return _png(fig), description
+
+
+def sky_figure(plan: PlanFacts) -> tuple[Any, str] | None:
+    """The sky plot as a matplotlib Figure and the projection's description; None: nothing to draw."""
     import numpy as np
 
     ras: list[float] = []
@@ -592,7 +601,6 @@ def draw_sky(plan: PlanFacts) -> tuple[bytes, str] | None:
                 linewidths=0,
             )
         ax.set_aspect("equal", adjustable="box")
-        ax.invert_xaxis()  # east (RA increasing) to the left, as on the sky seen from inside
         ax.set_xlabel("ξ, degrees (RA increases to the left)")
         ax.set_ylabel("η, degrees (north up)")
     else:
@@ -622,10 +630,11 @@ def draw_sky(plan: PlanFacts) -> tuple[bytes, str] | None:
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{(180 - round(math.degrees(t))) % 360:.0f}°" for t in ticks], fontsize=7)
         ax.grid(True, color="#cccccc", lw=0.5)
+        ax.set_xlabel("RA (increases to the left), Dec")
     ax.set_title("Footprint and planned targets by status", fontsize=11)
     if any(s.ra for s in plan.sky.values()):
         ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
-    return _png(fig), description
+    return fig, description
 
 
 def _marker_size(count: int, status: str) -> float:
@@ -663,7 +672,8 @@ def _graticule(ax: Any, ra0: float, dec0: float, radius: float) -> None:
         ax.plot(x, y, **style)
         inside = np.isfinite(x) & (np.hypot(x, y) <= span)
         if inside.any():
-            k = np.flatnonzero(inside)[0]
+            # The line's point farthest out: near a pole every RA line starts at the centre.
+            k = int(np.nanargmax(np.where(inside, np.hypot(x, y), -1.0)))
             ax.text(x[k], y[k], f"{ra % 360:g}°", fontsize=7, color="#888888", ha="center", va="top")
     for dec in dec_values:
         x, y = gnomonic(dense_ra, np.full_like(dense_ra, dec), ra0, dec0)
@@ -672,7 +682,7 @@ def _graticule(ax: Any, ra0: float, dec0: float, radius: float) -> None:
         if inside.any():
             k = np.flatnonzero(inside)[-1]
             ax.text(x[k], y[k], f"{dec:+g}°", fontsize=7, color="#888888", ha="left", va="center")
-    ax.set_xlim(span, -span)
+    ax.set_xlim(span, -span)  # east (RA increasing) to the left, as on the sky seen from inside
     ax.set_ylim(-span, span)
 
 

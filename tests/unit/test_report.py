@@ -210,6 +210,20 @@ def test_the_sky_plot_is_a_gnomonic_projection_centred_on_the_footprint(mirror):
     assert not [n for n in report.notes if "position" in n or "footprint" in n]
 
 
+def test_on_the_tangent_plane_ra_increases_to_the_left_and_dec_upwards():
+    plan = rep.PlanFacts(present=True, footprints=[("ccd", FOOTPRINT)])
+    plan.sky = {"verified": rep.SkySample()}
+    plan.sky["verified"].add(100.0, -64.0)  # east of the centre (RA 95)
+    fig, _ = rep.sky_figure(plan)
+    ax = fig.axes[0]
+    left, right = ax.get_xlim()
+    bottom, top = ax.get_ylim()
+    assert left > right and top > bottom  # xi (east) grows to the left; eta (north) up
+    east = ax.transData.transform((2.0, 0.0))[0]  # xi = +2 degrees: east of the centre
+    centre = ax.transData.transform((0.0, 0.0))[0]
+    assert east < centre  # the greater RA is drawn left of the centre
+
+
 def test_a_plan_without_positions_says_which_columns_and_metadata_are_missing(tmp_path):
     state = tmp_path / "m" / ".tessmirror"
     write_plan(state, [{"url": "http://127.0.0.1/f0.fits"}], positions=False)
