@@ -432,3 +432,28 @@ def test_reading_a_large_manifest_keeps_a_few_dozen_bytes_per_record(tmp_path):
     # are about 30 bytes a record, plus the unique pass's temporaries.
     print(f"peak {peak / 1e6:.1f} MB for {count} records")
     assert peak < 12 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_an_empty_manifest_gives_a_page_that_says_there_is_nothing_yet(tmp_path):
+    state = tmp_path / "m" / ".tessmirror"
+    state.mkdir(parents=True)
+    (state / "manifest.jsonl").write_bytes(b"")
+    report, page = build(tmp_path / "m", state)
+    assert report.counts() == {"planned": 0, "verified": 0, "failed": 0, "pending": 0}
+    assert "No manifest record has a time yet" in page and "No file has failed." in page
+
+
+def test_a_missing_log_file_is_one_line_and_exit_2(mirror, tmp_path, capsys):
+    out, _ = mirror
+    code = rep.main(["--out", str(out), "--log-file", str(tmp_path / "no.log")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "--log-file: cannot read the log" in err and "Traceback" not in err
+
+
+def test_a_report_dir_that_cannot_be_made_is_this_machine_refusing_exit_4(mirror, tmp_path, capsys):
+    out, _ = mirror
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = rep.main(["--out", str(out), "--report-dir", str(blocker / "sub"), "--no-pictures"])
+    err = capsys.readouterr().err
+    assert code == 4 and str(blocker / "sub") in err and "Traceback" not in err
