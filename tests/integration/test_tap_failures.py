@@ -111,3 +111,21 @@ def test_footprint_overflow_is_an_incomplete_plan(archive, tmp_path: Path) -> No
     _out, result = run_against(arch, tmp_path, page_size=2)
     assert_clear_failure(result, "footprint query for sector 1 overflowed")
     assert not arch.request_log
+
+
+def test_a_run_against_a_tap_service_that_never_answers_ends_in_exit_3_and_releases_the_lock(
+    tmp_path: Path,
+) -> None:
+    """The same silence during `run` (not only `plan`): one line naming the service, the lock gone."""
+    from tests.integration.test_tap_silent import REQUEST_TIMEOUT, tap_in_front_of
+
+    config = tmp_path / "tessmirror.toml"
+    config.write_text(f"[tap]\nrequest_timeout = {REQUEST_TIMEOUT}\nretries = 1\n")
+    out = tmp_path / "out"
+    with tap_in_front_of(None, lambda method, path: "hang") as url:
+        result = run_cli(
+            "run", "--config", config, "--tap-url", url, "--sector", 1, "--out", out, timeout=120
+        )
+    assert_clear_failure(result, url, f"did not answer within {REQUEST_TIMEOUT:g} s")
+    assert not (out / ".tessmirror" / "run.lock").exists()
+    assert not (out / ".tessmirror" / "plan.ecsv").exists()
