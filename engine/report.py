@@ -7,7 +7,7 @@ What the page shows
   gnomonic (tangent-plane) projection centred on the footprint, or on a Mollweide whole-sky map when
   the points spread too far for one tangent plane; right ascension increases to the left;
 - throughput over time (bytes of the verified records per time bin), with the files that needed
-  retries and the failures marked per bin, and, from a run's log file (`--log-file`), each 429/503
+  retries and the failures marked per bin, and, from a run's log file (`--run-log`), each 429/503
   answer and each slow-down;
 - a table of failures with their reasons.
 
@@ -415,9 +415,9 @@ def read_log(path: Path, *, cap: int = 200_000) -> LogEvents:
         handle = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
     except OSError as err:
         raise ConfigError(
-            "--log-file",
+            "--run-log",
             f"cannot read the log {str(path)!r}: {err.strerror or err}",
-            hint="give the file --log-file wrote",
+            hint="give the log a run wrote (its standard error, or its log file)",
         ) from None
     with handle:
         for line in handle:
@@ -875,7 +875,7 @@ def build_report(
     state_dir
         Where `manifest.jsonl` and `plan.ecsv` are.
     log_file
-        A run's log (``--log-file``) for 429/503 answers and slow-downs; None: the manifest only.
+        A run's log (``--run-log``) for 429/503 answers and slow-downs; None: the manifest only.
     pictures
         Draw the PNGs (needs matplotlib); False, or matplotlib missing, gives a page without them.
 
@@ -948,7 +948,7 @@ def _explain(report: Report) -> None:
     if report.events is None:
         notes.append(
             "Slow-downs (the limit cut on 429/503 answers) are not in the manifest; give the run's log "
-            "with --log-file to mark them."
+            "with --run-log to mark them."
         )
     elif not report.events.lines:
         notes.append("The log file holds no tessmirror log lines.")
@@ -1179,8 +1179,9 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
         help=f"where to write {HTML_NAME} and the PNGs (default: STATE_DIR/{REPORT_DIR})",
     )
     p.add_argument(
-        "--log-file",
-        dest="report_log_file",
+        # Not --log-file: that names the log this command itself writes, in every subcommand.
+        "--run-log",
+        dest="report_run_log",
         type=Path,
         metavar="FILE",
         help="a run's log, to mark 429/503 answers and slow-downs on the throughput plot",
@@ -1204,7 +1205,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     state_dir = settings.state_dir
     report_dir = ns.report_dir if ns.report_dir is not None else state_dir / REPORT_DIR
     report = build_report(
-        settings.output.out_dir, state_dir, log_file=ns.report_log_file, pictures=not ns.no_pictures
+        settings.output.out_dir, state_dir, log_file=ns.report_run_log, pictures=not ns.no_pictures
     )
     target = write_report(report, Path(report_dir))
     log.info("report written: %s", target)

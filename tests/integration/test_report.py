@@ -113,7 +113,7 @@ def assert_not_blank(png_bytes: bytes) -> None:
 def test_the_report_of_a_real_run_tells_its_counts_failures_and_retries(faulty_mirror, tmp_path):
     _, out, log_file = faulty_mirror
     state = out / ".tessmirror"
-    proc = run_report("--out", out, "--log-file", log_file)
+    proc = run_report("--out", out, "--run-log", log_file)
     assert proc.returncode == 0, proc.stderr
     page_path = state / REPORT_DIR / HTML_NAME
     assert proc.stdout.strip() == str(page_path)
@@ -188,7 +188,7 @@ def test_with_positions_in_the_plan_the_sky_plot_shows_every_target_in_the_footp
     state = out / ".tessmirror"
     plan_with_positions(arc, state)
     target = tmp_path / "report"
-    proc = run_report("--out", out, "--log-file", log_file, "--report-dir", target)
+    proc = run_report("--out", out, "--run-log", log_file, "--report-dir", target)
     assert proc.returncode == 0, proc.stderr
     page = (target / HTML_NAME).read_text(encoding="utf-8")
     assert (target / SKY_PNG).read_bytes().startswith(b"\x89PNG")

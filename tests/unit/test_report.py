@@ -332,7 +332,7 @@ def test_a_log_file_adds_its_events_to_the_page(mirror, tmp_path):
     )
     report, page = build(out, state, log_file=log_file)
     assert "From the log: 1 retries, 1 429/503 answers, 0 slow-downs." in page
-    assert not [n for n in report.notes if "--log-file" in n]
+    assert not [n for n in report.notes if "--run-log" in n]
 
 
 # -- degraded and bad input --------------------------------------------------------------------------
@@ -445,9 +445,9 @@ def test_an_empty_manifest_gives_a_page_that_says_there_is_nothing_yet(tmp_path)
 
 def test_a_missing_log_file_is_one_line_and_exit_2(mirror, tmp_path, capsys):
     out, _ = mirror
-    code = rep.main(["--out", str(out), "--log-file", str(tmp_path / "no.log")])
+    code = rep.main(["--out", str(out), "--run-log", str(tmp_path / "no.log")])
     err = capsys.readouterr().err
-    assert code == EXIT_USAGE and "--log-file: cannot read the log" in err and "Traceback" not in err
+    assert code == EXIT_USAGE and "--run-log: cannot read the log" in err and "Traceback" not in err
 
 
 def test_a_report_dir_that_cannot_be_made_is_this_machine_refusing_exit_4(mirror, tmp_path, capsys):
