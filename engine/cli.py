@@ -533,12 +533,13 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
-    """Check the mirror again. Exit 0 only when every planned file is verified on disk and nothing
-    unexpected lies in the mirror; exit 1 otherwise, with each file named.
+    """Check the mirror again. Exit 0 only when the mirror matches its manifest: every file verified
+    on disk, none failed or pending, nothing unexpected; exit 1 otherwise, each file named.
 
-    `--repair` downloads again every file that is bad, missing, failed or still pending. Unexpected
-    files are reported and left in place (tessmirror never moves or deletes a file it did not write:
-    it may be the user's), so a mirror with unexpected files keeps exit 1 until they are moved out.
+    `--repair` moves bad and unexpected files to `OUT/.tessmirror/quarantine/` (never deletes them),
+    then downloads again every file that is bad, missing, failed or pending. It exits 0 when the
+    mirror is whole afterwards, including when the only problems were unexpected files (they are in
+    the quarantine now), and 1 when a download failed.
     """
     from engine.manager import TablePlan
     from engine.manifest import Manifest
@@ -565,51 +566,38 @@ def cmd_verify(ns: argparse.Namespace) -> int:
         progress=progress,
         workers=max(settings.verify.workers, 1),
     )
-    # Files the manifest still owes (a failed download, a repair that did not succeed): check_mirror
-    # leaves them to the next run, but the mirror is not whole until they are verified.
-    unfinished = [e for e in manifest.load().values() if e.status != "verified"]
-    unexpected = [p for p in report.problems if p.kind == "unexpected"]
     _say(f"checked     {report.checked}")
     _say(f"ok          {report.ok}")
     for problem in report.problems:
-        _say(f"  {problem.kind:<10} {problem.path}  {problem.detail}")
-    reported = {p.url for p in report.problems if p.url}
-    for entry in unfinished:
-        if entry.url not in reported:
-            detail = entry.error or "not downloaded yet"
-            _say(f"  {entry.status:<10} {entry.path or redact(entry.url)}  {detail}")
-    owed = len(reported | {e.url for e in unfinished})
+        done = "  (moved to the quarantine)" if problem.resolved else ""
+        _say(f"  {problem.kind:<10} {problem.path or redact(problem.url)}  {problem.detail}{done}")
     if not ns.repair:
-        if not report.problems and not unfinished:
+        if not report.problems:
             return EXIT_OK
         _say(
-            f"{len(report.problems) + owed - len(reported)} problem(s); "
-            "`tessmirror verify --repair` downloads the bad and missing files again"
+            f"{len(report.problems)} problem(s); `tessmirror verify --repair` moves bad and unexpected "
+            "files to the quarantine and downloads the bad and missing ones again"
         )
         return EXIT_PARTIAL
-    code = EXIT_OK
-    if owed:
-        # The saved plan knows each file's declared size and md5; without one the manifest does.
-        todo = {e.url: e for e in manifest.load().values() if e.status != "verified"}
-        plan_path = settings.state_dir / "plan.ecsv"
-        if plan_path.exists():
-            items = [
-                i for i in iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT) if redact(i.url) in todo
-            ]
-        else:
-            from engine.models import PlanItem
+    if report.intact and not report.to_download:
+        return EXIT_OK
+    # Download what is pending now; the saved plan knows each file's declared size and md5.
+    pending = {e.url: e for e in manifest.load().values() if e.status != "verified"}
+    plan_path = settings.state_dir / "plan.ecsv"
+    if plan_path.exists():
+        items = [
+            i for i in iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT) if redact(i.url) in pending
+        ]
+    else:
+        from engine.models import PlanItem
 
-            items = [
-                PlanItem(url=e.url, filename=Path(e.path).name, obs_id=e.obs_id, size=e.nbytes, md5=e.md5)
-                for e in todo.values()
-            ]
-        _say(f"repairing {len(items)} file(s)")
-        code = _run_mirror(settings, TablePlan(items_to_table(items)))
-    if unexpected:
-        _say(
-            f"{len(unexpected)} unexpected file(s) left in place: tessmirror never moves a file it did "
-            "not write; move them out of the mirror"
-        )
+        items = [
+            PlanItem(url=e.url, filename=Path(e.path).name, obs_id=e.obs_id, size=e.nbytes, md5=e.md5)
+            for e in pending.values()
+        ]
+    _say(f"repairing {len(items)} file(s)")
+    code = _run_mirror(settings, TablePlan(items_to_table(items)))
+    if len(items) < len(pending):  # a record the plan no longer names: not repaired here
         code = max(code, EXIT_PARTIAL)
     return code
 

@@ -34,7 +34,6 @@ from engine.exceptions import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
-    ConfigError,
     DiskFullError,
     LocalError,
     PermissionDeniedError,
@@ -43,6 +42,7 @@ from engine.exceptions import (
 from engine.fetch.bandwidth import TokenBucket
 from engine.fetch.download import Downloader
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
+from engine.fetch.session import read_token as read_env_token
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import relpath_for, resolve_within
 from engine.manifest import Manifest, ManifestWriter, RunLock
@@ -225,27 +225,10 @@ def read_token(settings: Settings) -> str | None:
     """The archive token from `fetch.token_env`, checked before anything starts.
 
     A token with a carriage return (a file saved on Windows), a newline, other whitespace or a control
-    character can never authenticate: it is refused at once (exit 2) rather than failing every file.
-    The message names the variable, never the value.
+    character can never authenticate: `engine.fetch.session.read_token` refuses it (exit 2, naming
+    the variable, never the value) before the run takes its lock or creates a folder.
     """
-    name = settings.fetch.token_env
-    value = os.environ.get(name) if name else None
-    if not value:
-        return None
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        what = (
-            "a carriage return (\\r)"
-            if "\r" in value
-            else "a newline"
-            if "\n" in value
-            else "whitespace or a control character"
-        )
-        raise ConfigError(
-            name,
-            f"the token in this environment variable contains {what}",
-            hint=f'set it again without it, e.g. export {name}="$(printf %s "${name}" | tr -d \'\\r\\n\')"',
-        )
-    return value
+    return read_env_token(settings.fetch.token_env)
 
 
 class ResourceExhaustedError(LocalError):

@@ -318,14 +318,24 @@ def test_verify_after_a_repair_whose_downloads_failed_exits_1_naming_the_files(t
     assert "Traceback" not in again.stderr
 
 
-def test_verify_repair_finding_only_unexpected_files_exits_1_and_leaves_them(
+def test_verify_finding_unexpected_files_exits_1_and_repair_moves_them_to_the_quarantine(
     finished_mirror: Path, tmp_path: Path
 ) -> None:
+    """Decision: an unexpected file makes `verify` exit 1. `--repair` moves it to the quarantine
+    (never deletes it: it may be someone's only copy); the mirror then matches its manifest, and
+    nothing had to be downloaded, so it exits 0."""
     out = copy_of(finished_mirror, tmp_path)
     stray = out / "notes-from-a-colleague.txt"
     stray.write_text("mine")
+    check = run_cli("verify", "--out", out, timeout=120)
+    assert check.returncode == EXIT_PARTIAL, check.stderr[-3000:]
+    assert "unexpected" in check.stderr and stray.name in check.stderr
+
     result = run_cli("verify", "--out", out, "--repair", timeout=120)
-    assert result.returncode == EXIT_PARTIAL, result.stderr[-3000:]
-    assert "unexpected" in result.stderr and stray.name in result.stderr
-    assert "left in place" in result.stderr
-    assert stray.read_text() == "mine"
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stray.name in result.stderr and "quarantine" in result.stderr
+    assert not stray.exists()
+    kept = list((out / ".tessmirror" / "quarantine").rglob(stray.name))
+    assert len(kept) == 1 and kept[0].read_text() == "mine"
+    assert run_cli("verify", "--out", out, timeout=120).returncode == 0
