@@ -972,9 +972,15 @@ td.name{font-family:ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
 """
 
 
+# Control characters and the invisible bidi/format characters that make a name read as another one
+# (U+202E turns `gpj.exe` into `exe.jpg`): shown as \uXXXX escapes, never passed to the browser.
+_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
 def _e(value: object) -> str:
     """HTML-escape anything from the archive or the file system (quotes too: it may land in an attribute)."""
-    return html.escape(str(value), quote=True)
+    text = _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", str(value))
+    return html.escape(text, quote=True)
 
 
 def _utc(epoch: float) -> str:

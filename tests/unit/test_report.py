@@ -147,6 +147,11 @@ def test_names_and_errors_from_the_archive_are_escaped_and_no_script_can_run(mir
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
 
 
+def test_control_and_bidi_characters_from_the_archive_are_shown_as_escapes():
+    assert rep._e("bidi\u202estif.cl_lc.fits\x1b[31m\x00") == "bidi\\u202estif.cl_lc.fits\\u001b[31m\\u0000"
+    assert rep._e("plain é name") == "plain é name"
+
+
 def html_escaped(text: str) -> str:
     import html
 
