@@ -260,8 +260,8 @@ def test_a_folder_swapped_for_a_symlink_mid_run_writes_nothing_outside(world: Wo
             process.kill()
             process.communicate()
 
-    assert "Traceback" not in stderr
     world.assert_outside_untouched()
+    assert "Traceback" not in stderr
     got = records(world.out)
     verified = [r for r in got if r.status == "verified"]
     failed = [r for r in got if r.status == "failed"]
