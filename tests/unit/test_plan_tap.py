@@ -274,9 +274,10 @@ def hang_on(method: str, suffix: str, release: asyncio.Event) -> Callable:
     return middleware
 
 
-def spoil_results(how: str) -> tuple[Callable, list[str]]:
+def spoil_results(how: str, release: asyncio.Event | None = None) -> tuple[Callable, list[str]]:
     """A middleware that spoils every job result: "half" (a complete answer holding half the VOTable),
-    "cut" (the full Content-Length declared, half sent, the connection closed) or "html" (a 200 page)."""
+    "cut" (the full Content-Length declared, half sent, the connection closed), "stall" (half sent,
+    then silence until `release`) or "html" (a 200 page)."""
     spoiled: list[str] = []
 
     @web.middleware
@@ -295,6 +296,9 @@ def spoil_results(how: str) -> tuple[Callable, list[str]]:
         cut.content_length = len(body)
         await cut.prepare(request)
         await cut.write(body[: len(body) // 2])
+        if how == "stall":
+            assert release is not None
+            await release.wait()
         assert request.transport is not None
         request.transport.close()
         return cut
@@ -472,3 +476,39 @@ def test_every_request_gets_the_timeouts() -> None:
         with pytest.raises(requests.ConnectionError):
             session.get("http://127.0.0.1:9/x", timeout=timeout)
     assert seen == [(7.0, 7.0), (7.0, 3.0), (7.0, 7.0), (1.0, 40.0)]
+
+
+def test_a_result_that_stalls_halfway_times_out_naming_the_service() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        middleware, spoiled = spoil_results("stall", release)
+        async with serve(small_db(), middleware=middleware) as url:
+            try:
+                with pytest.raises(TapUnavailableError) as info:
+                    await asyncio.wait_for(client(url, QUICK).run("SELECT obs_id FROM ivoa.things"), 60)
+            finally:
+                release.set()
+        assert "did not answer within 0.5 s while fetching the result" in info.value.message
+        assert len(spoiled) == QUICK.retries + 1
+
+    asyncio.run(main())
+
+
+def test_capabilities_answering_503_are_retried_then_read() -> None:
+    async def main() -> None:
+        refused: list[str] = []
+
+        @web.middleware
+        async def unavailable_once(request: web.Request, handler: Callable) -> web.StreamResponse:
+            if request.path.endswith("/capabilities") and not refused:
+                refused.append(request.path)
+                return web.Response(
+                    status=503, text="<html>down for maintenance</html>", content_type="text/html"
+                )
+            return await handler(request)
+
+        async with serve(small_db(), middleware=unavailable_once) as url:
+            assert await client(url, QUICK).hardlimit() == TapOptions().hard_limit
+        assert refused
+
+    asyncio.run(main())
