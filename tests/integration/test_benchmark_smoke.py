@@ -96,3 +96,40 @@ def test_outputs_are_written(smoke) -> None:
     assert table in done.stdout  # the same table is printed
     assert result["machine"]["nproc"] >= 1 and result["targets"]
     assert not (out / "work" / "out").exists()  # each tool's copy is removed once checked
+
+
+def test_wan_model_limit_is_the_harness_model() -> None:
+    """benchmarks.wan's port of compare.sh's model gives the harness README's figures (400 files,
+    818.2 MB, kept-alive connections)."""
+    from benchmarks.wan import Condition, model_limit
+
+    defaults = Condition("A", 25, "400mbit", "4m", files=400, quick_files=400)
+    slow = Condition("x", 25, "400mbit", "1m", files=400, quick_files=400)
+    assert round(model_limit(defaults, 400, 818_200_000, 16), 1) == 46.8
+    assert round(model_limit(slow, 400, 818_200_000, 16), 1) == 16.3
+    assert round(model_limit(slow, 400, 818_200_000, 32), 1) == 31.3
+    assert model_limit(Condition("L", 0, "0", "0", files=1, quick_files=1), 400, 818_200_000, 16) is None
+
+
+def test_wan_rows_are_the_median_run_with_every_run_noted() -> None:
+    from benchmarks.wan import median_rows
+
+    def row(tool: str, mb_s: float, run: int) -> dict:
+        return {
+            "scenario": "WA",
+            "tool": tool,
+            "mb_s": mb_s,
+            "ok": 3,
+            "files": 3,
+            "run": run,
+            "connections": 16,
+            "mean_connections": 16,
+            "other_cpu_s": 0.0,
+        }
+
+    runs = [row("aria2c -j 16 md5", v, i) for i, v in enumerate((40.0, 30.0, 35.0))]
+    runs += [row("tessmirror c=16 checksum", v, i) for i, v in enumerate((42.0, 44.0, 43.0))]
+    aria, tm = median_rows(runs)
+    assert (aria["mb_s"], aria["run"]) == (35.0, 2)
+    assert "median of 3: 40.0, 30.0, 35.0 MB/s" in aria["note"]
+    assert tm["mb_s"] == 43.0 and tm["vs_peers"] == {"aria2c -j 16 md5": 43.0 / 35.0}
