@@ -135,10 +135,13 @@ class TapPlan:
     async def pages(self) -> AsyncIterator[list[PlanItem]]:
         if self.save_to is None:
             total = 0
-            async for page in self.planner.pages():
-                total += len(page)
-                self._planned(page)
-                yield page
+            try:
+                async for page in self.planner.pages():
+                    total += len(page)
+                    self._planned(page)
+                    yield page
+            finally:
+                self._close_tap()
             self._completed(total)
             return
         writer = await asyncio.to_thread(PlanWriter, self.save_to, meta=self.meta)
@@ -174,6 +177,12 @@ class TapPlan:
                 await asyncio.gather(planning, return_exceptions=True)
             tail.close()
 
+    def _close_tap(self) -> None:
+        """Planning is over (done, failed or cancelled): stop the TAP client's threads now."""
+        close = getattr(getattr(self.planner, "tap", None), "close", None)
+        if close is not None:
+            close()
+
     async def _plan(self, writer: PlanWriter, grown: asyncio.Event) -> None:
         """Run the planner to its end, writing each page; commit the file when the last is in."""
         try:
@@ -187,6 +196,7 @@ class TapPlan:
             raise
         finally:
             grown.set()
+            self._close_tap()
         log.info("plan saved: %s (%d files)", self.save_to, writer.count)
         self._completed(writer.count)
 
