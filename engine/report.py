@@ -77,6 +77,9 @@ MAX_FAILURE_ROWS = 500  # rows of the per-file failures table; the reasons table
 MAX_REASONS = 1000  # distinct reasons counted; the rest are counted under "other reasons"
 MAX_SKY_POINTS = 20_000  # targets drawn per status
 MAX_TIME_BINS = 240  # bars in the throughput plot
+# A pause this long without a record separates two runs (a resume next morning, a requeued job): the
+# plot shows the last run, so a week-long gap does not squeeze it into one bar.
+SESSION_GAP = 1800.0
 GNOMONIC_MAX_RADIUS = 60.0  # degrees from the centre; beyond that a tangent plane distorts too much
 
 # Status codes kept per record (one byte each).
@@ -696,6 +699,9 @@ class Timeline:
     files: np.ndarray
     retries: np.ndarray  # tries beyond the first, summed over the records finishing in the bin
     failures: np.ndarray
+    sessions: int = 1  # runs told apart by a pause of SESSION_GAP or more; the bins show the last
+    earlier_files: int = 0  # verified records of the earlier sessions
+    earlier_bytes: int = 0
 
     @property
     def mean_rate(self) -> float:
@@ -722,6 +728,15 @@ def timeline(facts: ManifestFacts) -> Timeline | None:
     status = facts.record_status[known]
     nbytes = facts.record_bytes[known]
     attempts = facts.record_attempts[known]
+    ordered = np.sort(t)
+    pauses = np.flatnonzero(np.diff(ordered) >= SESSION_GAP)
+    sessions, earlier_files, earlier_bytes = len(pauses) + 1, 0, 0
+    if len(pauses):
+        last_start = ordered[pauses[-1] + 1]
+        earlier = (t < last_start) & (status == VERIFIED)
+        earlier_files, earlier_bytes = int(earlier.sum()), int(nbytes[earlier].sum())
+        keep = t >= last_start
+        t, status, nbytes, attempts = t[keep], status[keep], nbytes[keep], attempts[keep]
     start = math.floor(float(t.min()))
     width = _bin_width(max(float(t.max()) - start, 1.0))
     bins = math.floor((float(t.max()) - start) / width) + 1
@@ -731,7 +746,9 @@ def timeline(facts: ManifestFacts) -> Timeline | None:
     files = np.bincount(index[verified], minlength=bins)
     retries = np.bincount(index, weights=np.maximum(attempts - 1, 0), minlength=bins)
     failures = np.bincount(index[status == FAILED], minlength=bins)
-    return Timeline(float(start), width, rate, files, retries, failures)
+    return Timeline(
+        float(start), width, rate, files, retries, failures, sessions, earlier_files, earlier_bytes
+    )
 
 
 def draw_throughput(line: Timeline, events: LogEvents | None) -> bytes:
@@ -1002,6 +1019,8 @@ def _data_uri(png: bytes) -> str:
 
 def render_html(report: Report, *, generated: float | None = None) -> str:
     """The page: one HTML document with inline CSS and data: images, no script, no external resource."""
+    import numpy as np
+
     from engine import __version__
 
     counts = report.counts()
@@ -1068,8 +1087,17 @@ def render_html(report: Report, *, generated: float | None = None) -> str:
         )
     else:
         parts.append('<p class="note">No throughput plot: see the notes below.</p>')
+    if report.timeline is not None and report.timeline.sessions > 1:
+        line = report.timeline
+        parts.append(
+            f'<p id="sessions">The manifest holds {line.sessions} runs (pauses of '
+            f"{_e(_human_width(SESSION_GAP))} or more without a record); the plot shows the last. "
+            f"The earlier runs verified {line.earlier_files:,} files, "
+            f"{_e(human_bytes(line.earlier_bytes))}.</p>"
+        )
     if report.timeline is not None:
-        retries = int(report.timeline.retries.sum())
+        attempts = report.manifest.record_attempts
+        retries = int(np.maximum(attempts - 1, 0).sum()) if attempts is not None else 0
         parts.append(f'<p>Extra tries recorded in the manifest: <span id="retries">{retries:,}</span>.')
         if report.events is not None:
             parts.append(

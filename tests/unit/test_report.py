@@ -312,6 +312,21 @@ def test_the_timeline_sums_bytes_retries_and_failures_per_bin(tmp_path):
     assert line.failures.sum() == 1
 
 
+def test_a_resume_hours_later_is_a_second_run_and_the_plot_shows_the_last(tmp_path):
+    state = tmp_path / "m" / ".tessmirror"
+    t0 = 1_700_000_000.0
+    first = [entry(i, nbytes=500, attempts=2, time=t0 + i) for i in range(30)]
+    later = [entry(100 + i, nbytes=700, time=t0 + 86_400 + i) for i in range(20)]
+    write_manifest(state, first + later)
+    report, page = build(tmp_path / "m", state)
+    line = report.timeline
+    assert line is not None and line.sessions == 2 and line.width == 1.0  # not one-day bins
+    assert line.rate.sum() * line.width == pytest.approx(20 * 700)
+    assert (line.earlier_files, line.earlier_bytes) == (30, 30 * 500)
+    assert "The manifest holds 2 runs" in page and "verified 30 files, 15.0 kB" in page
+    assert 'id="retries">30<' in page  # extra tries count every run's records
+
+
 def test_the_log_gives_retries_overload_answers_and_slowdowns(tmp_path):
     log_file = tmp_path / "run.log"
     log_file.write_text(
