@@ -793,7 +793,9 @@ def draw_throughput(line: Timeline, events: LogEvents | None) -> bytes:
             label="429/503 answers (log)",
         )
     if events is not None and events.slowdowns:
-        for k, when in enumerate(sorted(events.slowdowns)[:200]):
+        end = line.start + len(line.rate) * line.width
+        shown = [w for w in sorted(events.slowdowns) if line.start <= w <= end][:200]
+        for k, when in enumerate(shown):
             stamp = _dt.datetime.fromtimestamp(when, utc)
             for ax in (top, bottom):
                 ax.axvline(

@@ -343,6 +343,20 @@ def test_the_log_gives_retries_overload_answers_and_slowdowns(tmp_path):
     assert events.overload[0] == time.mktime(time.strptime("2026-11-28 01:00:05", "%Y-%m-%d %H:%M:%S"))
 
 
+def test_slowdowns_from_the_log_are_drawn_on_the_throughput_plot(mirror, tmp_path):
+    out, state = mirror
+    log_file = tmp_path / "run.log"
+    lines = [
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) + " WARNING overload: slowing down to 4"
+        for when in (1_700_000_002, 1_600_000_000)  # one inside the run, one years before it
+    ]
+    log_file.write_text("\n".join(lines) + "\n")
+    report, page = build(out, state, log_file=log_file)
+    assert len(report.events.slowdowns) == 2
+    assert report.throughput_png is not None and report.throughput_png.startswith(b"\x89PNG")
+    assert "0 429/503 answers, 2 slow-downs" in page
+
+
 def test_a_log_file_adds_its_events_to_the_page(mirror, tmp_path):
     out, state = mirror
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_700_000_003))
