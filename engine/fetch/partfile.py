@@ -47,7 +47,12 @@ import weakref
 from collections import OrderedDict
 from pathlib import Path
 
-from engine.exceptions import UnsafePathError
+from engine.exceptions import TransferError, UnsafePathError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None  # type: ignore[assignment]
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -173,6 +178,26 @@ def open_under(root: Path, relpath: str, flags: int, mode: int = _FILE_MODE) -> 
         raise
     finally:
         os.close(dir_fd)
+
+
+def _locked(fd: int, path: Path) -> int:
+    """Take an exclusive lock on a part's fd, or close it and refuse: two writers on one part (two
+    rows with one destination, two runs on one mirror) would interleave their bytes."""
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        error = TransferError(f"{path.name}: another download is writing this file right now; skipped")
+        error.retryable = False
+        raise error from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+            os.close(fd)
+            raise
+        # A filesystem without flock (some Lustre/NFS mounts): go on unlocked, as before.
+    return fd
 
 
 def _close_all(fds: OrderedDict[tuple[str, tuple[str, ...]], int]) -> None:
@@ -302,7 +327,7 @@ class PartFile:
     def _open_part(self) -> int:
         for _ in range(4):  # each round removes one planted entry; a persistent attacker gets refused
             try:
-                return os.open(self.name, _FRESH_FLAGS, _FILE_MODE, dir_fd=self._dir_fd)
+                return _locked(os.open(self.name, _FRESH_FLAGS, _FILE_MODE, dir_fd=self._dir_fd), self.path)
             except FileExistsError:
                 pass
             except OSError as err:
@@ -328,6 +353,7 @@ class PartFile:
             else:
                 after = os.fstat(fd)
                 if stat.S_ISREG(after.st_mode) and after.st_nlink == 1:
+                    _locked(fd, self.path)  # before truncating: never another writer's bytes
                     os.ftruncate(fd, 0)  # a part from an earlier process: restarted, as before
                     return fd
                 os.close(fd)
@@ -397,6 +423,7 @@ class PartFile:
         try:
             os.rename(self.name, dest.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except IsADirectoryError:
+            remove_entry(self._dir_fd, self.name, self.path)
             raise _unsafe(dest, "a directory has the file's name; remove it by hand") from None
         try:
             self.check_in_place()
@@ -407,9 +434,11 @@ class PartFile:
         self._close_dir()
 
     def discard(self) -> None:
-        """Close and remove the part (through the directory descriptor)."""
+        """Close and remove the part (through the directory descriptor) if this object opened it:
+        a part another writer holds (`open` refused it) is left to that writer."""
+        opened = self._fd >= 0
         self._close_file()
-        if self._dir_fd >= 0:
+        if opened and self._dir_fd >= 0:
             remove_entry(self._dir_fd, self.name, self.path)
         self._close_dir()
 

@@ -679,3 +679,22 @@ def test_a_folder_symlinked_outside_is_a_one_line_failure_before_any_request(tmp
 
     run(scenario)
     assert list(sentinel.iterdir()) == []
+
+
+def test_two_downloads_to_one_destination_never_interleave(tmp_path: Path) -> None:
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["d_lc.fits"] = FITS_BYTES
+        archive.script["d_lc.fits"] = [Behaviour(stall_after=16384, stall_seconds=2)]
+        dest = tmp_path / "s0001" / "d_lc.fits"
+        item = item_for(archive, "d_lc.fits", FITS_BYTES)
+        first = asyncio.create_task(downloader.fetch(item, dest, "s0001/d_lc.fits"))
+        while not archive.seen:  # the first download holds its .part
+            await asyncio.sleep(0.01)
+        second = await downloader.fetch(item, dest, "s0001/d_lc.fits")
+        assert second.status is FileStatus.FAILED
+        assert "another download is writing this file" in second.error
+        result = await first
+        assert result.status is FileStatus.VERIFIED, result.error
+        assert dest.read_bytes() == FITS_BYTES
+
+    run(scenario)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.exceptions import UnsafePathError
+from engine.exceptions import TransferError, UnsafePathError
 from engine.fetch.partfile import DirCache, PartFile, open_under, walk
 
 DATA = b"SIMPLE  =                    T" + b"\0" * 2850
@@ -213,6 +213,7 @@ def test_a_final_name_that_is_a_folder_is_refused(world: dict[str, Path]) -> Non
     with pytest.raises(UnsafePathError, match="a directory has the file's name"):
         write_file(out, "s0001/a_lc.fits")
     assert (out / "s0001" / "a_lc.fits").is_dir()
+    assert sorted(os.listdir(out / "s0001")) == ["a_lc.fits"]  # the part is not left behind
 
 
 # -- folders swapped while a file is written -----------------------------------------------------------
@@ -343,3 +344,17 @@ def test_open_under_appends_without_following_a_planted_symlink(world: dict[str,
     with pytest.raises(UnsafePathError, match=r"other.*it is a symlink"):
         open_under(out, "other/lock", flags)
     assert_outside_untouched(world)
+
+
+def test_a_second_writer_on_the_same_part_is_refused_and_the_first_untouched(world: dict[str, Path]) -> None:
+    first, dest = part_for(world["out"], "s0001/a_lc.fits")
+    first.open()
+    first.write(DATA)
+    second, _ = part_for(world["out"], "s0001/a_lc.fits")
+    with pytest.raises(TransferError, match="another download is writing this file") as info:
+        second.open()
+    assert not info.value.retryable
+    second.discard()  # what the Downloader does on a failure: the first writer's part stays
+    assert dest.with_name("a_lc.fits.part").exists()
+    first.commit(dest, fsync=False)
+    assert dest.read_bytes() == DATA
