@@ -609,13 +609,12 @@ def sky_figure(plan: PlanFacts) -> tuple[Any, str] | None:
     else:
         ax = fig.add_subplot(projection="mollweide")
         description = "Mollweide whole-sky projection, RA 180° in the middle, increasing to the left"
-        for name, vertices in plan.footprints:
+        for _, vertices in plan.footprints:
             ra, dec = great_circle_path(vertices)
             x, y = mollweide_x(ra), np.radians(dec)
             breaks = np.where(np.abs(np.diff(x)) > math.pi)[0] + 1
             for part_x, part_y in zip(np.split(x, breaks), np.split(y, breaks), strict=True):
                 ax.plot(part_x, part_y, color="#1f4e9c", lw=1.2, zorder=3)
-            del name
         for status in ("pending", "verified", "failed"):
             sample = plan.sky.get(status)
             if sample is None or not sample.ra:

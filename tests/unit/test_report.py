@@ -463,7 +463,7 @@ def test_reading_a_large_manifest_keeps_a_few_dozen_bytes_per_record(tmp_path):
         tracemalloc.stop()
     assert facts.records == count and facts.failed_total == 100
     # load() would hold 100,000 entries with their URL and path strings (tens of MB); the arrays
-    # are about 30 bytes a record, plus the unique pass's temporaries.
+    # are about 33 bytes a record, plus the unique pass's temporaries.
     print(f"peak {peak / 1e6:.1f} MB for {count} records")
     assert peak < 12 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
 
