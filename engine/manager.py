@@ -44,9 +44,10 @@ from engine.fetch.download import Downloader
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
 from engine.fetch.session import read_token as read_env_token
 from engine.fetch.throttle import AdaptiveLimiter
-from engine.layout import relpath_for, resolve_within
+from engine.layout import resolve_within
 from engine.manifest import Manifest, ManifestWriter, RunLock
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
+from engine.plan.invariants import PlanGuard
 from engine.plan.table import (
     SAVED_PLAN_HINT,
     PlanTail,
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # planning's imports (astropy.table, pyvo) cost a second: onl
 log = logging.getLogger("tessmirror")
 
 PLAN_FILE = "plan.ecsv"
+_DROPS_LOGGED = 20  # dropped rows named in the log per page; the summary counts them all
 RESULT_COLUMNS = ("url", "filename", "obs_id", "path", "status", "action", "nbytes", "md5", "error")
 
 
@@ -177,6 +179,11 @@ class TapPlan:
                 await asyncio.gather(planning, return_exceptions=True)
             tail.close()
 
+    def _final_meta(self) -> dict[str, object]:
+        """What only the end of planning knows, for the plan's header: every ADQL statement sent."""
+        statements = getattr(self.planner, "statements", None)
+        return {"adql": [str(text) for text in statements]} if statements else {}
+
     def _close_tap(self) -> None:
         """Planning is over (done, failed or cancelled): stop the TAP client's threads now."""
         close = getattr(getattr(self.planner, "tap", None), "close", None)
@@ -190,7 +197,7 @@ class TapPlan:
                 await asyncio.to_thread(writer.write, page)
                 self._planned(page)
                 grown.set()
-            await asyncio.to_thread(writer.commit)
+            await asyncio.to_thread(writer.commit, self._final_meta())
         except BaseException:
             writer.discard()
             raise
@@ -277,6 +284,8 @@ class RunOutcome:
     nbytes: int = 0
     interrupted: bool = False
     errors: list[str] = field(default_factory=list)
+    merged: int = 0  # duplicate rows for a file already planned: one download (PlanGuard)
+    dropped: int = 0  # rows with no usable URL, or a URL naming another file (PlanGuard)
 
     @property
     def exit_code(self) -> int:
@@ -341,6 +350,7 @@ class MirrorRun:
         self._stop = asyncio.Event()
         self._planned_total: int | None = None
         self._source_reports = False  # the plan source reports planning to `progress` itself
+        self._guard = PlanGuard(settings.output.layout)
 
     # -- entry --------------------------------------------------------------------------------
     async def run(self) -> RunOutcome:
@@ -419,6 +429,11 @@ class MirrorRun:
         def on_complete(total: int) -> None:
             self._planned_total = total
             self.progress.plan_complete()
+            # Rows the planner's own guard merged or dropped never reach the producer: count them here.
+            guard = getattr(source.planner, "guard", None)
+            if guard is not None:
+                self.outcome.merged += int(getattr(guard, "merged", 0))
+                self.outcome.dropped += int(getattr(guard, "dropped_total", 0))
 
         source.on_page = self.progress.planned_items
         source.on_complete = on_complete
@@ -508,33 +523,46 @@ class MirrorRun:
         writer: ManifestWriter,
         free: int,
     ) -> None:
+        """Every page through the plan's invariants (`PlanGuard`: one row per destination, URLs that
+        name their file, safe names), whatever the source: TAP, a saved plan or a URL list."""
         needed = 0
-        layout = self.settings.output.layout
+        guard = self._guard
         async for page in pages:
+            guarded = guard.admit(page)
             todo: list[tuple[PlanItem, str, Path]] = []
             skipped = 0
             page_bytes = 0
-            for item in page:
+            for item, reason in guarded.failed:
+                self.outcome.planned += 1
+                if done and redact(item.url) in done:
+                    skipped += 1  # verified by an earlier run: a later conflicting row does not undo it
+                    continue
+                await self._record(writer, FileResult(item, FileStatus.FAILED, error=redact(reason)))
+            for item, relpath in guarded.items:
                 self.outcome.planned += 1
                 declared = _declared_bytes(item)
                 page_bytes += declared
                 if done and redact(item.url) in done:  # the manifest keys URLs redacted
                     skipped += 1
                     if self.results is not None:
-                        path = _quiet_relpath(item, layout)
-                        self.results.add(item, "verified", "skipped", path, item.size, item.md5, "")
+                        self.results.add(item, "verified", "skipped", relpath, item.size, item.md5, "")
                     continue
                 try:
-                    relpath = relpath_for(item, layout)
                     dest = resolve_within(self.out_dir, relpath)
                 except UnsafePathError as err:
-                    await self._record(writer, FileResult(item, FileStatus.FAILED, error=redact(err)))
+                    await self._record(
+                        writer, FileResult(item, FileStatus.FAILED, path=relpath, error=redact(err))
+                    )
                     continue
                 todo.append((item, relpath, dest))
                 needed += declared
+            self.outcome.merged += guarded.merged
+            self.outcome.dropped += len(guarded.dropped)
+            for item, reason in guarded.dropped[:_DROPS_LOGGED]:
+                log.warning("dropped from the plan: %s: %s", item.filename or redact(item.url), reason)
             self.outcome.skipped += skipped
             if not self._source_reports:
-                self.progress.planned_items(len(page), page_bytes)
+                self.progress.planned_items(len(guarded.items) + len(guarded.failed), page_bytes)
             self.progress.skipped_items(skipped)
             if needed > free and not self.settings.run.force:
                 raise DiskFullError(
@@ -619,13 +647,6 @@ async def _finish(closing: Awaitable[None]) -> None:
         raise
 
 
-def _quiet_relpath(item: PlanItem, layout: str) -> str:
-    try:
-        return relpath_for(item, layout)
-    except UnsafePathError:
-        return ""
-
-
 def _declared_bytes(item: PlanItem) -> int:
     if item.size >= 0:
         return item.size
@@ -668,6 +689,8 @@ def summarize(outcome: RunOutcome) -> Iterable[str]:
     yield f"downloaded  {outcome.downloaded}  ({human_bytes(outcome.nbytes)})"
     yield f"skipped     {outcome.skipped}  (verified by an earlier run)"
     yield f"failed      {outcome.failed}"
+    if outcome.merged or outcome.dropped:
+        yield f"plan        {outcome.merged} duplicate rows merged, {outcome.dropped} unusable rows dropped"
     if outcome.pending:
         yield f"pending     {outcome.pending}  (run again to resume)"
     for err in outcome.errors[:10]:

@@ -16,6 +16,7 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -133,7 +134,8 @@ class PlanWriter:
         self.path = Path(path)
         self.count = 0
         header = items_to_table([])
-        header.meta.update({k: redact(v) if isinstance(v, str) else v for k, v in (meta or {}).items()})
+        self._meta = {k: _redacted(v) for k, v in (meta or {}).items()}
+        header.meta.update(self._meta)
         buffer = io.StringIO()
         header.write(buffer, format="ascii.ecsv", delimiter=",")
         try:
@@ -164,9 +166,16 @@ class PlanWriter:
         except OSError as err:
             raise _local_error(err, self.path, "cannot write the plan") from None
 
-    def commit(self) -> None:
+    def commit(self, meta: Mapping[str, Any] | None = None) -> None:
+        """Give the plan its final name (atomically, fsync'ed first).
+
+        `meta`: header entries known only now (the ADQL sent). The header is then written again,
+        with the rows copied after it, because the rows were streamed out before these were known.
+        """
         try:
             self._handle.flush()
+            if meta:
+                self._rewrite_header(meta)
             os.fsync(self._handle.fileno())
             self._handle.close()
             os.replace(self._tmp, self.path)
@@ -174,10 +183,45 @@ class PlanWriter:
             self.discard()
             raise _local_error(err, self.path, "cannot write the plan") from None
 
+    def _rewrite_header(self, meta: Mapping[str, Any]) -> None:
+        self._meta.update({k: _redacted(v) for k, v in meta.items()})
+        header = items_to_table([])
+        header.meta.update(self._meta)
+        buffer = io.StringIO()
+        header.write(buffer, format="ascii.ecsv", delimiter=",")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with (
+                os.fdopen(fd, "w", encoding="utf-8", newline="") as out,
+                open(self._tmp, encoding="utf-8", newline="") as rows,
+            ):
+                out.write(buffer.getvalue())  # ends with the column-names line
+                for line in rows:  # skip the old header and its column-names line
+                    if not line.startswith("#"):
+                        break
+                shutil.copyfileobj(rows, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._handle.close()
+        Path(self._tmp).unlink(missing_ok=True)
+        self._tmp = tmp
+        self._handle = open(tmp, "a", encoding="utf-8", newline="")  # noqa: SIM115 - closed by commit
+
     def discard(self) -> None:
         with contextlib.suppress(OSError):
             self._handle.close()
         Path(self._tmp).unlink(missing_ok=True)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def remove_stale_temp_files(path: Path) -> int:

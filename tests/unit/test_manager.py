@@ -21,10 +21,10 @@ from engine.exceptions import (
     DiskFullError,
     TapJobError,
 )
-from engine.manager import MirrorRun, ResourceExhaustedError, TablePlan, TapPlan
+from engine.manager import MirrorRun, ResourceExhaustedError, TablePlan, TapPlan, summarize
 from engine.manifest import Manifest
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
-from engine.plan.table import items_to_table, iter_plan
+from engine.plan.table import items_to_table, iter_plan, plan_meta
 from engine.progress import Progress
 from engine.settings import Settings
 
@@ -205,7 +205,7 @@ def test_stop_interrupts_keeps_what_was_verified_and_reports_pending(tmp_path):
 
 def test_preflight_refuses_a_plan_larger_than_the_free_space_unless_forced(tmp_path):
     settings = make_settings(tmp_path)
-    huge = [PlanItem(url="http://127.0.0.1:1/big", filename="big_lc.fits", size=1 << 60)]
+    huge = [PlanItem(url="http://127.0.0.1:1/big_lc.fits", filename="big_lc.fits", size=1 << 60)]
     with pytest.raises(DiskFullError, match="free"):
         run(settings, huge)
 
@@ -225,6 +225,7 @@ class FakePlanner:
         self.per_page = per_page
         self.fail_with = fail_with
         self.yielded = 0
+        self.statements = ["SELECT * FROM ivoa.obscore WHERE 1=1"]
 
     async def pages(self):
         for start in range(0, len(self.items), self.per_page):
@@ -270,6 +271,7 @@ def test_planning_is_not_held_back_by_the_download_queue_and_the_plan_is_saved_w
     assert saved, "the plan must be saved when planning ends, not when downloads do"
     assert total == (1000, True), "the progress total is right once planning is done"
     assert sum(1 for _ in iter_plan(plan)) == 1000
+    assert plan_meta(plan)["adql"] == planner.statements, "the plan records the ADQL that made it"
     assert outcome.downloaded == 1000 and outcome.exit_code == EXIT_OK
     assert not list(settings.state_dir.glob(".plan.ecsv.*.tmp"))
 
@@ -347,3 +349,17 @@ def test_running_out_of_memory_or_threads_stops_the_run_with_exit_4(tmp_path, er
     assert "\n" not in caught.value.message
     assert not list(settings.output.out_dir.rglob("run.lock"))
     Manifest(settings.state_dir).load()
+
+
+def test_every_source_goes_through_the_plan_guard_duplicates_merged_conflicts_failed(tmp_path):
+    """A saved plan or URL list gets the same invariants as a TAP plan: one row per destination."""
+    settings = make_settings(tmp_path)
+    items = make_items(4)
+    twin = PlanItem(url=items[0].url + "&mirror=2", filename=items[0].filename, size=items[0].size)
+    rival = PlanItem(url=items[1].url + "&mirror=2", filename=items[1].filename, size=items[1].size + 1)
+    nowhere = PlanItem(url="ftp://127.0.0.1/f_lc.fits", filename="f_lc.fits", size=10)
+    outcome, downloader = run(settings, [*items, twin, rival, nowhere])
+    assert sorted(downloader.calls) == sorted(i.url for i in items), "one download per destination"
+    assert (outcome.merged, outcome.dropped, outcome.failed) == (1, 1, 1)
+    assert Manifest(settings.state_dir).load()[rival.url].status == "failed"
+    assert any("1 duplicate rows merged, 1 unusable rows dropped" in line for line in summarize(outcome))

@@ -269,3 +269,18 @@ def test_a_broken_plan_header_is_one_line_naming_the_file_with_the_hint(tmp_path
     with pytest.raises(ConfigError) as caught:
         plan_meta(plan, key="plan", hint=SAVED_PLAN_HINT)
     assert "--refresh-plan" in (caught.value.hint or "")
+
+
+def test_commit_with_late_metadata_rewrites_the_header_and_keeps_every_row(tmp_path: Path) -> None:
+    writer = PlanWriter(tmp_path / "plan.ecsv", meta={"selection_fingerprint": "abc"})
+    tail = PlanTail(writer)
+    writer.write(ITEMS * 3)
+    assert len(tail.read(6)) == 6
+    statements = ["SELECT a FROM ivoa.obscore WHERE x = 'it''s'", "SELECT b\nFROM dbo.caomartifact"]
+    writer.commit({"adql": statements})
+    tail.close()
+    meta = plan_meta(tmp_path / "plan.ecsv")
+    assert meta["adql"] == statements and meta["selection_fingerprint"] == "abc"
+    assert list(iter_plan(tmp_path / "plan.ecsv")) == ITEMS * 3
+    assert len(load_plan(tmp_path / "plan.ecsv")) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.ecsv"]
