@@ -8,7 +8,8 @@ What the page shows
   the points spread too far for one tangent plane; right ascension increases to the left;
 - throughput over time (bytes of the verified records per time bin), with the files that needed
   retries and the failures marked per bin, and, from a run's log file (`--run-log`), each 429/503
-  answer and each slow-down;
+  answer and each slow-down (runs separated by a pause of `SESSION_GAP` are told apart: the plot
+  shows the last);
 - a table of failures with their reasons.
 
 Where the data comes from
@@ -21,14 +22,15 @@ page that says so instead of a sky plot.
 
 Bounded memory
 --------------
-Both files are streamed. Per manifest record the report keeps 30 bytes in flat arrays (a 64-bit hash
+Both files are streamed. Per manifest record the report keeps 33 bytes in flat arrays (a 64-bit hash
 of the URL, status, time, bytes, tries); the failures table and the reason counts are capped; the sky
 plot keeps at most `MAX_SKY_POINTS` targets per status (every other one is dropped each time a
 status's buffer fills, so the sample stays spread over the whole plan).
 
 Untrusted text
 --------------
-File names, URLs and error messages came from the archive: every one is HTML-escaped, and the page
+File names, URLs and error messages came from the archive: every one is HTML-escaped (control and
+bidi characters shown as ``\\uXXXX``), and the page
 carries a Content-Security-Policy that allows no script at all, so a name that slipped through could
 still not run. Images are embedded as data: URIs; the page needs no network.
 
