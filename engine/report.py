@@ -30,9 +30,9 @@ status's buffer fills, so the sample stays spread over the whole plan).
 Untrusted text
 --------------
 File names, URLs and error messages came from the archive: every one is HTML-escaped (control and
-bidi characters shown as ``\\uXXXX``), and the page
-carries a Content-Security-Policy that allows no script at all, so a name that slipped through could
-still not run. Images are embedded as data: URIs; the page needs no network.
+bidi characters shown as ``\\uXXXX``), and the page carries a Content-Security-Policy that allows no
+script at all, so a name that slipped through could still not run. Images are embedded as data:
+URIs; the page needs no network.
 
 matplotlib is imported only when the pictures are drawn (``pip install 'tessmirror[plot]'``), so
 `tessmirror --help` stays fast. Without it the page is written with its tables and a note.
