@@ -303,11 +303,12 @@ class TapClient:
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[T] = loop.create_future()
+        self._in_flight.add(cancel)  # before the thread starts, so a fast call cannot leave it behind
         try:
             work = self._executor.submit(_bound_to, cancel, call)
         except RuntimeError:  # the executor was shut down under us: the run is ending
+            self._in_flight.discard(cancel)
             raise TapJobError("the TAP client was closed") from None
-        self._in_flight.add(cancel)
 
         def relay(done: Future[T]) -> None:
             # In the worker thread. The loop may be closed by now (the CLI finished without this
@@ -675,8 +676,8 @@ def _copy_outcome(done: Future[T], answer: asyncio.Future[T]) -> None:
     """Pass a worker's outcome to the coroutine waiting for it (in the loop's thread)."""
     if answer.cancelled():
         return  # the caller gave up; the outcome (a result or an error) is not anyone's concern
-    if done.cancelled():
-        answer.cancel()
+    if done.cancelled():  # dropped from the queue by close(): the caller was not cancelled, the client was
+        answer.set_exception(TapJobError("the TAP client was closed"))
     elif (error := done.exception()) is not None:
         answer.set_exception(error)
     else:

@@ -512,3 +512,24 @@ def test_capabilities_answering_503_are_retried_then_read() -> None:
         assert refused
 
     asyncio.run(main())
+
+
+def test_a_call_still_queued_when_the_client_closes_fails_as_closed() -> None:
+    """One worker thread, blocked on a silent service; a second call waits in the queue. close()
+    drops the queued call: its caller gets "closed", not a cancellation it never asked for."""
+    with silent_server() as (url, accepted):
+
+        async def main() -> None:
+            tap = TapClient(url, settings=QUICK, executor=None, backoff=0.01)
+            tap._executor = DaemonExecutor(1)  # one thread, so the second call must queue
+            first = asyncio.create_task(tap.run("SELECT 1 FROM ivoa.things"))
+            assert await asyncio.to_thread(wait_until, lambda: len(accepted) >= 1, timeout=30)
+            second = asyncio.create_task(tap.run("SELECT 2 FROM ivoa.things"))
+            await asyncio.sleep(0)  # let it reach the queue
+            tap.close()
+            with pytest.raises(TapJobError, match="cancelled"):
+                await asyncio.wait_for(first, 30)
+            with pytest.raises(TapJobError, match="closed"):
+                await asyncio.wait_for(second, 30)
+
+        asyncio.run(main())
