@@ -8,8 +8,9 @@ engine/cli.py and engine/settings.py is the lead's; see the report of the change
 engine/fetch/autotune.py). This driver builds the same run the CLI would (`load_settings`,
 `MirrorRun`) and adds exactly that wiring through MirrorRun's injection points:
 
-* every worker may run (``fetch.concurrency`` = ``fetch.per_host`` = max connections), and the
-  AdaptiveLimiter, steered by a ConcurrencyTuner, bounds the requests in flight;
+* a few more workers than max connections (``fetch.concurrency``), ``fetch.per_host`` = max
+  connections, and the AdaptiveLimiter, steered by a ConcurrencyTuner, bounds the requests in
+  flight;
 * the Downloader feeds the tuner the body bytes as they are written (``_absorb``) and the time from
   sending each request to its response headers (``_open``).
 
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 "output.layout": ns.layout,
                 "output.fsync": not ns.no_fsync,
                 "verify.level": ns.verify,
-                "fetch.concurrency": cap,
+                # A few more workers than connections, so work waits at the limiter whenever there
+                # is work (the tuner judges only windows where the limit was the bound).
+                "fetch.concurrency": cap + max(2, cap // 4),
                 "fetch.per_host": cap,
             },
         )

@@ -20,7 +20,8 @@ queue at the bottleneck and crowd the archive. The tuner finds the count by meas
   ``overload_quiet`` seconds.
 * **Only saturated windows count.** A window in which the limit was not the bound (the plan ran
   dry at the end of a run, planning was slower than the downloads) says nothing about the path; it
-  is measured again.
+  is measured again. Run a few more workers than ``maximum`` (``maximum + maximum // 4``) so that
+  work waits at the limiter whenever there is work.
 
 Each new count first gets a settling time (slow start on new connections, their handshakes) before
 its window is measured. Settling and windows scale with the round-trip time seen as time to first
@@ -189,7 +190,10 @@ class ConcurrencyTuner:
             self._overloaded(now)
             return
         self._samples += 1
-        if self.limiter.saturated or self.limiter.waiting:
+        limiter = self.limiter
+        # Saturated: requests wait for a slot, or nearly every slot is busy (a download between its
+        # last byte and its rename holds no slot, so "every slot" would miss busy windows).
+        if limiter.waiting or limiter.in_flight >= limiter.limit - max(1, limiter.limit // 8):
             self._saturated += 1
         if now < self._phase_end:
             return

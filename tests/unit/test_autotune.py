@@ -257,3 +257,14 @@ def test_mean_limit_weighs_each_count_by_the_time_it_was_in_force() -> None:
             assert rig.tuner.mean_limit() == pytest.approx(expected)
 
     run(main())
+
+
+def test_a_slot_or_two_free_between_downloads_still_counts_as_saturated() -> None:
+    async def main() -> None:
+        # 15 busy of 16 slots (one download is being renamed): the window is judged, and the tuner climbs.
+        settings = TunerSettings(start=16)
+        async with Rig(Path(per_conn=1 * MB, link=100 * MB), settings, workers=15) as rig:
+            await rig.drive(5)
+            assert rig.tuner.steps and rig.tuner.steps[0].before == 16
+
+    run(main())
