@@ -224,8 +224,10 @@ class ConcurrencyTuner:
         rate = (self._bytes - self._window_bytes) / elapsed
         ttfb = statistics.median(self._ttfbs) if self._ttfbs else 0.0
         counted = self._samples > 0 and self._saturated >= s.saturated_share * self._samples
-        if not counted:
-            self._begin_window(now)  # the work ran short, not the path: measure again
+        if not counted or rate <= 0:
+            # The work ran short (not the path), or nothing arrived at all (a stall, a pause after
+            # Retry-After): nothing to learn about more connections. Measure again.
+            self._begin_window(now)
             return
         if self._ttfbs:
             self._base_ttfb = ttfb if self._base_ttfb is None else min(self._base_ttfb, ttfb)

@@ -268,3 +268,13 @@ def test_a_slot_or_two_free_between_downloads_still_counts_as_saturated() -> Non
             assert rig.tuner.steps and rig.tuner.steps[0].before == 16
 
     run(main())
+
+
+def test_a_window_in_which_nothing_arrived_is_not_taken_for_a_rate() -> None:
+    async def main() -> None:
+        stalled = Path(per_conn=0.0, link=0.0)  # every connection open, no byte comes
+        async with Rig(stalled) as rig:
+            await rig.drive(20)
+            assert rig.tuner.steps == [] and rig.tuner.limit == 8
+
+    run(main())
