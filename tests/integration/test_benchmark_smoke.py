@@ -133,3 +133,65 @@ def test_wan_rows_are_the_median_run_with_every_run_noted() -> None:
     assert (aria["mb_s"], aria["run"]) == (35.0, 2)
     assert "median of 3: 40.0, 30.0, 35.0 MB/s" in aria["note"]
     assert tm["mb_s"] == 43.0 and tm["vs_peers"] == {"aria2c -j 16 md5": 43.0 / 35.0}
+
+
+@pytest.mark.integration
+def test_the_auto_driver_downloads_everything_and_reports_its_count(tmp_path: Path) -> None:
+    """benchmarks.tm_auto wires the tuner into a real run (through MirrorRun's factories): every file
+    arrives with its md5, and the count it reports stays within --max-connections."""
+    import hashlib
+    import os
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from benchmarks.wan import write_lists
+
+    www = tmp_path / "www"
+    www.mkdir()
+    files = []
+    for i in range(12):
+        body = b"B" + os.urandom(50_000 + i)
+        (www / f"f{i:02d}.bin").write_bytes(body)
+        files.append((f"f{i:02d}.bin", len(body), hashlib.md5(body).hexdigest()))
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        lists = write_lists(tmp_path / "lists", files, f"http://127.0.0.1:{server.server_address[1]}")
+        out = tmp_path / "out"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.tm_auto",
+                "--input",
+                str(lists["plan"]),
+                "--out",
+                str(out),
+                "--max-connections",
+                "4",
+                "--start",
+                "2",
+                "--no-fsync",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        server.shutdown()
+        thread.join()
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name, size, md5 in files:
+        body = (out / name).read_bytes()
+        assert len(body) == size and hashlib.md5(body).hexdigest() == md5
+    tuner = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("tuner: "))[7:])
+    assert 1 <= tuner["settled"] <= 4 and all(step["to"] <= 4 for step in tuner["steps"])
