@@ -12,7 +12,8 @@ folder, a final name pre-planted as a symlink. Path-based calls (`open(path)`, `
 * the part file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to its directory's
   descriptor; an existing part that is a symlink, not a regular file, or has another hard link is
   removed (``unlink(dir_fd=)``, which never follows) and the download starts fresh; a plain regular
-  part is reused and truncated (today's behaviour: restarted, not resumed across runs);
+  part is reused and truncated (today's behaviour: restarted, not resumed across runs); each part is
+  held under an exclusive `flock`, so a second writer on one destination is refused, never merged;
 * commit is fsync + ``os.rename(part, final, src_dir_fd=fd, dst_dir_fd=fd)``: a final name that is a
   symlink is replaced, never followed; a final name that is a directory is refused;
 * a directory can still be *moved* while its descriptor is held (a rename is not a symlink), so after
@@ -42,6 +43,7 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -64,7 +66,9 @@ _REUSE_FLAGS = os.O_WRONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
 _DIR_MODE = 0o777  # narrowed by the umask, as mkdir(1) does
 _FILE_MODE = 0o644
 _PROC_FD = Path("/proc/self/fd")  # Linux: a folder's descriptor as a path prefix
-_SYMLINK_ERRNOS = frozenset({errno.ELOOP, errno.EMLINK})  # FreeBSD says EMLINK for O_NOFOLLOW
+# What open(O_NOFOLLOW) says for a symlink: ELOOP, and EMLINK on FreeBSD (on Linux EMLINK means
+# "too many links", which must not be mistaken for a planted symlink).
+_SYMLINK_ERRNOS = frozenset({errno.ELOOP, *([errno.EMLINK] if sys.platform.startswith("freebsd") else [])})
 _HINT = (
     "tessmirror never writes through a symlink or into a non-directory under --out; "
     "replace it with a real directory (or point --out at the real location) and run again"
