@@ -93,7 +93,11 @@ class TapUnavailableError(ArchiveError):
 
 
 class TapJobError(ArchiveError):
-    pass
+    """A TAP job that failed. `query_fault` is True when the query itself is at fault (syntax, an
+    unknown column, refused with HTTP 400/422): the same query fails again, so it is never retried.
+    None where the raiser could not tell."""
+
+    query_fault: bool | None = None
 
 
 class TapTimeoutError(ArchiveError):

@@ -537,7 +537,9 @@ class TapClient:
             hint="if the query looks right, the service may be failing; try again later",
         )
         # A query fault fails again on every try; anything else may be the server's passing trouble.
-        return error if _QUERY_FAULT.search(message) else _Transient(error)
+        # The planner reads the same verdict from `query_fault`, never by parsing this message again.
+        error.query_fault = bool(_QUERY_FAULT.search(message))
+        return error if error.query_fault else _Transient(error)
 
     def _broken(self, err: BaseException, doing: str) -> _Transient:
         """A cut connection or an answer that does not parse (HTML, half a VOTable): retried."""
@@ -615,7 +617,9 @@ class TapClient:
                 TapUnavailableError(f"{where} answered HTTP {code} while {doing}", hint=URL_HINT)
             )
         if code in (400, 422):
-            return TapJobError(f"{where} refused the query (HTTP {code}): {text}")
+            refused = TapJobError(f"{where} refused the query (HTTP {code}): {text}")
+            refused.query_fault = True
+            return refused
         if code:
             return TapUnavailableError(
                 f"{where} does not answer as a TAP service (HTTP {code} while {doing})", hint=URL_HINT

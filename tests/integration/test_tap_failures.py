@@ -105,12 +105,21 @@ def test_overflow_that_cannot_be_split_is_an_incomplete_plan(archive, tmp_path: 
     assert not (out / ".tessmirror" / "plan.ecsv").exists(), "an incomplete plan must not be saved"
 
 
-def test_footprint_overflow_is_an_incomplete_plan(archive, tmp_path: Path) -> None:
-    """16 CCD footprints asked with a page of 2 rows: refused, rather than silently mirroring 2 CCDs."""
-    arch = archive()
-    _out, result = run_against(arch, tmp_path, page_size=2)
-    assert_clear_failure(result, "footprint query for sector 1 overflowed")
-    assert not arch.request_log
+def test_a_whole_sector_plans_every_ccd_even_with_a_two_row_page(archive, tmp_path: Path) -> None:
+    """16 CCD footprints with a page of 2 rows: one small footprint query per CCD cannot overflow, so
+    the run mirrors every CCD's light curves instead of refusing or silently keeping 2 CCDs."""
+    arch = archive(exposures_per_ccd=20)  # 320 FFI exposures: one footprint query would overflow
+    out, result = run_against(arch, tmp_path, page_size=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    catalog = arch.catalog
+    expected = {
+        f.name
+        for key in catalog.exposures
+        for f in catalog.files_inside(catalog.middle_exposure(key).vertices)
+    }
+    assert expected
+    got = {p.name for p in out.rglob("*_lc.fits")}
+    assert got == expected
 
 
 def test_a_run_against_a_tap_service_that_never_answers_ends_in_exit_3_and_releases_the_lock(
