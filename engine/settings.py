@@ -77,7 +77,9 @@ class OutputSettings:
 @dataclass(slots=True)
 class FetchSettings:
     concurrency: int = 8  # downloads in flight, in total
-    per_host: int = 8  # connections per host
+    # Connections per host; None: as many as `concurrency`. MAST serves every file from one host, so a
+    # smaller number would silently cap --concurrency (16 downloads over 8 connections).
+    per_host: int | None = None
     chunk_size: int = 256 * 1024
     connect_timeout: float = 30.0
     idle_timeout: float = 60.0  # no byte for this long ends the try; never a total timeout

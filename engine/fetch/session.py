@@ -120,7 +120,7 @@ def open_session(
     """
     connector = aiohttp.TCPConnector(
         limit=settings.concurrency,
-        limit_per_host=settings.per_host,
+        limit_per_host=settings.per_host or settings.concurrency,
         ttl_dns_cache=DNS_CACHE_SECONDS,
         keepalive_timeout=KEEPALIVE_SECONDS,
     )
