@@ -225,8 +225,9 @@ def test_a_final_name_planted_as_a_symlink_is_never_followed(world: World, archi
 
 
 def test_a_folder_swapped_for_a_symlink_mid_run_writes_nothing_outside(world: World, archive) -> None:
-    # Every file waits 0.4 s before its first byte, two at a time: the run lasts several seconds.
-    arch = archive(faults=FaultPlan.from_spec("latency=0.4"))
+    # Every file waits 0.5 s before its first byte, two at a time: 32 files take 8 s or more, so the
+    # swap (made as soon as the first file is on disk) always lands with most of the run ahead.
+    arch = archive(faults=FaultPlan.from_spec("latency=0.5"))
     expected = {f.name: f for f in light_curves(arch)}
     sector_dir = world.out / "tid" / "s0001"
     moved = world.base / "moved-away"
