@@ -64,8 +64,10 @@ CONDITIONS = {
     "B": Condition("B", 50, "1000mbit", "8m", files=450, quick_files=200),
     # A slow far archive on a thin link: the link binds from 12 connections on.
     "C": Condition("C", 75, "100mbit", "1m", files=100, quick_files=40),
+    # Slower connections: the link binds from 22 connections on, so 16 leave a quarter of it idle.
+    "D": Condition("D", 50, "400mbit", "2m", files=300, quick_files=120),
     # Slow connections on a fat link: 45 connections would be needed; the politeness cap binds.
-    "D": Condition("D", 50, "400mbit", "1m", files=200, quick_files=80),
+    "E": Condition("E", 50, "400mbit", "1m", files=200, quick_files=80),
     # Plain loopback through the harness (not in the default set): what the box itself can do.
     "L": Condition("L", 0, "0", "0", files=400, quick_files=150),
 }

@@ -14,7 +14,8 @@ queue at the bottleneck and crowd the archive. The tuner finds the count by meas
   connection)``), never above the count that was just tried, and held. While holding, a time to first
   byte that stays inflated for two windows gives back a quarter of the connections; every
   ``reprobe_after`` seconds one step up (×1.25) checks whether the path has improved.
-* **Never above ``maximum``** (``--max-connections``, the politeness cap).
+* **Never above ``maximum``** (``--max-connections``, the politeness cap). A step that reaches
+  the cap and pays only in part settles at the knee's estimate below it.
 * **Overload wins.** The AdaptiveLimiter halves its limit at once on a 429 or 503. The tuner sees
   the overload at its next sample, takes the halved limit as its own, and does not climb again for
   ``overload_quiet`` seconds.
@@ -255,7 +256,12 @@ class ConcurrencyTuner:
             proportional = gain >= 0.8 * expected
         if efficient and not inflated:
             if n >= s.maximum:
-                self._hold(now, n, rate, ttfb, "at --max-connections, the politeness cap")
+                if proportional:
+                    self._hold(now, n, rate, ttfb, "at --max-connections, the politeness cap")
+                else:  # the knee lies between the last two counts: no need for the whole cap
+                    lower = prev[0] + 1 if prev is not None else s.minimum
+                    knee = min(max(self._knee(), lower), n)
+                    self._hold(now, knee, rate, ttfb, "the last step paid only in part")
                 return
             # Doubling while each step pays in full, like slow start; smaller steps near the knee.
             factor = 2.0 if proportional else 1.5
@@ -264,10 +270,13 @@ class ConcurrencyTuner:
             return
         # The rate stopped rising in proportion (or the queue grew): the knee is at or below n.
         ceiling = n if (gain >= s.min_gain and prev is not None) else (prev[0] if prev else n)
-        knee = math.ceil(s.headroom * self._best_rate / max(self._best_per_conn, 1e-9))
-        settled = min(max(knee, s.minimum), ceiling, s.maximum)
+        settled = min(max(self._knee(), s.minimum), ceiling, s.maximum)
         why = "the time to first byte inflated" if inflated else "more connections stopped paying"
         self._hold(now, settled, rate, ttfb, why)
+
+    def _knee(self) -> int:
+        """Connections the best rate needs at the best rate per connection, with headroom."""
+        return math.ceil(self.settings.headroom * self._best_rate / max(self._best_per_conn, 1e-9))
 
     def _judge_hold(self, now: float, n: int, rate: float, ttfb: float, inflated: bool) -> None:
         s = self.settings

@@ -278,3 +278,15 @@ def test_a_window_in_which_nothing_arrived_is_not_taken_for_a_rate() -> None:
             assert rig.tuner.steps == [] and rig.tuner.limit == 8
 
     run(main())
+
+
+def test_a_step_to_the_cap_that_pays_only_in_part_settles_below_the_cap() -> None:
+    async def main() -> None:
+        # 1.8 MB/s per connection, 46.8 MB/s link: 26 connections fill it; 16 -> 32 gains 62 %.
+        async with Rig(Path(per_conn=1.8 * MB, link=46.8 * MB)) as rig:
+            await rig.drive(25)
+            assert rig.tuner.state == "holding"
+            assert math.ceil(46.8 / 1.8) <= rig.tuner.limit < DEFAULT_MAX_CONNECTIONS
+            assert "only in part" in rig.tuner.steps[-1].reason
+
+    run(main())
