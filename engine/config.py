@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from engine.exceptions import ConfigError
 from engine.models import VerifyLevel
-from engine.settings import CHUNK_SIZE_MAX, FOOTPRINTS, PRODUCT_SUFFIXES, Settings
+from engine.settings import CHUNK_SIZE_MAX, FOOTPRINTS, PRODUCT_SUFFIXES, SOURCES, Settings
 
 try:  # Python >= 3.11
     import tomllib
@@ -421,6 +421,17 @@ def _validate(settings: Settings, *, require_selection: bool) -> None:
             hint="the default 262144 (256 kB) is right for almost every link",
         )
     _at_least("fetch.max_file_size", fetch.max_file_size, 1)
+    if fetch.source not in SOURCES:
+        raise ConfigError(
+            "fetch.source", f"unknown source {fetch.source!r}", hint=f"use one of: {', '.join(SOURCES)}"
+        )
+    endpoint = urlsplit(fetch.s3_endpoint)
+    if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
+        raise ConfigError(
+            "fetch.s3_endpoint",
+            f"{fetch.s3_endpoint!r} is not an http(s) URL with a host",
+            hint="e.g. https://stpubdata.s3.us-east-1.amazonaws.com",
+        )
     _at_least("fetch.retries", fetch.retries, 0)
     _at_least("fetch.max_redirects", fetch.max_redirects, 0)
     _at_least("fetch.backoff_initial", fetch.backoff_initial, 0)

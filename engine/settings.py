@@ -27,6 +27,10 @@ PRODUCT_SUFFIXES: dict[str, str] = {
 }
 # How the footprint of a sector/camera/CCD is taken from its per-exposure FFI observations.
 FOOTPRINTS = ("middle", "composite")
+# Where file bytes come from: MAST's Download API, the public S3 copy (AWS Open Data), or S3 where the
+# file is there and MAST otherwise.
+SOURCES = ("mast", "s3", "auto")
+S3_ENDPOINT = "https://stpubdata.s3.us-east-1.amazonaws.com"
 # Never buffer more than this per read, whatever fetch.chunk_size says.
 CHUNK_SIZE_MAX = 64 * 1024 * 1024
 
@@ -93,6 +97,8 @@ class FetchSettings:
     est_size_tolerance: float = 0.05
     # A body is never allowed past this many bytes when the plan declares no size at all.
     max_file_size: int = 4 * 1024**3
+    source: str = "mast"  # one of SOURCES
+    s3_endpoint: str = S3_ENDPOINT  # the bucket's HTTPS endpoint (path-style: ENDPOINT/stpubdata/...)
     user_agent: str = "tessmirror/0.1 (+https://github.com/tessmirror)"
 
 
