@@ -83,17 +83,48 @@ class ItemsPlan:
     """A plan that is already known: a saved ECSV plan, a URL list or a table. No TAP at all.
 
     `items` is a factory for an iterator, read in pages in a worker thread: a plan file of a million
-    rows streams through in bounded memory and never blocks the event loop.
+    rows streams through in bounded memory and never blocks the event loop. `count`, when given,
+    counts the rows in a second pass (a saved plan file can be read twice), so progress shows the
+    whole total from the start: `on_page(count, 0)` then `on_complete(count)` report it.
     """
 
-    def __init__(self, items: Callable[[], Iterator[PlanItem]], *, page_size: int = 1000) -> None:
+    def __init__(
+        self,
+        items: Callable[[], Iterator[PlanItem]],
+        *,
+        page_size: int = 1000,
+        count: Callable[[], int] | None = None,
+    ) -> None:
         self.items = items
         self.page_size = page_size
+        self.count = count
+        self.on_page: Callable[[int, int], None] | None = None
+        self.on_complete: Callable[[int], None] | None = None
+
+    @property
+    def reports_planning(self) -> bool:
+        return self.count is not None
 
     async def pages(self) -> AsyncIterator[list[PlanItem]]:
-        iterator = await asyncio.to_thread(self.items)
-        while page := await asyncio.to_thread(lambda: list(itertools.islice(iterator, self.page_size))):
-            yield page
+        counting = asyncio.create_task(self._count()) if self.count is not None else None
+        try:
+            iterator = await asyncio.to_thread(self.items)
+            while page := await asyncio.to_thread(lambda: list(itertools.islice(iterator, self.page_size))):
+                yield page
+            if counting is not None:
+                await counting  # its error (a malformed row) would have stopped the reading too
+        finally:
+            if counting is not None and not counting.done():
+                counting.cancel()
+                await asyncio.gather(counting, return_exceptions=True)
+
+    async def _count(self) -> None:
+        assert self.count is not None
+        total = await asyncio.to_thread(self.count)
+        if self.on_page is not None:
+            self.on_page(total, 0)
+        if self.on_complete is not None:
+            self.on_complete(total)
 
 
 class TablePlan(ItemsPlan):
@@ -115,6 +146,8 @@ class TapPlan:
 
     `on_page(count, nbytes)` and `on_complete(total)` report planning's progress as it happens.
     """
+
+    reports_planning = True
 
     def __init__(self, planner: Planner, save_to: Path | None, meta: dict[str, str]) -> None:
         self.planner = planner
@@ -228,7 +261,10 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
         meta = plan_meta(plan_path, key="plan", hint=SAVED_PLAN_HINT)
         if meta.get("selection_fingerprint") == fingerprint:
             log.info("resuming from the saved plan %s; --refresh-plan queries TAP again", plan_path)
-            return ItemsPlan(lambda: iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT))
+            return ItemsPlan(
+                lambda: iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT),
+                count=lambda: sum(1 for _ in iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT)),
+            )
         log.info("the saved plan %s was made for another selection; planning again", plan_path)
     from engine.plan.planner import Planner
     from engine.plan.tap import TapClient
@@ -422,7 +458,7 @@ class MirrorRun:
     def _watch_planning(self, source: PlanSource) -> None:
         """Progress counts planned files as planning finds them, not as downloads reach them."""
         self._planned_total = None
-        if not isinstance(source, TapPlan):
+        if not getattr(source, "reports_planning", False):
             return
         self._source_reports = True
 
@@ -430,7 +466,7 @@ class MirrorRun:
             self._planned_total = total
             self.progress.plan_complete()
             # Rows the planner's own guard merged or dropped never reach the producer: count them here.
-            guard = getattr(source.planner, "guard", None)
+            guard = getattr(getattr(source, "planner", None), "guard", None)
             if guard is not None:
                 self.outcome.merged += int(getattr(guard, "merged", 0))
                 self.outcome.dropped += int(getattr(guard, "dropped_total", 0))

@@ -21,10 +21,17 @@ from engine.exceptions import (
     DiskFullError,
     TapJobError,
 )
-from engine.manager import MirrorRun, ResourceExhaustedError, TablePlan, TapPlan, summarize
+from engine.manager import (
+    MirrorRun,
+    ResourceExhaustedError,
+    TablePlan,
+    TapPlan,
+    selection_fingerprint,
+    summarize,
+)
 from engine.manifest import Manifest
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
-from engine.plan.table import items_to_table, iter_plan, plan_meta
+from engine.plan.table import PlanWriter, items_to_table, iter_plan, plan_meta
 from engine.progress import Progress
 from engine.settings import Settings
 
@@ -363,3 +370,36 @@ def test_every_source_goes_through_the_plan_guard_duplicates_merged_conflicts_fa
     assert (outcome.merged, outcome.dropped, outcome.failed) == (1, 1, 1)
     assert Manifest(settings.state_dir).load()[rival.url].status == "failed"
     assert any("1 duplicate rows merged, 1 unusable rows dropped" in line for line in summarize(outcome))
+
+
+def test_a_resumed_run_knows_the_saved_plans_total_before_the_downloads_reach_it(tmp_path):
+    settings = make_settings(tmp_path, concurrency=2)
+    settings.state_dir.mkdir(parents=True)
+    writer = PlanWriter(
+        settings.state_dir / "plan.ecsv", meta={"selection_fingerprint": selection_fingerprint(settings)}
+    )
+    writer.write(make_items(300))
+    writer.commit()
+    gate = asyncio.Event()
+
+    async def scenario():
+        FakeDownloader.instances.clear()
+        mirror = MirrorRun(
+            settings,
+            session_factory=fake_session,
+            downloader_factory=lambda *a, **k: FakeDownloader(*a, gate=gate),
+            progress=Progress(bar=False),
+            handle_signals=False,
+        )
+        task = asyncio.create_task(mirror.run())
+        deadline = asyncio.get_running_loop().time() + 60
+        while not mirror.progress.planning_done and asyncio.get_running_loop().time() < deadline:
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        total = mirror.progress.planned
+        gate.set()
+        return total, await task
+
+    total, outcome = asyncio.run(scenario())
+    assert total == 300, "the whole total is shown while every download is still held"
+    assert outcome.planned == 300 and outcome.downloaded == 300
