@@ -8,6 +8,12 @@ Both return an astropy Table with one row per planned file (`status`, `path`, `n
 `results.meta` carries the counts and the `exit_code`; failures are rows, not exceptions, so one bad
 file never hides the others. Problems with the whole run (bad input, an unreachable TAP service, a
 full disk) raise `engine.exceptions.TessMirrorError` subclasses.
+
+Signals belong to the caller (a notebook's kernel, a script): the API installs no handlers. An
+interrupt stops the run cleanly: `mirror()` turns Ctrl-C (or a notebook's "interrupt kernel") into a
+cancellation of the run, which abandons the transfers in flight (they stay `.part`), flushes the
+manifest, releases the lock, and then raises KeyboardInterrupt; cancelling the task that awaits
+`mirror_async()` does the same and raises CancelledError. Call again to resume.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,37 @@ def test_input_from_a_pipe_is_read_once_and_streamed(archive, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"planned     {len(urls.split())}" in proc.stderr, proc.stderr[-2000:]
         assert len(mirrored_files(out)) == len(urls.split())
+
+
+def test_an_interrupt_in_the_python_api_cancels_the_run_cleanly(archive, tmp_path):
+    """The API installs no handlers: Ctrl-C in `mirror()` cancels the run, flushes, releases the lock."""
+    arc = archive(targets=64, focus=(1, 1, 2), faults=FaultPlan.from_spec("bandwidth=100000"))
+    out = tmp_path / "api"
+    script = (
+        "import sys\n"
+        "from engine import mirror\n"
+        "try:\n"
+        f"    mirror(tap_url={arc.tap_url!r}, sector=1, camera=1, ccd=2,\n"
+        f"           out_dir={str(out)!r}, concurrency=2)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('KeyboardInterrupt reached the caller', flush=True)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(5)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    manifest = out / ".tessmirror" / "manifest.jsonl"
+    try:
+        assert wait_until(lambda: manifest_lines(manifest) >= 2 or proc.poll() is not None, timeout=90)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "KeyboardInterrupt reached the caller" in stdout
+    assert not list(out.rglob("run.lock")), "the lock is released"
+    assert assert_verified_records_are_good(out, arc) >= 2
