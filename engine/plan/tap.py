@@ -306,8 +306,11 @@ class TapClient:
         self._in_flight.add(cancel)  # before the thread starts, so a fast call cannot leave it behind
         try:
             work = self._executor.submit(_bound_to, cancel, call)
-        except RuntimeError:  # the executor was shut down under us: the run is ending
+        except RuntimeError as err:
             self._in_flight.discard(cancel)
+            if "can't start new thread" in str(err):
+                raise  # the machine is out of threads or address space: the run maps it to exit 4
+            # The executor was shut down under us: the run is ending.
             raise TapJobError("the TAP client was closed") from None
 
         def relay(done: Future[T]) -> None:
