@@ -228,7 +228,19 @@ def _add_download(p: argparse.ArgumentParser, *, out_required: bool = True) -> N
     g.add_argument(
         "--concurrency", dest="fetch.concurrency", type=int, help="downloads in flight (default 8)"
     )
-    g.add_argument("--per-host", dest="fetch.per_host", type=int, help="connections per host (default 8)")
+    g.add_argument(
+        "--per-host",
+        dest="fetch.per_host",
+        type=int,
+        help="connections per host (default: same as --concurrency)",
+    )
+    g.add_argument(
+        "--source",
+        dest="fetch.source",
+        choices=("mast", "s3", "auto"),
+        help="where file bytes come from: MAST (default), its public S3 copy, or S3 where it has the file",
+    )
+    g.add_argument("--s3-endpoint", dest="fetch.s3_endpoint", metavar="URL", help="the S3 bucket's endpoint")
     g.add_argument(
         "--verify",
         dest="verify.level",
@@ -330,27 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"archive port (default {DEMO_PORT}, or a free one if taken)",
     )
 
+    from engine.report import add_report_command
+
+    add_report_command(sub, parents=[common])
+
     p = sub.add_parser("archive", help="the local MAST-shaped archive")
     asub = p.add_subparsers(dest="archive_command", required=True, metavar="ARCHIVE_COMMAND")
+    from engine.archive.cli_options import add_archive_arguments
+
     s = asub.add_parser("serve", help="serve the local archive until Ctrl-C / SIGTERM")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=0, help="0: a free port")
-    s.add_argument("--sectors", default="1-13", help="sectors to generate, e.g. 1-13")
-    s.add_argument("--targets", type=int, default=2000, help="synthetic TIC targets")
-    s.add_argument("--file-size", default="full", help="full (about 2 MB), small, or a cadence count")
-    s.add_argument("--faults", default="", help="fault spec, e.g. '500=0.2,429=0.1:retry_after=2,seed=7'")
-    s.add_argument("--data-dir", type=Path, help="cache for generated files (default: a temporary folder)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--hard-limit", type=int, default=100_000, help="TAP row limit")
-    s.add_argument(
-        "--focus", type=_int_list("--focus"), help="put every target in one footprint: SECTOR,CAMERA,CCD"
-    )
-    s.add_argument(
-        "--no-artifacts", action="store_true", help="serve no dbo.caomplane/caomartifact (ObsCore only)"
-    )
-    s.add_argument(
-        "--hostile-names", action="store_true", help="add rows with hostile file names (for testing)"
-    )
+    add_archive_arguments(s)
     s.add_argument("--log-level", dest="run.log_level")
     return parser
 
@@ -607,40 +608,15 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
 
 
 def _archive_options(ns: argparse.Namespace, **extra):
-    from engine.archive.faults import FaultPlan
-    from engine.archive.server import ArchiveOptions
-    from engine.config import parse_sectors
+    from engine.archive.cli_options import archive_options_from_args
 
-    try:
-        faults = FaultPlan.from_spec(ns.faults) if getattr(ns, "faults", "") else FaultPlan()
-    except ValueError as err:
-        raise ConfigError("--faults", str(err)) from None
-    sectors = parse_sectors(ns.sectors) if isinstance(getattr(ns, "sectors", None), str) else None
-    file_size: str | int = ns.file_size
-    if isinstance(file_size, str) and file_size.isdigit():
-        file_size = int(file_size)
-    options = dict(targets=ns.targets, file_size=file_size, faults=faults, **extra)
-    if sectors:
-        options["sectors"] = sectors
-    return ArchiveOptions(**options)
+    return archive_options_from_args(ns, **extra)
 
 
 def cmd_archive_serve(ns: argparse.Namespace) -> int:
     from engine.archive.server import serve_forever
 
-    if ns.focus and len(ns.focus) != 3:
-        raise ConfigError("--focus", f"expected SECTOR,CAMERA,CCD, got {ns.focus}")
-    options = _archive_options(
-        ns,
-        host=ns.host,
-        port=ns.port,
-        seed=ns.seed,
-        data_dir=ns.data_dir,
-        tap_hard_limit=ns.hard_limit,
-        focus=tuple(ns.focus) if ns.focus else None,
-        artifacts=not ns.no_artifacts,
-        hostile_names=ns.hostile_names,
-    )
+    options = _archive_options(ns)
 
     def ready(archive) -> None:
         print(f"TAP service:  {archive.tap_url}", flush=True)
@@ -648,6 +624,9 @@ def cmd_archive_serve(ns: argparse.Namespace) -> int:
             f"file server:  {archive.base_url}/api/v0.1/Download/file?uri=mast:TESS/product/<file>",
             flush=True,
         )
+        s3_url = getattr(archive, "s3_url", None)
+        if s3_url:
+            print(f"second host:  {s3_url} (redirects to /stpubdata/tess/public/...)", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)
 
     serve_forever(options, on_ready=ready)
@@ -690,6 +669,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from engine.report import cmd_report
+
+    return cmd_report(ns)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": cmd_plan,
     "run": cmd_run,
@@ -697,6 +682,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "verify": cmd_verify,
     "demo": cmd_demo,
+    "report": _cmd_report,
 }
 
 

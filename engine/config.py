@@ -232,6 +232,8 @@ def _convert(key: str, raw: Any, *, base: Path) -> Any:
     if target is Path:
         if not isinstance(raw, (str, Path)) or not str(raw).strip():
             raise ConfigError(key, f"expected a path, got {raw!r}")
+        if key == "selection.urls_file" and str(raw).strip() == "-":
+            return Path("-")  # standard input, not a file named "-" in some folder
         candidate = Path(raw).expanduser()
         return candidate if candidate.is_absolute() else base / candidate
     if target is bool:
