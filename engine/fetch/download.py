@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-from multidict import CIMultiDictProxy
 from tenacity import RetryCallState
 from yarl import URL
 
 from engine.exceptions import (
+    ChecksumMismatchError,
     ConnectionLostError,
     DiskFullError,
     HTTPStatusError,
@@ -57,11 +57,20 @@ from engine.exceptions import (
     PermissionDeniedError,
     TransferError,
     UnsafePathError,
-    UnsafeRedirectError,
 )
 from engine.fetch.bandwidth import TokenBucket
+from engine.fetch.http import (
+    OVERLOAD_STATUSES,
+    REDIRECT_STATUSES,
+    SAFE_SCHEMES,
+    Reply,
+    ResumeRefusedError,
+    Route,
+    redirect_target,
+)
 from engine.fetch.partfile import DirCache, PartFile
-from engine.fetch.retry import parse_retry_after, retrying
+from engine.fetch.retry import retrying
+from engine.fetch.sources import Sources, build_sources
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
 from engine.redact import redact
@@ -72,10 +81,12 @@ from engine.verify.stream import StreamCheck, is_fits_item
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-OVERLOAD_STATUSES = frozenset({429, 503})
-SAFE_SCHEMES = frozenset({"http", "https"})
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+# Re-exported for callers that imported them from here before the HTTP specifics moved to http.py.
+__all__ = ["OVERLOAD_STATUSES", "REDIRECT_STATUSES", "SAFE_SCHEMES", "Downloader", "PartFile"]
+_redirect_target = redirect_target
+# A part left by an earlier process is kept for a resume only for files at least this large: below
+# it, restarting costs less than writing the validator beside every part (one small file per file).
+RESUME_MIN_BYTES = 1024 * 1024
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 _NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
@@ -120,6 +131,9 @@ class _Transfer:
     committed: bool = False  # verified and renamed to `dest` (done in the FITS check's thread hop)
     validator: str | None = None  # ETag or Last-Modified, for If-Range
     restart: bool = False  # the bytes so far are unusable: start the next try from zero
+    route: Route = field(default_factory=Route)  # which source served it, and any fallback
+    saved_validator: str | None = None  # the validator stored beside the part (for a later run)
+    etag_md5: str = ""  # a second md5 the whole file must have (an S3 single-part ETag)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buffer)
@@ -143,27 +157,10 @@ def _describe(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _validator(headers: CIMultiDictProxy[str]) -> str | None:
-    """A strong ETag, else Last-Modified: what If-Range accepts (RFC 9110 forbids weak ETags there)."""
-    etag = headers.get("ETag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return headers.get("Last-Modified")
+class _NotFetchable(TransferError):
+    """A URL no try can fetch (malformed, or a scheme no source serves)."""
 
-
-def _redirect_target(current: URL, location: str) -> URL:
-    """Resolve a Location header and refuse a change of scheme other than http -> https."""
-    try:
-        target = current.join(URL(location))
-    except (ValueError, TypeError):
-        raise UnsafeRedirectError(f"refusing a malformed redirect target {location!r}") from None
-    if target.scheme not in SAFE_SCHEMES:
-        raise UnsafeRedirectError(
-            f"refusing a redirect from {current} to {target}: only http and https are followed"
-        )
-    if current.scheme == "https" and target.scheme == "http":
-        raise UnsafeRedirectError(f"refusing a redirect from https to http (a downgrade): {target}")
-    return target
+    retryable = False
 
 
 class Downloader:
@@ -185,6 +182,7 @@ class Downloader:
         executor: concurrent.futures.Executor | None = None,
         fsync: bool = True,
         part_file: Callable[..., PartFile] = PartFile,
+        sources: Sources | None = None,
     ) -> None:
         self._session = session
         self._settings = fetch
@@ -197,6 +195,8 @@ class Downloader:
         self._part_file = part_file
         self._estimate_warned = False
         self._dirs = DirCache()  # descriptors of the folders files go to (never path facts)
+        # Which source serves each file: from `fetch.source` and the URL's scheme (sources.py).
+        self.sources = sources or build_sources(fetch, self._clock)
 
     def close(self) -> None:
         """Close the cached folder descriptors (also done when the Downloader is garbage collected)."""
@@ -219,7 +219,10 @@ class Downloader:
         attempts = 0
         try:
             try:
+                part.resume = True
                 await self._io(part.path, part.open)
+                if part.kept:
+                    await self._take_over(transfer)
                 async for attempt in retrying(
                     self._settings, self._clock, before_sleep=self._log_retry(item)
                 ):
@@ -255,6 +258,26 @@ class Downloader:
             elapsed=self._clock.monotonic() - started,
         )
 
+    async def _take_over(self, t: _Transfer) -> None:
+        """Continue a part an earlier run left, with the validator stored beside it.
+
+        Only with a declared md5 at checksum level (it proves the spliced file whole) and for a file
+        worth it; the kept bytes are re-hashed first so the md5 covers the whole file (a few hundred
+        MB/s, see docs/CLOUD.md). Anything else, or bytes that already break the checks: from zero.
+        """
+        part, check = t.part, t.check
+        worth = max(t.item.size, t.item.est_kb * 1024) >= RESUME_MIN_BYTES
+        if part.kept_validator and check.checksum_declared and worth:
+            try:
+                await self._io(part.path, part.replay, check.feed, len(t.buffer))
+            except IntegrityError:
+                pass
+            else:
+                t.validator = t.saved_validator = part.kept_validator
+                log.info("%s: resuming a part from an earlier run at byte %d", t.item.filename, check.nbytes)
+                return
+        await self._restart(t)
+
     def _log_retry(self, item: PlanItem) -> Callable[[RetryCallState], None]:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -280,6 +303,11 @@ class Downloader:
                 async with self._throttle.slot():
                     await self._request(t, headers)
             nbytes, md5 = t.check.finish()
+            if t.etag_md5 and md5 and md5 != t.etag_md5:
+                raise ChecksumMismatchError(
+                    f"{t.item.filename}: md5 {md5} does not match the ETag {t.etag_md5} the bucket sent",
+                    hint="the copy was corrupted in transit; it will be fetched again",
+                )
             if self._level >= VerifyLevel.FITS and is_fits_item(t.item):
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, self._verify_and_commit, t)
@@ -345,84 +373,65 @@ class Downloader:
 
     async def _request(self, t: _Transfer, headers: dict[str, str]) -> None:
         idle = self._settings.idle_timeout
+        source = self.sources.for_item(t.item)
         try:
-            response = await self._open(t.item.url, headers)
+            if source is None:
+                raise _NotFetchable(f"refusing {t.item.url}: no source serves this URL's scheme")
+            reply = await source.open(
+                self._session,
+                t.item,
+                headers,
+                resumed_from=t.check.nbytes if headers else 0,
+                route=t.route,
+            )
             try:
-                await self._receive(t, response, resumed_from=t.check.nbytes if headers else 0)
+                await self._receive(t, reply)
             except BaseException:
-                response.close()  # drop the connection: an unread or hostile body must not be reused
+                reply.response.close()  # drop the connection: an unread or hostile body must not be reused
                 raise
-            response.release()
+            reply.response.release()
+        except ResumeRefusedError:
+            t.restart = True
+            raise
+        except HTTPStatusError as exc:
+            if exc.status in OVERLOAD_STATUSES and self._throttle is not None:
+                self._throttle.on_overload(exc.retry_after)
+            raise
         except (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, TimeoutError):
             raise IdleTimeoutError(
                 f"no data for {idle:g} s from {URL(t.item.url).host}",
                 hint="the archive is slow or stalled; raise fetch.idle_timeout if this persists",
             ) from None
         except aiohttp.InvalidURL as exc:
-            error = TransferError(f"invalid URL {exc}")
-            error.retryable = False
-            raise error from None
+            raise _NotFetchable(f"invalid URL {exc}") from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise ConnectionLostError(f"connection lost: {_describe(exc)}") from None
         except aiohttp.ClientError as exc:
             raise ConnectionLostError(f"HTTP client error: {_describe(exc)}") from None
 
-    async def _open(self, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
-        """GET `url`, following at most `max_redirects` redirects ourselves so each hop is vetted."""
-        current = URL(url)
-        if current.scheme not in SAFE_SCHEMES:
-            raise UnsafeRedirectError(f"refusing {url}: only http and https URLs are fetched")
-        for _ in range(self._settings.max_redirects + 1):
-            response = await self._session.get(current, headers=headers, allow_redirects=False)
-            if response.status not in REDIRECT_STATUSES:
-                return response
-            location = response.headers.get("Location")
-            response.release()
-            if not location:
-                raise HTTPStatusError(response.status, f"HTTP {response.status} redirect without a Location")
-            current = _redirect_target(current, location)
-        raise UnsafeRedirectError(f"more than {self._settings.max_redirects} redirects for {url}")
-
-    async def _receive(self, t: _Transfer, response: aiohttp.ClientResponse, *, resumed_from: int) -> None:
-        status = response.status
-        if status == 206:
-            total = self._check_content_range(t, response, resumed_from)
-        elif status == 200:
-            if t.check.nbytes:  # the server ignored Range or If-Range failed: the body starts at zero
-                await self._restart(t)
-            identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
-            total = response.content_length if identity else None
-        elif status == 416 and resumed_from:
-            t.restart = True
-            raise ConnectionLostError("the server refused to resume (HTTP 416); restarting from zero")
-        else:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock.time())
-            if status in OVERLOAD_STATUSES and self._throttle is not None:
-                self._throttle.on_overload(retry_after)
-            raise HTTPStatusError(
-                status, f"HTTP {status} {response.reason or ''}".rstrip(), retry_after=retry_after
-            )
-        t.validator = _validator(response.headers) or t.validator
-        t.check.expect_total(total)
-        await self._stream(t, response)
-        expected = t.item.size if t.item.size >= 0 else total
+    async def _receive(self, t: _Transfer, reply: Reply) -> None:
+        if reply.restart and t.check.nbytes:  # the server ignored Range or If-Range failed
+            await self._restart(t)
+        t.validator = reply.validator or t.validator
+        t.etag_md5 = reply.md5
+        t.check.expect_total(reply.total)
+        if t.validator != t.saved_validator and self._worth_keeping(t, reply.total):
+            # Beside the part before any body byte: a later run may continue only bytes it vouches for.
+            await self._io(t.part.path, t.part.save_validator, t.validator)
+            t.saved_validator = t.validator
+        await self._stream(t, reply.response)
+        expected = t.item.size if t.item.size >= 0 else reply.total
         if expected is not None and t.check.nbytes < expected:
             # A clean end before the announced length: resumable, like a reset.
             raise ConnectionLostError(f"the body ended after {t.check.nbytes} of {expected} bytes")
         if self._throttle is not None:
             self._throttle.on_success()
 
-    def _check_content_range(
-        self, t: _Transfer, response: aiohttp.ClientResponse, resumed_from: int
-    ) -> int | None:
-        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-        if match is None or int(match.group(1)) != resumed_from:
-            t.restart = True
-            raise ConnectionLostError(
-                f"the server resumed with Content-Range {response.headers.get('Content-Range')!r}, "
-                f"expected bytes {resumed_from}-; restarting from zero"
-            )
-        return None if match.group(3) == "*" else int(match.group(3))
+    def _worth_keeping(self, t: _Transfer, total: int | None) -> bool:
+        """Store the validator for a later run only where a resume could happen and pays."""
+        if not t.validator or not t.check.checksum_declared:
+            return False
+        return max(t.item.size, total or 0, t.item.est_kb * 1024) >= RESUME_MIN_BYTES
 
     # -- the hot loop ------------------------------------------------------------------------------
     async def _stream(self, t: _Transfer, response: aiohttp.ClientResponse) -> None:

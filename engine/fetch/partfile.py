@@ -12,8 +12,11 @@ folder, a final name pre-planted as a symlink. Path-based calls (`open(path)`, `
 * the part file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to its directory's
   descriptor; an existing part that is a symlink, not a regular file, or has another hard link is
   removed (``unlink(dir_fd=)``, which never follows) and the download starts fresh; a plain regular
-  part is reused and truncated (today's behaviour: restarted, not resumed across runs); each part is
-  held under an exclusive `flock`, so a second writer on one destination is refused, never merged;
+  part is reused: truncated, or (with `resume` set) kept when a validator (strong ETag or
+  Last-Modified) was stored beside it (`save_validator`, the sidecar ``NAME.meta.part``: written to
+  a fresh ``O_EXCL | O_NOFOLLOW`` temporary and renamed into place, read with ``O_NOFOLLOW``, at
+  most 1 kB, printable ASCII only); each part is held under an exclusive `flock`, so a second
+  writer on one destination is refused, never merged;
 * commit is fsync + ``os.rename(part, final, src_dir_fd=fd, dst_dir_fd=fd)``: a final name that is a
   symlink is replaced, never followed; a final name that is a directory is refused;
 * a directory can still be *moved* while its descriptor is held (a rename is not a symlink), so after
@@ -41,12 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import stat
 import sys
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.exceptions import TransferError, UnsafePathError
@@ -62,7 +67,11 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 DIR_FLAGS = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
 # O_NONBLOCK: opening a FIFO planted between our lstat and our open must not block the thread.
 _FRESH_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_REUSE_FLAGS = os.O_WRONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+# Read-write: a part kept for a resume is re-read (`replay`) to re-hash its bytes.
+_REUSE_FLAGS = os.O_RDWR | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+_META_READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+_META_MAX = 1024  # bytes of a validator sidecar; anything longer is not ours
+_META_SUFFIX = ".meta.part"  # ends in .part, so `tessmirror verify` skips it as it skips parts
 _DIR_MODE = 0o777  # narrowed by the umask, as mkdir(1) does
 _FILE_MODE = 0o644
 _PROC_FD = Path("/proc/self/fd")  # Linux: a folder's descriptor as a path prefix
@@ -309,26 +318,37 @@ class PartFile:
         self._cache = cache
         self._fd = -1
         self._dir_fd = -1
+        self.resume = False  # `open` keeps an earlier part that has a stored validator
+        self.kept = 0  # bytes of an earlier part kept by `open` (with `resume`)
+        self.kept_validator: str | None = None  # the validator stored beside those bytes
+        self._meta_name = path.name.removesuffix(".part") + _META_SUFFIX
+        self._meta_exists = False  # a sidecar of ours may be there: remove it on commit/discard
 
     # -- opening -----------------------------------------------------------------------------------
     def open(self) -> None:
-        """Enter (creating) the part's directory safely and open an empty part file in it."""
+        """Enter (creating) the part's directory safely and open the part file in it.
+
+        The part is empty afterwards, unless `resume` is set and an earlier regular part has a
+        stored validator: then its bytes are kept (`kept`, `kept_validator`) and writes append.
+        """
+        resume = self.resume
         self.close()
+        self.kept, self.kept_validator = 0, None
         if self._cache is None:
             self._dir_fd = walk(self.root, self.dirs, create=True)
-            self._fd = self._open_part()
+            self._fd = self._open_part(resume)
             return
         self._dir_fd = self._cache.open(self.root, self.dirs)
         try:
-            self._fd = self._open_part()
+            self._fd = self._open_part(resume)
         except FileNotFoundError:
             # The cached folder was removed since (e.g. the user cleaned the mirror): walk afresh.
             self._close_dir()
             self._cache.forget(self.root, self.dirs)
             self._dir_fd = self._cache.open(self.root, self.dirs)
-            self._fd = self._open_part()
+            self._fd = self._open_part(resume)
 
-    def _open_part(self) -> int:
+    def _open_part(self, resume: bool = False) -> int:
         for _ in range(4):  # each round removes one planted entry; a persistent attacker gets refused
             try:
                 return _locked(os.open(self.name, _FRESH_FLAGS, _FILE_MODE, dir_fd=self._dir_fd), self.path)
@@ -337,13 +357,14 @@ class PartFile:
             except OSError as err:
                 if err.errno not in _SYMLINK_ERRNOS:
                     raise
-            fd = self._reuse_part()
+            fd = self._reuse_part(resume)
             if fd >= 0:
                 return fd
         raise _unsafe(self.path, "it keeps being replaced by something other than a regular file")
 
-    def _reuse_part(self) -> int:
-        """Open an existing regular part (truncated), or remove whatever is there and return -1."""
+    def _reuse_part(self, resume: bool = False) -> int:
+        """Open an existing regular part (truncated unless kept for a resume), or remove whatever is
+        there and return -1."""
         try:
             info = os.stat(self.name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -358,13 +379,78 @@ class PartFile:
                 after = os.fstat(fd)
                 if stat.S_ISREG(after.st_mode) and after.st_nlink == 1:
                     _locked(fd, self.path)  # before truncating: never another writer's bytes
-                    os.ftruncate(fd, 0)  # a part from an earlier process: restarted, as before
+                    validator = self._read_meta() if resume else None
+                    if validator and after.st_size > 0:
+                        self.kept, self.kept_validator = after.st_size, validator
+                        os.lseek(fd, 0, os.SEEK_END)
+                    else:
+                        os.ftruncate(fd, 0)  # no validator: the bytes cannot be vouched for
                     return fd
                 os.close(fd)
         # A symlink (perhaps to a victim file), a FIFO, a directory, or a hard link to another file:
         # remove the entry itself (never what it points to) and start fresh.
         remove_entry(self._dir_fd, self.name, self.path)
         return -1
+
+    # -- the validator sidecar ----------------------------------------------------------------------
+    def _read_meta(self) -> str | None:
+        """The validator stored beside the part, or None (missing, not a regular file, malformed)."""
+        try:
+            fd = os.open(self._meta_name, _META_READ_FLAGS, dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        self._meta_exists = True
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            raw = os.read(fd, _META_MAX + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if len(raw) > _META_MAX:
+            return None
+        try:
+            record = json.loads(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        value = record.get("validator") if isinstance(record, dict) else None
+        # It goes into a request header: printable ASCII only (no CR/LF), never anything else.
+        if not isinstance(value, str) or not value or not all(" " <= c <= "~" for c in value):
+            return None
+        return value
+
+    def save_validator(self, validator: str) -> None:
+        """Store `validator` beside the part (replacing any earlier one), never following a link."""
+        if not validator or not all(" " <= c <= "~" for c in validator) or len(validator) > 512:
+            return
+        data = json.dumps({"validator": validator}).encode("ascii")
+        temporary = self._meta_name + ".tmp"
+        remove_entry(self._dir_fd, temporary, self.path)
+        fd = os.open(temporary, _FRESH_FLAGS, _FILE_MODE, dir_fd=self._dir_fd)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self._meta_name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        self._meta_exists = True
+
+    def _drop_meta(self) -> None:
+        if self._meta_exists and self._dir_fd >= 0:
+            remove_entry(self._dir_fd, self._meta_name, self.path)
+            self._meta_exists = False
+
+    def replay(self, feed: Callable[[memoryview], None], block: int = 1 << 20) -> None:
+        """Hand the kept bytes to `feed` in order (to re-hash them), reading through our descriptor."""
+        buffer = bytearray(max(block, 1))
+        view = memoryview(buffer)
+        offset = 0
+        while offset < self.kept:
+            count = os.preadv(self._fd, [view[: min(len(buffer), self.kept - offset)]], offset)
+            if count <= 0:  # shorter than it was at open: someone truncated it; the checks decide
+                break
+            feed(view[:count])
+            offset += count
 
     # -- writing -----------------------------------------------------------------------------------
     def write(self, data: bytes | memoryview) -> None:
@@ -377,6 +463,7 @@ class PartFile:
     def truncate(self) -> None:
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
+        self.kept = 0
 
     # -- finishing ---------------------------------------------------------------------------------
     def read_path(self) -> Path:
@@ -435,6 +522,7 @@ class PartFile:
             # Renamed inside a folder that someone moved (or replaced) meanwhile: take it back out.
             remove_entry(self._dir_fd, dest.name, dest)
             raise
+        self._drop_meta()
         self._close_dir()
 
     def discard(self) -> None:
@@ -444,6 +532,7 @@ class PartFile:
         self._close_file()
         if opened and self._dir_fd >= 0:
             remove_entry(self._dir_fd, self.name, self.path)
+            self._drop_meta()
         self._close_dir()
 
     def close(self) -> None:
