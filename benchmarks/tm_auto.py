@@ -85,13 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     holder: dict[str, ConcurrencyTuner] = {}
     tasks: list[asyncio.Task] = []
+    # (seconds since the tuner started, bytes so far, work waiting at the limiter) every 0.25 s
+    trace: list[tuple[float, int, bool]] = []
+
+    async def watch(tuner: ConcurrencyTuner, clock) -> None:  # type: ignore[no-untyped-def]
+        started = clock.monotonic()
+        while True:
+            await clock.sleep(0.25)
+            trace.append((clock.monotonic() - started, tuner.received, tuner.limiter.waiting > 0))
 
     def downloader_factory(*args, **kwargs) -> Downloader:  # type: ignore[no-untyped-def]
         downloader = TunedDownloader(*args, **kwargs)
         tuner = ConcurrencyTuner(kwargs["throttle"], tuning, clock=kwargs["clock"])
         downloader.tuner = tuner
         holder["tuner"] = tuner
-        tasks.append(asyncio.get_running_loop().create_task(tuner.run(), name="tuner"))
+        loop = asyncio.get_running_loop()
+        tasks.append(loop.create_task(tuner.run(), name="tuner"))
+        tasks.append(loop.create_task(watch(tuner, kwargs["clock"]), name="tuner-trace"))
         return downloader
 
     run = MirrorRun(settings, downloader_factory=downloader_factory, collect_results=False)
@@ -110,11 +120,21 @@ def main(argv: list[str] | None = None) -> int:
             }
             for s in tuner.steps
         ]
-        print(
-            "tuner: "
-            + json.dumps({"settled": tuner.limit, "mean": round(tuner.mean_limit(), 1), "steps": steps})
-        )
+        report = {"settled": tuner.limit, "mean": round(tuner.mean_limit(), 1), "steps": steps}
+        report.update(steady_rate(trace, tuner.steps[-1].at if tuner.steps else 0.0))
+        print("tuner: " + json.dumps(report))
     return outcome.exit_code
+
+
+def steady_rate(trace: list[tuple[float, int, bool]], settled_at: float, settle: float = 1.0) -> dict:
+    """MB/s from `settle` seconds after the last step to the last moment work still waited at the
+    limiter: the rate at the settled count, without the climb before it or the run's tail."""
+    start = settled_at + settle
+    busy = [(t, n) for t, n, waiting in trace if waiting and t >= start]
+    if len(busy) < 2 or busy[-1][0] - busy[0][0] < 2.0:
+        return {"steady_mb_s": None, "steady_s": 0.0}
+    (t0, n0), (t1, n1) = busy[0], busy[-1]
+    return {"steady_mb_s": round((n1 - n0) / (t1 - t0) / 1e6, 2), "steady_s": round(t1 - t0, 1)}
 
 
 if __name__ == "__main__":

@@ -161,6 +161,11 @@ class ConcurrencyTuner:
         return self._target
 
     @property
+    def received(self) -> int:
+        """Body bytes reported so far (add_bytes)."""
+        return self._bytes
+
+    @property
     def rtt(self) -> float:
         """The path's round-trip time as seen in the time to first byte (a guess before any)."""
         return self._base_ttfb if self._base_ttfb is not None else self.settings.rtt_guess
