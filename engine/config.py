@@ -128,6 +128,8 @@ def validate_cone(numbers: Any, *, key: str = "selection.cone") -> tuple[float, 
     hint = "give ra dec radius in degrees, e.g. '330.3 -44.3 0.5'"
     if not all(math.isfinite(v) for v in (ra, dec, radius)):
         raise ConfigError(key, "values must be finite numbers", hint=hint)
+    if not -360 <= ra <= 360:
+        raise ConfigError(key, f"right ascension {ra} is outside 0..360", hint=hint)
     if abs(dec) > 90:
         raise ConfigError(key, f"declination {dec} is outside -90..90", hint=hint)
     if not 0 < radius <= 180:
@@ -141,12 +143,14 @@ def load_settings(
     overrides: Mapping[str, object] | None = None,
     *,
     require_selection: bool = True,
+    require_out: bool = False,
 ) -> Settings:
     """Read `path` (TOML; None: defaults), apply `overrides` (dotted keys from CLI flags; CLI wins),
     validate, and return Settings. Override values of None mean "flag not given" and are skipped.
 
     `require_selection=False` lets commands that download nothing (verify, archive serve) skip the
-    "nothing selected" check.
+    "nothing selected" check. `require_out=True` (the CLI) refuses to fall back on the default output
+    directory: `output.out_dir` must come from the file or from `--out`.
     """
     values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     if path is not None:
@@ -172,6 +176,12 @@ def load_settings(
             raise _unknown(key, list(KEYS), what="key")
         table, name = key.split(".", 1)
         values[table][name] = _convert(key, raw, base=Path.cwd())
+    if require_out and "out_dir" not in values["output"]:
+        raise ConfigError(
+            "output.out_dir",
+            "no output directory given",
+            hint="give --out DIR, or set out_dir in the [output] table of the --config file",
+        )
     settings = Settings(**{section: SECTIONS[section](**values[section]) for section in SECTIONS})
     _validate(settings, require_selection=require_selection)
     return settings
@@ -473,8 +483,29 @@ def _validate_selection(settings: Settings, *, require_selection: bool) -> None:
         )
     if not sel.collection.strip():
         raise ConfigError("selection.collection", "must not be empty", hint="use TESS")
+    regions = {
+        "selection.sector": ("--sector", sel.sector),
+        "selection.polygon": ("--polygon", sel.polygon),
+        "selection.cone": ("--cone", sel.cone),
+        "selection.targets_file": ("--targets", sel.targets_file),
+    }
+    given = [(key, flag) for key, (flag, value) in regions.items() if value is not None]
+    if len(given) > 1:
+        # The planner would silently take one and ignore the others: say so instead.
+        keys = " and ".join(f"{flag} ({key})" for key, flag in given)
+        raise ConfigError(
+            given[1][0],
+            f"conflicting selections: {keys} each choose what to mirror",
+            hint="give only one of --sector, --polygon, --cone, --targets (the flag or the config key)",
+        )
     chosen = (sel.sector, sel.polygon, sel.cone, sel.targets_file, sel.urls_file)
     if require_selection and all(value is None for value in chosen):
+        if sel.sectors is not None:
+            raise ConfigError(
+                "selection",
+                "nothing selected: --sectors only filters which sectors' products are kept",
+                hint="did you mean --sector N (the footprint's sector)? e.g. --sector 1 --sectors 1-3",
+            )
         raise ConfigError(
             "selection",
             "nothing selected; give --sector N (with --camera/--ccd), --polygon, --cone, or --input FILE",

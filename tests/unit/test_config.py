@@ -111,10 +111,10 @@ def test_string_cli_values_are_converted() -> None:
 
 
 def test_polygon_and_cone_from_toml_lists(tmp_path: Path) -> None:
-    path = write(tmp_path, "[selection]\npolygon = [10, -5, 12, -5, 11, -3]\ncone = [1.5, 2, 0.5]\n")
-    settings = load_settings(path)
-    assert settings.selection.polygon == [10.0, -5.0, 12.0, -5.0, 11.0, -3.0]
-    assert settings.selection.cone == (1.5, 2.0, 0.5)
+    path = write(tmp_path, "[selection]\npolygon = [10, -5, 12, -5, 11, -3]\n")
+    assert load_settings(path).selection.polygon == [10.0, -5.0, 12.0, -5.0, 11.0, -3.0]
+    path = write(tmp_path, "[selection]\ncone = [1.5, 2, 0.5]\n")
+    assert load_settings(path).selection.cone == (1.5, 2.0, 0.5)
 
 
 # -- parsers ----------------------------------------------------------------------------------------
@@ -318,3 +318,59 @@ def test_a_clean_token_is_returned_and_an_absent_one_is_none() -> None:
     assert read_token("MAST_API_TOKEN", {}) is None
     assert read_token("MAST_API_TOKEN", {"MAST_API_TOKEN": ""}) is None
     assert read_token(None, {"MAST_API_TOKEN": SECRET}) is None
+
+
+# -- a first day's surprises (issue 11) -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"selection.sector": 1, "selection.cone": "10 20 1"}, "--cone"),
+        ({"selection.polygon": "10 -5 12 -5 11 -3", "selection.cone": "10 20 1"}, "--polygon"),
+        ({"selection.sector": 1, "selection.targets_file": "tics.txt"}, "--targets"),
+    ],
+)
+def test_two_selections_at_once_are_refused_naming_both(overrides: dict, named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, overrides)
+    assert "conflicting selections" in info.value.message and named in info.value.message
+    assert "only one of" in (info.value.hint or "")
+
+
+def test_a_selection_in_the_file_and_another_on_the_command_line_conflict(tmp_path: Path) -> None:
+    path = write(tmp_path, "[selection]\nsector = 1\n")
+    with pytest.raises(ConfigError, match="conflicting selections"):
+        load_settings(path, {"selection.cone": "10 20 1"})
+
+
+def test_sectors_alone_is_nothing_selected_with_a_hint_about_sector() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"selection.sectors": "1"})
+    assert "--sectors only filters" in info.value.message
+    assert "--sector N" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("cone", ["400 10 1", "-361 0 1"])
+def test_a_cone_right_ascension_outside_0_360_is_refused(cone: str) -> None:
+    with pytest.raises(ConfigError, match="right ascension"):
+        load_settings(None, {"selection.cone": cone})
+
+
+def test_a_polygon_right_ascension_of_400_is_refused() -> None:
+    with pytest.raises(ConfigError, match="right ascension 400"):
+        load_settings(None, {"selection.polygon": "400 0 10 0 10 10"})
+
+
+def test_out_dir_from_the_file_satisfies_require_out(tmp_path: Path) -> None:
+    path = write(tmp_path, '[output]\nout_dir = "mirror"\n[selection]\nsector = 1\n')
+    assert load_settings(path, require_out=True).output.out_dir == tmp_path / "mirror"
+
+
+def test_require_out_without_a_file_or_flag_names_the_key_and_both_fixes() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"selection.sector": 1}, require_out=True)
+    assert info.value.key == "output.out_dir"
+    assert "--out DIR" in (info.value.hint or "") and "[output]" in (info.value.hint or "")
+
+
+def test_urls_file_dash_stays_standard_input() -> None:
+    assert load_settings(None, {"selection.urls_file": "-"}).selection.urls_file == Path("-")
