@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,6 +58,8 @@ class PlanItem:
     est_kb: int = -1  # ObsCore access_estsize, in kB; -1 when not declared
     md5: str = ""  # lowercase hex (from contentChecksum 'md5:<hex>'); "" when not declared
     target_name: str = ""
+    s_ra: float = math.nan  # the observation's ObsCore position, degrees (NaN when unknown)
+    s_dec: float = math.nan
 
 
 # Column order of a plan table (astropy Table / ECSV); one column per PlanItem field.
@@ -78,6 +81,7 @@ class FileResult:
     attempts: int = 0
     elapsed: float = 0.0
     finished_at: float = field(default_factory=time.time)
+    origin: str = ""  # how a VERIFIED file came to be: "downloaded", "adopted" ("" when not said)
 
 
 class Clock(Protocol):

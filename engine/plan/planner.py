@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -609,6 +610,8 @@ def _obscore_item(row: Any) -> PlanItem:
         sector=_sector(row),
         est_kb=_bounded(_number(row, "access_estsize"), MAX_FILE_BYTES // 1024),
         target_name=_text(row, "target_name"),
+        s_ra=_degrees(row, "s_ra", 0.0, 360.0),
+        s_dec=_degrees(row, "s_dec", -90.0, 90.0),
     )
 
 
@@ -660,6 +663,8 @@ def _artifact_items(table: Table) -> Iterator[PlanItem]:
                 est_kb=est_kb,
                 md5=checksum.group(1).lower() if checksum else "",
                 target_name=_text(first, "target_name"),
+                s_ra=_degrees(first, "s_ra", 0.0, 360.0),
+                s_dec=_degrees(first, "s_dec", -90.0, 90.0),
             )
 
 
@@ -758,6 +763,15 @@ def _number(row: Any, name: str) -> int | None:
     except (TypeError, ValueError):
         return None
     return int(number) if np.isfinite(number) else None
+
+
+def _degrees(row: Any, name: str, low: float, high: float) -> float:
+    """An angle column as float degrees; NaN when missing, not a number or outside [low, high]."""
+    try:
+        value = float(_cell(row, name))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    return value if low <= value <= high else math.nan
 
 
 def _bounded(value: int | None, high: int) -> int:

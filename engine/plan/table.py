@@ -13,6 +13,7 @@ import errno
 import glob
 import io
 import itertools
+import math
 import os
 import re
 import shlex
@@ -41,11 +42,15 @@ from engine.redact import redact
 from engine.settings import PRODUCT_SUFFIXES
 
 EXPORT_FORMATS = ("ecsv", "votable", "csv", "urls", "aria2", "curl")
-INPUT_HINT = "give a plan written by tessmirror (ECSV), or a file of URLs"
+INPUT_HINT = (
+    "give a plan exported by tessmirror (ECSV, CSV, VOTable), a URL list, an aria2 input file "
+    "or a curl script"
+)
 # For the plan a run saved in its state directory: the fix is to plan again.
 SAVED_PLAN_HINT = "the saved plan is damaged; pass --refresh-plan to query TAP again (it replaces the file)"
 STDIN = "-"  # `--input -`: read the plan or URL list from standard input
 _INT_COLUMNS = frozenset({"sector", "size", "est_kb"})
+_FLOAT_COLUMNS = frozenset({"s_ra", "s_dec"})
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
 _SECTOR_IN_NAME = re.compile(r"-s(\d{4})-")
@@ -88,7 +93,8 @@ def items_to_table(items: Iterable[PlanItem]) -> Table:
     columns: dict[str, Any] = {}
     for name in PLAN_COLUMNS:
         values = [getattr(item, name) for item in rows]
-        columns[name] = np.array(values, dtype=np.int64 if name in _INT_COLUMNS else str)
+        dtype = np.int64 if name in _INT_COLUMNS else np.float64 if name in _FLOAT_COLUMNS else str
+        columns[name] = np.array(values, dtype=dtype)
     from astropy.table import Table
 
     return Table(columns, names=PLAN_COLUMNS)
@@ -106,8 +112,19 @@ def table_to_items(table: Table) -> Iterator[PlanItem]:
             value = row[name]
             if np.ma.is_masked(value):
                 continue
-            fields[name] = int(value) if name in _INT_COLUMNS else str(value)
+            fields[name] = _cell_value(name, value)
         yield PlanItem(**fields)
+
+
+def _cell_value(name: str, value: Any) -> Any:
+    """One table cell as the PlanItem field's type (VOTable strings may arrive as bytes)."""
+    if name in _INT_COLUMNS:
+        return int(value)
+    if name in _FLOAT_COLUMNS:
+        return _float(float(value))
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -389,18 +406,37 @@ def _iter_plan_handle(
         handle.close()
 
 
-def _columns(names: list[str]) -> list[tuple[str, int, bool]]:
-    """(name, index, is_int) for each plan column present; [] when url or filename is missing."""
+def _columns(names: list[str]) -> list[tuple[str, int, str]]:
+    """(name, index, kind) for each plan column present, kind "i" (int), "f" (float) or "s";
+    [] when url or filename is missing. Plans written before a column existed simply lack it."""
     if "url" not in names or "filename" not in names:
         return []
-    return [(name, names.index(name), name in _INT_COLUMNS) for name in PLAN_COLUMNS if name in names]
+    return [
+        (name, names.index(name), "i" if name in _INT_COLUMNS else "f" if name in _FLOAT_COLUMNS else "s")
+        for name in PLAN_COLUMNS
+        if name in names
+    ]
+
+
+def _convert(text: str, kind: str) -> Any:
+    if kind == "s":
+        return text
+    if kind == "i":
+        return int(text) if text else -1
+    return _float(float(text)) if text else math.nan
+
+
+def _float(value: float) -> float:
+    """`value`, with every NaN as the one `math.nan` object: PlanItems then compare equal after a
+    round trip (dataclass equality compares fields by identity first, and NaN != NaN)."""
+    return math.nan if value != value else value
 
 
 def _row_item(
-    row: list[str], columns: list[tuple[str, int, bool]], path: Path, number: int, key: str, hint: str
+    row: list[str], columns: list[tuple[str, int, str]], path: Path, number: int, key: str, hint: str
 ) -> PlanItem:
     try:
-        fields = {name: (int(row[i]) if row[i] else -1) if is_int else row[i] for name, i, is_int in columns}
+        fields = {name: _convert(row[i], kind) for name, i, kind in columns}
     except (ValueError, IndexError):
         raise ConfigError(key, f"{str(path)!r}, data row {number}: malformed", hint=hint) from None
     return PlanItem(**fields)
@@ -422,15 +458,27 @@ def load_plan(path: Path, *, key: str = "input") -> Table:
         table = Table.read(text, format="ascii.ecsv")
     except Exception as err:  # astropy raises many types for a malformed ECSV
         raise ConfigError(key, f"{str(path)!r} is not a valid ECSV plan: {err}", hint=hint) from None
+    for name in _FLOAT_COLUMNS - set(table.colnames):  # a plan saved before positions were kept
+        table[name] = np.full(len(table), math.nan)
     missing = [name for name in PLAN_COLUMNS if name not in table.colnames]
     if missing:
         raise ConfigError(key, f"the plan {str(path)!r} lacks the columns {', '.join(missing)}", hint=hint)
     return table[list(PLAN_COLUMNS)]
 
 
-def iter_input(path: Path, *, key: str = "input") -> Iterator[PlanItem]:
-    """A saved ECSV plan, or a plain URL list (one a line; '#' comments and blank lines ignored),
-    streamed as PlanItems.
+def iter_input(path: Path, *, key: str = "input", spool_dir: Path | None = None) -> Iterator[PlanItem]:
+    """Every format `tessmirror plan` exports, streamed as PlanItems; the format is detected from
+    the content, not the name:
+
+    - ECSV (a ``# %ECSV`` first line) and CSV (a header line naming ``url`` and ``filename``): rows
+      are streamed.
+    - VOTable (XML): parsed whole by astropy; from a pipe or standard input it is first spooled to a
+      temporary file in `spool_dir` (the state directory), removed once parsed.
+    - URL lists, aria2 input files and curl scripts (ours, and MAST's ``tesscurl_*.sh``), all read
+      line by line: a URL line; indented aria2 options after it (``out=``, ``checksum=md5=``);
+      ``curl ... -o FILE URL`` lines (the destination's base name is the file; an astroquery-style
+      ``mastDownload/TESS/<obs_id>/<file>`` destination also gives the obs_id). '#' comments and
+      blank lines are ignored; so are other shell commands in a script (one starting ``#!``).
 
     The file is opened here (a missing or unreadable file fails now, named) and read once, front to
     back, as the iterator is consumed: a pipe, `/dev/stdin`, `<(...)` and `-` (standard input) work.
@@ -448,19 +496,118 @@ def iter_input(path: Path, *, key: str = "input") -> Iterator[PlanItem]:
             raise ConfigError(
                 key, f"cannot read {str(path)!r}: {err.strerror or err}", hint="check --input"
             ) from None
-    return _iter_input_handle(handle, path, key)
+    return _iter_input_handle(handle, path, key, spool_dir)
 
 
-def _iter_input_handle(handle: TextIO, path: Path, key: str) -> Iterator[PlanItem]:
+def _iter_input_handle(
+    handle: TextIO, path: Path, key: str, spool_dir: Path | None = None
+) -> Iterator[PlanItem]:
     try:
         first = handle.readline()
     except (OSError, UnicodeDecodeError) as err:
         handle.close()
         raise ConfigError(key, f"cannot read {str(path)!r}: {_one_line(err)}", hint="check --input") from None
+    first = first.lstrip("\ufeff")  # a byte-order mark from a Windows editor
+    stripped = first.strip()
     if first.startswith("# %ECSV"):
         yield from _iter_plan_handle(handle, path, key, INPUT_HINT, [first])
+    elif stripped.startswith("<"):
+        yield from _iter_votable(handle, path, key, first, spool_dir)
+    elif _csv_header(stripped):
+        yield from _iter_csv(handle, path, key, first)
     else:
         yield from _iter_url_list(handle, path, key=key, first=first)
+
+
+def _csv_header(line: str) -> list[str]:
+    """The column names when `line` is the header of a CSV plan (naming url and filename), else []."""
+    if "," not in line:
+        return []
+    names = next(csv.reader([line]), [])
+    names = [name.strip() for name in names]
+    return names if "url" in names and "filename" in names else []
+
+
+def _iter_csv(handle: TextIO, path: Path, key: str, first: str) -> Iterator[PlanItem]:
+    """Rows of a CSV plan (`plan --format csv`): the header names the columns, in any order."""
+    try:
+        columns = _columns(_csv_header(first.strip()))
+        for number, row in enumerate(csv.reader(handle), start=1):
+            if not row:
+                continue
+            yield _row_item(row, columns, path, number, key, INPUT_HINT)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {_one_line(err)}", hint="check --input") from None
+    finally:
+        handle.close()
+
+
+def _iter_votable(
+    handle: TextIO, path: Path, key: str, first: str, spool_dir: Path | None
+) -> Iterator[PlanItem]:
+    """Rows of a VOTable plan. astropy parses a VOTable whole, so a pipe is spooled to a file first."""
+    spooled: Path | None = None
+    try:
+        source: Path
+        if str(path) != "<stdin>" and _is_regular(handle):
+            source = path
+        else:
+            spooled = _spool(handle, first, path, key, spool_dir)
+            source = spooled
+        handle.close()
+        try:
+            import warnings
+
+            from astropy.io.votable import parse_single_table
+
+            with warnings.catch_warnings():  # astropy warns per odd cell; the fault, if any, is raised
+                warnings.simplefilter("ignore")
+                table = parse_single_table(str(source)).to_table()
+        except Exception as err:  # astropy raises many types for a malformed VOTable
+            raise ConfigError(
+                key, f"{str(path)!r} is not a valid VOTable plan: {_one_line(err)}", hint=INPUT_HINT
+            ) from None
+        if spooled is not None:
+            spooled.unlink(missing_ok=True)
+            spooled = None
+        yield from table_to_items(table)
+    finally:
+        handle.close()
+        if spooled is not None:
+            spooled.unlink(missing_ok=True)
+
+
+def _is_regular(handle: TextIO) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(handle.fileno()).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
+def _spool(handle: TextIO, first: str, path: Path, key: str, spool_dir: Path | None) -> Path:
+    """Copy what is left of a pipe (after `first`) to a private temporary file; returns its path."""
+    try:
+        if spool_dir is not None:
+            Path(spool_dir).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".input.", suffix=".vot.tmp", dir=spool_dir)
+    except OSError as err:
+        raise _local_error(
+            err, Path(spool_dir or tempfile.gettempdir()), "cannot spool the input to"
+        ) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+            out.write(first)
+            shutil.copyfileobj(handle, out, 1 << 20)
+    except (OSError, UnicodeDecodeError) as err:
+        Path(name).unlink(missing_ok=True)
+        if isinstance(err, UnicodeDecodeError):
+            raise ConfigError(
+                key, f"cannot read {str(path)!r}: {_one_line(err)}", hint="check --input"
+            ) from None
+        raise _local_error(err, Path(name), "cannot spool the input to") from None
+    return Path(name)
 
 
 def read_input(path: Path, *, key: str = "input") -> Table:
@@ -468,30 +615,112 @@ def read_input(path: Path, *, key: str = "input") -> Table:
     return items_to_table(iter_input(path, key=key))
 
 
+_CURL_VALUE_OPTIONS = frozenset(
+    {"-C", "--continue-at", "-H", "--header", "-u", "--user", "-A", "--user-agent", "-e", "--referer",
+     "-m", "--max-time", "--connect-timeout", "--retry", "--retry-delay", "--retry-max-time", "-w",
+     "--write-out", "-x", "--proxy", "-b", "--cookie", "-c", "--cookie-jar", "-K", "--config",
+     "-d", "--data", "-r", "--range", "-z", "--time-cond", "--limit-rate", "-Y", "-y"}
+)  # fmt: skip
+# astroquery/lightkurve's cache layout, and MAST's bulk scripts that reproduce it.
+_MAST_DOWNLOAD = re.compile(r"(?:^|/)mastDownload/[^/]+/([^/]+)/[^/]+$")
+
+
+def _curl_target(text: str) -> tuple[str, str] | None:
+    """(url, output path) of one `curl ...` command line ("" output: the URL's own name), or None
+    when the line is not a curl command with an http(s) URL. Raises ValueError for bad quoting."""
+    words = shlex.split(text, comments=True)
+    if not words or words[0] not in ("curl", "/usr/bin/curl"):
+        return None
+    url = output = ""
+    index = 1
+    while index < len(words):
+        word = words[index]
+        if word in ("-o", "--output"):
+            output = words[index + 1] if index + 1 < len(words) else ""
+            index += 2
+            continue
+        if word.startswith("--output="):
+            output = word.split("=", 1)[1]
+        elif word.startswith("-o") and len(word) > 2 and not word.startswith("--"):
+            output = word[2:]
+        elif word in _CURL_VALUE_OPTIONS:
+            index += 2
+            continue
+        elif word.startswith(("http://", "https://")):
+            url = word
+        index += 1
+    return (url, output) if url else None
+
+
 def _iter_url_list(handle: TextIO, path: Path, *, key: str, first: str = "") -> Iterator[PlanItem]:
+    """URL lists, aria2 input files and curl scripts (see `iter_input`), one item per URL."""
     seen: set[str] = set()
-    hint = "one http(s) URL a line; lines starting with # are comments"
+    hint = "one http(s) URL a line (aria2 options indented below it), or `curl -o FILE URL` lines"
+    script = first.startswith("#!")
+    pending: tuple[int, str, dict[str, str]] | None = None  # (line number, url, options)
     try:
         for number, line in enumerate(itertools.chain([first] if first else [], handle), start=1):
-            url = line.strip()
-            if not url or url.startswith("#"):
+            text = line.strip()
+            if not text or text.startswith("#"):
                 continue
+            if line[:1] in (" ", "\t") and pending is not None and "=" in text:
+                name, _, value = text.partition("=")  # an aria2 option of the URL above
+                pending[2][name.strip()] = value.strip()
+                continue
+            if pending is not None:
+                item = _listed_item(*pending, key=key, hint=hint)
+                if item.url not in seen:
+                    seen.add(item.url)
+                    yield item
+                pending = None
+            if text.startswith("curl ") or text.startswith("/usr/bin/curl "):
+                script = True
+                try:
+                    target = _curl_target(text)
+                except ValueError as err:
+                    raise ConfigError(
+                        key, f"line {number}: cannot parse the curl command: {err}", hint=hint
+                    ) from None
+                if target is None:
+                    raise ConfigError(key, f"line {number}: a curl command without an http(s) URL", hint=hint)
+                pending = (number, target[0], {"out": target[1]} if target[1] else {})
+                continue
+            url = text.split("\t", 1)[0].strip()  # aria2: TAB-separated mirrors of one file; take the first
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", url):
+                if script:
+                    continue  # another shell command of a download script (cd, mkdir, echo, ...)
                 raise ConfigError(key, f"line {number}: {redact(url)!r} is not an http(s) URL", hint=hint)
-            filename = filename_from_url(url)
-            if not is_safe_filename(filename):
-                raise ConfigError(key, f"line {number}: no usable file name in {redact(url)!r}", hint=hint)
-            if url in seen:
-                continue
-            seen.add(url)
-            yield PlanItem(
-                url=url, filename=filename, product=product_of(filename), sector=sector_of(filename)
-            )
+            pending = (number, url, {})
+        if pending is not None:
+            item = _listed_item(*pending, key=key, hint=hint)
+            if item.url not in seen:
+                yield item
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(key, f"cannot read {str(path)!r}: {_one_line(err)}", hint="check --input") from None
     finally:
         handle.close()
+
+
+def _listed_item(number: int, url: str, options: dict[str, str], *, key: str, hint: str) -> PlanItem:
+    """The PlanItem of one URL of a list, aria2 file or curl script (with its `out`/`checksum`)."""
+    out = options.get("out", "").replace("\\", "/")
+    filename = out.rstrip("/").rsplit("/", 1)[-1] if out else filename_from_url(url)
+    if not is_safe_filename(filename):
+        raise ConfigError(key, f"line {number}: no usable file name in {redact(url)!r}", hint=hint)
+    cache = _MAST_DOWNLOAD.search(out) if out else None
+    obs_id = cache.group(1) if cache and is_safe_filename(cache.group(1)) else ""
+    checksum = options.get("checksum", "")
+    algorithm, _, digest = checksum.partition("=")
+    md5 = digest.lower() if algorithm.lower() == "md5" and _MD5.fullmatch(digest.lower()) else ""
+    return PlanItem(
+        url=url,
+        filename=filename,
+        obs_id=obs_id,
+        product=product_of(filename),
+        sector=sector_of(filename),
+        md5=md5,
+    )
 
 
 def _local_error(err: OSError, path: Path, what: str) -> LocalError:

@@ -45,8 +45,11 @@ ITEMS = [
         est_kb=1991,
         md5=MD5,
         target_name="25155310",
+        s_ra=263.75,
+        s_dec=-64.25,
     ),
-    PlanItem(url="https://mast.example.org/files/b_tp.fits", filename="b_tp.fits"),
+    # Positions compare equal only when finite (NaN != NaN), so this row declares a position too.
+    PlanItem(url="https://mast.example.org/files/b_tp.fits", filename="b_tp.fits", s_ra=0.0, s_dec=90.0),
 ]
 
 
