@@ -75,6 +75,11 @@ def _focus(text: str) -> tuple[int, int, int]:
     return parts  # type: ignore[return-value]
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of file names (empty items dropped)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _file_size(flag: str) -> Callable[[str], str | int]:
     def parse(text: str) -> str | int:
         if text in ("full", "small"):
@@ -154,6 +159,33 @@ def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
         help="the Download API answers 302 to a second host:port serving /stpubdata/tess/public/...",
     )  # fmt: skip
     shape.add_argument(
+        "--s3", action=argparse.BooleanOptionalAction, default=None,
+        help="serve the S3-shaped bucket /stpubdata/tess/public/... on its own port (for --source s3), "
+        "with S3's XML errors and MAST's path_lookup on the API host",
+    )  # fmt: skip
+    shape.add_argument(
+        "--s3-multipart", dest="s3_multipart_fraction", metavar="F",
+        type=_number("--s3-multipart", float, 0, 1, "a fraction"),
+        help="fraction of objects with a multipart ETag (<hex>-<parts>, not an md5)",
+    )  # fmt: skip
+    shape.add_argument(
+        "--s3-missing", dest="s3_missing_fraction", metavar="F",
+        type=_number("--s3-missing", float, 0, 1, "a fraction"),
+        help="fraction of files left out of the bucket (served by the Download API only)",
+    )  # fmt: skip
+    shape.add_argument(
+        "--s3-missing-names", dest="s3_missing_names", metavar="NAMES", type=_names,
+        help="comma-separated file names left out of the bucket",
+    )  # fmt: skip
+    shape.add_argument(
+        "--s3-missing-error", dest="s3_missing_error", choices=("NoSuchKey", "AccessDenied"),
+        help="what a key left out answers: NoSuchKey (404, the default) or AccessDenied (403)",
+    )  # fmt: skip
+    shape.add_argument(
+        "--path-lookup", dest="path_lookup", action=argparse.BooleanOptionalAction, default=None,
+        help="with --s3: serve MAST's /api/v0.1/path_lookup/ (default on; off answers 404)",
+    )  # fmt: skip
+    shape.add_argument(
         "--chunked", dest="chunked_fraction", metavar="F",
         type=_number("--chunked", float, 0, 1, "a fraction"),
         help="fraction of files sent without Content-Length (0-1)",
@@ -189,6 +221,12 @@ _SHAPE_FIELDS = (
     "obscore_per_product",
     "url_form",
     "redirect_to_s3",
+    "s3",
+    "s3_multipart_fraction",
+    "s3_missing_fraction",
+    "s3_missing_names",
+    "s3_missing_error",
+    "path_lookup",
     "chunked_fraction",
     "null_checksum_fraction",
     "null_length_fraction",
@@ -249,6 +287,7 @@ def archive_options_from_args(ns: argparse.Namespace, **extra: Any) -> ArchiveOp
     )
     try:
         options.shape()  # validated now, not when the server starts
+        options.s3_shape()
     except ValueError as err:
         raise ConfigError("archive options", str(err)) from None
     return options

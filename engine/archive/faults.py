@@ -34,6 +34,8 @@ Spec string (the CLI's `--faults`), comma-separated tokens::
   faults (500, 502, 429, 503, html, redirect) instead of its 302; the second host counts its own
   GETs per file and applies the body faults, `latency`, `bandwidth` and `linkcap`
   (`decide(..., statuses=False)`).
+* `slowdown` (a rate) is S3's ``503 SlowDown`` (an XML error, no Retry-After): it strikes only on the
+  S3-shaped host (`decide(..., s3=True)`), where it is answered instead of the object.
 * `seed=<int>` seeds the decisions: a fault fires when hash(seed, fault, file name, attempt) < rate,
   so a run is reproducible.
 """
@@ -47,7 +49,9 @@ from typing import Any
 
 STATUS_FAULTS = ("500", "502", "429", "503", "html", "redirect")  # answered instead of the file
 BODY_FAULTS = ("reset", "short", "stall", "wrong", "overlong", "lie")  # spoil the body of a 200/206
-RATE_FAULTS = STATUS_FAULTS + BODY_FAULTS
+# S3's own answers, only on the S3-shaped host: `slowdown` is 503 with an XML <Code>SlowDown</Code>.
+S3_FAULTS = ("slowdown",)
+RATE_FAULTS = STATUS_FAULTS + BODY_FAULTS + S3_FAULTS
 TAP_RATE_KEYS = {"tap_error": "job_error_rate", "tap_queued": "queued_rate", "tap_html503": "html_503_rate"}
 REDIRECT_TARGETS = ("ftp", "file", "http")
 OVERLONG_EXTRA = 65_536  # bytes an `overlong` body carries beyond the file (or range)
@@ -78,7 +82,7 @@ class FaultRule:
 class Decision:
     """What to do to one request. `status` set means answer it instead of the file."""
 
-    status: str | None = None  # one of STATUS_FAULTS
+    status: str | None = None  # one of STATUS_FAULTS or S3_FAULTS
     body: str | None = None  # one of BODY_FAULTS
     retry_after: float = 1.0
     redirect_to: str = "ftp"
@@ -187,20 +191,24 @@ class FaultPlan:
         draw = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") / 2**64
         return draw < rule.rate
 
-    def decide(self, name: str, attempt: int, *, statuses: bool = True) -> Decision:
+    def decide(self, name: str, attempt: int, *, statuses: bool = True, s3: bool = False) -> Decision:
         """The faults for attempt `attempt` (1-based) at file `name`: first firing status, first body.
 
         `statuses=False` skips the status faults: the redirect target of MAST's Download API (the
-        second host) only spoils bodies, the API itself already answered the status faults.
+        second host) only spoils bodies, the API itself already answered the status faults. `s3`:
+        the S3-shaped host, the only one where `slowdown` strikes (as a status fault).
         """
         status = body = None
         retry_after, stall_after, stall_seconds, redirect_to = 1.0, 65_536, 3600.0, "ftp"
         for rule in self.rules:
-            if not statuses and rule.kind in STATUS_FAULTS:
+            if rule.kind in S3_FAULTS:
+                if not s3:
+                    continue
+            elif not statuses and rule.kind in STATUS_FAULTS:
                 continue
             if not self.fires(rule, name, attempt):
                 continue
-            if rule.kind in STATUS_FAULTS and status is None:
+            if rule.kind in (*STATUS_FAULTS, *S3_FAULTS) and status is None:
                 status, retry_after, redirect_to = rule.kind, rule.retry_after, rule.to
             elif rule.kind in BODY_FAULTS and body is None:
                 body, stall_after, stall_seconds = rule.kind, rule.after, rule.stall_seconds

@@ -10,6 +10,14 @@ Three ways in, as on the real service:
   (`tess/public/tid/...`, `tess/public/ffi/sNNNN/YYYY/DDD/C-D/...`), with S3's validators: the
   ETag is the file's md5 (a single-part upload), Range and If-Range are honoured.
 
+With `S3Shape` (the archive's `s3` option) the second host behaves like the bucket for clients that
+go to it directly (`--source s3`): S3's XML errors (`NoSuchKey` 404, `AccessDenied` 403) for keys
+left out of the bucket (`S3Shape.missing_fraction`/`missing_names`), multipart-style ETags
+(`<hex>-<parts>`, not an md5) for `S3Shape.multipart_fraction` of the objects, the `slowdown` fault
+(503 with `<Code>SlowDown</Code>`), and MAST's `path_lookup` on the API host. A file missing from
+the bucket is served by the Download API itself (no redirect), as MAST serves what is not in the
+cloud.
+
 On a redirect the API counts the attempt and answers the status faults (500, 503, html, redirect,
 ...); the second host counts its own GETs and applies the body faults, latency and bandwidth. A file
 picked by `chunked_fraction` (a coin fixed by seed and name) is always sent without Content-Length.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import struct
@@ -40,10 +49,40 @@ from aiohttp import web
 from engine.archive.catalog import DOWNLOAD_PATH, FILES_PATH, S3_PATH, ArchiveFile, Catalog, draw, s3_key
 from engine.archive.faults import LIE_EXTRA, OVERLONG_EXTRA, Decision, FaultPlan
 
+PATH_LOOKUP_PATH = "/api/v0.1/path_lookup/"  # MAST: product URIs -> cloud paths (astroquery)
+S3_ERRORS = {"NoSuchKey": 404, "AccessDenied": 403}
+
 _HTML_ERROR_PAGE = (
     "<!DOCTYPE html>\n<html><head><title>Service Unavailable</title></head>\n"
     "<body><h1>MAST is temporarily unavailable</h1><p>Please try again later.</p></body></html>\n"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class S3Shape:
+    """How the S3-shaped host differs from a plain file server (see the module docstring)."""
+
+    multipart_fraction: float = 0.0  # objects whose ETag is multipart-style (not their md5)
+    missing_fraction: float = 0.0  # objects left out of the bucket (a coin by seed and name)
+    missing_names: frozenset[str] = frozenset()  # and these file names
+    missing_error: str = "NoSuchKey"  # what a missing key answers: NoSuchKey (404) or AccessDenied (403)
+    path_lookup: bool = True  # serve MAST's path_lookup on the API host
+
+    def __post_init__(self) -> None:
+        for name in ("multipart_fraction", "missing_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} is not a fraction; use 0 to 1")
+        if self.missing_error not in S3_ERRORS:
+            raise ValueError(f"missing_error {self.missing_error!r}: use one of {', '.join(S3_ERRORS)}")
+
+
+def s3_error(code: str, status: int, key: str) -> web.Response:
+    """An S3 XML error document (`NoSuchKey`, `AccessDenied`, `SlowDown`)."""
+    body = (
+        "<?xml version='1.0' encoding='UTF-8'?>\n"
+        f"<Error><Code>{code}</Code><Key>{quote(key, safe='/')}</Key></Error>\n"
+    )
+    return web.Response(status=status, text=body, content_type="application/xml")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +158,11 @@ class FileServer:
         *,
         chunked_fraction: float = 0.0,
         s3_base: Callable[[], str] | None = None,
+        redirect: bool | None = None,
+        s3: S3Shape | None = None,
     ) -> None:
-        """`s3_base` (the second host's base URL, once bound) turns on the API's redirects to it."""
+        """`s3_base`: the second host's base URL (once bound). `redirect` (default: whether there is
+        a second host) sends the API's downloads there with a 302. `s3`: the bucket's shape."""
         if not 0.0 <= chunked_fraction <= 1.0:
             raise ValueError(f"chunked_fraction {chunked_fraction} is not a fraction; use 0 to 1")
         self.catalog = catalog
@@ -128,6 +170,8 @@ class FileServer:
         self._faults = faults
         self.chunked_fraction = chunked_fraction
         self._s3_base = s3_base
+        self.redirect = s3_base is not None if redirect is None else redirect and s3_base is not None
+        self.s3 = s3 or S3Shape()
         self.request_log: list[RequestRecord] = []
         self.attempts: dict[str, int] = defaultdict(int)  # GETs per file name, for fault decisions
         self.s3_attempts: dict[str, int] = defaultdict(int)  # GETs per file name on the second host
@@ -139,6 +183,8 @@ class FileServer:
         for path in (DOWNLOAD_PATH, DOWNLOAD_PATH + "/"):  # MAST's bulk scripts use the trailing slash
             app.router.add_get(path, self.handle)  # add_get also answers HEAD
         app.router.add_get(FILES_PATH + "{tail:.*}", self.handle_path)
+        if self._s3_base is not None and self.s3.path_lookup:
+            app.router.add_get(PATH_LOOKUP_PATH, self.handle_path_lookup)
         app.on_response_prepare.append(_report_file_response)
 
     def add_s3_routes(self, app: web.Application) -> None:
@@ -148,6 +194,30 @@ class FileServer:
     def s3_url(self, entry: ArchiveFile) -> str:
         assert self._s3_base is not None
         return f"{self._s3_base()}{S3_PATH}{s3_key(entry.path)}"
+
+    def in_bucket(self, entry: ArchiveFile) -> bool:
+        """Whether the bucket holds this file (the `missing_*` knobs leave some out)."""
+        if not entry.path or entry.name in self.s3.missing_names:
+            return False
+        fraction = self.s3.missing_fraction
+        return not (fraction > 0 and draw(self.catalog.seed, "s3missing", entry.name) < fraction)
+
+    def s3_etag(self, entry: ArchiveFile) -> str:
+        """S3's ETag: the md5 (a single-part upload), or `<hex>-<parts>` for a multipart one."""
+        fraction = self.s3.multipart_fraction
+        if fraction > 0 and draw(self.catalog.seed, "multipart", entry.name) < fraction:
+            parts = max(2, -(-entry.size // (8 * 1024 * 1024)))
+            return f"{hashlib.md5(bytes.fromhex(entry.md5), usedforsecurity=False).hexdigest()}-{parts}"
+        return entry.md5
+
+    async def handle_path_lookup(self, request: web.Request) -> web.Response:
+        """MAST's `path_lookup`: each `uri` -> {"path": its cloud path, or null when not in the cloud}."""
+        answer: dict[str, dict[str, str | None]] = {}
+        for uri in request.query.getall("uri", [])[:1000]:
+            entry = self.catalog.lookup_uri(uri)
+            path = s3_key(entry.path) if entry is not None and self.in_bucket(entry) else None
+            answer[uri] = {"path": f"/{path}" if path else None}
+        return web.json_response(answer)
 
     def chunked(self, entry: ArchiveFile) -> bool:
         """Whether this file is always sent without Content-Length (fixed by seed and name)."""
@@ -178,7 +248,7 @@ class FileServer:
             name = uri.rsplit("/", 1)[-1] if uri.startswith("mast:") else ""
             self._log(request, name, 404, started, 0, "")
             return web.Response(status=404, text=f"404 Not Found: no file for uri {uri!r}\n")
-        if self._s3_base is None:
+        if not self.redirect or not self.in_bucket(entry):
             return await self._serve(request, entry, started, "api")
         attempt, decision = 0, Decision()
         if request.method != "HEAD":
@@ -206,14 +276,15 @@ class FileServer:
         return await self._serve(request, entry, started, "files")
 
     async def handle_s3(self, request: web.Request) -> web.StreamResponse:
-        """The second host: S3-style keys, S3's ETag (the md5), body faults only."""
+        """The second host: S3-style keys, S3's ETag, S3's XML errors, body faults and `slowdown`."""
         started = time.time()
         raw = request.raw_path.split("?", 1)[0][len(S3_PATH) :]
         entry = self._by_key.get(raw) or self._by_key.get(quote(unquote(raw), safe="/"))
-        if entry is None:
-            self._log(request, raw.rsplit("/", 1)[-1], 404, started, 0, "", "s3")
-            body = "<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>NoSuchKey</Code></Error>\n"
-            return web.Response(status=404, text=body, content_type="application/xml")
+        if entry is None or not self.in_bucket(entry):
+            code = "NoSuchKey" if entry is None else self.s3.missing_error
+            name = entry.name if entry is not None else unquote(raw.rsplit("/", 1)[-1])
+            self._log(request, name, S3_ERRORS[code], started, 0, code, "s3")
+            return s3_error(code, S3_ERRORS[code], unquote(raw))
         return await self._serve(request, entry, started, "s3")
 
     async def _serve(
@@ -227,9 +298,13 @@ class FileServer:
         else:
             counter[entry.name] += 1
             attempt = counter[entry.name]
-            decision = self._faults().decide(entry.name, attempt, statuses=not s3)
+            decision = self._faults().decide(entry.name, attempt, statuses=not s3, s3=s3)
         if decision.latency:
             await asyncio.sleep(decision.latency)
+        if decision.status == "slowdown":
+            response = s3_error("SlowDown", 503, s3_key(entry.path))
+            self._log(request, entry.name, 503, started, attempt, "slowdown", host)
+            return response
         if decision.status:
             response = self._status_fault(decision, request, entry)
             self._log(request, entry.name, response.status, started, attempt, decision.label, host)
@@ -241,7 +316,7 @@ class FileServer:
 
         link = self._link_bucket()
         chunked = self.chunked(entry)
-        etag = entry.md5 if s3 else None
+        etag = self.s3_etag(entry) if s3 else None
         # A HEAD has no body to spoil or throttle: always the clean answer.
         if (
             not s3

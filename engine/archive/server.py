@@ -26,7 +26,7 @@ from aiohttp import web
 from engine.archive.catalog import INDEXED_COLUMNS, OBSCORE_META, Catalog, Shape, build_catalog
 from engine.archive.faults import FaultPlan
 from engine.archive.ffigen import ffi_dims
-from engine.archive.files import FileServer, FileStore, RequestRecord
+from engine.archive.files import FileServer, FileStore, RequestRecord, S3Shape
 from engine.archive.fitsgen import cadences_for
 
 TAP_PATH = "/vo-tap/api/v0.1/caom"
@@ -81,6 +81,15 @@ class ArchiveOptions:
     # True: the Download API answers 302 to a second host:port (`archive.s3_url`) that serves
     # /stpubdata/tess/public/... with the md5 as ETag, as MAST redirects to S3.
     redirect_to_s3: bool = False
+    # True: the second host also acts as the bucket for clients that go to it directly (`--source s3`):
+    # it is started even without redirects, answers S3's XML errors for keys left out, and the API host
+    # serves MAST's path_lookup (see files.S3Shape). The knobs below shape it.
+    s3: bool = False
+    s3_multipart_fraction: float = 0.0  # objects whose ETag is multipart-style (`<hex>-<parts>`)
+    s3_missing_fraction: float = 0.0  # files left out of the bucket (a coin by seed and name)
+    s3_missing_names: tuple[str, ...] = ()  # and these file names
+    s3_missing_error: str = "NoSuchKey"  # what a missing key answers: NoSuchKey (404) or AccessDenied (403)
+    path_lookup: bool = True  # with s3: serve /api/v0.1/path_lookup/ (False: 404, as other archives)
     # Fraction of files (a coin fixed by seed and name) always sent without Content-Length.
     chunked_fraction: float = 0.0
     # Fractions of artifact rows whose contentChecksum / contentLength are NULL (by seed and name).
@@ -118,6 +127,16 @@ class ArchiveOptions:
             async_abort_after=600.0,
         )
         return cls(**{**shape, **overrides})
+
+    def s3_shape(self) -> S3Shape:
+        """The S3-shaped host's knobs (validated)."""
+        return S3Shape(
+            multipart_fraction=self.s3_multipart_fraction,
+            missing_fraction=self.s3_missing_fraction,
+            missing_names=frozenset(self.s3_missing_names),
+            missing_error=self.s3_missing_error,
+            path_lookup=self.s3 and self.path_lookup,
+        )
 
     def shape(self) -> Shape:
         """The catalogue-shaping part of these options (validated)."""
@@ -180,7 +199,7 @@ class LocalArchive:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self.catalog: Catalog | None = None
         self.base_url = ""
-        self.s3_url = ""  # the second host's base URL (redirect_to_s3), e.g. http://127.0.0.1:PORT
+        self.s3_url = ""  # the second host's base URL (redirect_to_s3 or s3), e.g. http://127.0.0.1:PORT
         self.data_dir: Path | None = None
 
     @property
@@ -221,7 +240,8 @@ class LocalArchive:
         try:
             # Bind first: the catalogue's access_url needs the port.
             self.base_url = f"http://{options.host}:{sock.getsockname()[1]}"
-            if options.redirect_to_s3:
+            s3_shape = options.s3_shape()
+            if options.redirect_to_s3 or options.s3:
                 s3_sock = _listening_socket(options.host, 0)
                 self.s3_url = f"http://{options.host}:{s3_sock.getsockname()[1]}"
             self.catalog = await asyncio.to_thread(
@@ -259,6 +279,8 @@ class LocalArchive:
                 lambda: self._faults,
                 chunked_fraction=options.chunked_fraction,
                 s3_base=(lambda: self.s3_url) if s3_sock is not None else None,
+                redirect=options.redirect_to_s3,
+                s3=s3_shape,
             )
             self._files.add_routes(app)
             # handler_cancellation: a client that hangs up stops its (possibly stalled) handler.
@@ -282,6 +304,11 @@ class LocalArchive:
             await self._cleanup()
             raise
         return self
+
+    @property
+    def s3_endpoint(self) -> str:
+        """What `fetch.s3_endpoint` should be to use this archive's bucket ("" without a second host)."""
+        return self.s3_url
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
