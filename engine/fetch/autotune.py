@@ -295,6 +295,8 @@ class ConcurrencyTuner:
         if now - self._hold_since >= s.reprobe_after and now >= self._quiet_until and n < s.maximum:
             self.state = "probing"
             self._prev = (n, rate)
+            # The path may have changed since the last climb: judge this one on its own figures.
+            self._best_rate, self._best_per_conn = rate, rate / n
             more = min(s.maximum, max(n + 1, math.ceil(n * 1.25)))
             self._set(now, more, rate, ttfb, "probing whether the path has room now")
             return

@@ -290,3 +290,17 @@ def test_a_step_to_the_cap_that_pays_only_in_part_settles_below_the_cap() -> Non
             assert "only in part" in rig.tuner.steps[-1].reason
 
     run(main())
+
+
+def test_a_new_climb_judges_the_knee_on_the_path_as_it_is_now() -> None:
+    async def main() -> None:
+        path = Path(per_conn=4.19 * MB, link=46.8 * MB)
+        async with Rig(path, TunerSettings(reprobe_after=20.0)) as rig:
+            await rig.drive(20)
+            assert rig.tuner.limit <= 16 and rig.tuner.state == "holding"
+            path.per_conn = 2.0 * MB  # each connection now gets half: the link needs 24 of them
+            await rig.drive(60)
+            assert rig.tuner.state == "holding"
+            assert math.ceil(46.8 / 2.0) <= rig.tuner.limit <= DEFAULT_MAX_CONNECTIONS
+
+    run(main())
