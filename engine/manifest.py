@@ -19,8 +19,22 @@ Crash safety (kill -9 at any instant)
 - A record is written only AFTER its file was verified and renamed to its final name (the Downloader
   returns VERIFIED only then), so a record never names a file that is not good. A crash between the
   rename and the record costs one re-download, nothing worse.
-- The last record for a URL wins: a re-download, a failure or `verify --repair`'s "pending" simply
+- The last record for a file wins: a re-download, a failure or `verify --repair`'s "pending" simply
   appends a newer record.
+
+File identity
+-------------
+A record is keyed by the file, not by the URL it came from: ``key`` is ``<obs_id>/<file name>``
+(an obs_id never holds a ``/``), or ``path:<relpath>`` (its place in the mirror) for a file listed
+without an obs_id (a bare URL list, an aria2 file or a curl script). So a file whose URL changes (MAST's
+``uri=`` form or its path form, another mirror, the public S3 copy) is the same file and is not fetched
+again. Each record also keeps what the plan declared for the file (``size``, ``declared_md5``), so a
+refreshed plan that declares other bytes for it is recognised as a changed file.
+
+Manifests written before keys existed (keyed by URL) are readable as they are: a record without a key
+gets one from its obs_id and path. `Manifest.upgrade()` rewrites such a manifest with keys once,
+atomically (a new file, fsync'ed, renamed over the old one), by the run that holds the RunLock and
+before it downloads anything.
 """
 
 from __future__ import annotations
@@ -53,6 +67,7 @@ except ImportError:  # pragma: no cover - the stdlib parser is correct, only slo
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
+KEY_PATH_PREFIX = "path:"  # the key of a file listed without an obs_id: its relpath in the mirror
 STATUSES = ("verified", "failed", "pending", "quarantined")
 
 # Line framing: the CRC is fixed-width hex so the payload's byte range is known without parsing.
@@ -66,9 +81,28 @@ _PAYLOAD_START = _CRC_END + len(_PREFIX_TAIL)
 _INTERNED = {s: s for s in (*STATUSES, "size", "checksum", "fits", "")}
 
 
+def file_key(obs_id: str, filename: str, relpath: str = "") -> str:
+    """The identity of a file in the manifest: ``<obs_id>/<filename>``; without an obs_id,
+    ``path:<relpath>``; "" when neither is known (such a record is then keyed by its URL)."""
+    if obs_id and filename:
+        return f"{obs_id}/{filename}"
+    return f"{KEY_PATH_PREFIX}{relpath}" if relpath else ""
+
+
+def _legacy_key(rec: dict, url: str) -> str:
+    """The key of a record written before keys existed (keyed by URL): from its obs_id and the name of
+    its path (or its URL's file name), else its path, else its URL."""
+    from engine.plan.table import filename_from_url  # a light module; imported late to keep this one small
+
+    obs_id = rec.get("obs_id", "") or ""
+    path = rec.get("path", "") or ""
+    name = path.rsplit("/", 1)[-1] if path else filename_from_url(url)
+    return file_key(obs_id, name, path) or f"url:{url}"
+
+
 @dataclass(slots=True)
 class ManifestEntry:
-    """One record. For a URL, the last record in the file is the truth."""
+    """One record. For a file (its `key`), the last record in the manifest is the truth."""
 
     url: str
     path: str = ""  # relative to the output directory, POSIX separators
@@ -81,6 +115,14 @@ class ManifestEntry:
     error: str = ""
     attempts: int = 0
     time: float = 0.0
+    key: str = ""  # the file's identity (see `file_key`); filled from the other fields when ""
+    size: int = -1  # the size the plan declared (-1: none); `nbytes` is what was verified
+    declared_md5: str = ""  # the md5 the plan declared ("" : none)
+    origin: str = ""  # "downloaded" | "adopted" (verified in place or copied from a seed tree) | ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = _legacy_key({"obs_id": self.obs_id, "path": self.path}, self.url)
 
     @classmethod
     def from_result(cls, result: FileResult) -> ManifestEntry:
@@ -99,6 +141,10 @@ class ManifestEntry:
             error=redact(result.error) if result.error else "",
             attempts=result.attempts,
             time=result.finished_at,
+            key=file_key(item.obs_id, item.filename, result.path) or f"url:{redact(item.url)}",
+            size=item.size,
+            declared_md5=item.md5,
+            origin=result.origin,
         )
 
 
@@ -135,6 +181,9 @@ def _decode_entry(payload: bytes) -> ManifestEntry | None:
             return None
         status = rec.get("status", "pending")
         level = rec.get("level", "")
+        key = rec.get("key") or _legacy_key(rec, url)
+        if not isinstance(key, str):
+            return None
         return ManifestEntry(
             url,
             rec.get("path", ""),
@@ -147,6 +196,10 @@ def _decode_entry(payload: bytes) -> ManifestEntry | None:
             rec.get("error", "") or "",
             int(rec.get("attempts", 0)),
             float(rec.get("time", 0.0)),
+            key,
+            int(rec.get("size", -1)),
+            rec.get("declared_md5", "") or "",
+            rec.get("origin", "") or "",
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
@@ -229,37 +282,92 @@ class Manifest:
             yield entry
 
     def load(self) -> dict[str, ManifestEntry]:
-        """url -> its last record."""
+        """file key -> its last record."""
         entries: dict[str, ManifestEntry] = {}
         with _no_gc():
             for entry in self.iter_records():
-                entries[entry.url] = entry
+                entries[entry.key] = entry
         return entries
 
-    def verified_urls(self) -> set[str]:
-        """The URLs whose last record is "verified" (the resume fast path: no entries are built)."""
-        verified: dict[str, bool] = {}
+    def verified(self) -> dict[str, int]:
+        """file key -> `pack_record(nbytes, md5)` of the files whose last record is "verified".
+
+        The resume fast path: no entries are built, and one int per file is what the run needs to
+        tell an unchanged file from one the archive reprocessed (a new size or md5).
+        """
+        found: dict[str, int] = {}
         with _no_gc():
             for payload in self._payloads():
                 try:
                     rec = _loads(payload)
-                    verified[rec["url"]] = rec.get("status") == "verified"
-                except (ValueError, TypeError, KeyError):  # orjson.JSONDecodeError is a ValueError
+                    url = rec["url"]
+                    key = rec.get("key") or _legacy_key(rec, url)
+                    if rec.get("status") == "verified":
+                        found[key] = pack_record(int(rec.get("nbytes", 0)), rec.get("md5", "") or "")
+                    else:
+                        found.pop(key, None)
+                except (ValueError, TypeError, KeyError, AttributeError):  # a JSONDecodeError is a ValueError
                     self.skipped_lines += 1
-        return {url for url, ok in verified.items() if ok}
+        return found
+
+    def verified_urls(self) -> set[str]:
+        """The file keys whose last record is "verified" (kept for callers of the URL-keyed era)."""
+        return set(self.verified())
+
+    def needs_upgrade(self) -> bool:
+        """True when the manifest's first whole record has no key (written before keys existed)."""
+        for payload in self._payloads():
+            try:
+                return not _loads(payload).get("key")
+            except (ValueError, TypeError, AttributeError):
+                continue
+        return False
+
+    def upgrade(self) -> int:
+        """Rewrite a URL-keyed manifest with file keys, atomically; returns the records written (0 when
+        nothing needed doing). The caller must hold the RunLock: no other writer may be at work.
+
+        Every whole record is kept, in order (torn lines are dropped, as every reader drops them). The
+        new file is written beside the old one, fsync'ed, renamed over it, and the folder fsync'ed:
+        a crash at any instant leaves either the old manifest or the new one, never a mix.
+        """
+        if not self.needs_upgrade():
+            return 0
+        tmp = self.path.with_name(f".{self.path.name}.upgrade-{os.getpid()}.tmp")
+        count = 0
+        try:
+            with open(tmp, "wb") as out:
+                batch: list[bytes] = []
+                for entry in self.iter_records():
+                    batch.append(encode_entry(entry))  # the decoded entry carries its computed key
+                    count += 1
+                    if len(batch) >= 4096:
+                        out.write(b"".join(batch))
+                        batch.clear()
+                out.write(b"".join(batch))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _local_error(err, self.path, "upgrade") from err
+        log.info("manifest %s upgraded to file keys (%d records)", self.path, count)
+        return count
 
     def iter_latest(self) -> Iterator[ManifestEntry]:
-        """The last record of every URL, streamed in two passes.
+        """The last record of every file (key), streamed in two passes.
 
-        The first pass keeps only url -> index of its last record, so memory is a fraction of
+        The first pass keeps only key -> index of its last record, so memory is a fraction of
         `load()`'s for huge manifests. Records appended between the passes are ignored.
         """
         last: dict[str, int] = {}
         with _no_gc():
             for index, entry in enumerate(self.iter_records()):
-                last[entry.url] = index
+                last[entry.key] = index
         for index, entry in enumerate(self.iter_records()):
-            if last.get(entry.url) == index:
+            if last.get(entry.key) == index:
                 yield entry
 
     # -- writing (synchronous; for `verify --repair`, not for the run) ------------------------------
@@ -276,6 +384,37 @@ class Manifest:
         finally:
             handle.close()
         return data.count(b"\n")
+
+
+def pack_record(nbytes: int, md5: str) -> int:
+    """(verified size, md5) in one int, for the resume's per-file memory: bit 0 says an md5 is known,
+    bits 1-128 hold it, the rest the size."""
+    try:
+        digest = int(md5, 16) if len(md5) == 32 else -1
+    except ValueError:
+        digest = -1
+    known = digest >= 0
+    return (max(int(nbytes), 0) << 129) | ((digest if known else 0) << 1) | int(known)
+
+
+def unpack_record(packed: int) -> tuple[int, str]:
+    """The (nbytes, md5) of `pack_record` ("" when no md5 was recorded)."""
+    md5 = f"{(packed >> 1) & ((1 << 128) - 1):032x}" if packed & 1 else ""
+    return packed >> 129, md5
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # -- low-level writing ------------------------------------------------------------------------------
@@ -535,4 +674,7 @@ __all__ = [
     "ManifestWriter",
     "RunLock",
     "encode_entry",
+    "file_key",
+    "pack_record",
+    "unpack_record",
 ]

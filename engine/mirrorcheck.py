@@ -1,7 +1,8 @@
 """Whole-mirror verification: `tessmirror verify --out DIR [--level ...] [--repair]`.
 
 Every file whose last manifest record is "verified" is checked again on disk (size, md5, FITS
-checksums, as deep as `level` asks) in a small thread pool. A URL whose last record is not "verified"
+checksums, as deep as `level` asks) in a small thread pool. A file (manifest key: obs_id + file
+name, see engine.manifest) whose last record is not "verified"
 (failed, pending: e.g. a `--repair` whose download failed) is reported as "missing": the mirror does
 not hold it. Files under the mirror that no record names are reported as "unexpected".
 
@@ -137,12 +138,12 @@ def _digest(text: str) -> bytes:
 
 
 def _latest_mask(manifest: Manifest) -> tuple[np.ndarray, int]:
-    """First pass: which records are the last of their URL (a bool per record), and how many of
+    """First pass: which records are the last of their file (key; a bool per record), and how many of
     those say "verified" (the progress total)."""
     keys = bytearray()
     verified = bytearray()  # one byte per record: was it "verified"
     for entry in manifest.iter_records():
-        keys += _digest(entry.url)
+        keys += _digest(entry.key)
         verified.append(entry.status == "verified")
     count = len(verified)
     latest = np.zeros(count, dtype=bool)

@@ -62,7 +62,7 @@ async def write_with_writer(manifest: Manifest, entries: list[ManifestEntry], **
 def test_missing_manifest_loads_empty(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path / "state")
     assert manifest.load() == {}
-    assert manifest.verified_urls() == set()
+    assert set(manifest.verified()) == set()
 
 
 def test_round_trip_through_the_writer(tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_round_trip_through_the_writer(tmp_path: Path) -> None:
     entries = [entry(n) for n in range(1, 6)]
     asyncio.run(write_with_writer(manifest, entries))
     assert manifest.path == tmp_path / "state" / "manifest.jsonl"
-    assert manifest.load() == {e.url: e for e in entries}
+    assert manifest.load() == {e.key: e for e in entries}
     assert list(manifest.iter_records()) == entries
 
 
@@ -89,23 +89,23 @@ def test_last_record_for_a_url_wins(tmp_path: Path) -> None:
     )
     write_lines(manifest, entry(2, status="verified", attempts=3))
     loaded = manifest.load()
-    assert loaded[entry(1).url].status == "failed"
-    assert loaded[entry(1).url].error == "boom"
-    assert loaded[entry(2).url].attempts == 3
-    assert manifest.verified_urls() == {entry(2).url}
+    assert loaded[entry(1).key].status == "failed"
+    assert loaded[entry(1).key].error == "boom"
+    assert loaded[entry(2).key].attempts == 3
+    assert set(manifest.verified()) == {entry(2).key}
 
 
 def test_torn_last_line_is_ignored_and_a_new_writer_appends_cleanly(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path)
     whole = encode_entry(entry(3))
     write_lines(manifest, entry(1), entry(2), tail=whole[: len(whole) // 2])
-    assert list(manifest.load()) == [entry(1).url, entry(2).url]
+    assert list(manifest.load()) == [entry(1).key, entry(2).key]
     assert manifest.skipped_lines == 1
 
     asyncio.run(write_with_writer(manifest, [entry(4), entry(5)]))
     loaded = manifest.load()
-    assert list(loaded) == [entry(n).url for n in (1, 2, 4, 5)]
-    assert loaded[entry(5).url] == entry(5)
+    assert list(loaded) == [entry(n).key for n in (1, 2, 4, 5)]
+    assert loaded[entry(5).key] == entry(5)
     assert manifest.skipped_lines == 1  # only the old torn line
     assert manifest.path.read_bytes().endswith(b"\n")
 
@@ -119,7 +119,7 @@ def test_iter_latest_streams_the_last_record_of_each_url(tmp_path: Path) -> None
 def test_a_line_missing_only_its_newline_is_still_whole(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path)
     write_lines(manifest, entry(1), tail=encode_entry(entry(2)).rstrip(b"\n"))
-    assert set(manifest.load()) == {entry(1).url, entry(2).url}
+    assert set(manifest.load()) == {entry(1).key, entry(2).key}
 
 
 def test_a_line_with_a_wrong_crc_is_skipped_with_its_line_number(
@@ -132,7 +132,7 @@ def test_a_line_with_a_wrong_crc_is_skipped_with_its_line_number(
     manifest.path.write_bytes(b"".join(lines))
     with caplog.at_level("WARNING", logger="engine.manifest"):
         loaded = manifest.load()
-    assert set(loaded) == {entry(1).url, entry(3).url}
+    assert set(loaded) == {entry(1).key, entry(3).key}
     assert "line 2" in caplog.text
 
 
@@ -140,7 +140,7 @@ def test_garbage_lines_of_any_shape_are_skipped(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path)
     write_lines(manifest, entry(1), tail=b'not json\n{"crc":"zzzzzzzz","rec":{}}\n\x00\x00\x00\n\n')
     write_lines(manifest, entry(2))
-    assert set(manifest.load()) == {entry(1).url, entry(2).url}
+    assert set(manifest.load()) == {entry(1).key, entry(2).key}
     assert manifest.skipped_lines == 3
 
 
@@ -281,7 +281,7 @@ def test_close_is_idempotent_and_recording_after_close_fails(tmp_path: Path) -> 
             await writer.record_entry(entry(2))
 
     asyncio.run(scenario())
-    assert manifest.verified_urls() == {"https://a.example.org/y"}
+    assert set(manifest.verified()) == {"url:https://a.example.org/y"}
 
 
 def test_cancelled_close_still_flushes_everything(tmp_path: Path) -> None:
@@ -380,7 +380,7 @@ def test_append_entries_synchronously_after_a_torn_line(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path)
     write_lines(manifest, entry(1), tail=b'{"crc":"0000')
     assert manifest.append_entries([entry(2), entry(3)]) == 2
-    assert list(manifest.load()) == [entry(1).url, entry(2).url, entry(3).url]
+    assert list(manifest.load()) == [entry(1).key, entry(2).key, entry(3).key]
 
 
 # -- kill -9 ------------------------------------------------------------------------------------

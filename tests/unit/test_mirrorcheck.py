@@ -138,12 +138,12 @@ def test_repair_quarantines_bad_files_and_marks_them_pending(tmp_path: Path) -> 
 
     loaded = manifest.load()
     for key in ("flipped", "truncated", "deleted"):
-        record = loaded[entries[key].url]
+        record = loaded[entries[key].key]
         assert record.status == "pending"
         assert record.path == NAMES[key]
         assert record.error.startswith("verify: ")
-    assert loaded[entries["good"].url].status == "verified"
-    assert manifest.verified_urls() == {entries["good"].url}
+    assert loaded[entries["good"].key].status == "verified"
+    assert set(manifest.verified()) == {entries["good"].key}
 
     # Until they are downloaded, a second check reports the pending files as missing (a repair
     # whose download failed is not a whole mirror); the quarantine (in the state dir) is not
@@ -182,7 +182,7 @@ def test_an_unsafe_recorded_path_is_reported_and_never_touched(tmp_path: Path) -
     report = check_mirror(out, manifest, level=VerifyLevel.SIZE, repair=True)
     assert by_path(report)["../victim.fits"] == "corrupt"
     assert victim.exists()
-    assert manifest.load()["https://archive.example.org/evil"].status == "pending"
+    assert manifest.load()["path:../victim.fits"].status == "pending"
 
 
 def test_a_missing_mirror_is_a_usage_error(tmp_path: Path) -> None:
@@ -265,7 +265,7 @@ def test_repair_works_in_batches_and_ignores_its_own_records(tmp_path: Path, mon
     assert sorted(p.kind for p in report.problems) == ["corrupt", "missing", "truncated", "unexpected"]
     loaded = manifest.load()
     assert {url for url, e in loaded.items() if e.status == "pending"} == {
-        entries[k].url for k in ("flipped", "truncated", "deleted")
+        entries[k].key for k in ("flipped", "truncated", "deleted")
     }
     assert not (manifest.state_dir / "run.lock").exists()  # the lock was released
 
@@ -280,7 +280,7 @@ def test_repair_refuses_while_a_run_holds_the_mirror(tmp_path: Path) -> None:
         with pytest.raises(RunLockedError):
             check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
         assert (out / NAMES["flipped"]).exists()  # nothing was moved
-        assert manifest.load()[entries["flipped"].url].status == "verified"
+        assert manifest.load()[entries["flipped"].key].status == "verified"
         # A caller that holds the lock itself says so.
         report = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True, lock_held=True)
     assert len(report.quarantined) == 3
@@ -307,7 +307,7 @@ def test_a_failed_download_is_reported_missing_and_repair_marks_it_for_download(
 
     repaired = check_mirror(out, manifest, level=VerifyLevel.FITS, repair=True)
     assert not repaired.intact
-    assert manifest.load()[failed.url].status == "pending"  # the CLI's repair downloads pending URLs
+    assert manifest.load()[failed.key].status == "pending"  # the CLI's repair downloads pending URLs
     assert repaired.to_download == 1
     assert (out / "misc" / "failed.fits").exists()  # never verified, not moved: the download replaces it
 
