@@ -698,3 +698,108 @@ def test_two_downloads_to_one_destination_never_interleave(tmp_path: Path) -> No
         assert dest.read_bytes() == FITS_BYTES
 
     run(scenario)
+
+
+# -- parts left by an earlier run -----------------------------------------------------------------
+BIG_BYTES = make_fits(rows=120_000, seed=5)  # above RESUME_MIN_BYTES: worth resuming across runs
+BIG_MD5 = hashlib.md5(BIG_BYTES).hexdigest()
+
+
+async def _kill_mid_body(archive: TinyArchive, name: str, dest: Path, fetch: FetchSettings) -> int:
+    """Start a download that stalls mid-body, cancel it once bytes are on disk (as a killed run
+    leaves them), and return the part's size."""
+    archive.script[name] = [Behaviour(stall_after=700_000, stall_seconds=60)]
+    part = dest.with_name(dest.name + ".part")
+    async with open_session(fetch) as session:
+        downloader = Downloader(session, fetch, VerifySettings(), fsync=False)
+        task = asyncio.create_task(downloader.fetch(item_for(archive, name, BIG_BYTES), dest, name))
+        for _ in range(3000):  # up to 30 s for the first bytes to reach the part
+            if part.exists() and part.stat().st_size >= 512 * 1024:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        downloader.close()
+    return part.stat().st_size
+
+
+def test_a_part_from_a_killed_run_is_resumed_with_range_and_if_range(tmp_path: Path) -> None:
+    async def main() -> None:
+        fetch = settings()
+        async with TinyArchive() as archive:
+            archive.files["big_tp.fits"] = BIG_BYTES
+            dest = tmp_path / "big_tp.fits"
+            kept = await _kill_mid_body(archive, "big_tp.fits", dest, fetch)
+            assert 0 < kept < len(BIG_BYTES) and (tmp_path / "big_tp.fits.meta.part").exists()
+            async with open_session(fetch) as session:  # a new run: new session, new Downloader
+                downloader = Downloader(session, fetch, VerifySettings(), fsync=False)
+                result = await downloader.fetch(
+                    item_for(archive, "big_tp.fits", BIG_BYTES), dest, "big_tp.fits"
+                )
+                downloader.close()
+            assert result.status is FileStatus.VERIFIED, result.error
+            assert result.md5 == BIG_MD5  # the md5 covers the kept bytes too (re-hashed)
+            assert dest.read_bytes() == BIG_BYTES
+            resumed = archive.requests_for("big_tp.fits")[-1]
+            assert resumed.headers["Range"] == f"bytes={kept}-"
+            assert resumed.headers["If-Range"] == f'"{BIG_MD5}"'
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["big_tp.fits"]  # no part, no sidecar
+
+    asyncio.run(main())
+
+
+def test_a_200_to_the_resume_of_a_killed_runs_part_restarts_from_zero(tmp_path: Path) -> None:
+    async def main() -> None:
+        fetch = settings()
+        async with TinyArchive() as archive:
+            archive.files["big_tp.fits"] = BIG_BYTES
+            dest = tmp_path / "big_tp.fits"
+            await _kill_mid_body(archive, "big_tp.fits", dest, fetch)
+            archive.script["big_tp.fits"] = [Behaviour(ignore_range=True)]  # the whole file, 200
+            async with open_session(fetch) as session:
+                downloader = Downloader(session, fetch, VerifySettings(), fsync=False)
+                result = await downloader.fetch(
+                    item_for(archive, "big_tp.fits", BIG_BYTES), dest, "big_tp.fits"
+                )
+                downloader.close()
+            assert result.status is FileStatus.VERIFIED, result.error
+            assert result.attempts == 1 and dest.read_bytes() == BIG_BYTES
+            assert "Range" in archive.requests_for("big_tp.fits")[-1].headers
+
+    asyncio.run(main())
+
+
+def test_a_part_without_a_declared_md5_is_restarted_not_resumed(tmp_path: Path) -> None:
+    async def main() -> None:
+        fetch = settings()
+        async with TinyArchive() as archive:
+            archive.files["big_tp.fits"] = BIG_BYTES
+            dest = tmp_path / "big_tp.fits"
+            dest.with_name("big_tp.fits.part").write_bytes(BIG_BYTES[:300_000])
+            dest.with_name("big_tp.fits.meta.part").write_text(f'{{"validator": "\\"{BIG_MD5}\\""}}')
+            async with open_session(fetch) as session:
+                downloader = Downloader(session, fetch, VerifySettings(level=VerifyLevel.SIZE), fsync=False)
+                item = item_for(
+                    archive, "big_tp.fits", BIG_BYTES, declare=False, est_kb=len(BIG_BYTES) // 1024
+                )
+                result = await downloader.fetch(item, dest, "big_tp.fits")
+                downloader.close()
+            assert result.status is FileStatus.VERIFIED, result.error
+            assert "Range" not in archive.requests_for("big_tp.fits")[-1].headers
+            assert dest.read_bytes() == BIG_BYTES
+
+    asyncio.run(main())
+
+
+def test_a_small_file_stores_no_validator_beside_its_part(tmp_path: Path) -> None:
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["s_lc.fits"] = FITS_BYTES
+        archive.script["s_lc.fits"] = [Behaviour(reset_after=20_000)]
+        result = await downloader.fetch(
+            item_for(archive, "s_lc.fits", FITS_BYTES), tmp_path / "s_lc.fits", "s"
+        )
+        assert result.status is FileStatus.VERIFIED, result.error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s_lc.fits"]
+
+    run(scenario)

@@ -6,6 +6,7 @@ file and a sentinel folder OUTSIDE it are untouched.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -358,3 +359,84 @@ def test_a_second_writer_on_the_same_part_is_refused_and_the_first_untouched(wor
     assert dest.with_name("a_lc.fits.part").exists()
     first.commit(dest, fsync=False)
     assert dest.read_bytes() == DATA
+
+
+# -- keeping a part for a resume across runs -------------------------------------------------------
+ETAG = '"0123456789abcdef0123456789abcdef"'
+
+
+def test_a_part_with_a_stored_validator_is_kept_and_replayed_for_a_resume(world: dict[str, Path]) -> None:
+    first, dest = part_for(world["out"], "s0001/a_lc.fits")
+    first.open()
+    first.save_validator(ETAG)
+    first.write(DATA[:1000])
+    first.close()  # a killed run: the part and its sidecar stay
+    second, _ = part_for(world["out"], "s0001/a_lc.fits")
+    second.resume = True
+    second.open()
+    assert (second.kept, second.kept_validator) == (1000, ETAG)
+    seen = bytearray()
+    second.replay(lambda block: seen.extend(block), 300)
+    assert bytes(seen) == DATA[:1000]
+    second.write(DATA[1000:])  # appended after the kept bytes
+    second.commit(dest, fsync=False)
+    assert dest.read_bytes() == DATA
+    assert os.listdir(dest.parent) == ["a_lc.fits"]  # the sidecar went with the part
+
+
+def test_a_part_without_a_validator_is_truncated_even_when_resuming(world: dict[str, Path]) -> None:
+    part, _ = part_for(world["out"], "s0001/a_lc.fits")
+    part.path.parent.mkdir()
+    part.path.write_bytes(b"x" * 1000)
+    part.resume = True
+    part.open()
+    assert part.kept == 0 and part.path.stat().st_size == 0
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [
+        b'{"validator": "\\"abc\\"\\r\\nX-Injected: 1"}',  # a header injection
+        b'{"validator": 42}',
+        b"not json",
+        b'{"validator": "' + b"a" * 2000 + b'"}',  # too long to be ours
+    ],
+)
+def test_a_tampered_sidecar_is_ignored_and_the_part_restarted(world: dict[str, Path], sidecar: bytes) -> None:
+    part, _ = part_for(world["out"], "s0001/a_lc.fits")
+    part.path.parent.mkdir()
+    part.path.write_bytes(b"x" * 1000)
+    part.path.with_name("a_lc.fits.meta.part").write_bytes(sidecar)
+    part.resume = True
+    part.open()
+    assert part.kept == 0 and part.kept_validator is None and part.path.stat().st_size == 0
+
+
+def test_a_symlinked_part_with_a_sidecar_is_still_removed_and_the_victim_untouched(
+    world: dict[str, Path],
+) -> None:
+    part, _ = part_for(world["out"], "s0001/a_lc.fits")
+    part.path.parent.mkdir()
+    part.path.symlink_to(world["victim"])
+    part.path.with_name("a_lc.fits.meta.part").write_text(json.dumps({"validator": ETAG}))
+    part.resume = True
+    part.open()
+    assert part.kept == 0 and not part.path.is_symlink()
+    part.write(DATA)
+    part.close()
+    assert_outside_untouched(world)
+
+
+def test_a_sidecar_planted_as_a_symlink_is_replaced_not_written_through(world: dict[str, Path]) -> None:
+    part, _ = part_for(world["out"], "s0001/a_lc.fits")
+    part.path.parent.mkdir()
+    meta = part.path.with_name("a_lc.fits.meta.part")
+    meta.symlink_to(world["victim"])
+    part.resume = True
+    part.open()  # reading never follows the link either
+    assert part.kept_validator is None
+    part.save_validator(ETAG)
+    assert not meta.is_symlink() and json.loads(meta.read_text()) == {"validator": ETAG}
+    part.discard()
+    assert not meta.exists() and not meta.is_symlink()
+    assert_outside_untouched(world)
