@@ -1,12 +1,31 @@
 """One mirror run: a plan source feeds a bounded queue, N workers download, one writer records.
 
     plan source ──pages──▶ producer ──(bounded queue)──▶ N workers ──results──▶ manifest writer
-       (TAP or saved plan)     │ skips what the manifest             (Downloader.fetch)      (one task,
-                               │ already holds, checks paths                                  batched fsync)
+       (TAP or saved plan)     │ skips what the manifest             (adopt, else            (one task,
+                               │ already holds, checks paths          Downloader.fetch)       batched fsync)
                                ▼ and free space
 
 Memory stays bounded: the queue holds at most 2×concurrency items, and nothing per file is kept
-beyond the plan table itself and the compact columns of the results table.
+beyond the plan table itself, one int per verified file (its size and md5, to spot a changed file)
+and the compact columns of the results table.
+
+Existing data
+-------------
+- The manifest is keyed by the file (obs_id + file name, see engine.manifest), not by its URL. A
+  verified file whose plan row declares the same size and md5 is skipped whatever its URL is now.
+- A verified file whose plan row declares another size or md5 was reprocessed by the archive: the old
+  copy is hard-linked (or copied) to ``<state_dir>/superseded/<relpath>`` and the file downloaded again;
+  the old bytes are never deleted.
+- Verified files the plan no longer lists are *withdrawn*: counted in the summary and listed in
+  ``<state_dir>/withdrawn.txt``, never deleted.
+- Adoption: a file with no verified record that is already at its destination (a run killed after the
+  rename and before the manifest's batch was flushed; a mirror seeded by MAST's curl scripts or aria2c
+  in the same layout) is verified in place (size, md5 where declared, FITS at the run's level) and
+  recorded as adopted, not downloaded; one that fails is moved to ``<state_dir>/quarantine/`` and
+  downloaded. With `adopt_from` (``--adopt-from DIR``), each such file is also looked for by name in
+  other trees (an astroquery/lightkurve cache ``mastDownload/TESS/<obs_id>/<file>``, a flat folder, a
+  mirror in our layout), hard-linked into place (copied across file systems; the user's file is never
+  moved), verified there, and recorded. All of this runs in the verify thread pool, one file per worker.
 """
 
 from __future__ import annotations
@@ -21,6 +40,8 @@ import logging
 import os
 import shutil
 import signal
+import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,9 +56,11 @@ from engine.exceptions import (
     EXIT_OK,
     EXIT_PARTIAL,
     DiskFullError,
+    IntegrityError,
     LocalError,
     PermissionDeniedError,
     UnsafePathError,
+    local_error_from_oserror,
 )
 from engine.fetch.bandwidth import TokenBucket
 from engine.fetch.download import Downloader
@@ -45,8 +68,8 @@ from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
 from engine.fetch.session import read_token as read_env_token
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import resolve_within
-from engine.manifest import Manifest, ManifestWriter, RunLock
-from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
+from engine.manifest import Manifest, ManifestWriter, RunLock, file_key, unpack_record
+from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
 from engine.plan.invariants import PlanGuard
 from engine.plan.table import (
     SAVED_PLAN_HINT,
@@ -72,6 +95,9 @@ log = logging.getLogger("tessmirror")
 PLAN_FILE = "plan.ecsv"
 _DROPS_LOGGED = 20  # dropped rows named in the log per page; the summary counts them all
 RESULT_COLUMNS = ("url", "filename", "obs_id", "path", "status", "action", "nbytes", "md5", "error")
+SUPERSEDED_DIR = "superseded"  # <state_dir>/superseded/<relpath>: old copies of reprocessed files
+WITHDRAWN_FILE = "withdrawn.txt"  # <state_dir>/withdrawn.txt: verified files the last full plan lacks
+_WITHDRAWN_SHOWN = 10
 
 
 # -- plan sources -------------------------------------------------------------------------------
@@ -213,9 +239,16 @@ class TapPlan:
             tail.close()
 
     def _final_meta(self) -> dict[str, object]:
-        """What only the end of planning knows, for the plan's header: every ADQL statement sent."""
+        """What only the end of planning knows, for the plan's header: every ADQL statement sent, and
+        the footprint polygons of a sector selection (`footprints`, drawn by `tessmirror report`)."""
+        meta: dict[str, object] = {}
         statements = getattr(self.planner, "statements", None)
-        return {"adql": [str(text) for text in statements]} if statements else {}
+        if statements:
+            meta["adql"] = [str(text) for text in statements]
+        footprints = footprints_meta(self.planner)
+        if footprints:
+            meta["footprints"] = footprints
+        return meta
 
     def _close_tap(self) -> None:
         """Planning is over (done, failed or cancelled): stop the TAP client's threads now."""
@@ -241,6 +274,26 @@ class TapPlan:
         self._completed(writer.count)
 
 
+def footprints_meta(planner: object) -> list[dict[str, object]]:
+    """The planner's footprint polygons as the plan header's `footprints`: one entry per region of
+    each camera/CCD, ``{"name": "sector S camera C CCD D", "polygon": [ra1, dec1, ...]}``."""
+    detectors = getattr(planner, "detectors", None) or []
+    settings = getattr(planner, "settings", None)
+    sector = getattr(getattr(settings, "selection", None), "sector", None)
+    entries: list[dict[str, object]] = []
+    for d in detectors:
+        for region in getattr(d, "regions", []):
+            if getattr(region, "shape", "POLYGON").upper() != "POLYGON":
+                continue
+            entries.append(
+                {
+                    "name": f"sector {sector} camera {d.camera} CCD {d.ccd}",
+                    "polygon": [float(v) for v in region.values],
+                }
+            )
+    return entries
+
+
 def selection_fingerprint(settings: Settings) -> str:
     """Identifies what was asked for, so a saved plan is reused only for the same question."""
     blob = json.dumps({"tap": settings.tap.url, "selection": asdict(settings.selection)}, default=str)
@@ -253,7 +306,7 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
     sel = settings.selection
     if sel.urls_file is not None:
         # Opened now (a missing file fails here, named) and read once: pipes and `-` work.
-        items = iter_input(sel.urls_file, key="selection.urls_file")
+        items = iter_input(sel.urls_file, key="selection.urls_file", spool_dir=settings.state_dir)
         return ItemsPlan(lambda: items)
     plan_path = settings.state_dir / PLAN_FILE
     fingerprint = selection_fingerprint(settings)
@@ -322,6 +375,21 @@ class RunOutcome:
     errors: list[str] = field(default_factory=list)
     merged: int = 0  # duplicate rows for a file already planned: one download (PlanGuard)
     dropped: int = 0  # rows with no usable URL, or a URL naming another file (PlanGuard)
+    adopted: int = 0  # found on disk (at its place or in an --adopt-from tree), verified, recorded
+    changed: int = 0  # verified before, but the plan declares another size/md5: fetched again
+    quarantined: int = 0  # found at its place but failing the checks: moved aside, then fetched
+    withdrawn: int = 0  # verified files the (complete) plan no longer lists; kept on disk
+    withdrawn_keys: list[str] = field(default_factory=list)  # the first few, for the summary
+
+    @property
+    def new(self) -> int:
+        """Files downloaded that no earlier run had verified."""
+        return max(self.downloaded - self.changed, 0)
+
+    @property
+    def unchanged(self) -> int:
+        """Files verified by an earlier run with the same declared size and md5."""
+        return self.skipped
 
     @property
     def exit_code(self) -> int:
@@ -371,6 +439,7 @@ class MirrorRun:
         downloader_factory: Callable[..., Downloader] = Downloader,
         handle_signals: bool = True,
         collect_results: bool = True,
+        adopt_from: Iterable[Path] = (),
     ) -> None:
         self.settings = settings
         self.source = source
@@ -387,6 +456,10 @@ class MirrorRun:
         self._planned_total: int | None = None
         self._source_reports = False  # the plan source reports planning to `progress` itself
         self._guard = PlanGuard(settings.output.layout)
+        # Trees to look in for a planned file before downloading it (`--adopt-from`), in order.
+        self.adopt_from = [Path(tree).expanduser() for tree in adopt_from]
+        self._executor: ThreadPoolExecutor | None = None
+        self._plan_complete = False
 
     # -- entry --------------------------------------------------------------------------------
     async def run(self) -> RunOutcome:
@@ -414,13 +487,17 @@ class MirrorRun:
             # Temporary plan files of a run killed mid-plan: ours to remove now that we hold the lock.
             remove_stale_temp_files(settings.state_dir / PLAN_FILE)
             manifest = Manifest(settings.state_dir)
-            done = self._already_done(manifest)
+            # A URL-keyed manifest from an earlier version: rewritten with file keys, atomically, now
+            # that we hold the lock and before anything is downloaded.
+            await asyncio.to_thread(manifest.upgrade)
+            done = await asyncio.to_thread(self._already_done, manifest)
             source = self.source or plan_source_for(settings)
             self._watch_planning(source)
             register_secret(token)
             writer = ManifestWriter(manifest, fsync=settings.output.fsync)
             await writer.start()
             executor = ThreadPoolExecutor(max(settings.verify.workers, 1), thread_name_prefix="verify")
+            self._executor = executor
             try:
                 # The token goes to MAST's host and to the TAP service's host, never to a third party.
                 token_hosts = {*DEFAULT_TOKEN_HOSTS, urlsplit(settings.tap.url).hostname or ""}
@@ -441,6 +518,8 @@ class MirrorRun:
                         fsync=settings.output.fsync,
                     )
                     await self._pipeline(source, done, downloader, writer)
+                if self._plan_complete and not self.outcome.interrupted:
+                    await asyncio.to_thread(self._list_withdrawn, done)
             finally:
                 # Shielded: a second cancellation (a notebook's second interrupt) must not cut the
                 # manifest's last batch short.
@@ -451,7 +530,12 @@ class MirrorRun:
         if self._planned_total is not None:
             self.outcome.planned = max(self.outcome.planned, self._planned_total)
         self.outcome.pending = max(
-            self.outcome.planned - self.outcome.downloaded - self.outcome.skipped - self.outcome.failed, 0
+            self.outcome.planned
+            - self.outcome.downloaded
+            - self.outcome.adopted
+            - self.outcome.skipped
+            - self.outcome.failed,
+            0,
         )
         return self.outcome
 
@@ -474,30 +558,55 @@ class MirrorRun:
         source.on_page = self.progress.planned_items
         source.on_complete = on_complete
 
-    def _already_done(self, manifest: Manifest) -> set[str]:
-        """URLs verified by earlier runs. Trusted without a stat (parallel filesystems make a stat per
-        file expensive), unless --recheck asks; the scan builds no per-entry objects."""
+    def _already_done(self, manifest: Manifest) -> dict[str, int]:
+        """Files verified by earlier runs: key -> `pack_record(nbytes, md5)`. Trusted without a stat
+        (parallel filesystems make a stat per file expensive), unless --recheck asks; the scan builds
+        no per-entry objects."""
+        done = manifest.verified()
         if not self.settings.run.recheck:
-            return manifest.verified_urls()
-        done: set[str] = set()
+            return done
         for entry in manifest.load().values():
-            if entry.status != FileStatus.VERIFIED.value:
+            if entry.key not in done:
                 continue
             try:
                 ok = (self.out_dir / entry.path).stat().st_size == entry.nbytes
             except OSError:
                 ok = False
-            if ok:
-                done.add(entry.url)
-            else:
+            if not ok:
+                del done[entry.key]
                 log.warning("recheck: %s is missing or changed; it will be downloaded again", entry.path)
         return done
+
+    def _list_withdrawn(self, done: dict[str, int]) -> None:
+        """Verified files the complete plan did not list: counted, and named in withdrawn.txt (never
+        deleted: the archive may have withdrawn them, or the selection changed)."""
+        withdrawn = sorted(key for key, packed in done.items() if packed >= 0)
+        self.outcome.withdrawn = len(withdrawn)
+        self.outcome.withdrawn_keys = withdrawn[:_WITHDRAWN_SHOWN]
+        target = self.settings.state_dir / WITHDRAWN_FILE
+        try:
+            if not withdrawn:
+                target.unlink(missing_ok=True)
+                return
+            fd, tmp = tempfile.mkstemp(prefix=f".{WITHDRAWN_FILE}.", suffix=".tmp", dir=target.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write("# verified files that the last complete plan no longer lists (kept on disk)\n")
+                out.writelines(f"{key}\n" for key in withdrawn)
+            os.replace(tmp, target)
+        except OSError as err:  # a list for the user; the run's result does not depend on it
+            log.warning("could not write %s: %s", target, err.strerror or err)
+        if withdrawn:
+            log.info(
+                "%d verified files are no longer in the plan (withdrawn; kept): see %s",
+                len(withdrawn),
+                target,
+            )
 
     # -- the pipeline -------------------------------------------------------------------------
     async def _pipeline(
         self,
         source: PlanSource,
-        done: set[str],
+        done: dict[str, int],
         downloader: Downloader,
         writer: ManifestWriter,
     ) -> None:
@@ -537,7 +646,7 @@ class MirrorRun:
     async def _produce(
         self,
         source: PlanSource,
-        done: set[str],
+        done: dict[str, int],
         queue: asyncio.Queue,
         writer: ManifestWriter,
         n_workers: int,
@@ -546,6 +655,7 @@ class MirrorRun:
         # aclosing: when the producer is cancelled, the source stops planning now, not at GC time.
         async with contextlib.aclosing(source.pages()) as pages:
             await self._produce_pages(pages, done, queue, writer, free)
+        self._plan_complete = True
         if not self._source_reports:
             self.progress.plan_complete()
         for _ in range(n_workers):
@@ -554,7 +664,7 @@ class MirrorRun:
     async def _produce_pages(
         self,
         pages: AsyncIterator[list[PlanItem]],
-        done: set[str],
+        done: dict[str, int],
         queue: asyncio.Queue,
         writer: ManifestWriter,
         free: int,
@@ -565,24 +675,32 @@ class MirrorRun:
         guard = self._guard
         async for page in pages:
             guarded = guard.admit(page)
-            todo: list[tuple[PlanItem, str, Path]] = []
+            todo: list[tuple[PlanItem, str, Path, bool]] = []
             skipped = 0
             page_bytes = 0
             for item, reason in guarded.failed:
                 self.outcome.planned += 1
-                if done and redact(item.url) in done:
+                key = file_key(item.obs_id, item.filename)
+                if key and key in done:
                     skipped += 1  # verified by an earlier run: a later conflicting row does not undo it
+                    done[key] = _seen(done[key])
                     continue
                 await self._record(writer, FileResult(item, FileStatus.FAILED, error=redact(reason)))
             for item, relpath in guarded.items:
                 self.outcome.planned += 1
                 declared = _declared_bytes(item)
                 page_bytes += declared
-                if done and redact(item.url) in done:  # the manifest keys URLs redacted
-                    skipped += 1
-                    if self.results is not None:
-                        self.results.add(item, "verified", "skipped", relpath, item.size, item.md5, "")
-                    continue
+                key = file_key(item.obs_id, item.filename, relpath)
+                changed = False
+                if key in done:  # the manifest keys files, not URLs: a new URL is the same file
+                    packed = done[key]
+                    done[key] = _seen(packed)
+                    changed = _differs(item, packed)
+                    if not changed:
+                        skipped += 1
+                        if self.results is not None:
+                            self.results.add(item, "verified", "skipped", relpath, item.size, item.md5, "")
+                        continue
                 try:
                     dest = resolve_within(self.out_dir, relpath)
                 except UnsafePathError as err:
@@ -590,7 +708,7 @@ class MirrorRun:
                         writer, FileResult(item, FileStatus.FAILED, path=relpath, error=redact(err))
                     )
                     continue
-                todo.append((item, relpath, dest))
+                todo.append((item, relpath, dest, changed))
                 needed += declared
             self.outcome.merged += guarded.merged
             self.outcome.dropped += len(guarded.dropped)
@@ -615,9 +733,19 @@ class MirrorRun:
             job = await queue.get()
             if job is _DONE:
                 return
-            item, relpath, dest = job
+            item, relpath, dest, changed = job
             try:
-                result = await downloader.fetch(item, dest, relpath)
+                result = None
+                if changed:
+                    await self._off_loop(self._supersede, item, relpath, dest)
+                else:
+                    result = await self._off_loop(self._adopt, item, relpath, dest)
+                if result is None:
+                    result = await downloader.fetch(item, dest, relpath)
+                    if result.status is FileStatus.VERIFIED and not result.origin:
+                        result.origin = "downloaded"
+                if changed and result.status is FileStatus.VERIFIED:
+                    self.outcome.changed += 1
             except (LocalError, asyncio.CancelledError):
                 raise
             except Exception as err:  # a bug must cost one file, not the night's run
@@ -630,10 +758,124 @@ class MirrorRun:
                 )
             await self._record(writer, result)
 
+    async def _off_loop(self, func: Callable[..., object], *args: object) -> object:
+        """Run file-system work (stat, hashing, linking) in the verify pool, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, func, *args)
+
+    # -- existing data (in the verify pool) -------------------------------------------------------
+    def _level_for(self, item: PlanItem) -> VerifyLevel:
+        """The run's level; at least CHECKSUM when the plan declares an md5 (read it: it is the proof)."""
+        level = VerifyLevel.parse(self.settings.verify.level)
+        return max(level, VerifyLevel.CHECKSUM) if item.md5 else level
+
+    def _adoptable(self, item: PlanItem) -> bool:
+        """Whether a file found on disk can be proven to be this item: something must be declared
+        (a size or an md5), or the run checks FITS files' structure and checksums."""
+        from engine.verify.stream import is_fits_item
+
+        if item.size >= 0 or item.md5:
+            return True
+        return VerifyLevel.parse(self.settings.verify.level) >= VerifyLevel.FITS and is_fits_item(item)
+
+    def _verified_copy(self, item: PlanItem, relpath: str, path: Path) -> FileResult:
+        """Check `path` as `item` (raises IntegrityError or OSError); the result of an adoption."""
+        from engine.verify.file import check_file
+
+        level = self._level_for(item)
+        nbytes = os.lstat(path).st_size
+        digest = check_file(path, size=item.size, md5=item.md5, level=level)
+        return FileResult(
+            item,
+            FileStatus.VERIFIED,
+            path=relpath,
+            nbytes=nbytes,
+            md5=digest,
+            level=level,
+            checksum_declared=bool(item.md5),
+            origin="adopted",
+        )
+
+    def _adopt(self, item: PlanItem, relpath: str, dest: Path) -> FileResult | None:
+        """The file already at `dest`, or found in an --adopt-from tree, verified as `item`; None when
+        it must be downloaded. A file at `dest` that fails the checks is moved to the quarantine."""
+        if not self._adoptable(item):
+            return None
+        try:
+            mode = os.lstat(dest).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISREG(mode):
+            try:
+                result = self._verified_copy(item, relpath, dest)
+                log.info("adopted %s: already on disk and verified", relpath)
+                return result
+            except (IntegrityError, OSError) as err:
+                self._quarantine_bad(relpath, err)
+        for tree in self.adopt_from:
+            result = self._adopt_from_tree(tree, item, relpath, dest)
+            if result is not None:
+                return result
+        return None
+
+    def _quarantine_bad(self, relpath: str, err: BaseException) -> None:
+        from engine.mirrorcheck import quarantine_file
+
+        reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+        moved = quarantine_file(self.out_dir, self.settings.state_dir, relpath)
+        if moved is not None:
+            self.outcome.quarantined += 1
+            log.warning(
+                "%s is on disk but fails its checks (%s): moved to %s", relpath, redact(reason), moved
+            )
+
+    def _adopt_from_tree(self, tree: Path, item: PlanItem, relpath: str, dest: Path) -> FileResult | None:
+        """Link (same file system) or copy a file found in `tree` into place, verified there."""
+        source = _seed_candidate(tree, item, relpath)
+        if source is None:
+            return None
+        tmp = dest.with_name(f".{dest.name}.adopt-{os.getpid()}.tmp")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(source, tmp)
+            result = self._verified_copy(item, relpath, tmp)
+            os.rename(tmp, dest)  # replaces a link at dest, never writes through one
+        except (IntegrityError, OSError) as err:
+            reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            log.warning("not adopting %s from %s: %s", item.filename, source, redact(reason))
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # our link or copy; the source file is untouched
+            return None
+        log.info("adopted %s from %s", relpath, source)
+        return result
+
+    def _supersede(self, item: PlanItem, relpath: str, dest: Path) -> None:
+        """Keep the old copy of a file the archive reprocessed, before the new one replaces it."""
+        try:
+            if not stat.S_ISREG(os.lstat(dest).st_mode):
+                return
+        except OSError:
+            return
+        target = resolve_within(self.settings.state_dir / SUPERSEDED_DIR, relpath)
+        candidate, number = target, 0
+        while os.path.lexists(candidate):  # an older superseded copy is never overwritten
+            number += 1
+            candidate = target.with_name(f"{target.name}.{number}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            # A hard link keeps the old bytes when the download renames the new file over `dest`.
+            _link_or_copy(dest, candidate)
+        except OSError as err:
+            raise local_error_from_oserror(err, dest, f"keep the old copy at {candidate}") from err
+        log.info("%s changed at the archive: the old copy is kept at %s", relpath, candidate)
+
     async def _record(self, writer: ManifestWriter, result: FileResult) -> None:
         await writer.record(result)
         item = result.item
-        if result.status is FileStatus.VERIFIED:
+        if result.status is FileStatus.VERIFIED and result.origin == "adopted":
+            self.outcome.adopted += 1
+            action = "adopted"
+        elif result.status is FileStatus.VERIFIED:
             self.outcome.downloaded += 1
             self.outcome.nbytes += result.nbytes
             action = "downloaded"
@@ -647,7 +889,10 @@ class MirrorRun:
             self.results.add(
                 item, str(result.status), action, result.path, result.nbytes, result.md5, result.error
             )
-        self.progress.file_done(result)
+        if action == "adopted":
+            self.progress.skipped_items(1)  # no network: counted with the files already done
+        else:
+            self.progress.file_done(result)
 
     # -- signals ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -681,6 +926,62 @@ async def _finish(closing: Awaitable[None]) -> None:
     except asyncio.CancelledError:
         await task
         raise
+
+
+def _seen(packed: int) -> int:
+    """Mark a verified file as listed by this plan (the packed values are >= 0 until seen)."""
+    return ~packed if packed >= 0 else packed
+
+
+def _differs(item: PlanItem, packed: int) -> bool:
+    """Whether the plan declares other bytes (size or md5) for a file than its verified record holds."""
+    nbytes, md5 = unpack_record(~packed if packed < 0 else packed)
+    if item.size >= 0 and item.size != nbytes:
+        return True
+    return bool(item.md5 and md5 and item.md5.lower() != md5)
+
+
+def _seed_candidate(tree: Path, item: PlanItem, relpath: str) -> Path | None:
+    """Where a seed tree may hold `item`: our layout, flat, or the astroquery/lightkurve cache
+    (`mastDownload/TESS/<obs_id>/<file>`); the first regular file (not a symlink) found."""
+    name = item.filename
+    places = [relpath, name]
+    if item.obs_id:
+        places += [
+            f"mastDownload/TESS/{item.obs_id}/{name}",
+            f"TESS/{item.obs_id}/{name}",
+            f"{item.obs_id}/{name}",
+        ]
+    for place in places:
+        candidate = tree / place
+        try:
+            if stat.S_ISREG(os.lstat(candidate).st_mode):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` at `target` (a new name), or copy it when they are on different file systems
+    (or links are refused). `source` is never moved or changed; `target` must not exist."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+        return
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(target, flags, 0o644)
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb", closefd=False) as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
+    os.close(fd)
 
 
 def _declared_bytes(item: PlanItem) -> int:
@@ -723,7 +1024,17 @@ def summarize(outcome: RunOutcome) -> Iterable[str]:
     """Lines for the end-of-run summary."""
     yield f"planned     {outcome.planned}"
     yield f"downloaded  {outcome.downloaded}  ({human_bytes(outcome.nbytes)})"
-    yield f"skipped     {outcome.skipped}  (verified by an earlier run)"
+    if outcome.changed:
+        yield f"  new {outcome.new}, changed {outcome.changed}  (old copies kept under superseded/)"
+    yield f"skipped     {outcome.skipped}  (verified by an earlier run, unchanged)"
+    if outcome.adopted:
+        yield f"adopted     {outcome.adopted}  (already on disk, verified; not downloaded)"
+    if outcome.quarantined:
+        yield f"quarantined {outcome.quarantined}  (on disk but failing their checks; downloaded again)"
+    if outcome.withdrawn:
+        shown = ", ".join(outcome.withdrawn_keys)
+        more = f", ... ({WITHDRAWN_FILE})" if outcome.withdrawn > len(outcome.withdrawn_keys) else ""
+        yield f"withdrawn   {outcome.withdrawn}  (no longer in the plan; kept on disk): {shown}{more}"
     yield f"failed      {outcome.failed}"
     if outcome.merged or outcome.dropped:
         yield f"plan        {outcome.merged} duplicate rows merged, {outcome.dropped} unusable rows dropped"

@@ -100,6 +100,18 @@ def _legacy_key(rec: dict, url: str) -> str:
     return file_key(obs_id, name, path) or f"url:{url}"
 
 
+def _result_key(result: FileResult) -> str:
+    """The key of a result. A row refused before it had a destination (no path: the plan's guard
+    failed it, e.g. a conflicting duplicate) is keyed by its URL, so its failure never shadows the
+    record of the file that the row's valid twin downloaded."""
+    item = result.item
+    if result.path:
+        key = file_key(item.obs_id, item.filename, result.path)
+        if key:
+            return key
+    return f"url:{redact(item.url)}"
+
+
 @dataclass(slots=True)
 class ManifestEntry:
     """One record. For a file (its `key`), the last record in the manifest is the truth."""
@@ -141,7 +153,7 @@ class ManifestEntry:
             error=redact(result.error) if result.error else "",
             attempts=result.attempts,
             time=result.finished_at,
-            key=file_key(item.obs_id, item.filename, result.path) or f"url:{redact(item.url)}",
+            key=_result_key(result),
             size=item.size,
             declared_md5=item.md5,
             origin=result.origin,

@@ -229,6 +229,12 @@ def _quarantine(root: Path, state_dir: Path, relpath: str, *, follow: bool = Tru
     return candidate
 
 
+def quarantine_file(root: Path, state_dir: Path, relpath: str) -> Path | None:
+    """Move the file (or symlink: never followed) at `relpath` under `root` to
+    `<state_dir>/quarantine/<relpath>`, never overwriting an earlier copy; None when it is gone."""
+    return _quarantine(root, state_dir, relpath, follow=False)
+
+
 def check_mirror(
     out_dir: Path,
     manifest: Manifest,

@@ -137,7 +137,7 @@ def test_a_failed_file_is_recorded_with_its_reason_and_retried_by_the_next_run(t
     assert (outcome.downloaded, outcome.failed, outcome.exit_code) == (9, 1, EXIT_PARTIAL)
     row = outcome.results[list(outcome.results["url"]).index(bad)]
     assert row["status"] == "failed" and "404" in row["error"]
-    assert Manifest(settings.state_dir).load()[bad].error == "HTTP 404 Not Found"
+    assert Manifest(settings.state_dir).load()["path:f0003_lc.fits"].error == "HTTP 404 Not Found"
 
     again, downloader = run(settings, items)
     assert downloader.calls == [bad]
@@ -368,7 +368,7 @@ def test_every_source_goes_through_the_plan_guard_duplicates_merged_conflicts_fa
     outcome, downloader = run(settings, [*items, twin, rival, nowhere])
     assert sorted(downloader.calls) == sorted(i.url for i in items), "one download per destination"
     assert (outcome.merged, outcome.dropped, outcome.failed) == (1, 1, 1)
-    assert Manifest(settings.state_dir).load()[rival.url].status == "failed"
+    assert Manifest(settings.state_dir).load()[f"url:{rival.url}"].status == "failed"
     assert any("1 duplicate rows merged, 1 unusable rows dropped" in line for line in summarize(outcome))
 
 
