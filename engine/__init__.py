@@ -1,7 +1,13 @@
 """tessmirror: verified, resumable, polite bulk downloads of TESS products from MAST.
 
-`mirror` (blocking) and `mirror_async` (inside a running loop, e.g. Jupyter) are the entry points.
-They are loaded on first use, so `import engine` stays cheap for the CLI's start-up and signal set-up.
+    from engine import mirror, plan, retry, Settings
+    todo = plan(sector=1, camera=1, ccd=2)                           # an astropy Table, nothing downloaded
+    results = mirror(sector=1, camera=1, ccd=2, out_dir="s1-1-2")    # blocking; fine inside Jupyter
+    results = retry(results)                                         # the failed rows again
+
+`mirror_async`/`plan_async` are the coroutine forms. The exception types (`TessMirrorError` and its
+subclasses, each with an exit code and a hint) are here too. Everything is loaded on first use
+(PEP 562), so `import engine` stays cheap for the CLI's start-up and signal set-up.
 """
 
 from __future__ import annotations
@@ -9,16 +15,88 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "mirror", "mirror_async"]
+
+_API = ("mirror", "mirror_async", "plan", "plan_async", "retry", "Results", "build_settings")
+_EXCEPTIONS = (
+    "TessMirrorError",
+    "ConfigError",
+    "UsageError",
+    "ArchiveError",
+    "LocalError",
+    "DiskFullError",
+    "PermissionDeniedError",
+    "UnsafePathError",
+    "EmptySelectionError",
+    "TapUnavailableError",
+    "TapJobError",
+    "TapTimeoutError",
+    "IncompletePlanError",
+    "RunLockedError",
+)
+__all__ = [  # noqa: RUF022 - grouped: the API, the schema, the exceptions
+    "__version__",
+    "mirror",
+    "mirror_async",
+    "plan",
+    "plan_async",
+    "retry",
+    "Results",
+    "build_settings",
+    "Settings",
+    "TessMirrorError",
+    "ConfigError",
+    "UsageError",
+    "ArchiveError",
+    "LocalError",
+    "DiskFullError",
+    "PermissionDeniedError",
+    "UnsafePathError",
+    "EmptySelectionError",
+    "TapUnavailableError",
+    "TapJobError",
+    "TapTimeoutError",
+    "IncompletePlanError",
+    "RunLockedError",
+]
 
 if TYPE_CHECKING:
-    from engine.api import mirror, mirror_async
+    from engine.api import Results, build_settings, mirror, mirror_async, plan, plan_async, retry
+    from engine.exceptions import (
+        ArchiveError,
+        ConfigError,
+        DiskFullError,
+        EmptySelectionError,
+        IncompletePlanError,
+        LocalError,
+        PermissionDeniedError,
+        RunLockedError,
+        TapJobError,
+        TapTimeoutError,
+        TapUnavailableError,
+        TessMirrorError,
+        UnsafePathError,
+        UsageError,
+    )
+    from engine.settings import Settings
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the API module pulls in aiohttp and the manager, which `tessmirror --help` never needs.
-    if name in ("mirror", "mirror_async"):
+    # PEP 562: the API module pulls in aiohttp, astropy and the manager, which `tessmirror --help`
+    # never needs; the exceptions and the settings schema are light but loaded on demand alike.
+    if name in _API:
         from engine import api
 
         return getattr(api, name)
+    if name in _EXCEPTIONS:
+        from engine import exceptions
+
+        return getattr(exceptions, name)
+    if name == "Settings":
+        from engine.settings import Settings
+
+        return Settings
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import logging
 import os
 import signal
@@ -169,43 +170,57 @@ def _lazy_parser(name: str) -> Callable[[str], object]:
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("selection (also [selection] in the config file)")
-    g.add_argument("--sector", dest="selection.sector", type=int, help="the FFI footprint's sector")
+    g = p.add_argument_group("selection (also [selection] in the config file); choose one of the first five")
+    g.add_argument(
+        "--sector", dest="selection.sector", type=int, metavar="N", help="the FFI footprint's sector (1-200)"
+    )
     g.add_argument(
         "--camera",
         dest="selection.cameras",
         type=_int_list("selection.cameras"),
-        help="camera(s), e.g. 1 or 1,2 or all (default: all)",
+        metavar="LIST",
+        help="camera(s) of the footprint, e.g. 1 or 1,2 or all (default: all)",
     )
     g.add_argument(
         "--ccd",
         dest="selection.ccds",
         type=_int_list("selection.ccds"),
-        help="CCD(s), e.g. 2 or 1,2 or all (default: all)",
+        metavar="LIST",
+        help="CCD(s) of the footprint, e.g. 2 or 1,2 or all (default: all)",
     )
     g.add_argument(
         "--polygon",
         dest="selection.polygon",
         type=_lazy_parser("parse_polygon"),
-        help="'ra1 dec1 ra2 dec2 ...' in degrees, instead of a footprint",
+        metavar="'RA DEC RA DEC ...'",
+        help="a sky polygon in degrees (at least 3 vertices), instead of a footprint",
     )
     g.add_argument(
         "--cone",
         dest="selection.cone",
         type=_lazy_parser("parse_cone"),
-        help="'ra dec radius' in degrees, instead of a footprint",
+        metavar="'RA DEC RADIUS'",
+        help="a cone in degrees, instead of a footprint",
     )
-    g.add_argument("--targets", dest="selection.targets_file", type=Path, help="file of TIC ids, one a line")
+    g.add_argument(
+        "--targets",
+        dest="selection.targets_file",
+        type=Path,
+        metavar="FILE",
+        help="file of TIC ids, one a line",
+    )
     g.add_argument(
         "--sectors",
         dest="selection.sectors",
         type=_lazy_parser("parse_sectors"),
-        help="which sectors' products: all (default) or a list like 1,2,5-9",
+        metavar="LIST",
+        help="keep products of these sectors only: all (default) or e.g. 1,2,5-9 (the footprint is --sector)",
     )
     g.add_argument(
         "--products",
         dest="selection.products",
         type=_str_list,
+        metavar="LIST",
         help="product types, e.g. lc,tp,dvt or ffic (default: lc)",
     )
     g.add_argument(
@@ -217,21 +232,41 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--collection",
         dest="selection.collection",
+        metavar="NAME",
         help="obs_collection: TESS (default) or HLSP (TESS-SPOC and QLP light curves)",
     )
-    g.add_argument("--tap-url", dest="tap.url", help="TAP base URL (default: MAST's CAOM TAP)")
+    g.add_argument("--tap-url", dest="tap.url", metavar="URL", help="TAP base URL (default: MAST's CAOM TAP)")
 
 
-def _add_download(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
-    p.add_argument("--out", dest="output.out_dir", type=Path, required=out_required, help="output directory")
+def _add_out(p: argparse.ArgumentParser, *, what: str = "output directory") -> None:
+    # Not required by argparse: `out_dir` in the --config file satisfies it (checked in `_settings`).
+    p.add_argument(
+        "--out", dest="output.out_dir", type=Path, metavar="DIR", help=f"{what} (or out_dir in [output])"
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="output.state_dir",
+        type=Path,
+        metavar="DIR",
+        help="manifest and saved plan (default: DIR/.tessmirror)",
+    )
+
+
+def _add_download(p: argparse.ArgumentParser) -> None:
+    _add_out(p)
     g = p.add_argument_group("download (also [fetch], [verify], [output], [run] in the config file)")
     g.add_argument(
-        "--concurrency", dest="fetch.concurrency", type=int, help="downloads in flight (default 8)"
+        "--concurrency",
+        dest="fetch.concurrency",
+        type=int,
+        metavar="N",
+        help="downloads in flight (default 8)",
     )
     g.add_argument(
         "--per-host",
         dest="fetch.per_host",
         type=int,
+        metavar="N",
         help="connections per host (default: same as --concurrency)",
     )
     g.add_argument(
@@ -240,7 +275,9 @@ def _add_download(p: argparse.ArgumentParser, *, out_required: bool = True) -> N
         choices=("mast", "s3", "auto"),
         help="where file bytes come from: MAST (default), its public S3 copy, or S3 where it has the file",
     )
-    g.add_argument("--s3-endpoint", dest="fetch.s3_endpoint", metavar="URL", help="the S3 bucket's endpoint")
+    g.add_argument(
+        "--s3-endpoint", dest="fetch.s3_endpoint", metavar="URL", help="the public S3 bucket's HTTPS endpoint"
+    )
     g.add_argument(
         "--verify",
         dest="verify.level",
@@ -254,15 +291,31 @@ def _add_download(p: argparse.ArgumentParser, *, out_required: bool = True) -> N
         help="directory layout (default mast)",
     )
     g.add_argument(
-        "--state-dir", dest="output.state_dir", type=Path, help="manifest and plan (default OUT/.tessmirror)"
+        "--retries",
+        dest="fetch.retries",
+        type=int,
+        metavar="N",
+        help="tries per file beyond the first (default 8)",
     )
-    g.add_argument("--retries", dest="fetch.retries", type=int, help="tries per file beyond the first")
-    g.add_argument("--idle-timeout", dest="fetch.idle_timeout", type=float, help="seconds without a byte")
     g.add_argument(
-        "--bandwidth", dest="fetch.bandwidth_limit", type=_bytes_rate, help="cap, e.g. 20M (bytes/s)"
+        "--idle-timeout",
+        dest="fetch.idle_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="end a try after this long without a byte (default 60)",
     )
     g.add_argument(
-        "--token-env", dest="fetch.token_env", help="environment variable holding an archive token"
+        "--bandwidth",
+        dest="fetch.bandwidth_limit",
+        type=_bytes_rate,
+        metavar="RATE",
+        help="cap for the whole run in bytes/s, e.g. 20M (default: none)",
+    )
+    g.add_argument(
+        "--token-env",
+        dest="fetch.token_env",
+        metavar="VAR",
+        help="environment variable holding an archive token (default MAST_API_TOKEN)",
     )
     g.add_argument(
         "--force", dest="run.force", action="store_const", const=True, help="skip the free-space preflight"
@@ -292,53 +345,171 @@ def _add_download(p: argparse.ArgumentParser, *, out_required: bool = True) -> N
         "--progress-interval",
         dest="run.progress_interval",
         type=float,
-        help="seconds between log lines when not on a terminal",
+        metavar="SECONDS",
+        help="seconds between progress lines when not on a terminal (default 30)",
     )
+
+
+def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """--config and the logging flags. Accepted before the command and after it: the subcommand's
+    copies default to "not given" (SUPPRESS), so they never overwrite what came before the command."""
+    default = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (see config.example.toml)",
+        **default,
+    )
+    p.add_argument(
+        "--log-level",
+        dest="run.log_level",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+        **default,
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only warnings, errors and the summary; no progress bar",
+        **default,
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="DEBUG lines (each retry, each request's fate)",
+        **default,
+    )
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="also write the log here, at DEBUG level whatever the terminal shows",
+        **default,
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a suggestion for a mistyped flag (argparse itself has one from Python 3.14)."""
+
+    def suggest(self, extras: Sequence[str]) -> str:
+        """'unrecognized arguments: --sectr 1; did you mean --sector?'"""
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        for extra in extras:
+            if not extra.startswith("-"):
+                continue
+            flag = extra.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+            if close:
+                return f"{message}; did you mean {close[0]}?"
+        return message
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tessmirror", description="Verified, resumable bulk downloads of TESS products from MAST."
+    parser = _Parser(
+        prog="tessmirror",
+        description="Verified, resumable bulk downloads of TESS products from MAST.",
+        epilog="`tessmirror COMMAND --help` lists a command's flags. Every flag is also a configuration "
+        "key; flags win over the --config file.",
     )
     parser.add_argument("--version", action="version", version=f"tessmirror {__version__}")
+    _add_common(parser, top=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, help="TOML configuration file (see config.example.toml)")
-    common.add_argument("--log-level", dest="run.log_level", help="DEBUG, INFO, WARNING (default INFO)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_common(common, top=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("plan", parents=[common], help="print or export the inventory")
+    p = sub.add_parser("plan", parents=[common], help="print or export the inventory, with its size")
     _add_selection(p)
-    p.add_argument("--format", default="ecsv", choices=("ecsv", "votable", "csv", "urls", "aria2", "curl"))
-    p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
+    p.add_argument(
+        "--format",
+        default="ecsv",
+        choices=("ecsv", "votable", "csv", "urls", "aria2", "curl"),
+        help="output format (default ecsv; aria2 and curl for other downloaders)",
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write the plan here instead of standard output"
+    )
 
     p = sub.add_parser("run", parents=[common], help="plan, then download into --out")
     _add_selection(p)
     _add_download(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan and print the summary and the free-space verdict; download nothing",
+    )
 
     p = sub.add_parser("fetch", parents=[common], help="download a saved plan (ECSV) or a URL list")
-    p.add_argument("--input", dest="selection.urls_file", type=Path, required=True)
+    p.add_argument(
+        "--input",
+        dest="selection.urls_file",
+        type=Path,
+        metavar="FILE",
+        help="a saved plan (ECSV) or a list of URLs, one a line; - reads standard input",
+    )
     _add_download(p)
 
     p = sub.add_parser("status", parents=[common], help="report on a mirror from its manifest")
-    p.add_argument("--out", dest="output.out_dir", type=Path, required=True)
-    p.add_argument("--state-dir", dest="output.state_dir", type=Path)
+    _add_out(p, what="the mirror's output directory")
 
     p = sub.add_parser("verify", parents=[common], help="re-check a mirror against its manifest")
-    _add_download(p)
-    p.add_argument("--level", dest="verify.level", choices=("size", "checksum", "fits"))
+    _add_out(p, what="the mirror's output directory")
+    p.add_argument(
+        "--level",
+        dest="verify.level",
+        choices=("size", "checksum", "fits"),
+        help="how deep to check (default fits)",
+    )
     p.add_argument("--repair", action="store_true", help="move bad files aside and download them again")
+    g = p.add_argument_group("downloads of --repair")
+    g.add_argument(
+        "--concurrency", dest="fetch.concurrency", type=int, metavar="N", help="in flight (default 8)"
+    )
+    g.add_argument(
+        "--retries",
+        dest="fetch.retries",
+        type=int,
+        metavar="N",
+        help="tries per file beyond the first (default 8)",
+    )
+    g.add_argument(
+        "--token-env",
+        dest="fetch.token_env",
+        metavar="VAR",
+        help="environment variable holding an archive token",
+    )
+    g.add_argument(
+        "--no-fsync", dest="output.fsync", action="store_const", const=False, help="do not fsync (less safe)"
+    )
 
     p = sub.add_parser(
         "demo", parents=[common], help="start the local archive and mirror a footprint from it"
     )
-    p.add_argument("--out", dest="output.out_dir", type=Path, default=Path(DEMO_OUT))
-    p.add_argument("--targets", type=int, default=300, help="synthetic TIC targets in the archive")
-    p.add_argument("--file-size", default="full", help="full (about 2 MB), small, or a cadence count")
-    p.add_argument("--concurrency", dest="fetch.concurrency", type=int)
+    p.add_argument(
+        "--out",
+        dest="output.out_dir",
+        type=Path,
+        default=Path(DEMO_OUT),
+        metavar="DIR",
+        help=f"output directory (default ./{DEMO_OUT})",
+    )
+    p.add_argument(
+        "--targets", type=int, default=300, metavar="N", help="synthetic TIC targets in the archive"
+    )
+    p.add_argument(
+        "--file-size", default="full", metavar="SIZE", help="full (about 2 MB), small, or a cadence count"
+    )
+    p.add_argument(
+        "--concurrency", dest="fetch.concurrency", type=int, metavar="N", help="downloads in flight"
+    )
     p.add_argument(
         "--port",
         type=int,
         default=DEMO_PORT,
+        metavar="PORT",
         help=f"archive port (default {DEMO_PORT}, or a free one if taken)",
     )
 
@@ -347,25 +518,64 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_command(sub, parents=[common])
 
     p = sub.add_parser("archive", help="the local MAST-shaped archive")
-    asub = p.add_subparsers(dest="archive_command", required=True, metavar="ARCHIVE_COMMAND")
+    asub = p.add_subparsers(
+        dest="archive_command", required=True, metavar="ARCHIVE_COMMAND", parser_class=_Parser
+    )
     from engine.archive.cli_options import add_archive_arguments
 
-    s = asub.add_parser("serve", help="serve the local archive until Ctrl-C / SIGTERM")
+    s = asub.add_parser("serve", parents=[common], help="serve the local archive until Ctrl-C / SIGTERM")
     add_archive_arguments(s)
-    s.add_argument("--log-level", dest="run.log_level")
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command `ns` holds (`archive serve` included), for its flags and usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(ns, "command", None) or "")
+            if chosen is None:
+                return parser
+            if getattr(ns, "archive_command", None):
+                return _subparser(chosen, argparse.Namespace(command=ns.archive_command))
+            return chosen
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; a mistyped flag gets a suggestion ('did you mean --sector?')."""
+    parser = build_parser()
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        chosen = _subparser(parser, ns)
+        chosen.error(
+            chosen.suggest(extras) if isinstance(chosen, _Parser) else f"unrecognized arguments: {extras}"
+        )
+    return ns
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in vars(ns).items() if "." in k and v is not None}
 
 
-def _settings(ns: argparse.Namespace, extra: dict[str, object] | None = None, *, selection: bool = True):
+def _settings(
+    ns: argparse.Namespace,
+    extra: dict[str, object] | None = None,
+    *,
+    selection: bool = True,
+    out: bool = True,
+):
+    """Settings from --config and the flags. `out`: an output directory must be given, by --out or by
+    `out_dir` in the file (the schema's default folder is for the Python API, not a surprise here)."""
     from engine.config import load_settings
 
     overrides = _overrides(ns)
     overrides.update(extra or {})
-    return load_settings(getattr(ns, "config", None), overrides, require_selection=selection)
+    settings = load_settings(
+        getattr(ns, "config", None), overrides, require_selection=selection, require_out=out
+    )
+    if getattr(ns, "run.log_level", None) is None and not _LOUDNESS.get("flag"):
+        _set_console_level(settings.run.log_level)  # `log_level` in the file is honoured too
+    return settings
 
 
 class _BarFriendlyHandler(logging.StreamHandler):
@@ -384,30 +594,138 @@ class _BarFriendlyHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def _setup_logging(level: str | None) -> None:
+_LOUDNESS: dict[str, object] = {}  # "flag": a console level came from -q/-v/--log-level; "quiet"
+_CONSOLE: list[logging.Handler] = []
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+LOG_DATE = "%Y-%m-%d %H:%M:%S"
+
+
+def _level_name(level: str, key: str = "run.log_level") -> str:
+    name = level.upper()
+    if name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(key, f"unknown log level {level!r}", hint="use DEBUG, INFO, WARNING or ERROR")
+    return name
+
+
+def _setup_logging(
+    level: str | None, *, quiet: bool = False, verbose: bool = False, log_file: Path | None = None
+) -> None:
+    """Console at `level` (or -q: WARNING, -v: DEBUG; default INFO); `log_file` always gets DEBUG.
+
+    Both go through the redacting filter: a token never reaches the terminal or the file.
+    """
+    if quiet and verbose:
+        raise ConfigError("-q/-v", "--quiet and --verbose contradict each other", hint="give one of them")
     handler = _BarFriendlyHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE))
+    name = _level_name(level) if level else ("WARNING" if quiet else "DEBUG" if verbose else "INFO")
+    _LOUDNESS.update(flag=bool(level or quiet or verbose), quiet=quiet)
+    handler.setLevel(name)
+    _CONSOLE[:] = [handler]
+    handlers: list[logging.Handler] = [handler]
+    root_level = logging.getLevelName(name)
+    if log_file is not None:
+        try:
+            file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(
+                "--log-file",
+                f"cannot write the log file {str(log_file)!r}: {err.strerror or err}",
+                hint="give a path in an existing, writable directory",
+            ) from None
+        file_handler.addFilter(RedactingFilter())
+        file_handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE))
+        file_handler.setLevel(logging.DEBUG)
+        handlers.append(file_handler)
+        root_level = logging.DEBUG
+        # Libraries' own DEBUG chatter (every asyncio/urllib3/pyvo detail) would bury ours.
+        for noisy in ("asyncio", "urllib3", "pyvo", "astropy", "aiohttp", "matplotlib", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    name = (level or "INFO").upper()
-    if name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(
-            "run.log_level", f"unknown log level {level!r}", hint="use DEBUG, INFO, WARNING or ERROR"
-        )
-    root.setLevel(name)
+    for old in root.handlers:
+        if isinstance(old, logging.FileHandler) and old not in handlers:
+            old.close()
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
     # pyvo and astropy warn about things users cannot act on (units, VOTable versions).
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
-# -- commands -----------------------------------------------------------------------------------
-def cmd_plan(ns: argparse.Namespace) -> int:
-    """Print or export the inventory, page by page as TAP answers (bounded memory)."""
-    from engine.manager import plan_source_for
-    from engine.plan.table import PlanExporter
+def _set_console_level(level: str) -> None:
+    """Apply `run.log_level` from the config file (no flag said otherwise)."""
+    name = _level_name(level)
+    for handler in _CONSOLE:
+        handler.setLevel(name)
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
+        root.setLevel(name)
 
-    settings = _settings(ns)
+
+def _describe(settings) -> str:
+    """What is planned where, for the start banner: 'sector 1 camera 1 ccd 2, lc from all sectors'."""
+    sel = settings.selection
+
+    def listed(values) -> str:
+        return ",".join(str(v) for v in values) if values else "all"
+
+    if sel.urls_file is not None:
+        what = f"the files listed in {'standard input' if str(sel.urls_file) == '-' else sel.urls_file}"
+    else:
+        if sel.targets_file is not None:
+            region = f"the TIC ids in {sel.targets_file}"
+        elif sel.polygon is not None:
+            region = f"polygon of {len(sel.polygon) // 2} vertices"
+        elif sel.cone is not None:
+            region = "cone ra {:g} dec {:g} radius {:g} deg".format(*sel.cone)
+        elif sel.sector is not None:
+            region = f"sector {sel.sector} camera {listed(sel.cameras)} ccd {listed(sel.ccds)}"
+        else:
+            region = "nothing selected"
+        sectors = "all sectors" if sel.sectors is None else f"sectors {listed(sel.sectors)}"
+        what = f"{region}: {','.join(sel.products)} from {sectors}, via {redact(settings.tap.url)}"
+    return what
+
+
+def _banner(command: str, settings, *, where: bool = True) -> None:
+    """The start banner: version, command, what is planned, where it goes and how."""
+    text = f"tessmirror {__version__}: starting {command}: {_describe(settings)}"
+    if where:
+        fetch = settings.fetch
+        text += (
+            f"; into {settings.output.out_dir.resolve()} (concurrency {fetch.concurrency}, "
+            f"verify {settings.verify.level}, source {fetch.source})"
+        )
+    log.info("%s", text)
+
+
+# -- commands -----------------------------------------------------------------------------------
+async def _plan_pages(settings, on_page: Callable[[list], None]) -> str:
+    """Plan without saving or downloading, handing each page to `on_page`; returns the guard's summary
+    line (rows merged and dropped, and why). A signal cancels planning cleanly."""
+    import asyncio
+
+    from engine.manager import plan_source_for
+
+    task = asyncio.current_task()
+    assert task is not None
+    source = plan_source_for(settings, save=False)
+    with _GATE.deliver_to(asyncio.get_running_loop(), task.cancel):
+        async for page in source.pages():
+            on_page(page)
+    guard = getattr(getattr(source, "planner", None), "guard", None)
+    return guard.summary_line() if guard is not None else ""
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """Print or export the inventory, page by page as TAP answers (bounded memory), then its summary
+    (files, bytes, counts by product and sector, rows dropped and why) on standard error."""
+    from engine.plan.table import PlanExporter
+    from engine.progress import PlanSummary
+
+    settings = _settings(ns, out=False)
+    _banner("plan", settings, where=False)
     out: TextIO = sys.stdout
     if ns.output:
         try:
@@ -421,29 +739,60 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     elif 1 in _CLOSED_AT_START:
         raise _closed_stdout("the plan")
     exporter = PlanExporter(ns.format, out)
+    summary = PlanSummary()
 
-    async def export() -> int:
-        import asyncio
-
-        count = 0
-        task = asyncio.current_task()
-        assert task is not None
-        with _GATE.deliver_to(asyncio.get_running_loop(), task.cancel):
-            async for page in plan_source_for(settings, save=False).pages():
-                exporter.write(page)
-                count += len(page)
-        return count
+    def on_page(page: list) -> None:
+        exporter.write(page)
+        summary.add(page)
 
     try:
-        count = _run_loop(export())
+        guard_line = _run_loop(_plan_pages(settings, on_page))
         exporter.close()
         out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
     if ns.output:
-        log.info("wrote the plan of %d files to %s (%s)", count, ns.output, ns.format)
+        log.info("wrote the plan of %d files to %s (%s)", summary.files, ns.output, ns.format)
+    for line in summary.lines(guard_line=guard_line):
+        _say(line)
     return EXIT_OK
+
+
+def _dry_run(settings) -> int:
+    """`run --dry-run`: plan, print the summary and whether it fits on the disk; write nothing."""
+    import shutil
+
+    from engine.progress import PlanSummary, free_space_verdict
+
+    summary = PlanSummary()
+    guard_line = _run_loop(_plan_pages(settings, summary.add))
+    for line in summary.lines(guard_line=guard_line):
+        _say(line)
+    out_dir = settings.output.out_dir
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:  # the folder a run would create: its disk
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = 1 << 62
+    needed = summary.nbytes - _verified_bytes(settings)
+    fits, verdict = free_space_verdict(max(needed, 0), free, out_dir)
+    _say(verdict)
+    _say("dry run     nothing was downloaded; run the same command without --dry-run to start")
+    return EXIT_OK if fits else EXIT_PARTIAL
+
+
+def _verified_bytes(settings) -> int:
+    """Bytes an earlier run already verified in this mirror (a resumed run will not fetch them)."""
+    manifest_path = settings.state_dir / "manifest.jsonl"
+    if not manifest_path.exists():
+        return 0
+    from engine.manifest import Manifest
+
+    entries = Manifest(settings.state_dir).load()
+    return sum(e.nbytes for e in entries.values() if e.status == "verified")
 
 
 def _run_loop(coro):
@@ -477,25 +826,45 @@ def _run_loop(coro):
             loop.close()
 
 
-def _run_mirror(settings, source=None) -> int:
+def _run_mirror(settings, source=None, *, command: str = "run") -> int:
     import asyncio
 
     from engine.manager import MirrorRun, summarize
+    from engine.progress import Progress, watching_limiter
 
-    run = MirrorRun(settings, source, collect_results=False, handle_signals=False)
+    _banner(command, settings)
+    quiet = bool(_LOUDNESS.get("quiet"))
+    progress = Progress(interval=settings.run.progress_interval, bar=False if quiet else None)
+    run = MirrorRun(
+        settings,
+        source,
+        progress=progress,
+        downloader_factory=watching_limiter(progress),
+        collect_results=False,
+        handle_signals=False,
+    )
 
     async def mirror():
         with _GATE.deliver_to(asyncio.get_running_loop(), run.stop):
             return await run.run()
 
-    outcome = _run_loop(mirror())
+    try:
+        outcome = _run_loop(mirror())
+    finally:
+        progress.close()
     for line in summarize(outcome):
+        _say(line)
+    for line in progress.summary_lines():
         _say(line)
     return outcome.exit_code
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    return _run_mirror(_settings(ns))
+    settings = _settings(ns)
+    if ns.dry_run:
+        _banner("run --dry-run", settings)
+        return _dry_run(settings)
+    return _run_mirror(settings)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -597,14 +966,21 @@ def cmd_verify(ns: argparse.Namespace) -> int:
             for e in pending.values()
         ]
     _say(f"repairing {len(items)} file(s)")
-    code = _run_mirror(settings, TablePlan(items_to_table(items)))
+    code = _run_mirror(settings, TablePlan(items_to_table(items)), command="verify --repair")
     if len(items) < len(pending):  # a record the plan no longer names: not repaired here
         code = max(code, EXIT_PARTIAL)
     return code
 
 
 def cmd_fetch(ns: argparse.Namespace) -> int:
-    return _run_mirror(_settings(ns))
+    settings = _settings(ns, selection=False)
+    if settings.selection.urls_file is None:
+        raise ConfigError(
+            "selection.urls_file",
+            "fetch needs a saved plan or a URL list",
+            hint="give --input FILE (or - for standard input)",
+        )
+    return _run_mirror(settings, command="fetch")
 
 
 def _archive_options(ns: argparse.Namespace, **extra):
@@ -659,7 +1035,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
                 "selection.ccds": [2],
             },
         )
-        code = _run_mirror(settings)
+        code = _run_mirror(settings, command="demo")
     finally:
         thread.stop()
     _say(
@@ -817,13 +1193,23 @@ def _report(err: TessMirrorError) -> int:
     return err.exit_code
 
 
+# These print a fuller banner themselves, once their settings say what is planned where.
+_BANNER_IN_COMMAND = frozenset({"plan", "run", "fetch"})
+
+
 def _dispatch(argv: Sequence[str] | None) -> int:
     try:
         # Inside the try: flag parsers (--polygon, --cone, --ccd x) raise ConfigError, which argparse
         # does not catch.
-        ns = build_parser().parse_args(argv)
-        _setup_logging(getattr(ns, "run.log_level", None))
-        log.info("tessmirror %s: starting %s", __version__, ns.command)
+        ns = parse_args(argv)
+        _setup_logging(
+            getattr(ns, "run.log_level", None),
+            quiet=bool(getattr(ns, "quiet", False)),
+            verbose=bool(getattr(ns, "verbose", False)),
+            log_file=getattr(ns, "log_file", None),
+        )
+        if ns.command not in _BANNER_IN_COMMAND:
+            log.info("tessmirror %s: starting %s", __version__, ns.command)
         if ns.command == "archive":
             return cmd_archive_serve(ns)
         return COMMANDS[ns.command](ns)
