@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
+import zlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -403,3 +406,252 @@ def test_a_resumed_run_knows_the_saved_plans_total_before_the_downloads_reach_it
     total, outcome = asyncio.run(scenario())
     assert total == 300, "the whole total is shown while every download is still held"
     assert outcome.planned == 300 and outcome.downloaded == 300
+
+
+# -- existing data: file identity, changed and withdrawn files, adoption ---------------------------
+def fits_like(size: int, fill: bytes = b" ") -> bytes:
+    """Bytes that pass the FITS sniff (the size and md5 are what these tests vary)."""
+    return (b"SIMPLE  =" + fill * size)[:size]
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def obs_items(n: int, *, size: int = 2880) -> list[PlanItem]:
+    data = fits_like(size)
+    return [
+        PlanItem(
+            url=f"http://127.0.0.1:1/api/v0.1/Download/file?uri=mast:TESS/product/f{i:04d}_lc.fits",
+            filename=f"f{i:04d}_lc.fits",
+            obs_id=f"obs{i:04d}",
+            size=size,
+            md5=md5_hex(data),
+        )
+        for i in range(n)
+    ]
+
+
+class ContentDownloader(FakeDownloader):
+    """Writes the archive's bytes for each file (`content[filename]`, else `fits_like(size)`)."""
+
+    content: ClassVar[dict[str, bytes]] = {}
+    on_fetch: ClassVar[list] = []  # callables run at each fetch (to look at the state mid-run)
+
+    async def fetch(self, item: PlanItem, dest: Path, relpath: str) -> FileResult:
+        self.calls.append(item.url)
+        for hook in self.on_fetch:
+            hook(item)
+        data = self.content.get(item.filename, fits_like(item.size))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")  # as the real Downloader: a new file renamed over
+        part.write_bytes(data)
+        part.replace(dest)
+        return FileResult(
+            item,
+            FileStatus.VERIFIED,
+            path=relpath,
+            nbytes=len(data),
+            md5=md5_hex(data),
+            level=VerifyLevel.SIZE,
+        )
+
+
+def run_content(settings: Settings, items: list[PlanItem], **run_kwargs) -> tuple:
+    FakeDownloader.instances.clear()
+    mirror = MirrorRun(
+        settings,
+        TablePlan(items_to_table(items), page_size=3),
+        session_factory=fake_session,
+        downloader_factory=lambda *a, **k: ContentDownloader(*a, **k),
+        progress=Progress(bar=False),
+        handle_signals=False,
+        **run_kwargs,
+    )
+    outcome = asyncio.run(mirror.run())
+    return outcome, FakeDownloader.instances[-1]
+
+
+@pytest.fixture
+def content_settings(tmp_path: Path) -> Settings:
+    ContentDownloader.content = {}
+    ContentDownloader.on_fetch = []
+    settings = make_settings(tmp_path)
+    settings.verify.level = VerifyLevel.SIZE
+    return settings
+
+
+def test_a_new_url_for_a_verified_file_is_the_same_file_and_is_not_fetched_again(content_settings):
+    items = obs_items(5)
+    outcome, _ = run_content(content_settings, items)
+    assert outcome.downloaded == 5
+    moved = [
+        PlanItem(
+            **{**{f: getattr(i, f) for f in i.__slots__}, "url": f"http://127.0.0.1:2/files/tid/{i.filename}"}
+        )
+        for i in items
+    ]
+    outcome, downloader = run_content(content_settings, moved)
+    assert downloader.calls == []
+    assert (outcome.skipped, outcome.downloaded, outcome.exit_code) == (5, 0, EXIT_OK)
+    assert set(Manifest(content_settings.state_dir).load()) == {
+        f"obs{i:04d}/f{i:04d}_lc.fits" for i in range(5)
+    }
+
+
+def test_a_reprocessed_file_is_fetched_again_its_old_copy_kept_and_a_withdrawn_one_listed(content_settings):
+    settings = content_settings
+    items = obs_items(4)
+    run_content(settings, items)
+    out = settings.output.out_dir
+    old = {i.filename: (out / i.filename).read_bytes() for i in items}
+    # The archive reprocesses two files (new bytes, new size and md5) and withdraws the last one.
+    new_bytes = {i.filename: fits_like(5760, b"R") for i in items[:2]}
+    ContentDownloader.content = new_bytes
+    refreshed = [
+        PlanItem(
+            **{**{f: getattr(i, f) for f in i.__slots__}, "size": 5760, "md5": md5_hex(new_bytes[i.filename])}
+        )
+        for i in items[:2]
+    ] + [items[2]]
+    outcome, downloader = run_content(settings, refreshed)
+    assert sorted(downloader.calls) == sorted(i.url for i in items[:2])
+    assert (outcome.changed, outcome.new, outcome.unchanged, outcome.withdrawn) == (2, 0, 1, 1)
+    for item in items[:2]:
+        assert (out / item.filename).read_bytes() == new_bytes[item.filename]
+        assert (settings.state_dir / "superseded" / item.filename).read_bytes() == old[item.filename]
+    gone = items[3]
+    assert (out / gone.filename).read_bytes() == old[gone.filename]  # withdrawn: listed, never deleted
+    assert outcome.withdrawn_keys == [f"{gone.obs_id}/{gone.filename}"]
+    listed = (settings.state_dir / "withdrawn.txt").read_text().splitlines()
+    assert listed[1:] == [f"{gone.obs_id}/{gone.filename}"]
+    lines = list(summarize(outcome))
+    assert any(line.startswith("withdrawn   1") and gone.filename in line for line in lines)
+    assert any("changed 2" in line for line in lines)
+
+
+def test_files_renamed_into_place_before_the_lost_manifest_batch_are_adopted_not_fetched(content_settings):
+    settings = content_settings
+    items = obs_items(6)
+    run_content(settings, items)
+    manifest = settings.state_dir / "manifest.jsonl"
+    # What a kill -9 between the renames and the batch's flush leaves: fewer records than files.
+    manifest.write_bytes(b"".join(manifest.read_bytes().splitlines(keepends=True)[:2]))
+    out = settings.output.out_dir
+    before = {i.filename: (out / i.filename).stat() for i in items}
+    outcome, downloader = run_content(settings, items)
+    assert downloader.calls == []
+    assert (outcome.skipped, outcome.adopted, outcome.downloaded, outcome.exit_code) == (2, 4, 0, EXIT_OK)
+    for item in items:  # verified in place: the same inode, untouched
+        after = (out / item.filename).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (
+            before[item.filename].st_ino,
+            before[item.filename].st_mtime_ns,
+        )
+    entries = Manifest(settings.state_dir).load()
+    assert {e.status for e in entries.values()} == {"verified"} and len(entries) == 6
+    assert sum(e.origin == "adopted" for e in entries.values()) == 4
+    assert all(
+        e.md5 == items[0].md5 and e.level == "checksum" for e in entries.values() if e.origin == "adopted"
+    )
+
+
+def test_a_file_in_place_that_fails_its_checks_is_quarantined_then_fetched(content_settings):
+    settings = content_settings
+    items = obs_items(3)
+    run_content(settings, items)
+    (settings.state_dir / "manifest.jsonl").unlink()
+    out = settings.output.out_dir
+    bad = out / items[1].filename
+    bad.write_bytes(fits_like(2880, b"X"))  # the right size, the wrong md5
+    outcome, downloader = run_content(settings, items)
+    assert downloader.calls == [items[1].url]
+    assert (outcome.adopted, outcome.downloaded, outcome.quarantined) == (2, 1, 1)
+    assert (settings.state_dir / "quarantine" / items[1].filename).read_bytes() == fits_like(2880, b"X")
+    assert bad.read_bytes() == fits_like(2880)
+
+
+def test_a_file_on_disk_with_nothing_declared_to_check_it_against_is_fetched(content_settings):
+    item = PlanItem(url="http://127.0.0.1:1/files/x_lc.fits", filename="x_lc.fits")  # a bare URL
+    dest = content_settings.output.out_dir / item.filename
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"SIMPLE  = whatever")
+    ContentDownloader.content = {item.filename: fits_like(2880)}
+    outcome, downloader = run_content(content_settings, [item])
+    assert downloader.calls == [item.url] and outcome.adopted == 0
+
+
+def test_a_lightkurve_cache_is_adopted_by_hard_link_verified_and_never_moved(content_settings, tmp_path):
+    items = obs_items(3)
+    cache = tmp_path / "home" / ".lightkurve-cache"
+    seeds = {}
+    for item in items:
+        seed = cache / "mastDownload" / "TESS" / item.obs_id / item.filename
+        seed.parent.mkdir(parents=True)
+        seed.write_bytes(fits_like(2880))
+        seeds[item.filename] = seed
+    seeds[items[2].filename].write_bytes(fits_like(2880, b"C"))  # a corrupt seed: not adopted
+    outcome, downloader = run_content(content_settings, items, adopt_from=[cache])
+    assert downloader.calls == [items[2].url]
+    assert (outcome.adopted, outcome.downloaded) == (2, 1)
+    out = content_settings.output.out_dir
+    for item in items[:2]:
+        assert (out / item.filename).stat().st_ino == seeds[item.filename].stat().st_ino  # linked
+    assert all(seed.exists() for seed in seeds.values())  # the user's files stay where they were
+    assert seeds[items[2].filename].read_bytes() == fits_like(2880, b"C")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_url_keyed_manifest_is_upgraded_under_the_lock_before_any_download(content_settings):
+    settings = content_settings
+    items = obs_items(4)
+    out = settings.output.out_dir
+    out.mkdir(parents=True)
+    legacy = []
+    for item in items[:2]:  # what an earlier version wrote: keyed by URL, no key, no declared size
+        (out / item.filename).write_bytes(fits_like(2880))
+        rec = {
+            "url": item.url, "path": item.filename, "status": "verified", "obs_id": item.obs_id,
+            "nbytes": 2880, "md5": item.md5, "level": "fits", "checksum_declared": True, "error": "",
+            "attempts": 1, "time": 1.0,
+        }  # fmt: skip
+        payload = json.dumps(rec, separators=(",", ":")).encode()
+        legacy.append(b'{"crc":"%08x","rec":%s}\n' % (zlib.crc32(payload), payload))
+    settings.state_dir.mkdir(parents=True)
+    (settings.state_dir / "manifest.jsonl").write_bytes(b"".join(legacy))
+    seen_at_fetch: list[bool] = []
+    ContentDownloader.on_fetch = [
+        lambda _item: seen_at_fetch.append(Manifest(settings.state_dir).needs_upgrade())
+    ]
+    outcome, downloader = run_content(settings, items)
+    assert seen_at_fetch == [False, False]  # already upgraded when the first download began
+    assert sorted(downloader.calls) == sorted(i.url for i in items[2:])
+    assert outcome.skipped == 2
+    first = json.loads((settings.state_dir / "manifest.jsonl").read_bytes().splitlines()[0])
+    assert first["rec"]["key"] == f"{items[0].obs_id}/{items[0].filename}"
+
+
+def test_the_plan_header_gets_the_footprints_of_the_chosen_detectors(tmp_path):
+    from engine.manager import footprints_meta
+    from engine.plan.adql import Region
+    from engine.plan.planner import Detector
+    from engine.report import footprints_from_meta
+
+    settings = make_settings(tmp_path)
+    settings.selection.sector = 1
+    vertices = [10.0, -60.0, 20.0, -60.0, 20.0, -50.0, 10.0, -50.0]
+
+    class FakePlanner:
+        pass
+
+    planner = FakePlanner()
+    planner.settings = settings
+    planner.detectors = [
+        Detector(camera=1, ccd=2, exposures=1, chosen=["x"], regions=[Region.polygon(vertices)])
+    ]
+    meta = footprints_meta(planner)
+    assert meta == [{"name": "sector 1 camera 1 CCD 2", "polygon": vertices}]
+    polygons, problems = footprints_from_meta({"footprints": meta})
+    assert polygons == [("sector 1 camera 1 CCD 2", vertices)] and problems == []
+    tap_plan = TapPlan(planner, None, {})  # type: ignore[arg-type]
+    assert tap_plan._final_meta()["footprints"] == meta
