@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
 
 from engine.exceptions import DiskFullError, ManifestError, PermissionDeniedError
-from engine.manifest import Manifest, ManifestEntry, ManifestWriter, encode_entry
+from engine.manifest import Manifest, ManifestEntry, ManifestWriter, encode_entry, pack_record, unpack_record
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -452,3 +453,81 @@ def test_the_lock_is_still_importable_from_the_manifest_module() -> None:
 
     assert manifest.RunLock is lock.RunLock
     assert manifest.LOCK_NAME == lock.LOCK_NAME
+
+
+# -- file identity ----------------------------------------------------------------------------------
+def legacy_line(n: int, **changes: object) -> bytes:
+    """A record as versions before file keys wrote it: keyed by URL, no key/size/declared_md5."""
+    rec = {
+        "url": f"https://archive.example.org/f{n}.fits", "path": f"s0001/f{n}.fits", "status": "verified",
+        "obs_id": f"obs{n}", "nbytes": 2880 * n, "md5": f"{n:032x}", "level": "fits",
+        "checksum_declared": True, "error": "", "attempts": 1, "time": 1000.0 + n, **changes,
+    }  # fmt: skip
+    payload = json.dumps(rec, separators=(",", ":")).encode()
+    return b'{"crc":"%08x","rec":%s}\n' % (zlib.crc32(payload), payload)
+
+
+def test_a_record_is_keyed_by_obs_id_and_file_name_and_keeps_what_the_plan_declared(tmp_path: Path) -> None:
+    item = PlanItem(
+        url="https://a.example.org/x?uri=f_lc.fits", filename="f_lc.fits", obs_id="o1", size=7, md5="a" * 32
+    )
+    e = ManifestEntry.from_result(FileResult(item, FileStatus.VERIFIED, path="s0001/f_lc.fits", nbytes=7))
+    assert (e.key, e.size, e.declared_md5) == ("o1/f_lc.fits", 7, "a" * 32)
+    bare = PlanItem(url="https://a.example.org/files/g_lc.fits", filename="g_lc.fits")
+    assert ManifestEntry.from_result(FileResult(bare, FileStatus.VERIFIED, path="s0001/g_lc.fits")).key == (
+        "path:s0001/g_lc.fits"
+    )
+
+
+def test_two_urls_for_one_file_are_one_record_the_last_one_wins(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    write_lines(manifest, entry(1), entry(1, url="https://s3.example.org/f1.fits", nbytes=5))
+    (only,) = manifest.load().values()
+    assert (only.url, only.nbytes) == ("https://s3.example.org/f1.fits", 5)
+    assert set(manifest.verified()) == {"obs1/f1.fits"}
+
+
+def test_a_url_keyed_manifest_reads_as_is_and_upgrades_atomically_once(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    manifest.path.write_bytes(
+        legacy_line(1) + legacy_line(2) + legacy_line(1, status="failed") + b'{"crc":"tor'
+    )
+    assert manifest.needs_upgrade()
+    assert set(manifest.load()) == {"obs1/f1.fits", "obs2/f2.fits"}  # readable before the upgrade
+    assert set(manifest.verified()) == {"obs2/f2.fits"}  # the last record of f1 says failed
+    before = manifest.path.stat().st_ino
+    assert manifest.upgrade() == 3
+    assert manifest.path.stat().st_ino != before  # a new file renamed over the old one
+    assert not manifest.needs_upgrade() and manifest.upgrade() == 0  # idempotent
+    lines = manifest.path.read_bytes().splitlines()
+    assert [json.loads(line)["rec"]["key"] for line in lines] == [
+        "obs1/f1.fits",
+        "obs2/f2.fits",
+        "obs1/f1.fits",
+    ]
+    assert manifest.skipped_lines == 0 and list(tmp_path.iterdir()) == [manifest.path]  # no temp file
+
+
+def test_an_upgrade_that_cannot_finish_leaves_the_old_manifest_whole_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = Manifest(tmp_path)
+    original = legacy_line(1) + legacy_line(2)
+    manifest.path.write_bytes(original)
+
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("engine.manifest.os.replace", full)
+    with pytest.raises(DiskFullError):
+        manifest.upgrade()
+    assert manifest.path.read_bytes() == original
+    assert list(tmp_path.iterdir()) == [manifest.path]
+
+
+@pytest.mark.parametrize(
+    "nbytes, md5", [(0, ""), (2880, "f" * 32), (10**12, "0123456789abcdef" * 2), (5, "xyz")]
+)
+def test_the_resume_packs_size_and_md5_into_one_int(nbytes: int, md5: str) -> None:
+    assert unpack_record(pack_record(nbytes, md5)) == (nbytes, md5 if len(md5) == 32 else "")

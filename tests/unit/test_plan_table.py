@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import shlex
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from astropy.table import Table
 
@@ -287,3 +289,26 @@ def test_commit_with_late_metadata_rewrites_the_header_and_keeps_every_row(tmp_p
     assert list(iter_plan(tmp_path / "plan.ecsv")) == ITEMS * 3
     assert len(load_plan(tmp_path / "plan.ecsv")) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["plan.ecsv"]
+
+
+def test_positions_are_float64_columns_and_survive_every_table_round_trip(tmp_path: Path) -> None:
+    table = items_to_table(ITEMS)
+    assert table["s_ra"].dtype == np.float64 and table["s_dec"].dtype == np.float64
+    path = tmp_path / "plan.ecsv"
+    save_plan(table, path)
+    assert [(i.s_ra, i.s_dec) for i in iter_plan(path)] == [(263.75, -64.25), (0.0, 90.0)]
+    assert [(i.s_ra, i.s_dec) for i in table_to_items(load_plan(path))] == [(263.75, -64.25), (0.0, 90.0)]
+
+
+def test_an_unknown_position_is_nan_and_a_plan_saved_before_positions_still_loads(tmp_path: Path) -> None:
+    item = PlanItem(url="https://mast.example.org/files/c_lc.fits", filename="c_lc.fits")
+    path = tmp_path / "plan.ecsv"
+    save_plan(items_to_table([item]), path)
+    (back,) = iter_plan(path)
+    assert back == item and math.isnan(back.s_ra) and math.isnan(back.s_dec)
+    old = tmp_path / "old.ecsv"  # written before s_ra/s_dec existed
+    table = items_to_table([item])
+    table.remove_columns(["s_ra", "s_dec"])
+    table.write(old, format="ascii.ecsv", delimiter=",")
+    assert list(iter_plan(old)) == [item]
+    assert math.isnan(load_plan(old)["s_ra"][0])
