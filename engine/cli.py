@@ -402,7 +402,7 @@ class _Parser(argparse.ArgumentParser):
             if not extra.startswith("-"):
                 continue
             flag = extra.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
             if close:
                 return f"{message}; did you mean {close[0]}?"
         return message

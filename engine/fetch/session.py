@@ -6,16 +6,24 @@ long ends the try. `connect` is left unset because it also counts the wait for a
 connection, which is ordinary queueing here, not a fault.
 
 The token travels as ``Authorization: token <token>`` only to the archive's own hosts, and only over
-https (or to a loopback address, for the local archive). A client middleware adds it per request,
-so every redirect hop is judged on its own: a redirect to a third-party host never sees it.
+https (or to a loopback address, for the local archive, when no proxy other than a loopback one
+would see the plain-text request). A client middleware adds it per request, so every redirect hop
+is judged on its own: a redirect to a third-party host never sees it.
+
+Site proxies and certificates, as pyvo (through requests) honours them for planning:
+``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` (aiohttp's ``trust_env``; https goes through the proxy
+with CONNECT, so the proxy never sees the token), and a CA bundle from ``REQUESTS_CA_BUNDLE`` or
+``SSL_CERT_FILE`` (a file or a folder of certificates) for the TLS checks.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import unicodedata
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import aiohttp
 from yarl import URL
@@ -47,13 +55,70 @@ def token_middleware(token: str, hosts: Iterable[str]) -> aiohttp.ClientMiddlewa
         request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
         host = (request.url.host or "").lower()
-        if host in allowed and (request.url.scheme == "https" or _is_loopback(host)):
+        if host in allowed and (request.url.scheme == "https" or _plain_http_stays_local(request, host)):
             request.headers["Authorization"] = value
         else:
             request.headers.popall("Authorization", None)
         return await handler(request)
 
     return add_token
+
+
+def _plain_http_stays_local(request: aiohttp.ClientRequest, host: str) -> bool:
+    """Plain http carries the token only between loopback addresses: to a loopback host, directly or
+    through a proxy that is itself on loopback (a remote proxy would read the header)."""
+    if not _is_loopback(host):
+        return False
+    proxy = getattr(request, "proxy", None)
+    return proxy is None or _is_loopback((proxy.host or "").lower())
+
+
+# The CA bundle variables, in the order they are read: requests' own (what pyvo uses for planning)
+# first, so planning and downloads trust the same certificates, then OpenSSL's.
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+def ssl_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext | None:
+    """A TLS context trusting the site's CA bundle named by REQUESTS_CA_BUNDLE or SSL_CERT_FILE.
+
+    Parameters
+    ----------
+    environ
+        Where to look (default: `os.environ`).
+
+    Returns
+    -------
+    ssl.SSLContext or None
+        A verifying context loaded from the bundle (a PEM file, or a folder of hashed certificates);
+        None when neither variable is set, and the system's defaults apply.
+
+    Raises
+    ------
+    ConfigError
+        When the variable names a file or folder that cannot be read as certificates; the message
+        names the variable and the path.
+    """
+    env = os.environ if environ is None else environ
+    for name in CA_BUNDLE_VARIABLES:
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        context = ssl.create_default_context()
+        try:
+            if path.is_dir():
+                context.load_verify_locations(capath=str(path))
+            else:
+                context.load_verify_locations(cafile=str(path))
+        except (OSError, ssl.SSLError) as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise ConfigError(
+                name,
+                f"cannot load the CA bundle {str(path)!r} named by {name}: {reason}",
+                hint=f"point {name} at a readable PEM file of certificates, or unset it",
+            ) from None
+        return context
+    return None
 
 
 def _flaw(token: str) -> str | None:
@@ -116,13 +181,17 @@ def open_session(
 ) -> aiohttp.ClientSession:
     """Open the run's shared session. Call from inside the running event loop; close it when done.
 
-    `token_hosts`: the hosts that may receive the token (default: the MAST host).
+    `token_hosts`: the hosts that may receive the token (default: the MAST host). The session
+    honours HTTPS_PROXY/HTTP_PROXY/NO_PROXY and the CA bundle of REQUESTS_CA_BUNDLE/SSL_CERT_FILE
+    (see the module docstring); a bundle that cannot be loaded raises ConfigError naming it.
     """
+    context = ssl_context()
     connector = aiohttp.TCPConnector(
         limit=settings.concurrency,
         limit_per_host=settings.per_host or settings.concurrency,
         ttl_dns_cache=DNS_CACHE_SECONDS,
         keepalive_timeout=KEEPALIVE_SECONDS,
+        ssl=context if context is not None else True,
     )
     timeout = aiohttp.ClientTimeout(
         total=None, connect=None, sock_connect=settings.connect_timeout, sock_read=settings.idle_timeout
@@ -139,4 +208,7 @@ def open_session(
         auto_decompress=False,
         middlewares=middlewares,
         raise_for_status=False,
+        # HTTP(S)_PROXY and NO_PROXY, as requests honours them for planning (and ~/.netrc, whose
+        # Authorization the token middleware replaces or removes per host).
+        trust_env=True,
     )
