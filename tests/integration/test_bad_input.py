@@ -116,6 +116,46 @@ ROWS: dict[str, Row] = {
         EXIT_USAGE,
         ("matched no files", "polygon 10.0 -80.0"),
     ),
+    # -- a first day's surprises (issue 11) ---------------------------------------------------------
+    "two selections at once": Row(
+        ("--sector", "1", "--cone", "10 20 1", *TAP),
+        EXIT_USAGE,
+        ("conflicting selections", "--sector", "--cone", "only one of"),
+    ),
+    "a selection in the file and another as a flag": Row(
+        ("--cone", "10 20 1", "--config", "{dir}/sector.toml", *TAP),
+        EXIT_USAGE,
+        ("conflicting selections", "selection.sector"),
+        files=(("sector.toml", "[selection]\nsector = 1\n"),),
+    ),
+    "--sectors without --sector": Row(
+        ("--sectors", "1", *TAP), EXIT_USAGE, ("nothing selected", "--sectors only filters", "--sector N")
+    ),
+    "cone right ascension 400": Row(
+        ("--cone", "400 20 1", *TAP), EXIT_USAGE, ("selection.cone", "right ascension 400.0")
+    ),
+    "polygon right ascension 400": Row(
+        ("--polygon", "400 0 10 0 10 10", *TAP), EXIT_USAGE, ("selection.polygon", "right ascension 400.0")
+    ),
+    "a mistyped flag": Row(("--sectr", "1", *TAP), EXIT_USAGE, ("--sectr", "did you mean --sector?")),
+    "--quiet and --verbose together": Row(
+        ("--sector", "1", "-q", "-v", *TAP), EXIT_USAGE, ("--quiet and --verbose",)
+    ),
+    "a log file that cannot be written": Row(
+        ("--sector", "1", "--log-file", "{dir}/no/such/dir/run.log", *TAP),
+        EXIT_USAGE,
+        ("--log-file", "run.log"),
+    ),
+    "an unreadable CA bundle": Row(
+        ("--sector", "1", "--config", "{dir}/ca.toml", *TAP),
+        EXIT_USAGE,
+        ("SSL_CERT_FILE", "missing.pem"),
+        files=(("ca.toml", "[fetch]\nconcurrency = 2\n"),),
+    ),
+}
+# Rows that need something in the environment as well as flags.
+ROW_ENV: dict[str, dict[str, str]] = {
+    "an unreadable CA bundle": {"SSL_CERT_FILE": "{dir}/missing.pem", "REQUESTS_CA_BUNDLE": ""},
 }
 
 
@@ -151,7 +191,8 @@ def test_bad_input_gets_a_clear_message(
     args = [arg.format(**values) for arg in row.args]
     served_before = len(local_archive.request_log)
 
-    result = run_cli("run", "--out", tmp_path / "out", *args, timeout=60)
+    env = {name: value.format(**values) for name, value in ROW_ENV.get(kind, {}).items()}
+    result = run_cli("run", "--out", tmp_path / "out", *args, timeout=60, env=env)
 
     assert result.returncode == row.exit_code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -339,3 +380,20 @@ def test_verify_finding_unexpected_files_exits_1_and_repair_moves_them_to_the_qu
     kept = list((out / ".tessmirror" / "quarantine").rglob(stray.name))
     assert len(kept) == 1 and kept[0].read_text() == "mine"
     assert run_cli("verify", "--out", out, timeout=120).returncode == 0
+
+
+# -- the CLI's conventions (issue 11) -------------------------------------------------------------
+def test_run_without_out_names_both_ways_to_give_it(tmp_path: Path) -> None:
+    result = run_cli("run", "--sector", "1", timeout=60, cwd=tmp_path)
+    assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
+    assert "output.out_dir" in result.stderr and "--out DIR" in result.stderr and "[output]" in result.stderr
+    assert not (tmp_path / "tessmirror-data").exists()
+
+
+def test_fetch_without_input_says_to_give_input(tmp_path: Path) -> None:
+    result = run_cli("fetch", "--out", tmp_path / "out", timeout=60)
+    assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
+    assert error_lines(result.stderr) == [
+        "tessmirror: error: selection.urls_file: fetch needs a saved plan or a URL list"
+    ]
+    assert "--input FILE" in result.stderr
