@@ -333,3 +333,50 @@ async def check_cloud_paths(
 def _unavailable(reason: str) -> PathCheck:
     log.warning("path_lookup could not be read (%s); using the computed S3 keys", reason)
     return PathCheck(available=False, reason=reason)
+
+
+async def settle_source(
+    session: aiohttp.ClientSession,
+    source: str,
+    items: Sequence[PlanItem],
+    *,
+    fallback_base: str,
+    timeout: float = 60.0,
+) -> str:
+    """The source a run should use after checking a sample of its plan (the first page) at plan time.
+
+    ``mast`` is returned unchanged without a request. For ``s3`` a path_lookup that contradicts the
+    computed keys raises `ConfigError` (exit 2); for ``auto`` it returns ``"mast"`` (with a warning),
+    and so does a path_lookup that cannot be read. An archive without path_lookup keeps the choice.
+
+    Parameters
+    ----------
+    session
+        The run's session (path_lookup is on MAST's API host, which may receive the token).
+    source
+        `fetch.source`.
+    items
+        The plan's first page (at most `LOOKUP_BATCH` items are checked).
+    fallback_base
+        Where path_lookup is when no item is a Download API URL (the TAP service's URL).
+    timeout
+        Seconds for each path_lookup request.
+    """
+    if source == "mast":
+        return source
+    verdict = await check_cloud_paths(
+        session, items, lookup_url=lookup_url_for(items, fallback_base), timeout=timeout
+    )
+    if source == "s3":
+        verdict.raise_for_mismatch()
+        return source
+    if not verdict.ok:
+        name, ours, theirs = verdict.mismatches[0]
+        log.warning(
+            "source auto: MAST's path_lookup puts %s at %r, not %r; downloading from MAST", name, theirs, ours
+        )
+        return "mast"
+    if not verdict.available and verdict.reason != "HTTP 404":
+        log.warning("source auto: path_lookup failed (%s); downloading from MAST", verdict.reason)
+        return "mast"
+    return source

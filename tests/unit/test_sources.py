@@ -19,7 +19,7 @@ from astropy.io import fits
 from engine.exceptions import ConfigError
 from engine.fetch.download import Downloader
 from engine.fetch.http import HttpSource
-from engine.fetch.s3 import S3Source, check_cloud_paths, key_for_name, lookup_url_for
+from engine.fetch.s3 import S3Source, check_cloud_paths, key_for_name, lookup_url_for, settle_source
 from engine.fetch.session import open_session
 from engine.fetch.sources import build_sources
 from engine.fetch.throttle import AdaptiveLimiter
@@ -58,6 +58,7 @@ class Bucket:
     etags: dict[str, str] = field(default_factory=dict)  # overrides of the md5 ETag
     slowdowns: int = 0  # answer this many S3 GETs with 503 SlowDown first
     mast_failures: int = 0  # answer this many MAST GETs with 500 first
+    lookup_answer: str = ""  # path_lookup's path for every URI ("" for the computed key)
     hits: list[Hit] = field(default_factory=list)
     port: int = 0
 
@@ -104,7 +105,8 @@ class Bucket:
         answer = {}
         for uri in request.query.getall("uri", []):
             name = uri.rsplit("/", 1)[-1]
-            answer[uri] = {"path": None if name in self.missing else f"/{key_for_name(name)}"}
+            path = self.lookup_answer or f"/{key_for_name(name)}"
+            answer[uri] = {"path": None if name in self.missing else path}
         return web.json_response(answer)
 
 
@@ -345,5 +347,26 @@ def test_path_lookup_checks_at_most_the_first_forty_items(bucket: Bucket) -> Non
         async with open_session(FetchSettings()) as session:
             verdict = await check_cloud_paths(session, items, lookup_url=lookup_url_for(items, bucket.base))
         assert verdict.checked == 40
+
+    run(bucket, scenario)
+
+
+def test_settle_source_keeps_s3_on_agreement_and_auto_falls_back_to_mast_on_a_mismatch(
+    bucket: Bucket,
+) -> None:
+    async def scenario() -> None:
+        items = [bucket.item(name) for name in NAMES]
+        async with open_session(FetchSettings()) as session:
+            assert await settle_source(session, "s3", items, fallback_base=bucket.base) == "s3"
+            assert await settle_source(session, "auto", items, fallback_base=bucket.base) == "auto"
+            assert await settle_source(session, "mast", items, fallback_base="http://127.0.0.1:1") == "mast"
+            elsewhere = [PlanItem(url=f"{bucket.base}/files/x", filename=NAMES[0])]
+            # An archive without path_lookup (404): the computed keys are used, the choice kept.
+            assert await settle_source(session, "s3", elsewhere, fallback_base=f"{bucket.base}/x") == "s3"
+        bucket.lookup_answer = "/tess/public/elsewhere/x"
+        async with open_session(FetchSettings()) as session:
+            assert await settle_source(session, "auto", items, fallback_base=bucket.base) == "mast"
+            with pytest.raises(ConfigError, match="refusing to use S3"):
+                await settle_source(session, "s3", items, fallback_base=bucket.base)
 
     run(bucket, scenario)
