@@ -364,7 +364,8 @@ class Downloader:
         )
 
     async def _restart(self, t: _Transfer) -> None:
-        await self._io(t.part.path, t.part.truncate)
+        await self._io(t.part.path, t.part.truncate)  # also drops a stored validator
+        t.saved_validator = None
         t.check.reset()
         t.restart = False
 

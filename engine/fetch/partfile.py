@@ -461,9 +461,11 @@ class PartFile:
                 view = view[os.write(self._fd, view) :]
 
     def truncate(self) -> None:
+        """Empty the part; a stored validator goes too (it vouched for the bytes just dropped)."""
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
         self.kept = 0
+        self._drop_meta()
 
     # -- finishing ---------------------------------------------------------------------------------
     def read_path(self) -> Path:
