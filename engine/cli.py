@@ -640,7 +640,7 @@ def _setup_logging(
         handlers.append(file_handler)
         root_level = logging.DEBUG
         # Libraries' own DEBUG chatter (every asyncio/urllib3/pyvo detail) would bury ours.
-        for noisy in ("asyncio", "urllib3", "pyvo", "astropy", "aiohttp", "matplotlib", "PIL"):
+        for noisy in ("asyncio", "urllib3", "pyvo", "aiohttp", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.INFO)
     root = logging.getLogger()
     for old in root.handlers:
