@@ -12,6 +12,8 @@ subclasses, each with an exit code and a hint) are here too. Everything is loade
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -78,6 +80,23 @@ if TYPE_CHECKING:
         UsageError,
     )
     from engine.settings import Settings
+
+
+class _Package(types.ModuleType):
+    """`engine.plan` is the API's `plan()`, not the `engine/plan/` subpackage.
+
+    Importing a submodule records it on its parent (`engine.plan = <module>`), which would hide the
+    function from `from engine import plan`. That one record is skipped: the subpackage stays
+    importable as ever (`from engine.plan import table`, `sys.modules["engine.plan"]`).
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "plan" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -90,6 +90,7 @@ RESULT_COLUMNS = (
     "action",
     "url",
 )
+_RESULT_DTYPES = [str, str, str, "i8", "i8", str, "i8", str, str, str, str, str]
 _TIC = re.compile(r"-(\d{16})-")
 _SECTOR = re.compile(r"-s(\d{4})-")
 _PRODUCT = re.compile(r"_([a-z]+(?:-[a-z]+)?)\.(?:fits|pdf)$")
@@ -262,8 +263,7 @@ def outcome_table(outcome: RunOutcome, out_dir: Path) -> Results:
         "action": [str(v) for v in column("action", "")],
         "url": [str(v) for v in column("url", "")],
     }
-    dtypes = [str, str, str, "i8", "i8", str, "i8", str, str, str, str, str]
-    table = Results(columns, names=RESULT_COLUMNS, dtype=dtypes)
+    table = Results(columns, names=RESULT_COLUMNS, dtype=_RESULT_DTYPES)
     table.meta.update(
         {
             "out_dir": str(out_dir),
@@ -546,21 +546,26 @@ def _plan_items_for(settings: Settings, urls: list[str], rows: Table) -> list[Pl
 
 
 def _merge(results: Results, again: Results) -> Results:
-    newer = {str(row["url"]): i for i, row in enumerate(again)}
-    merged = results.copy()
-    for i, url in enumerate(results["url"]):
-        j = newer.get(str(url))
-        if j is not None:
-            for name in RESULT_COLUMNS:
-                merged[name][i] = again[name][j]
-    status = list(merged["status"])
-    failed = status.count("failed")
+    """`results` with each retried row replaced by its new outcome (rebuilt: a string column's
+    width is fixed, and "verified" does not fit where "failed" was)."""
+    newer = {str(row["url"]): row for row in again}
+    columns: dict[str, list] = {name: [] for name in RESULT_COLUMNS}
+    for row in results:
+        source = newer.get(str(row["url"]), row)
+        for name in RESULT_COLUMNS:
+            value = source[name]
+            columns[name].append(value.item() if hasattr(value, "item") else value)
+    merged = Results(columns, names=RESULT_COLUMNS, dtype=_RESULT_DTYPES)
+    merged.meta.update(results.meta)
+    failed = columns["status"].count("failed")
+    interrupted = bool(again.meta.get("interrupted"))
     merged.meta.update(
         {
             "downloaded": int(results.meta.get("downloaded", 0)) + int(again.meta.get("downloaded", 0)),
             "failed": failed,
             "bytes": int(results.meta.get("bytes", 0)) + int(again.meta.get("bytes", 0)),
-            "exit_code": again.meta["exit_code"] if failed or again.meta.get("interrupted") else 0,
+            "interrupted": interrupted,
+            "exit_code": again.meta["exit_code"] if failed or interrupted else 0,
         }
     )
     return merged
