@@ -21,14 +21,18 @@ def config(tmp_path: Path, source: str, endpoint: str) -> Path:
     return path
 
 
-def test_source_s3_verifies_every_file_with_no_file_request_on_the_mast_route(archive, tmp_path):
+@pytest.mark.parametrize("how", ["config", "flags"])
+def test_source_s3_verifies_every_file_with_no_file_request_on_the_mast_route(archive, tmp_path, how):
     arc = archive(targets=96, s3=True, s3_multipart_fraction=0.3)
     expected = lc_names_in_footprint(arc, 1, 1, 2)
     assert len(expected) >= 4
     out = tmp_path / "mirror"
+    if how == "config":
+        choice: tuple[object, ...] = ("--config", config(tmp_path, "s3", arc.s3_url), "run")
+    else:
+        choice = ("run", "--source", "s3", "--s3-endpoint", arc.s3_url)
     proc = run_cli(
-        "--config", config(tmp_path, "s3", arc.s3_url), "run", "--tap-url", arc.tap_url, *FOOTPRINT,
-        "--out", out, "--progress-interval", "0",
+        *choice, "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--progress-interval", "0"
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
