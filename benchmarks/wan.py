@@ -629,9 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--conditions: unknown {', '.join(unknown)}; use some of {','.join(CONDITIONS)}")
     conditions = [CONDITIONS[n.strip()] for n in names]
-    runs = ns.runs or (1 if ns.quick else 3)
+    runs = ns.runs if ns.runs is not None else (1 if ns.quick else 3)
     if runs < 1:
         parser.error(f"--runs {runs}: must be at least 1")
+    if ns.files is not None and ns.files < 1:
+        parser.error(f"--files {ns.files}: must be at least 1")
     harness = Harness(directory=ns.harness)
     ns.out.mkdir(parents=True, exist_ok=True)
     why = harness.unavailable()
