@@ -513,6 +513,9 @@ class PartFile:
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
+        # The sidecar first: a crash between the two leaves a part without one (restarted next time),
+        # never a sidecar without its part.
+        self._drop_meta()
         try:
             os.rename(self.name, dest.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except IsADirectoryError:
@@ -524,7 +527,6 @@ class PartFile:
             # Renamed inside a folder that someone moved (or replaced) meanwhile: take it back out.
             remove_entry(self._dir_fd, dest.name, dest)
             raise
-        self._drop_meta()
         self._close_dir()
 
     def discard(self) -> None:
