@@ -535,8 +535,8 @@ class PartFile:
         opened = self._fd >= 0
         self._close_file()
         if opened and self._dir_fd >= 0:
+            self._drop_meta()  # first, as in commit: never a sidecar without its part
             remove_entry(self._dir_fd, self.name, self.path)
-            self._drop_meta()
         self._close_dir()
 
     def close(self) -> None:
