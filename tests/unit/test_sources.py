@@ -370,3 +370,21 @@ def test_settle_source_keeps_s3_on_agreement_and_auto_falls_back_to_mast_on_a_mi
                 await settle_source(session, "s3", items, fallback_base=bucket.base)
 
     run(bucket, scenario)
+
+
+def test_an_s3_url_is_read_from_the_bucket_and_a_missing_one_fails_without_a_fallback(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        present, absent = NAMES[0], NAMES[1]
+        bucket.missing.add(absent)
+        items = [
+            PlanItem(url=f"s3://stpubdata/{key_for_name(name)}", filename=name, size=len(bucket.files[name]))
+            for name in (present, absent)
+        ]
+        results = await fetch_all(bucket, tmp_path, items, settings(bucket, "mast"))
+        assert [r.status for r in results] == [FileStatus.VERIFIED, FileStatus.FAILED]
+        assert "404" in results[1].error and bucket.hits_on("mast") == []
+        assert (tmp_path / present).read_bytes() == bucket.files[present]
+
+    run(bucket, scenario)
