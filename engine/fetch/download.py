@@ -71,15 +71,7 @@ from engine.exceptions import (
     UnsafePathError,
 )
 from engine.fetch.bandwidth import TokenBucket
-from engine.fetch.http import (
-    OVERLOAD_STATUSES,
-    REDIRECT_STATUSES,
-    SAFE_SCHEMES,
-    Reply,
-    ResumeRefusedError,
-    Route,
-    redirect_target,
-)
+from engine.fetch.http import OVERLOAD_STATUSES, Reply, ResumeRefusedError, Route
 from engine.fetch.partfile import DirCache, PartFile
 from engine.fetch.retry import retrying
 from engine.fetch.sources import Sources, build_sources
@@ -93,9 +85,7 @@ from engine.verify.stream import StreamCheck, is_fits_item
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Re-exported for callers that imported them from here before the HTTP specifics moved to http.py.
-__all__ = ["OVERLOAD_STATUSES", "REDIRECT_STATUSES", "SAFE_SCHEMES", "Downloader", "PartFile"]
-_redirect_target = redirect_target
+__all__ = ["Downloader", "PartFile"]
 # A part left by an earlier process is kept for a resume only for files at least this large: below
 # it, restarting costs less than writing the validator beside every part (one small file per file).
 RESUME_MIN_BYTES = 1024 * 1024

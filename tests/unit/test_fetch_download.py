@@ -19,7 +19,8 @@ from astropy.io import fits
 from yarl import URL
 
 from engine.exceptions import DiskFullError, PermissionDeniedError, UnsafeRedirectError
-from engine.fetch.download import Downloader, PartFile, _redirect_target
+from engine.fetch.download import Downloader, PartFile
+from engine.fetch.http import redirect_target as _redirect_target
 from engine.fetch.session import open_session
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.models import FileStatus, PlanItem, VerifyLevel
