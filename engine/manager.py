@@ -205,7 +205,7 @@ class TapPlan:
                 self._close_tap()
             self._completed(total)
             return
-        writer = await asyncio.to_thread(PlanWriter, self.save_to, meta=self.meta)
+        writer = await _created(lambda: PlanWriter(self.save_to, meta=self.meta))
         try:
             tail = await asyncio.to_thread(PlanTail, writer)
         except BaseException:
@@ -982,6 +982,22 @@ def _link_or_copy(source: Path, target: Path) -> None:
             os.unlink(target)
         raise
     os.close(fd)
+
+
+async def _created(make: Callable[[], PlanWriter]) -> PlanWriter:
+    """`make()` in a thread. Cancelled meanwhile (a signal during start-up), the thread still creates
+    the writer's temporary file: it is discarded when the thread ends, never left behind."""
+    creating = asyncio.ensure_future(asyncio.to_thread(make))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+
+        def discard(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().discard()
+
+        creating.add_done_callback(discard)
+        raise
 
 
 def _declared_bytes(item: PlanItem) -> int:
