@@ -689,8 +689,9 @@ def _describe(settings) -> str:
 
 
 def _banner(command: str, settings, *, where: bool = True) -> None:
-    """The start banner: version, command, what is planned, where it goes and how."""
-    text = f"tessmirror {__version__}: starting {command}: {_describe(settings)}"
+    """The second line of the start banner, once the settings are read: what is planned, where it
+    goes and how (the first, "tessmirror X: starting CMD", comes before any heavy import)."""
+    text = f"{command}: {_describe(settings)}"
     if where:
         fetch = settings.fetch
         text += (
@@ -1193,10 +1194,6 @@ def _report(err: TessMirrorError) -> int:
     return err.exit_code
 
 
-# These print a fuller banner themselves, once their settings say what is planned where.
-_BANNER_IN_COMMAND = frozenset({"plan", "run", "fetch"})
-
-
 def _dispatch(argv: Sequence[str] | None) -> int:
     try:
         # Inside the try: flag parsers (--polygon, --cone, --ccd x) raise ConfigError, which argparse
@@ -1208,8 +1205,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:
             verbose=bool(getattr(ns, "verbose", False)),
             log_file=getattr(ns, "log_file", None),
         )
-        if ns.command not in _BANNER_IN_COMMAND:
-            log.info("tessmirror %s: starting %s", __version__, ns.command)
+        # First, before any heavy import: a batch log shows at once that the run started.
+        log.info("tessmirror %s: starting %s", __version__, ns.command)
         if ns.command == "archive":
             return cmd_archive_serve(ns)
         return COMMANDS[ns.command](ns)
