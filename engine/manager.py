@@ -718,6 +718,10 @@ class MirrorRun:
             if not self._source_reports:
                 self.progress.planned_items(len(guarded.items) + len(guarded.failed), page_bytes)
             self.progress.skipped_items(skipped)
+            if todo and not self.settings.run.force:
+                # Files already at their place (to be adopted) need no new space. One lstat each, in a
+                # thread; the files with a verified record are not looked at.
+                needed -= await asyncio.to_thread(_bytes_in_place, todo)
             if needed > free and not self.settings.run.force:
                 raise DiskFullError(
                     f"the plan needs at least {human_bytes(needed)} but only {human_bytes(free)} is free "
@@ -939,6 +943,21 @@ def _differs(item: PlanItem, packed: int) -> bool:
     if item.size >= 0 and item.size != nbytes:
         return True
     return bool(item.md5 and md5 and item.md5.lower() != md5)
+
+
+def _bytes_in_place(todo: list[tuple[PlanItem, str, Path, bool]]) -> int:
+    """Declared bytes of the new files already at their destination with their declared size."""
+    total = 0
+    for item, _relpath, dest, changed in todo:
+        if changed or item.size < 0:
+            continue
+        try:
+            st = os.lstat(dest)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == item.size:
+            total += item.size
+    return total
 
 
 def _seed_candidate(tree: Path, item: PlanItem, relpath: str) -> Path | None:

@@ -655,3 +655,14 @@ def test_the_plan_header_gets_the_footprints_of_the_chosen_detectors(tmp_path):
     assert polygons == [("sector 1 camera 1 CCD 2", vertices)] and problems == []
     tap_plan = TapPlan(planner, None, {})  # type: ignore[arg-type]
     assert tap_plan._final_meta()["footprints"] == meta
+
+
+def test_files_already_in_place_need_no_free_space_in_the_preflight(content_settings, monkeypatch):
+    items = obs_items(3)
+    run_content(content_settings, items)
+    (content_settings.state_dir / "manifest.jsonl").unlink()
+    monkeypatch.setattr("engine.manager._free_bytes", lambda _path: 100)  # less than one file
+    outcome, downloader = run_content(content_settings, items)
+    assert downloader.calls == [] and outcome.adopted == 3
+    with pytest.raises(DiskFullError, match="free"):  # a file not yet on disk still needs its space
+        run_content(content_settings, [*items, *obs_items(4)[3:]])
