@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = asub.add_parser("serve", parents=[common], help="serve the local archive until Ctrl-C / SIGTERM")
     add_archive_arguments(s)
+    for action in s._actions:  # a flag cli_options leaves without help still gets one
+        if action.help is None and "--seed" in action.option_strings:
+            action.help = "seed of the synthetic catalogue and of the faults (default 0)"
     return parser
 
 

@@ -222,3 +222,45 @@ def test_python_dash_m_engine_is_the_cli():
     )
     assert proc.returncode == 0, proc.stderr
     assert "usage: tessmirror" in proc.stdout and "run" in proc.stdout and "--config FILE" in proc.stdout
+
+
+# -- the parser's conventions, in-process ---------------------------------------------------------
+def _commands():
+    import argparse
+
+    from engine.cli import build_parser
+
+    def walk(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from walk(sub, f"{name} {sub_name}".strip())
+
+    return list(walk(build_parser(), ""))
+
+
+def test_every_flag_has_help_and_a_metavar_a_user_understands():
+    for name, parser in _commands():
+        for action in parser._actions:
+            if not action.option_strings or action.help == "==SUPPRESS==":
+                continue
+            assert action.help, f"tessmirror {name}: {action.option_strings} has no help"
+        text = parser.format_help()
+        assert not re.search(r"[A-Z]+\.[A-Z_]+", text), f"tessmirror {name}: an internal key as metavar"
+
+
+def test_verify_shows_only_its_own_flags():
+    text = dict(_commands())["verify"].format_help()
+    assert "--level" in text and "--repair" in text
+    for other in ("--verify ", "--sector", "--layout", "--bandwidth", "--tap-url"):
+        assert other not in text, other
+
+
+def test_a_mistyped_flag_gets_a_suggestion_and_exit_2(capsys):
+    from engine.cli import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["run", "--sectr", "1", "--out", "x"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --sectr 1; did you mean --sector?" in capsys.readouterr().err
