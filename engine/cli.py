@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TextIO
 from engine import __version__
 from engine.exceptions import (
     EXIT_INTERNAL,
+    EXIT_LOCAL,
     EXIT_OK,
     EXIT_PARTIAL,
     ConfigError,
@@ -656,6 +657,22 @@ def _setup_logging(
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
+def _file_log_level(ns: argparse.Namespace) -> str | None:
+    """`[run] log_level` from the --config file, read early so the first banner obeys it too; None
+    when no flag or file says (a broken file is reported later, by the full load, naming the key)."""
+    if getattr(ns, "quiet", False) or getattr(ns, "verbose", False) or not getattr(ns, "config", None):
+        return None
+    try:
+        import tomllib  # Python >= 3.11; elsewhere the full load applies the level a moment later
+
+        document = tomllib.loads(Path(ns.config).expanduser().read_text(encoding="utf-8"))
+        level = document["run"]["log_level"]
+    except Exception:  # anything wrong is the full load's to report, naming the key
+        return None
+    known = ("DEBUG", "INFO", "WARNING", "ERROR")
+    return level if isinstance(level, str) and level.upper() in known else None
+
+
 def _set_console_level(level: str) -> None:
     """Apply `run.log_level` from the config file (no flag said otherwise)."""
     name = _level_name(level)
@@ -785,7 +802,7 @@ def _dry_run(settings) -> int:
     fits, verdict = free_space_verdict(max(needed, 0), free, out_dir)
     _say(verdict)
     _say("dry run     nothing was downloaded; run the same command without --dry-run to start")
-    return EXIT_OK if fits else EXIT_PARTIAL
+    return EXIT_OK if fits else EXIT_LOCAL  # as the run itself would end: this machine refuses
 
 
 def _verified_bytes(settings) -> int:
@@ -1203,7 +1220,7 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         # does not catch.
         ns = parse_args(argv)
         _setup_logging(
-            getattr(ns, "run.log_level", None),
+            getattr(ns, "run.log_level", None) or _file_log_level(ns),
             quiet=bool(getattr(ns, "quiet", False)),
             verbose=bool(getattr(ns, "verbose", False)),
             log_file=getattr(ns, "log_file", None),

@@ -264,3 +264,35 @@ def test_a_mistyped_flag_gets_a_suggestion_and_exit_2(capsys):
         parse_args(["run", "--sectr", "1", "--out", "x"])
     assert info.value.code == 2
     assert "unrecognized arguments: --sectr 1; did you mean --sector?" in capsys.readouterr().err
+
+
+def test_log_level_in_the_config_file_is_honoured_from_the_first_line(archive, tmp_path):
+    arc = archive(targets=16, focus=(1, 1, 2))
+    config = write_config(tmp_path / "quiet.toml", arc.tap_url, tmp_path / "m")
+    config.write_text(config.read_text(encoding="utf-8") + '[run]\nlog_level = "WARNING"\n', encoding="utf-8")
+    proc = run_cli("run", "--config", config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert " INFO " not in proc.stderr and "downloaded  " in proc.stderr
+
+
+def test_a_dry_run_that_does_not_fit_exits_4_as_the_run_would(archive, tmp_path, monkeypatch, capsys):
+    """The disk reports less free space than the plan needs: the verdict says so, nothing is written."""
+    import shutil
+    from collections import namedtuple
+
+    from engine import cli
+    from engine.config import load_settings
+
+    arc = archive(targets=24, focus=(1, 1, 2))
+    out = tmp_path / "not-yet"
+    settings = load_settings(
+        None,
+        {"tap.url": arc.tap_url, "selection.sector": 1, "selection.cameras": [1], "selection.ccds": [2],
+         "output.out_dir": out},
+    )  # fmt: skip
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    assert cli._dry_run(settings) == 4
+    err = capsys.readouterr().err
+    assert "free space  1.0 kB free on" in err and "does NOT fit" in err
+    assert not out.exists()
