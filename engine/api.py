@@ -243,12 +243,17 @@ def outcome_table(outcome: RunOutcome, out_dir: Path) -> Results:
 
     filenames = [str(v) for v in column("filename", "")]
     relpaths = [str(v) for v in column("path", "")]
+    # The plan's own product and sector when the manager keeps them; else read from the file name.
+    planned_products = [str(v) for v in column("product", "")]
+    planned_sectors = [int(v) for v in column("sector", -1)]
     tics, sectors, products = [], [], []
-    for name in filenames:
+    for i, name in enumerate(filenames):
         tic, sector, product = _TIC.search(name), _SECTOR.search(name), _PRODUCT.search(name)
         tics.append(int(tic.group(1)) if tic else 0)
-        sectors.append(int(sector.group(1)) if sector else -1)
-        products.append(product.group(1) if product else "")
+        sectors.append(
+            planned_sectors[i] if planned_sectors[i] >= 0 else int(sector.group(1)) if sector else -1
+        )
+        products.append(planned_products[i] or (product.group(1) if product else ""))
     columns = {
         "path": [str(out_dir / rel) if rel else "" for rel in relpaths],
         "filename": filenames,
