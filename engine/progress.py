@@ -32,6 +32,10 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # unreachable; keeps type checkers calm
 
 
+def _retries(n: int) -> str:
+    return "1 retry" if n == 1 else f"{n} retries"
+
+
 def human_seconds(seconds: float) -> str:
     """'45 s', '3.2 min', '2.1 h'."""
     if seconds < 90:
@@ -209,7 +213,7 @@ class Progress:
             done, total = human_bytes(self.bytes_done), human_bytes(self.planned_bytes)
             parts[0] = f"{done}/{total} at {human_bytes(self.rate())}/s"
         if self.retries:
-            parts.append(f"{self.retries} retries")
+            parts.append(_retries(self.retries))
         limit = self.limit_text()
         if limit:
             parts.append(limit.split(" (")[0])
@@ -230,7 +234,7 @@ class Progress:
         if eta is not None:
             text += f", ETA {human_seconds(eta)}"
         if self.retries:
-            text += f", {self.retries} retries"
+            text += f", {_retries(self.retries)}"
         limit = self.limit_text()
         if limit:
             text += f", {limit}"
