@@ -489,8 +489,9 @@ class MirrorRun:
             manifest = Manifest(settings.state_dir)
             # A URL-keyed manifest from an earlier version: rewritten with file keys, atomically, now
             # that we hold the lock and before anything is downloaded.
-            await asyncio.to_thread(manifest.upgrade)
-            done = await asyncio.to_thread(self._already_done, manifest)
+            if manifest.needs_upgrade():  # reads the first record only
+                await asyncio.to_thread(manifest.upgrade)
+            done = self._already_done(manifest)
             source = self.source or plan_source_for(settings)
             self._watch_planning(source)
             register_secret(token)
@@ -841,6 +842,8 @@ class MirrorRun:
         tmp = dest.with_name(f".{dest.name}.adopt-{os.getpid()}.tmp")
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # our own temporary name, left by a run killed mid-adoption
             _link_or_copy(source, tmp)
             result = self._verified_copy(item, relpath, tmp)
             os.rename(tmp, dest)  # replaces a link at dest, never writes through one
