@@ -94,7 +94,9 @@ log = logging.getLogger("tessmirror")
 
 PLAN_FILE = "plan.ecsv"
 _DROPS_LOGGED = 20  # dropped rows named in the log per page; the summary counts them all
-RESULT_COLUMNS = ("url", "filename", "obs_id", "path", "status", "action", "nbytes", "md5", "error")
+RESULT_COLUMNS = (
+    "url", "filename", "obs_id", "product", "sector", "path", "status", "action", "nbytes", "md5", "error"
+)  # fmt: skip
 SUPERSEDED_DIR = "superseded"  # <state_dir>/superseded/<relpath>: old copies of reprocessed files
 WITHDRAWN_FILE = "withdrawn.txt"  # <state_dir>/withdrawn.txt: verified files the last full plan lacks
 _WITHDRAWN_SHOWN = 10
@@ -409,7 +411,19 @@ class _ResultColumns:
     ) -> None:
         for name, value in zip(
             RESULT_COLUMNS,
-            (item.url, item.filename, item.obs_id, path, status, action, nbytes, md5, error),
+            (
+                item.url,
+                item.filename,
+                item.obs_id,
+                item.product,
+                item.sector,
+                path,
+                status,
+                action,
+                nbytes,
+                md5,
+                error,
+            ),
             strict=True,
         ):
             self.cols[name].append(value)
@@ -417,7 +431,9 @@ class _ResultColumns:
     def table(self) -> Table:
         from astropy.table import Table
 
-        table = Table(self.cols, names=RESULT_COLUMNS, dtype=[str, str, str, str, str, str, "i8", str, str])
+        table = Table(
+            self.cols, names=RESULT_COLUMNS, dtype=[str, str, str, str, "i8", str, str, str, "i8", str, str]
+        )
         return table
 
 

@@ -131,6 +131,8 @@ class ManifestEntry:
     size: int = -1  # the size the plan declared (-1: none); `nbytes` is what was verified
     declared_md5: str = ""  # the md5 the plan declared ("" : none)
     origin: str = ""  # "downloaded" | "adopted" (verified in place or copied from a seed tree) | ""
+    source: str = ""  # which source served the bytes ("mast", "s3"), when the downloader says
+    note: str = ""  # why not the chosen source (a fallback), when the downloader says
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -157,6 +159,8 @@ class ManifestEntry:
             size=item.size,
             declared_md5=item.md5,
             origin=result.origin,
+            source=result.source,
+            note=redact(result.note) if result.note else "",
         )
 
 
@@ -212,6 +216,8 @@ def _decode_entry(payload: bytes) -> ManifestEntry | None:
             int(rec.get("size", -1)),
             rec.get("declared_md5", "") or "",
             rec.get("origin", "") or "",
+            rec.get("source", "") or "",
+            rec.get("note", "") or "",
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None

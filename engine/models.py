@@ -82,6 +82,8 @@ class FileResult:
     elapsed: float = 0.0
     finished_at: float = field(default_factory=time.time)
     origin: str = ""  # how a VERIFIED file came to be: "downloaded", "adopted" ("" when not said)
+    source: str = ""  # which source served the bytes ("mast", "s3"; "" when not said)
+    note: str = ""  # why not the chosen source, e.g. a fallback to MAST ("" when none)
 
 
 class Clock(Protocol):

@@ -531,3 +531,19 @@ def test_an_upgrade_that_cannot_finish_leaves_the_old_manifest_whole_and_no_temp
 )
 def test_the_resume_packs_size_and_md5_into_one_int(nbytes: int, md5: str) -> None:
     assert unpack_record(pack_record(nbytes, md5)) == (nbytes, md5 if len(md5) == 32 else "")
+
+
+def test_the_route_of_a_file_is_recorded_and_read_back(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    item = PlanItem(url="https://s3.example.org/f_lc.fits", filename="f_lc.fits", obs_id="o1")
+    result = FileResult(
+        item,
+        FileStatus.VERIFIED,
+        path="f_lc.fits",
+        source="mast",
+        note="s3 answered 403: fell back",
+        origin="downloaded",
+    )
+    manifest.append_entries([ManifestEntry.from_result(result)])
+    (back,) = manifest.load().values()
+    assert (back.source, back.note, back.origin) == ("mast", "s3 answered 403: fell back", "downloaded")
