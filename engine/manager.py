@@ -1078,8 +1078,11 @@ def summarize(outcome: RunOutcome) -> Iterable[str]:
     """Lines for the end-of-run summary."""
     yield f"planned     {outcome.planned}"
     yield f"downloaded  {outcome.downloaded}  ({human_bytes(outcome.nbytes)})"
-    if outcome.changed:
-        yield f"  new {outcome.new}, changed {outcome.changed}  (old copies kept under superseded/)"
+    kept = "  (old copies kept under superseded/)" if outcome.changed else ""
+    yield (
+        f"files       new {outcome.new}, changed {outcome.changed}, unchanged {outcome.unchanged}, "
+        f"withdrawn {outcome.withdrawn}{kept}"
+    )
     yield f"skipped     {outcome.skipped}  (verified by an earlier run, unchanged)"
     if outcome.adopted:
         yield f"adopted     {outcome.adopted}  (already on disk, verified; not downloaded)"
