@@ -666,3 +666,17 @@ def test_files_already_in_place_need_no_free_space_in_the_preflight(content_sett
     assert downloader.calls == [] and outcome.adopted == 3
     with pytest.raises(DiskFullError, match="free"):  # a file not yet on disk still needs its space
         run_content(content_settings, [*items, *obs_items(4)[3:]])
+
+
+def test_a_symlink_at_a_destination_is_never_adopted_or_followed(content_settings, tmp_path):
+    (item,) = obs_items(1)
+    outside = tmp_path / "outside.fits"
+    outside.write_bytes(fits_like(2880))  # the right bytes, but not inside the mirror
+    dest = content_settings.output.out_dir / item.filename
+    dest.parent.mkdir(parents=True)
+    dest.symlink_to(outside)
+    outcome, downloader = run_content(content_settings, [item])
+    # The path resolves outside the mirror: refused as unsafe, neither adopted nor written through.
+    assert downloader.calls == [] and (outcome.adopted, outcome.failed) == (0, 1)
+    assert "outside" in outcome.errors[0]
+    assert outside.read_bytes() == fits_like(2880) and dest.is_symlink()
