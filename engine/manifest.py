@@ -50,7 +50,7 @@ import os
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
 
@@ -164,9 +164,14 @@ class ManifestEntry:
         )
 
 
+_ENTRY_FIELDS = tuple(f.name for f in fields(ManifestEntry))
+
+
 def encode_entry(entry: ManifestEntry) -> bytes:
     """One manifest line (with its newline) for `entry`."""
-    record = asdict(entry)
+    # A plain dict of the fields: dataclasses.asdict deep-copies every value, a fifth of a resume's
+    # time for files adopted in place.
+    record = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
     if record["error"]:
         record["error"] = redact(record["error"])
     if not math.isfinite(record["time"]):
