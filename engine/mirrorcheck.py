@@ -1,13 +1,13 @@
 """Whole-mirror verification: `tessmirror verify --out DIR [--level ...] [--repair]`.
 
 Every file whose last manifest record is "verified" is checked again on disk (size, md5, FITS
-checksums, as deep as `level` asks) in a small thread pool. A file (manifest key: obs_id + file
-name, see engine.manifest) whose last record is not "verified"
-(failed, pending: e.g. a `--repair` whose download failed) is reported as "missing": the mirror does
-not hold it. Files under the mirror that no record names are reported as "unexpected".
+checksums, as deep as `level` asks) in a small thread pool. Records are grouped by file (the
+manifest's key: obs_id + file name, see engine.manifest), not by URL. A file whose last record is not
+"verified" (failed, pending: e.g. a `--repair` whose download failed) is reported as "missing": the
+mirror does not hold it. Files under the mirror that no record names are reported as "unexpected".
 
 With `repair=True` each bad file is moved aside to `<state_dir>/quarantine/<relpath>` (never deleted:
-it may be the only copy someone has) and its URL gets a "pending" record, so the next run downloads
+it may be the only copy someone has) and the file gets a "pending" record, so the next run downloads
 it again; unexpected files are moved to the quarantine too. `MirrorReport.intact` then says whether
 the mirror matches its manifest without a download (the CLI exits 0 when it does, 1 when not).
 
@@ -15,7 +15,7 @@ With `repair=True` the check takes the output's RunLock (the manifest has one wr
 a run must not write files while they are moved), unless the caller says it holds it already.
 
 Memory is bounded for mirrors of millions of files: no per-file Python objects are kept. The first
-pass over the manifest keeps a 16-byte digest of each record's URL (to find each URL's last record)
+pass over the manifest keeps a 16-byte digest of each record's key (to find each file's last record)
 and one byte for its status; the second pass streams the last records into a bounded pool of checks
 and keeps a 16-byte digest of each expected path, sorted, for the search for unexpected files. Bad
 files are repaired in batches as they are found, so only the problems themselves (the report) grow
