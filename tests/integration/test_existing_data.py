@@ -210,7 +210,8 @@ def test_a_refreshed_mirror_refetches_exactly_the_reprocessed_files_keeps_old_co
     )
     manifest.append_entries(records)
     requests = len(arc.request_log)
-    again = run_cli("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, "--progress-interval", "0")
+    refresh = ("--refresh-plan", "--progress-interval", "0")
+    again = run_cli("run", "--tap-url", arc.tap_url, *FOOTPRINT, "--out", out, *refresh)
     assert again.returncode == 0, again.stderr
     fetched = sorted(record.name for record in arc.request_log[requests:] if record.method == "GET")
     assert fetched == changed
