@@ -548,6 +548,13 @@ def _subparser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argpa
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line; a mistyped flag gets a suggestion ('did you mean --sector?')."""
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (`register-python-argcomplete`)
+        try:
+            import argcomplete
+        except ImportError:
+            pass  # optional: `pip install argcomplete` for tab completion
+        else:
+            argcomplete.autocomplete(parser)
     ns, extras = parser.parse_known_args(argv)
     if extras:
         chosen = _subparser(parser, ns)

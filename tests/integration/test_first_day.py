@@ -296,3 +296,23 @@ def test_a_dry_run_that_does_not_fit_exits_4_as_the_run_would(archive, tmp_path,
     err = capsys.readouterr().err
     assert "free space  1.0 kB free on" in err and "does NOT fit" in err
     assert not out.exists()
+
+
+def test_shell_completion_offers_the_commands_flags(tmp_path):
+    """With argcomplete installed (optional), `register-python-argcomplete tessmirror` completes flags."""
+    pytest.importorskip("argcomplete")
+    line = "tessmirror run --sec"
+    out = tmp_path / "completions"
+    env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line)), "_ARGCOMPLETE": "1",
+           "_ARGCOMPLETE_IFS": "\n", "OUT": str(out), "PY": sys.executable}  # fmt: skip
+    # argcomplete answers on descriptor 8 (and chatters on 9), as the shell's hook arranges.
+    proc = subprocess.run(
+        ["bash", "-c", '"$PY" -m engine 8>"$OUT" 9>/dev/null'],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(out.read_text().split()) == {"--sector", "--sectors"}
