@@ -433,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--output", type=Path, metavar="FILE", help="write the plan here instead of standard output"
     )
+    p.add_argument(
+        "--progress-interval",
+        dest="run.progress_interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between 'planning… N files found so far' lines (default 30)",
+    )
 
     p = sub.add_parser("run", parents=[common], help="plan, then download into --out")
     _add_selection(p)
@@ -739,9 +746,14 @@ async def _plan_pages(settings, on_page: Callable[[list], None]) -> str:
     task = asyncio.current_task()
     assert task is not None
     source = plan_source_for(settings, save=False)
+    found, last = 0, time.monotonic()
     with _GATE.deliver_to(asyncio.get_running_loop(), task.cancel):
         async for page in source.pages():
             on_page(page)
+            found += len(page)
+            if time.monotonic() - last >= settings.run.progress_interval:
+                last = time.monotonic()
+                log.info("planning… %d files found so far", found)  # a sector takes minutes
     guard = getattr(getattr(source, "planner", None), "guard", None)
     return guard.summary_line() if guard is not None else ""
 

@@ -316,3 +316,13 @@ def test_shell_completion_offers_the_commands_flags(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert set(out.read_text().split()) == {"--sector", "--sectors"}
+
+
+def test_a_long_plan_says_how_many_files_it_has_found_so_far(archive):
+    arc = archive(targets=48, tap_hard_limit=5, tap_default_maxrec=5)  # many TAP pages
+    proc = run_cli(
+        "plan", "--tap-url", arc.tap_url, "--sector", "1", "--format", "urls", "--progress-interval", "0"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = [int(n) for n in re.findall(r"planning… (\d+) files found so far", proc.stderr)]
+    assert counts and counts == sorted(counts) and counts[-1] == len(proc.stdout.split())
