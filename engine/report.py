@@ -108,6 +108,16 @@ def url_key(url: str) -> int:
     )
 
 
+def identity_key(obs_id: str, filename: str, url: str) -> int:
+    """The 64-bit key joining a plan row to its manifest records: the file's identity
+    (`engine.manifest.file_key`, so a mirror that switched download source still matches), or the
+    redacted URL where the row has no obs_id (a bare URL list)."""
+    from engine.manifest import file_key
+
+    key = file_key(obs_id, filename) if obs_id and filename else ""
+    return url_key(key) if key else url_key(redact(url))
+
+
 @dataclass
 class Failure:
     """One file whose last manifest record is a failure."""
@@ -147,7 +157,7 @@ def read_manifest(state_dir: Path) -> ManifestFacts:
     manifest = Manifest(state_dir)
     keys, status, times, nbytes, attempts = array("Q"), array("B"), array("d"), array("q"), array("l")
     for entry in manifest.iter_records():
-        keys.append(url_key(entry.url))
+        keys.append(identity_key(entry.obs_id, entry.path.rsplit("/", 1)[-1], entry.url))
         status.append(_STATUS_CODE.get(entry.status, OTHER))
         times.append(entry.time if math.isfinite(entry.time) else 0.0)
         nbytes.append(max(int(entry.nbytes), 0))
@@ -271,6 +281,8 @@ def read_plan(plan_path: Path, manifest: ManifestFacts, *, chunk: int = 65_536) 
         if "url" not in names:
             raise ConfigError("plan", f"the plan {str(plan_path)!r} has no url column", hint=SAVED_PLAN_HINT)
         i_url = names.index("url")
+        i_obs = names.index("obs_id") if "obs_id" in names else None
+        i_name = names.index("filename") if "filename" in names else None
         i_size = names.index("size") if "size" in names else None
         i_est = names.index("est_kb") if "est_kb" in names else None
         pos = next(
@@ -297,7 +309,9 @@ def read_plan(plan_path: Path, manifest: ManifestFacts, *, chunk: int = 65_536) 
                 facts.planned_bytes += size
             else:
                 facts.unknown_size += 1
-            batch_keys.append(url_key(redact(url)))
+            obs_id = row[i_obs] if i_obs is not None and i_obs < len(row) else ""
+            filename = row[i_name] if i_name is not None and i_name < len(row) else ""
+            batch_keys.append(identity_key(obs_id, filename, url))
             if pos is not None:
                 batch_pos.append((_float_cell(row, pos[0]), _float_cell(row, pos[1])))
             if len(batch_keys) >= chunk:

@@ -129,8 +129,10 @@ def test_torn_last_manifest_record_is_ignored_on_resume(archive, tmp_path: Path)
 
     assert second.returncode == EXIT_OK, second.stderr[-3000:]
     assert "torn or garbled" in second.stderr
-    # Only the file whose record was torn is fetched again; every other one is trusted.
-    assert len({r.name for r in arch.request_log if r.method == "GET"}) == 1
+    # The file whose record was torn is on disk and good: it is verified in place and adopted, never
+    # fetched again; every other one is trusted from the manifest.
+    assert not [r for r in arch.request_log if r.method == "GET"]
+    assert "adopted     1" in second.stderr
     assert_mirror_matches_truth(out, arch, names)
     assert assert_verified_records_are_good(out, arch) == len(names)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.archive.faults import FaultPlan
-from engine.manifest import Manifest
+from engine.manifest import Manifest, file_key
 from engine.plan.table import filename_from_url, load_plan
 from engine.redact import redact
 from engine.report import HTML_NAME, REPORT_DIR, SKY_PNG, THROUGHPUT_PNG
@@ -126,7 +126,11 @@ def test_the_report_of_a_real_run_tells_its_counts_failures_and_retries(faulty_m
     verified = [e for e in latest.values() if e.status == "verified"]
     failed = [e for e in latest.values() if e.status == "failed"]
     assert verified and failed
-    status_of = [latest[u].status if u in latest else "absent" for u in (redact(u) for u in plan["url"])]
+    by_key = {e.key: e for e in latest.values()}
+    status_of = [
+        by_key[key].status if key in by_key else "absent"
+        for key in (file_key(o, f) for o, f in zip(plan["obs_id"], plan["filename"], strict=True))
+    ]
     in_plan = {"verified": status_of.count("verified"), "failed": status_of.count("failed")}
     in_plan["pending"] = len(plan) - in_plan["verified"] - in_plan["failed"]
     assert re.search(rf'id="count-planned">{len(plan):,}<', page)
