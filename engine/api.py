@@ -39,7 +39,7 @@ from astropy.table import Table
 from engine.config import load_settings
 from engine.manager import MirrorRun, PlanSource, RunOutcome, TablePlan, plan_source_for
 from engine.models import PlanItem
-from engine.progress import PlanSummary, Progress, watching_limiter
+from engine.progress import PlanSummary, Progress
 from engine.settings import Settings
 
 T = TypeVar("T")
@@ -287,13 +287,19 @@ def outcome_table(outcome: RunOutcome, out_dir: Path) -> Results:
     return table
 
 
-async def _run(settings: Settings, plan_source: PlanSource | None, progress: Progress) -> Results:
+async def _run(
+    settings: Settings,
+    plan_source: PlanSource | None,
+    progress: Progress,
+    *,
+    adopt_from: Sequence[str | Path] = (),
+) -> Results:
     run = MirrorRun(
         settings,
         plan_source,
         progress=progress,
-        downloader_factory=watching_limiter(progress),
         handle_signals=False,
+        adopt_from=[Path(tree) for tree in adopt_from],
     )
     try:
         outcome = await run.run()
@@ -331,6 +337,7 @@ async def mirror_async(
     force: bool | None = None,
     recheck: bool | None = None,
     refresh_plan: bool | None = None,
+    adopt_from: Sequence[str | Path] = (),
 ) -> Results:
     """Plan and download in the running event loop; returns the results table.
 
@@ -349,6 +356,11 @@ async def mirror_async(
 out_dir, layout, state_dir, concurrency, per_host, retries, idle_timeout, bandwidth_limit, source, \
 verify, force, recheck, refresh_plan
         As the CLI's flags (see `build_settings`); e.g. `sector=1, camera=1, ccd=2, out_dir="s1"`.
+    adopt_from
+        Folders to look in for each planned file before downloading it (a lightkurve/astroquery
+        cache `mastDownload/TESS/<obs_id>/<file>`, a flat folder, another mirror), as
+        `--adopt-from`: a file found there is hard-linked or copied into place, verified, and
+        recorded as adopted. The folders are never changed.
 
     Returns
     -------
@@ -388,7 +400,7 @@ verify, force, recheck, refresh_plan
             refresh_plan=refresh_plan,
             require_selection=plan_source is None,
         )
-    return await _run(settings, plan_source, _progress(progress, settings))
+    return await _run(settings, plan_source, _progress(progress, settings), adopt_from=adopt_from)
 
 
 def mirror(
@@ -419,6 +431,7 @@ def mirror(
     force: bool | None = None,
     recheck: bool | None = None,
     refresh_plan: bool | None = None,
+    adopt_from: Sequence[str | Path] = (),
 ) -> Results:
     """Plan and download, blocking until the run ends; works inside a running loop (Jupyter) too.
 
@@ -429,7 +442,7 @@ def mirror(
     ----------
     config, settings, progress, tap_url, sector, camera, ccd, polygon, cone, targets_file, \
 urls_file, sectors, products, out_dir, layout, state_dir, concurrency, per_host, retries, \
-idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan
+idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan, adopt_from
         As for `mirror_async`.
 
     Returns
@@ -472,6 +485,7 @@ idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan
             force=force,
             recheck=recheck,
             refresh_plan=refresh_plan,
+            adopt_from=adopt_from,
         )
     )
 

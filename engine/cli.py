@@ -253,9 +253,31 @@ def _add_out(p: argparse.ArgumentParser, *, what: str = "output directory") -> N
     )
 
 
+def _add_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        dest="selection.urls_file",
+        type=Path,
+        metavar="FILE",
+        help="a plan in any format `tessmirror plan` writes (ECSV, CSV, VOTable, URL list, aria2 input, "
+        "curl script such as MAST's tesscurl_*.sh), told from its content; - reads standard input",
+    )
+
+
 def _add_download(p: argparse.ArgumentParser) -> None:
     _add_out(p)
     g = p.add_argument_group("download (also [fetch], [verify], [output], [run] in the config file)")
+    g.add_argument(
+        "--adopt-from",
+        dest="adopt_from",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="before downloading a file, look for it by name in DIR (a lightkurve/astroquery cache "
+        "mastDownload/TESS/<obs_id>/<file>, a flat folder, another mirror); it is hard-linked or copied "
+        "into place and verified; DIR is never changed (repeatable)",
+    )
     g.add_argument(
         "--concurrency",
         dest="fetch.concurrency",
@@ -443,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="plan, then download into --out")
     _add_selection(p)
+    _add_input(p)
     _add_download(p)
     p.add_argument(
         "--dry-run",
@@ -450,14 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan and print the summary and the free-space verdict; download nothing",
     )
 
-    p = sub.add_parser("fetch", parents=[common], help="download a saved plan (ECSV) or a URL list")
-    p.add_argument(
-        "--input",
-        dest="selection.urls_file",
-        type=Path,
-        metavar="FILE",
-        help="a saved plan (ECSV) or a list of URLs, one a line; - reads standard input",
-    )
+    p = sub.add_parser("fetch", parents=[common], help="download a plan in any export format, or a URL list")
+    _add_input(p)
     _add_download(p)
 
     p = sub.add_parser("status", parents=[common], help="report on a mirror from its manifest")
@@ -533,9 +550,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = asub.add_parser("serve", parents=[common], help="serve the local archive until Ctrl-C / SIGTERM")
     add_archive_arguments(s)
-    for action in s._actions:  # a flag cli_options leaves without help still gets one
-        if action.help is None and "--seed" in action.option_strings:
-            action.help = "seed of the synthetic catalogue and of the faults (default 0)"
     return parser
 
 
@@ -866,11 +880,11 @@ def _run_loop(coro):
             loop.close()
 
 
-def _run_mirror(settings, source=None, *, command: str = "run") -> int:
+def _run_mirror(settings, source=None, *, command: str = "run", adopt_from: Sequence[Path] = ()) -> int:
     import asyncio
 
     from engine.manager import MirrorRun, summarize
-    from engine.progress import Progress, watching_limiter
+    from engine.progress import Progress
 
     _banner(command, settings)
     quiet = bool(_LOUDNESS.get("quiet"))
@@ -879,9 +893,9 @@ def _run_mirror(settings, source=None, *, command: str = "run") -> int:
         settings,
         source,
         progress=progress,
-        downloader_factory=watching_limiter(progress),
         collect_results=False,
         handle_signals=False,
+        adopt_from=adopt_from,
     )
 
     async def mirror():
@@ -904,7 +918,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if ns.dry_run:
         _banner("run --dry-run", settings)
         return _dry_run(settings)
-    return _run_mirror(settings)
+    return _run_mirror(settings, adopt_from=ns.adopt_from)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -935,6 +949,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
         planned = sum(1 for _ in iter_plan(plan, key="plan", hint=SAVED_PLAN_HINT))
         print(f"planned     {planned} ({max(planned - counts.get('verified', 0), 0)} still to do)")
+    withdrawn = settings.state_dir / "withdrawn.txt"
+    if withdrawn.exists():
+        with open(withdrawn, encoding="utf-8", errors="replace") as listing:
+            n = sum(1 for line in listing if line.strip() and not line.startswith("#"))
+        print(f"withdrawn   {n}  (no longer in the plan; kept on disk: {withdrawn})")
     failed = [e for e in entries.values() if e.status == "failed"]
     for e in failed[:20]:
         print(f"  ! {e.path or e.url}: {e.error}")
@@ -1020,7 +1039,7 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
             "fetch needs a saved plan or a URL list",
             hint="give --input FILE (or - for standard input)",
         )
-    return _run_mirror(settings, command="fetch")
+    return _run_mirror(settings, command="fetch", adopt_from=ns.adopt_from)
 
 
 def _archive_options(ns: argparse.Namespace, **extra):

@@ -520,12 +520,14 @@ class MirrorRun:
                 token_hosts = {*DEFAULT_TOKEN_HOSTS, urlsplit(settings.tap.url).hostname or ""}
                 session = self.session_factory(settings.fetch, token=token, token_hosts=token_hosts)
                 async with session:
+                    throttle = AdaptiveLimiter(settings.fetch.concurrency, clock=self.clock)
+                    self.progress.attach_limiter(throttle)  # the bar shows the limit when 429/503 cut it
                     downloader = self.downloader_factory(
                         session,
                         settings.fetch,
                         settings.verify,
                         clock=self.clock,
-                        throttle=AdaptiveLimiter(settings.fetch.concurrency, clock=self.clock),
+                        throttle=throttle,
                         bandwidth=(
                             TokenBucket(settings.fetch.bandwidth_limit, clock=self.clock)
                             if settings.fetch.bandwidth_limit

@@ -14,8 +14,8 @@ import logging
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TextIO
+from collections.abc import Iterable
+from typing import Protocol, TextIO
 
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
 
@@ -269,22 +269,6 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def watching_limiter(progress: Progress, factory: Callable[..., Any] | None = None) -> Callable[..., Any]:
-    """A `downloader_factory` for `MirrorRun` that shows the run's overload limiter in `progress`.
-
-    The manager hands its limiter to the Downloader it builds (`throttle=`); this passes it on to
-    `progress` too: the connection limit when cut, the 429/503 count, the slow-downs.
-    """
-    if factory is None:
-        from engine.fetch.download import Downloader as factory
-
-    def build(*args: Any, **kwargs: Any) -> Any:
-        progress.attach_limiter(kwargs.get("throttle"))
-        return factory(*args, **kwargs)
-
-    return build
 
 
 class PlanSummary:

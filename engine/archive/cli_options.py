@@ -113,7 +113,12 @@ def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--faults", default="", help="fault spec, e.g. '500=0.2,429=0.1:retry_after=2,seed=7'")
     p.add_argument("--data-dir", type=Path, help="cache for generated files (default: a temporary folder)")
-    p.add_argument("--seed", type=_number("--seed", int, 0, 2**31 - 1, "a whole number"), default=0)
+    p.add_argument(
+        "--seed",
+        type=_number("--seed", int, 0, 2**31 - 1, "a whole number"),
+        default=0,
+        help="seed of the synthetic catalogue and of the faults (default 0)",
+    )
     p.add_argument(
         "--hard-limit", type=_number("--hard-limit", int, 1, 10_000_000, "a row count"), default=100_000,
         help="TAP MAXREC hard limit (the default MAXREC is the smaller of 100,000 and this)",

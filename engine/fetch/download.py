@@ -298,7 +298,8 @@ class Downloader:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
             reason = redact(getattr(exc, "message", exc))
-            log.info(
+            # DEBUG: the bar and the summary count retries; a 429 storm must not scroll over the bar.
+            log.debug(
                 "%s: try %d failed (%s); retrying in %.1f s",
                 item.filename,
                 state.attempt_number,

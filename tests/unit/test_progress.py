@@ -14,7 +14,6 @@ from engine.progress import (
     Progress,
     free_space_verdict,
     human_seconds,
-    watching_limiter,
 )
 
 
@@ -112,15 +111,6 @@ def test_the_bar_says_planning_until_the_total_is_known_then_gets_the_total():
     progress.plan_complete()
     assert progress._bar.total == 7 and progress._bar.desc.startswith("mirror")
     progress.close()
-
-
-def test_watching_limiter_hands_the_throttle_to_progress():
-    progress = Progress(bar=False, clock=FakeClock())
-    built = []
-    factory = watching_limiter(progress, lambda *a, **k: built.append((a, k)) or "downloader")
-    limiter = FakeLimiter(8, 8)
-    assert factory("session", throttle=limiter) == "downloader"
-    assert progress.limiter is limiter and built == [(("session",), {"throttle": limiter})]
 
 
 def test_the_plan_summary_counts_files_bytes_products_and_sectors():
