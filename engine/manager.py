@@ -44,7 +44,7 @@ import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -475,6 +475,9 @@ class MirrorRun:
         # Trees to look in for a planned file before downloading it (`--adopt-from`), in order.
         self.adopt_from = [Path(tree).expanduser() for tree in adopt_from]
         self._executor: ThreadPoolExecutor | None = None
+        # The run's session and downloader, once open: the plan-time source check uses them.
+        self._session: aiohttp.ClientSession | None = None
+        self._downloader: Downloader | None = None
         self._plan_complete = False
 
     # -- entry --------------------------------------------------------------------------------
@@ -536,6 +539,7 @@ class MirrorRun:
                         executor=executor,
                         fsync=settings.output.fsync,
                     )
+                    self._session, self._downloader = session, downloader  # for the source check
                     await self._pipeline(source, done, downloader, writer)
                 if self._plan_complete and not self.outcome.interrupted:
                     await asyncio.to_thread(self._list_withdrawn, done)
@@ -680,6 +684,24 @@ class MirrorRun:
         for _ in range(n_workers):
             await queue.put(_DONE)
 
+    async def _settle_source(self, sample: list[PlanItem]) -> None:
+        """`--source s3|auto`: check the plan's first page against MAST's path_lookup before any of it
+        is queued. `s3` refuses a mismatch (exit 2); `auto` falls back to MAST for the whole run."""
+        from engine.fetch.s3 import settle_source
+        from engine.fetch.sources import build_sources
+
+        fetch = self.settings.fetch
+        assert self._session is not None and self._downloader is not None  # set before the pipeline
+        chosen = await settle_source(
+            self._session,
+            fetch.source,
+            sample,
+            fallback_base=self.settings.tap.url,
+            timeout=self.settings.tap.request_timeout,
+        )
+        if chosen != fetch.source:
+            self._downloader.sources = build_sources(replace(fetch, source=chosen), self.clock)
+
     async def _produce_pages(
         self,
         pages: AsyncIterator[list[PlanItem]],
@@ -692,8 +714,12 @@ class MirrorRun:
         name their file, safe names), whatever the source: TAP, a saved plan or a URL list."""
         needed = 0
         guard = self._guard
+        settled = self.settings.fetch.source == "mast"
         async for page in pages:
             guarded = guard.admit(page)
+            if not settled and guarded.items:
+                settled = True
+                await self._settle_source([item for item, _relpath in guarded.items])
             todo: list[tuple[PlanItem, str, Path, bool]] = []
             skipped = 0
             page_bytes = 0

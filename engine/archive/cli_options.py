@@ -191,6 +191,10 @@ def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --s3: serve MAST's /api/v0.1/path_lookup/ (default on; off answers 404)",
     )  # fmt: skip
     shape.add_argument(
+        "--path-lookup-disagrees", dest="path_lookup_disagrees", action="store_const", const=True,
+        help="path_lookup names other keys than the bucket's layout (clients must not trust theirs)",
+    )  # fmt: skip
+    shape.add_argument(
         "--chunked", dest="chunked_fraction", metavar="F",
         type=_number("--chunked", float, 0, 1, "a fraction"),
         help="fraction of files sent without Content-Length (0-1)",
@@ -232,6 +236,7 @@ _SHAPE_FIELDS = (
     "s3_missing_names",
     "s3_missing_error",
     "path_lookup",
+    "path_lookup_disagrees",
     "chunked_fraction",
     "null_checksum_fraction",
     "null_length_fraction",

@@ -67,6 +67,9 @@ class S3Shape:
     missing_names: frozenset[str] = frozenset()  # and these file names
     missing_error: str = "NoSuchKey"  # what a missing key answers: NoSuchKey (404) or AccessDenied (403)
     path_lookup: bool = True  # serve MAST's path_lookup on the API host
+    # path_lookup answers another key than the bucket's layout (a moved bucket, a changed mapping):
+    # a client must notice and not trust its computed keys.
+    path_lookup_disagrees: bool = False
 
     def __post_init__(self) -> None:
         for name in ("multipart_fraction", "missing_fraction"):
@@ -216,6 +219,8 @@ class FileServer:
         for uri in request.query.getall("uri", [])[:1000]:
             entry = self.catalog.lookup_uri(uri)
             path = s3_key(entry.path) if entry is not None and self.in_bucket(entry) else None
+            if path and self.s3.path_lookup_disagrees:
+                path = path.replace("tess/public/", "tess/public/moved/", 1)
             answer[uri] = {"path": f"/{path}" if path else None}
         return web.json_response(answer)
 

@@ -90,6 +90,7 @@ class ArchiveOptions:
     s3_missing_names: tuple[str, ...] = ()  # and these file names
     s3_missing_error: str = "NoSuchKey"  # what a missing key answers: NoSuchKey (404) or AccessDenied (403)
     path_lookup: bool = True  # with s3: serve /api/v0.1/path_lookup/ (False: 404, as other archives)
+    path_lookup_disagrees: bool = False  # path_lookup names other keys than the bucket's layout
     # Fraction of files (a coin fixed by seed and name) always sent without Content-Length.
     chunked_fraction: float = 0.0
     # Fractions of artifact rows whose contentChecksum / contentLength are NULL (by seed and name).
@@ -136,6 +137,7 @@ class ArchiveOptions:
             missing_names=frozenset(self.s3_missing_names),
             missing_error=self.s3_missing_error,
             path_lookup=self.s3 and self.path_lookup,
+            path_lookup_disagrees=self.path_lookup_disagrees,
         )
 
     def shape(self) -> Shape:

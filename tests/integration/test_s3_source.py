@@ -60,3 +60,46 @@ def test_source_auto_falls_back_to_mast_for_exactly_the_keys_missing_from_the_bu
     refused = [r for r in arc.request_log if r.host == "s3" and r.status == 403]
     assert sorted(r.name for r in refused) == sorted(missing)  # each asked of the bucket once
     assert {r.name for r in arc.request_log if r.host == "s3" and r.status == 200} == expected - missing
+
+
+def test_source_s3_refuses_a_bucket_whose_path_lookup_disagrees_before_any_download(archive, tmp_path):
+    """MAST's path_lookup names other keys than tessmirror computes: `--source s3` stops at plan time
+    with one line (exit 2), before a single file request."""
+    arc = archive(targets=48, s3=True, path_lookup_disagrees=True)
+    proc = run_cli(
+        "run", "--source", "s3", "--s3-endpoint", arc.s3_url, "--tap-url", arc.tap_url, *FOOTPRINT,
+        "--out", tmp_path / "mirror", "--progress-interval", "0",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "path_lookup" in proc.stderr
+    assert not [r for r in arc.request_log if r.method == "GET"]
+
+
+def test_source_auto_uses_mast_for_the_run_when_path_lookup_disagrees(archive, tmp_path):
+    arc = archive(targets=48, s3=True, path_lookup_disagrees=True)
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    out = tmp_path / "mirror"
+    proc = run_cli(
+        "run", "--source", "auto", "--s3-endpoint", arc.s3_url, "--tap-url", arc.tap_url, *FOOTPRINT,
+        "--out", out, "--progress-interval", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "downloading from MAST" in proc.stderr
+    assert_mirror_matches_truth(out, arc, expected)
+    assert not [r for r in arc.request_log if r.host == "s3"]
+    assert {r.name for r in arc.request_log if r.host == "api" and r.status == 200} == expected
+
+
+def test_an_archive_without_path_lookup_keeps_the_computed_keys_and_says_so_once(archive, tmp_path):
+    arc = archive(targets=48, s3=True, path_lookup=False)
+    expected = lc_names_in_footprint(arc, 1, 1, 2)
+    out = tmp_path / "mirror"
+    proc = run_cli(
+        "run", "--source", "s3", "--s3-endpoint", arc.s3_url, "--tap-url", arc.tap_url, *FOOTPRINT,
+        "--out", out, "--progress-interval", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("path_lookup") == 1, proc.stderr[-3000:]
+    assert_mirror_matches_truth(out, arc, expected)
+    assert {r.name for r in arc.request_log if r.host == "s3" and r.status == 200} == expected
