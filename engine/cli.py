@@ -531,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", dest="fetch.concurrency", type=int, metavar="N", help="downloads in flight"
     )
     p.add_argument(
+        "--source",
+        dest="fetch.source",
+        choices=("mast", "s3", "auto"),
+        help="mirror through the archive's Download API (default) or from its S3-shaped bucket",
+    )
+    p.add_argument(
         "--port",
         type=int,
         default=DEMO_PORT,
@@ -1072,8 +1078,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     """The notebook's use case, end to end, against the local archive."""
     from engine.archive.server import ArchiveThread
 
-    # Every synthetic target inside the notebook's footprint, so the demo has a few hundred files.
-    options = _archive_options(ns, sectors=(1,), focus=(1, 1, 2), port=ns.port)
+    # Every synthetic target inside the notebook's footprint, so the demo has a few hundred files; the
+    # archive has MAST's real shape (FFI exposures, per-product rows, 302s to a second host, chunked
+    # answers, NULL checksums), so the demo meets what a user of the real MAST meets.
+    ns.mast_like = True
+    source = getattr(ns, "fetch.source", None) or "mast"
+    options = _archive_options(ns, sectors=(1,), focus=(1, 1, 2), port=ns.port, s3=source != "mast")
     log.info("starting the local archive (%d targets, %s files)...", ns.targets, ns.file_size)
     thread = ArchiveThread(options)
     try:
@@ -1092,6 +1102,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
                 "selection.sector": 1,
                 "selection.cameras": [1],
                 "selection.ccds": [2],
+                **({"fetch.s3_endpoint": archive.s3_url} if source != "mast" else {}),
             },
         )
         code = _run_mirror(settings, command="demo")

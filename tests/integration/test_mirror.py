@@ -180,6 +180,19 @@ def test_the_demo_runs_twice_and_the_second_run_resumes(tmp_path):
     assert f"skipped     {planned}" in second.stderr and "downloaded  0" in second.stderr
 
 
+def test_the_demo_mirrors_from_the_archives_bucket_with_source_s3(tmp_path):
+    """`demo --source s3`: the archive also serves its S3-shaped bucket, and every file comes from it."""
+    out = tmp_path / "demo"
+    args = ("demo", "--out", out, "--targets", 24, "--file-size", "small", "--port", 0, "--source", "s3")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = int(result.stderr.split("planned")[1].split()[0])
+    assert planned >= 24 and f"downloaded  {planned}" in result.stderr
+    assert "source s3" in result.stderr
+    check = run_cli("verify", "--out", out)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_the_plan_is_saved_when_planning_ends_not_when_downloads_do(archive, tmp_path):
     """Planning runs at the archive's pace: the plan file is complete while most files still wait."""
     # Every target in the footprint, and TAP pages of 20 rows: planning takes several pages, while
