@@ -464,6 +464,11 @@ def _validate(settings: Settings, *, require_selection: bool) -> None:
             "run.log_level", f"unknown level {run.log_level!r}", hint=f"use one of: {', '.join(LOG_LEVELS)}"
         )
     run.log_level = run.log_level.upper()
+    if run.shard is not None:
+        from engine.shard import parse_shard
+
+        shard = parse_shard(run.shard, "run.shard")
+        run.shard = str(shard) if shard is not None else None
     _validate_selection(settings, require_selection=require_selection)
 
 

@@ -22,6 +22,27 @@ When a lock is stale (taken over with a warning):
 
 A lock that is not a tessmirror lock (not JSON, no host, a pid that no system can have) is never
 guessed at: RunLockedError names the file to delete.
+
+Shared and exclusive: shards of a job array (``--shard K/N``)
+-----------------------------------------------------------
+Without fcntl, a readers-writer lock is built from the same NFS-safe exclusive creates:
+
+- an **exclusive** holder (``run`` without ``--shard``, ``verify --repair``, a manifest upgrade)
+  (1) creates ``run.lock`` as above, then (2) lists ``run.lock.d/``: a live entry there is a shard
+  at work, so it removes its ``run.lock`` again and refuses (RunLockedError, exit 4, naming it);
+- a **shared** holder (one shard) first takes its own ``shard-K-of-N.lock`` (same rules as
+  ``run.lock``: one process per shard), then (1) creates its entry ``run.lock.d/<host>.<pid>.<id>``
+  (same JSON as a lock, plus the shard and its declared free-space need), then (2) reads
+  ``run.lock``: a live exclusive holder there makes it remove its entry and refuse.
+
+Why no exclusive holder ever runs beside a shared one: each side creates its own file *before* it
+looks for the other's. Take any exclusive E and shared S that both passed step (2). E's check did
+not see S's entry, so it happened before S's create; S's check comes after S's create, hence after
+E's check, hence after E's create, so S saw ``run.lock`` and refused: a contradiction. Both may
+refuse in a close race (each saw the other); then both exit 4 and are simply run again. The argument
+needs only that a create is visible to a later lookup, which NFS's close-to-open consistency gives
+for files created and looked up by name. Stale entries (their pid dead on this host, reused, or a
+requeued Slurm task: the rules above) are removed by whoever meets them.
 """
 
 from __future__ import annotations
@@ -35,6 +56,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +65,7 @@ from engine.exceptions import RunLockedError, local_error_from_oserror
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
+SHARED_DIR_NAME = "run.lock.d"  # one entry per shared holder (a shard at work)
 STATE_DIR_NAME = ".tessmirror"  # the default state directory under --out
 # Linux's PID_MAX_LIMIT (2**22); other systems' pids are smaller. Above it a pid is not a pid.
 PID_MAX = 4_194_304
@@ -93,7 +116,7 @@ def _slurm_identity() -> dict[str, str]:
 
 
 class RunLock:
-    """One run per output directory.
+    """One run per output directory; or, with `shard`, one of many shards sharing it.
 
     Parameters
     ----------
@@ -104,19 +127,26 @@ class RunLock:
         The output directory. Its lock ``<out_dir>/.tessmirror/run.lock`` is what keeps two runs off
         one mirror whatever their state directories; None locks the state directory only (the old
         behaviour, for callers that know no output directory).
+    shard
+        ``"shard-K-of-N"`` to take the folder in shared mode (beside other shards, never beside an
+        exclusive run) plus that shard's own lock; None (default) to take it exclusively.
 
     Use as a context manager, or `acquire()` / `release()`. RunLockedError (exit 4) when another run
     holds either lock, or when a lock file is not one tessmirror wrote.
     """
 
-    def __init__(self, state_dir: Path, *, out_dir: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, *, out_dir: Path | None = None, shard: str | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.shard = shard
         dirs = [self.out_dir / STATE_DIR_NAME] if self.out_dir is not None else []
         if not dirs or not _same_dir(dirs[0], self.state_dir):
             dirs.append(self.state_dir)
-        self._files = [_LockFile(directory, self._subject(directory)) for directory in dirs]
+        self._dirs = dirs
+        name = LOCK_NAME if shard is None else f"{shard}.lock"
+        self._files = [_LockFile(directory, self._subject(directory), name) for directory in dirs]
         self._held: list[_LockFile] = []
+        self._record: dict[str, Any] = {}
 
     @property
     def path(self) -> Path:
@@ -147,14 +177,77 @@ class RunLock:
             **({"out_dir": str(self.out_dir)} if self.out_dir is not None else {}),
             **({"pid_start": start} if (start := _process_start(os.getpid())) else {}),
             **_slurm_identity(),
+            **({"shard": _shard_label(self.shard), "need": 0} if self.shard is not None else {}),
         }
+        self._record = record
         try:
             for lock in self._files:
                 lock.acquire(record)
                 self._held.append(lock)
+            if self.shard is None:
+                for directory in self._dirs:
+                    self._refuse_beside_shards(directory, record)
+            else:
+                for directory in self._dirs:
+                    shared = directory / SHARED_DIR_NAME
+                    entry = _LockFile(shared, self._subject(directory), self._entry_name())
+                    entry.acquire(record)
+                    self._held.append(entry)
+                for directory in self._dirs:
+                    self._refuse_beside_exclusive(directory, record)
         except BaseException:
             self.release()
             raise
+
+    def _entry_name(self) -> str:
+        host = "".join(c if c.isalnum() or c in "-_" else "_" for c in self._record["host"])[:64]
+        return f"{host}.{self._record['pid']}.{self._record['token'][:8]}"
+
+    def _refuse_beside_shards(self, directory: Path, mine: dict[str, Any]) -> None:
+        """Exclusive step (2): a live shared entry means a shard is at work."""
+        for entry, holder in _live_entries(directory / SHARED_DIR_NAME, self._subject(directory), mine):
+            raise entry._locked(entry._describe(holder))
+
+    def _refuse_beside_exclusive(self, directory: Path, mine: dict[str, Any]) -> None:
+        """Shared step (2): a live ``run.lock`` means an exclusive run is at work."""
+        lock = _LockFile(directory, self._subject(directory))
+        holder = lock._read()
+        if holder is not None and lock._stale_because(holder, mine) is None:
+            raise lock._locked(lock._describe(holder))
+
+    # -- the free-space share of a shard -------------------------------------------------------
+    def declare_need(self, nbytes: int) -> None:
+        """Record in our shared entries the bytes this shard still needs (for the others' preflight).
+
+        The entry is replaced atomically (a new file renamed over it): readers see the old or the new
+        record, never a torn one. A shard that cannot write it keeps going: the figure is advisory.
+        """
+        if self.shard is None or not self._held:
+            return
+        self._record["need"] = max(int(nbytes), 0)
+        content = json.dumps(self._record).encode()
+        for lock in self._held:
+            if lock.directory.name != SHARED_DIR_NAME:
+                continue
+            tmp = lock.directory / f".{lock.path.name}.{uuid.uuid4().hex}.tmp"
+            try:
+                tmp.write_bytes(content)
+                os.replace(tmp, lock.path)
+            except OSError as err:
+                log.debug("could not declare the shard's need in %s: %s", lock.path, err)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+    def others_need(self) -> int:
+        """The bytes the other live shards of this folder have declared they still need."""
+        directory = self._dirs[0]
+        mine = self._record or {"host": socket.gethostname(), "pid": os.getpid()}
+        total = 0
+        for _entry, holder in _live_entries(directory / SHARED_DIR_NAME, self._subject(directory), mine):
+            if holder.get("token") != mine.get("token"):
+                need = holder.get("need", 0)
+                total += need if isinstance(need, int) and need > 0 else 0
+        return total
 
     def release(self) -> None:
         """Remove the locks that are still ours. Idempotent."""
@@ -170,6 +263,37 @@ class RunLock:
         self.release()
 
 
+def _shard_label(shard: str) -> str:
+    """``shard-K-of-N`` -> ``K/N`` for messages."""
+    parts = shard.split("-")
+    return f"{parts[1]}/{parts[3]}" if len(parts) == 4 else shard
+
+
+def _live_entries(
+    directory: Path, subject: Path, mine: dict[str, Any]
+) -> Iterator[tuple[_LockFile, dict[str, Any]]]:
+    """The live shared entries in `directory` (stale ones are removed on the way)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise local_error_from_oserror(err, directory, "list the shared locks") from err
+    for name in names:
+        if name.startswith("."):
+            continue  # a temporary file of a publish or a declaration
+        entry = _LockFile(directory, subject, name)
+        holder = entry._read()
+        if holder is None or holder.get("token") == mine.get("token"):
+            continue
+        why = entry._stale_because(holder, mine)
+        if why is not None:
+            log.warning("removing a stale shard lock: %s (%s)", entry.path, why)
+            entry._take_over(holder)
+            continue
+        yield entry, holder
+
+
 def _same_dir(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -180,10 +304,10 @@ def _same_dir(a: Path, b: Path) -> bool:
 class _LockFile:
     """One lock file: `<directory>/run.lock`, guarding `subject` (named in messages)."""
 
-    def __init__(self, directory: Path, subject: Path) -> None:
+    def __init__(self, directory: Path, subject: Path, name: str = LOCK_NAME) -> None:
         self.directory = directory
         self.subject = subject
-        self.path = directory / LOCK_NAME
+        self.path = directory / name
         self._token: str | None = None
 
     # -- messages ---------------------------------------------------------------------------------
@@ -192,8 +316,9 @@ class _LockFile:
         if job and holder.get("slurm_array_task_id"):
             job = f"{job}_{holder['slurm_array_task_id']}"
         slurm = f", Slurm job {job}" if job else ""
+        shard = f"shard {holder['shard']}, " if isinstance(holder.get("shard"), str) else ""
         return (
-            f"another tessmirror run (pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+            f"another tessmirror run ({shard}pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
             f"{slurm}, started {holder.get('started', '?')}) is using {self.subject}"
         )
 
@@ -278,7 +403,7 @@ class _LockFile:
 
     def _publish(self, content: bytes) -> bool:
         """Create the lock file with `content`, atomically; False if it already exists."""
-        tmp = self.directory / f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp"
+        tmp = self.directory / f".{self.path.name}.{uuid.uuid4().hex}.tmp"
         try:
             with open(tmp, "wb") as handle:
                 handle.write(content)
@@ -315,7 +440,7 @@ class _LockFile:
 
     def _take_over(self, holder: dict[str, Any]) -> None:
         """Move a stale lock aside; if a racing run replaced it meanwhile, put theirs back."""
-        aside = self.directory / f".{LOCK_NAME}.stale.{uuid.uuid4().hex}"
+        aside = self.directory / f".{self.path.name}.stale.{uuid.uuid4().hex}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -355,4 +480,4 @@ def _same_slurm_task(holder: dict[str, Any], mine: dict[str, Any]) -> bool:
     ) == mine.get("slurm_array_task_id")
 
 
-__all__ = ["LOCK_NAME", "PID_MAX", "STATE_DIR_NAME", "RunLock"]
+__all__ = ["LOCK_NAME", "PID_MAX", "SHARED_DIR_NAME", "STATE_DIR_NAME", "RunLock"]

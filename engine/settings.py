@@ -114,6 +114,7 @@ class RunSettings:
     force: bool = False  # skip the free-space preflight
     recheck: bool = False  # stat/verify files the manifest says are done
     refresh_plan: bool = False  # query TAP again even when a saved plan exists
+    shard: str | None = None  # "K/N": download only shard K of N of the plan (job arrays; engine.shard)
     log_level: str = "INFO"
 
 

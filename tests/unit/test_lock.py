@@ -308,3 +308,90 @@ def test_lock_in_a_directory_we_cannot_write_raises_permission_denied(tmp_path: 
     )
     assert out.stdout.startswith("denied:"), out.stderr
     assert str(state) in out.stdout
+
+
+# -- shared (shards) and exclusive -----------------------------------------------------------------
+def test_two_shards_hold_the_folder_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    state = out / ".tessmirror"
+    with RunLock(state, out_dir=out, shard="shard-0-of-2"), RunLock(state, out_dir=out, shard="shard-1-of-2"):
+        assert (state / "shard-0-of-2.lock").exists() and (state / "shard-1-of-2.lock").exists()
+        assert len(list((state / "run.lock.d").iterdir())) == 2
+        assert not (state / "run.lock").exists()
+    assert not list((state / "run.lock.d").iterdir()), "released shards leave no entry"
+
+
+def test_one_shard_cannot_run_twice(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with (
+        RunLock(out / ".tessmirror", out_dir=out, shard="shard-1-of-4"),
+        pytest.raises(RunLockedError) as caught,
+    ):
+        RunLock(out / ".tessmirror", out_dir=out, shard="shard-1-of-4").acquire()
+    assert f"pid {os.getpid()}" in str(caught.value)
+
+
+def test_an_exclusive_run_is_refused_beside_a_shard_naming_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    state = out / ".tessmirror"
+    with RunLock(state, out_dir=out, shard="shard-2-of-8"):
+        with pytest.raises(RunLockedError) as caught:
+            RunLock(state, out_dir=out).acquire()
+        assert caught.value.exit_code == EXIT_LOCAL
+        assert "shard 2/8" in str(caught.value) and f"pid {os.getpid()}" in str(caught.value)
+        assert not (state / "run.lock").exists(), "the refused run took nothing"
+
+
+def test_a_shard_is_refused_beside_an_exclusive_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    state = out / ".tessmirror"
+    with RunLock(state, out_dir=out):
+        with pytest.raises(RunLockedError) as caught:
+            RunLock(state, out_dir=out, shard="shard-0-of-2").acquire()
+        assert f"pid {os.getpid()}" in str(caught.value)
+        assert not list((state / "run.lock.d").iterdir()), "the refused shard left no entry"
+        assert not (state / "shard-0-of-2.lock").exists()
+
+
+def test_the_race_where_both_created_their_files_refuses_at_least_one(tmp_path: Path) -> None:
+    """Exclusive and shared each create first and look second: planted at the worst instant (both
+    files exist before either looks), each sees the other."""
+    out = tmp_path / "out"
+    state = out / ".tessmirror"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        entry = {"host": socket.gethostname(), "pid": live.pid, "token": "x" * 32, "shard": "1/2"}
+        (state / "run.lock.d").mkdir(parents=True)
+        (state / "run.lock.d" / f"h.{live.pid}.xxxxxxxx").write_text(json.dumps(entry))
+        with pytest.raises(RunLockedError, match="shard 1/2"):
+            RunLock(state, out_dir=out).acquire()
+        (state / "run.lock.d" / f"h.{live.pid}.xxxxxxxx").unlink()
+        plant(state, {"host": socket.gethostname(), "pid": live.pid, "token": "y" * 32})
+        with pytest.raises(RunLockedError, match=f"pid {live.pid}"):
+            RunLock(state, out_dir=out, shard="shard-0-of-2").acquire()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_stale_shard_entry_is_removed_and_does_not_block_a_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    state = out / ".tessmirror"
+    (state / "run.lock.d").mkdir(parents=True)
+    stale = state / "run.lock.d" / "h.1.deadbeef"
+    stale.write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(), "token": "z" * 32}))
+    with RunLock(state, out_dir=out):
+        assert not stale.exists()
+
+
+def test_a_shard_declares_its_need_and_sees_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    state = out / ".tessmirror"
+    with (
+        RunLock(state, out_dir=out, shard="shard-0-of-2") as a,
+        RunLock(state, out_dir=out, shard="shard-1-of-2") as b,
+    ):
+        a.declare_need(1000)
+        b.declare_need(300)
+        assert a.others_need() == 300
+        assert b.others_need() == 1000
