@@ -63,7 +63,7 @@ class PlanItem:
 
 
 # Column order of a plan table (astropy Table / ECSV); one column per PlanItem field.
-PLAN_COLUMNS: tuple[str, ...] = PlanItem.__slots__  # type: ignore[assignment]
+PLAN_COLUMNS: tuple[str, ...] = PlanItem.__slots__
 
 
 @dataclass(slots=True)

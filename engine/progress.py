@@ -107,11 +107,13 @@ class Progress:
             use_bar = False
         self._bar = None
         if use_bar:
-            if auto:
-                from tqdm.auto import tqdm
-            else:
-                from tqdm import tqdm
+            from tqdm import tqdm as tqdm_plain
 
+            tqdm: type[tqdm_plain] = tqdm_plain
+            if auto:
+                from tqdm.auto import tqdm as tqdm_auto
+
+                tqdm = tqdm_auto
             self._bar = tqdm(
                 total=None, unit="file", file=self.stream, dynamic_ncols=True, desc=PLANNING, leave=True
             )

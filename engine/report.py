@@ -511,7 +511,7 @@ def gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> tuple[
     return xi, eta
 
 
-def mollweide_x(ra: np.ndarray) -> np.ndarray:
+def mollweide_x(ra: np.ndarray | Sequence[float]) -> np.ndarray:
     """matplotlib's mollweide longitude (radians) with RA 180 in the middle, increasing to the left."""
     import numpy as np
 
@@ -584,10 +584,10 @@ def sky_figure(plan: PlanFacts) -> tuple[Any, str] | None:
     for _, vertices in plan.footprints:
         ras.extend(vertices[0::2])
         decs.extend(vertices[1::2])
-    for sample in plan.sky.values():
-        ras.extend(sample.ra)
-        decs.extend(sample.dec)
-    shown = sum(len(sample.ra) for sample in plan.sky.values())
+    for positions in plan.sky.values():
+        ras.extend(positions.ra)
+        decs.extend(positions.dec)
+    shown = sum(len(positions.ra) for positions in plan.sky.values())
     centre = sky_centre(np.asarray(ras, float), np.asarray(decs, float))
     if centre is None:
         return None
@@ -735,14 +735,17 @@ def timeline(facts: ManifestFacts) -> Timeline | None:
     """Bin the records with a known time; None when none has one."""
     import numpy as np
 
-    times = facts.times if facts.times is not None else np.zeros(0)
+    times, record_status = facts.times, facts.record_status
+    record_bytes, record_attempts = facts.record_bytes, facts.record_attempts
+    if times is None or record_status is None or record_bytes is None or record_attempts is None:
+        return None  # no manifest was read
     known = times > 0
     if not known.any():
         return None
     t = times[known]
-    status = facts.record_status[known]
-    nbytes = facts.record_bytes[known]
-    attempts = facts.record_attempts[known]
+    status = record_status[known]
+    nbytes = record_bytes[known]
+    attempts = record_attempts[known]
     ordered = np.sort(t)
     pauses = np.flatnonzero(np.diff(ordered) >= SESSION_GAP)
     sessions, earlier_files, earlier_bytes = len(pauses) + 1, 0, 0
@@ -872,7 +875,7 @@ class Report:
     def counts(self) -> dict[str, int]:
         """planned, verified, failed, pending (and manifest entries the plan does not name)."""
         m = self.manifest
-        status = m.status if m.status is not None else []
+        status: np.ndarray | list[int] = m.status if m.status is not None else []
         if self.plan.present:
             counts = {
                 "planned": self.plan.planned,

@@ -40,16 +40,23 @@ class AdqlError(Exception):
     """A query the service refuses; the message is shown to the user as is."""
 
 
+# Read-only members (properties), so that a frozen dataclass or a computed `sql_name` satisfies them.
 class ColumnLike(Protocol):
-    name: str
-    datatype: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def datatype(self) -> str: ...
 
 
 class TableLike(Protocol):
-    schema: str
-    name: str
-    sql_name: str
-    column_map: Mapping[str, ColumnLike]  # lowercase name -> column
+    @property
+    def schema(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def sql_name(self) -> str: ...
+    @property
+    def column_map(self) -> Mapping[str, ColumnLike]: ...  # lowercase name -> column
 
 
 @dataclass
@@ -68,15 +75,17 @@ def translate(adql: str, catalog: Mapping[tuple[str, str], TableLike], *, limit:
     tree = _parse(adql)
     tables_by_alias = _resolve_tables(tree, catalog)
     _resolve_qualified_columns(tree, tables_by_alias)
-    tree = tree.transform(_rewrite_geometry)
-    _reject_leftover_geometry(tree)
+    rewritten = tree.transform(_rewrite_geometry)
+    _reject_leftover_geometry(rewritten)
     translation = Translation(sql="")
-    if isinstance(tree, exp.Select):
-        _name_outputs(tree, tables_by_alias, translation)
-        tree = _apply_limit(tree, limit)
-    else:  # UNION / EXCEPT / INTERSECT: limit the combined result
-        tree = exp.select("*").from_(tree.subquery("_set")).limit(limit)
-    translation.sql = tree.sql(dialect="sqlite")
+    limited: exp.Expr
+    if isinstance(rewritten, exp.Select):
+        _name_outputs(rewritten, tables_by_alias, translation)
+        limited = _apply_limit(rewritten, limit)
+    else:  # UNION / EXCEPT / INTERSECT (_parse admits nothing else): limit the combined result
+        assert isinstance(rewritten, exp.SetOperation)
+        limited = exp.select("*").from_(rewritten.subquery("_set")).limit(limit)
+    translation.sql = limited.sql(dialect="sqlite")
     return translation
 
 
@@ -187,7 +196,7 @@ def _point_args(node: exp.Expression, where: str) -> list[exp.Expression]:
     return call[1]
 
 
-def _rewrite_geometry(node: exp.Expression) -> exp.Expression:
+def _rewrite_geometry(node: exp.Expression) -> exp.Expr:
     if isinstance(node, exp.Contains):
         return _rewrite_contains(node.this, node.expression)
     if (
@@ -208,7 +217,7 @@ def _rewrite_geometry(node: exp.Expression) -> exp.Expression:
     return node
 
 
-def _rewrite_contains(point: exp.Expression, region: exp.Expression) -> exp.Expression:
+def _rewrite_contains(point: exp.Expression, region: exp.Expression) -> exp.Expr:
     x, y = _point_args(point, "CONTAINS")
     call = _geometry_call(region)
     if call is None:
@@ -259,7 +268,7 @@ def _literal_number(node: exp.Expression) -> float | None:
     return None
 
 
-def _reject_leftover_geometry(tree: exp.Expression) -> None:
+def _reject_leftover_geometry(tree: exp.Expr) -> None:
     for node in tree.find_all(exp.Anonymous):
         name = str(node.this).upper()
         if name in _GEOMETRY_NAMES:
@@ -270,7 +279,7 @@ def _name_outputs(select: exp.Select, by_alias: Mapping[str, TableLike], transla
     """Give every output column a stable name, and remember which table column it copies."""
     from_aliases = _aliases_in_scope(select, by_alias)
     used: set[str] = set()
-    new_projections = []
+    new_projections: list[exp.Expr] = []
     for index, projection in enumerate(select.expressions):
         if isinstance(projection, exp.Star) or (
             isinstance(projection, exp.Column) and isinstance(projection.this, exp.Star)

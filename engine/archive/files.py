@@ -370,8 +370,8 @@ class FileServer:
             headers = request.headers.copy()
             del headers["Range"]
             request = request.clone(headers=headers)
-        headers = {"Content-Type": "application/fits", "Accept-Ranges": "bytes"}
-        return _LoggedFileResponse(path, request, on_sent, headers=headers)
+        response_headers = {"Content-Type": "application/fits", "Accept-Ranges": "bytes"}
+        return _LoggedFileResponse(path, request, on_sent, headers=response_headers)
 
     async def _stream(
         self,
@@ -501,7 +501,7 @@ class _LoggedFileResponse(web.FileResponse):
         self._request_to_serve = request
         self._on_sent = on_sent
 
-    async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+    async def prepare(self, request: web.BaseRequest):
         return await super().prepare(self._request_to_serve)
 
     def report(self) -> None:

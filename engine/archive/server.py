@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -28,6 +28,9 @@ from engine.archive.faults import FaultPlan
 from engine.archive.ffigen import ffi_dims
 from engine.archive.files import FileServer, FileStore, RequestRecord, S3Shape
 from engine.archive.fitsgen import cadences_for
+
+if TYPE_CHECKING:  # tap.py pulls in astropy's VOTable writer; __aenter__ imports it when needed
+    from engine.archive.tap import TapOptions
 
 TAP_PATH = "/vo-tap/api/v0.1/caom"
 
@@ -197,7 +200,7 @@ class LocalArchive:
         self._runner: web.AppRunner | None = None
         self._s3_runner: web.AppRunner | None = None
         self._files: FileServer | None = None
-        self._tap_options = None
+        self._tap_options: TapOptions | None = None
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self.catalog: Catalog | None = None
         self.base_url = ""

@@ -21,6 +21,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from xml.sax.saxutils import escape, quoteattr
@@ -702,7 +703,7 @@ def _time_element(name: str, timestamp: float | None) -> str:
 
 
 def _vosi_table(
-    table: TableInfo, keys: list[tuple[str, str, list[tuple[str, str]]]] = (), *, namespaces: bool = False
+    table: TableInfo, keys: Sequence[tuple[str, str, list[tuple[str, str]]]] = (), *, namespaces: bool = False
 ) -> str:
     ns = (
         ' xmlns:vs="http://www.ivoa.net/xml/VODataService/v1.1" '

@@ -407,7 +407,7 @@ def _in_circle(x: float | None, y: float | None, ra0: float, dec0: float, radius
 
 
 def _distance(ra1: float | None, dec1: float | None, ra2: float | None, dec2: float | None) -> float | None:
-    if None in (ra1, dec1, ra2, dec2):
+    if ra1 is None or dec1 is None or ra2 is None or dec2 is None:
         return None
     return angular_distance_one(ra1, dec1, ra2, dec2)
 

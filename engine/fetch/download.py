@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import errno
 import logging
 import os
@@ -89,9 +88,6 @@ __all__ = ["Downloader", "PartFile"]
 # A part left by an earlier process is kept for a resume only for files at least this large: below
 # it, restarting costs less than writing the validator beside every part (one small file per file).
 RESUME_MIN_BYTES = 1024 * 1024
-# Where a file's bytes came from goes into its FileResult as `source` ("s3", "mast") and `note` (why
-# not the chosen source, e.g. a fallback), for the manifest, once models.FileResult has those fields.
-_ROUTE_FIELDS = frozenset({"source", "note"}) & {f.name for f in dataclasses.fields(FileResult)}
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 _NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
@@ -248,7 +244,8 @@ class Downloader:
                     error=redact(reason),
                     attempts=attempts,
                     elapsed=self._clock.monotonic() - started,
-                    **self._route_of(transfer),
+                    source=transfer.route.source,
+                    note=transfer.route.note,
                 )
         finally:
             part.close()  # no-op after commit/discard; on cancellation the .part stays for next time
@@ -262,16 +259,10 @@ class Downloader:
             checksum_declared=check.checksum_declared,
             attempts=attempts,
             elapsed=self._clock.monotonic() - started,
-            **self._route_of(transfer),
+            # Where the bytes came from ("s3", "mast") and why not the chosen source (a fallback).
+            source=transfer.route.source,
+            note=transfer.route.note,
         )
-
-    @staticmethod
-    def _route_of(t: _Transfer) -> dict[str, str]:
-        """`source` and `note` for the FileResult, where it has those fields (see _ROUTE_FIELDS)."""
-        if not _ROUTE_FIELDS:
-            return {}
-        route = {"source": t.route.source, "note": t.route.note}
-        return {name: route[name] for name in _ROUTE_FIELDS}
 
     async def _take_over(self, t: _Transfer) -> None:
         """Continue a part an earlier run left, with the validator stored beside it.

@@ -759,7 +759,7 @@ def _text(row: Any, name: str) -> str:
 def _number(row: Any, name: str) -> int | None:
     value = _cell(row, name)
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)
     except (TypeError, ValueError):
         return None
     return int(number) if np.isfinite(number) else None
@@ -768,7 +768,7 @@ def _number(row: Any, name: str) -> int | None:
 def _degrees(row: Any, name: str, low: float, high: float) -> float:
     """An angle column as float degrees; NaN when missing, not a number or outside [low, high]."""
     try:
-        value = float(_cell(row, name))  # type: ignore[arg-type]
+        value = float(_cell(row, name))
     except (TypeError, ValueError):
         return math.nan
     return value if low <= value <= high else math.nan

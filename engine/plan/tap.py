@@ -125,7 +125,7 @@ class TapHttpSession(requests.Session):
         self.timeout = float(timeout)
         self.headers["User-Agent"] = create_session().headers["User-Agent"]  # pyvo's IVOA softid agent
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         cancel: threading.Event | None = getattr(_current, "cancel", None)
         if cancel is not None and cancel.is_set():
             raise _Cancelled()

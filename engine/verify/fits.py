@@ -33,7 +33,7 @@ import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 import numpy as np
 
@@ -118,6 +118,10 @@ class _Cards(dict):
     """Keyword -> its card's raw bytes. Values are parsed only when asked for: a light curve has
     about 200 cards, and the checks need about 30."""
 
+    @overload
+    def value(self, keyword: str) -> str | None: ...
+    @overload
+    def value(self, keyword: str, default: str) -> str: ...
     def value(self, keyword: str, default: str | None = None) -> str | None:
         card = self.get(keyword)
         return _card_value(card) if card is not None else default
