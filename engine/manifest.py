@@ -31,6 +31,17 @@ without an obs_id (a bare URL list, an aria2 file or a curl script). So a file w
 again. Each record also keeps what the plan declared for the file (``size``, ``declared_md5``), so a
 refreshed plan that declares other bytes for it is recognised as a changed file.
 
+Shards: several manifest files, one writer each
+-----------------------------------------------
+A shard of a job array (``--shard K/N``, engine.shard) appends to its own file,
+``<state_dir>/manifest.d/shard-K-of-N.jsonl``, so each file keeps exactly one writer. Every reader
+reads them all: the main ``manifest.jsonl`` first, then ``manifest.d/*.jsonl`` in name order. For a
+file key, each manifest file's own last record is that file's word (file order, as above); where
+two files have a word, the one with the later ``time`` wins, and on equal times the file read later.
+(``time`` is the wall clock at which the record's file was finished; two files only disagree when
+two runs touched the same file, e.g. a shard and a later ``verify --repair``, and the later one is
+the truth.) A run without ``--shard`` writes the main file, as ever.
+
 Manifests written before keys existed (keyed by URL) are readable as they are: a record without a key
 gets one from its obs_id and path. `Manifest.upgrade()` rewrites such a manifest with keys once,
 atomically (a new file, fsync'ed, renamed over the old one), by the run that holds the RunLock and
@@ -67,6 +78,7 @@ except ImportError:  # pragma: no cover - the stdlib parser is correct, only slo
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
+SHARD_MANIFEST_DIR = "manifest.d"  # one manifest file per shard: manifest.d/shard-K-of-N.jsonl
 KEY_PATH_PREFIX = "path:"  # the key of a file listed without an obs_id: its relpath in the mirror
 STATUSES = ("verified", "failed", "pending", "quarantined")
 
@@ -250,66 +262,124 @@ def _no_gc() -> Iterator[None]:
 
 
 class Manifest:
-    """The manifest file of one output directory: `<state_dir>/manifest.jsonl`."""
+    """The manifest files of one output directory: `<state_dir>/manifest.jsonl` and, when shards
+    wrote, `<state_dir>/manifest.d/*.jsonl`.
 
-    def __init__(self, state_dir: Path) -> None:
+    Parameters
+    ----------
+    state_dir
+        The state directory.
+    shard
+        ``"shard-K-of-N"``: this process writes `manifest.d/shard-K-of-N.jsonl` (`path`); None (the
+        default) writes the main `manifest.jsonl`. Reading always reads every file.
+    """
+
+    def __init__(self, state_dir: Path, *, shard: str | None = None) -> None:
         self.state_dir = Path(state_dir)
-        self.path = self.state_dir / MANIFEST_NAME
+        self.main_path = self.state_dir / MANIFEST_NAME
+        self.shard = shard
+        # The file this process appends to.
+        self.path = (
+            self.main_path if shard is None else self.state_dir / SHARD_MANIFEST_DIR / f"{shard}.jsonl"
+        )
         self.skipped_lines = 0  # torn or garbled lines met by the last read
 
     # -- reading ------------------------------------------------------------------------------
-    def _lines(self) -> Iterator[tuple[int, bytes]]:
+    def paths(self) -> list[Path]:
+        """Every manifest file to read, in reading order: the main one, then the shards' by name."""
+        try:
+            shards = sorted(
+                p
+                for p in (self.state_dir / SHARD_MANIFEST_DIR).iterdir()
+                if p.suffix == ".jsonl" and not p.name.startswith(".")
+            )
+        except FileNotFoundError:
+            shards = []
+        except OSError as err:
+            raise _local_error(err, self.state_dir / SHARD_MANIFEST_DIR, "list") from err
+        return [self.main_path, *shards]
+
+    def exists(self) -> bool:
+        """Whether any manifest file exists (a folder mirrored only by shards has no main file)."""
+        return any(path.exists() for path in self.paths())
+
+    def _lines(self, path: Path) -> Iterator[tuple[int, bytes]]:
         """(line number, line without newline) for every line; the file may not exist yet."""
         try:
-            handle = open(self.path, "rb")  # noqa: SIM115 - a generator closes it in the finally
+            handle = open(path, "rb")  # noqa: SIM115 - a generator closes it in the finally
         except FileNotFoundError:
             return
         except OSError as err:
             raise ManifestError(
-                f"cannot read the manifest {self.path}: {err.strerror or err}",
-                path=self.path,
-                hint=f"make {self.path} a readable file (e.g. chmod u+r), or point state_dir elsewhere",
+                f"cannot read the manifest {path}: {err.strerror or err}",
+                path=path,
+                hint=f"make {path} a readable file (e.g. chmod u+r), or point state_dir elsewhere",
             ) from err
         try:
             for number, line in enumerate(handle, start=1):
                 yield number, line.rstrip(b"\n")
         except OSError as err:
             raise ManifestError(
-                f"cannot read the manifest {self.path}: {err.strerror or err}",
-                path=self.path,
+                f"cannot read the manifest {path}: {err.strerror or err}",
+                path=path,
                 hint="check the file system, then run again",
             ) from err
         finally:
             handle.close()
 
-    def _payloads(self) -> Iterator[bytes]:
-        self.skipped_lines = 0
-        for number, line in self._lines():
+    def _payloads(self, path: Path, *, reset: bool = True) -> Iterator[bytes]:
+        if reset:
+            self.skipped_lines = 0
+        for number, line in self._lines(path):
             if not line:
                 continue  # the newline `start()` writes after a torn line, or a hand edit
             payload = _payload_of(line)
             if payload is None:
                 self.skipped_lines += 1
-                log.warning("manifest %s line %d is torn or garbled; ignored", self.path, number)
+                log.warning("manifest %s line %d is torn or garbled; ignored", path, number)
                 continue
             yield payload
 
-    def iter_records(self) -> Iterator[ManifestEntry]:
-        """Every whole record in file order (older ones included), streaming in bounded memory."""
-        for payload in self._payloads():
+    def _records(self, path: Path, *, reset: bool = True) -> Iterator[ManifestEntry]:
+        for payload in self._payloads(path, reset=reset):
             entry = _decode_entry(payload)
             if entry is None:
                 self.skipped_lines += 1
-                log.warning("manifest %s holds a record without a URL or with bad fields; ignored", self.path)
+                log.warning("manifest %s holds a record without a URL or with bad fields; ignored", path)
                 continue
             yield entry
 
+    def iter_sourced(self) -> Iterator[tuple[int, ManifestEntry]]:
+        """(file number in `paths()` order, record) for every whole record of every manifest file."""
+        self.skipped_lines = 0
+        for number, path in enumerate(self.paths()):
+            for entry in self._records(path, reset=False):
+                yield number, entry
+
+    def iter_records(self) -> Iterator[ManifestEntry]:
+        """Every whole record, file by file in `paths()` order (older ones included), streaming in
+        bounded memory. With shards, the last record of a key in this stream is not necessarily its
+        truth: use `load`, `verified` or `iter_latest` for that."""
+        for _number, entry in self.iter_sourced():
+            yield entry
+
     def load(self) -> dict[str, ManifestEntry]:
-        """file key -> its last record."""
+        """file key -> its last record (across files: the later time wins, see the module doc)."""
         entries: dict[str, ManifestEntry] = {}
+        self.skipped_lines = 0
         with _no_gc():
-            for entry in self.iter_records():
-                entries[entry.key] = entry
+            for number, path in enumerate(self.paths()):
+                if number == 0:
+                    for entry in self._records(path, reset=False):
+                        entries[entry.key] = entry
+                    continue
+                mine: dict[str, ManifestEntry] = {}
+                for entry in self._records(path, reset=False):
+                    mine[entry.key] = entry
+                for key, entry in mine.items():
+                    current = entries.get(key)
+                    if current is None or entry.time >= current.time:
+                        entries[key] = entry
         return entries
 
     def verified(self) -> dict[str, int]:
@@ -318,9 +388,37 @@ class Manifest:
         The resume fast path: no entries are built, and one int per file is what the run needs to
         tell an unchanged file from one the archive reprocessed (a new size or md5).
         """
+        paths = self.paths()
+        self.skipped_lines = 0
+        if len(paths) == 1 or not any(path.exists() for path in paths[1:]):
+            return self._verified_one(paths[0])
+        # Several files: each file's last word per key, with its time; the later time wins.
+        merged: dict[str, tuple[float, int]] = {}  # key -> (time, packed or -1 when not verified)
+        with _no_gc():
+            for path in paths:
+                mine: dict[str, tuple[float, int]] = {}
+                for payload in self._payloads(path, reset=False):
+                    try:
+                        rec = _loads(payload)
+                        key = rec.get("key") or _legacy_key(rec, rec["url"])
+                        packed = (
+                            pack_record(int(rec.get("nbytes", 0)), rec.get("md5", "") or "")
+                            if rec.get("status") == "verified"
+                            else -1
+                        )
+                        mine[key] = (float(rec.get("time", 0.0)), packed)
+                    except (ValueError, TypeError, KeyError, AttributeError):
+                        self.skipped_lines += 1
+                for key, word in mine.items():
+                    current = merged.get(key)
+                    if current is None or word[0] >= current[0]:
+                        merged[key] = word
+        return {key: packed for key, (_when, packed) in merged.items() if packed >= 0}
+
+    def _verified_one(self, path: Path) -> dict[str, int]:
         found: dict[str, int] = {}
         with _no_gc():
-            for payload in self._payloads():
+            for payload in self._payloads(path, reset=False):
                 try:
                     rec = _loads(payload)
                     url = rec["url"]
@@ -338,8 +436,9 @@ class Manifest:
         return set(self.verified())
 
     def needs_upgrade(self) -> bool:
-        """True when the manifest's first whole record has no key (written before keys existed)."""
-        for payload in self._payloads():
+        """True when the main manifest's first whole record has no key (written before keys existed;
+        shard files never need it)."""
+        for payload in self._payloads(self.main_path):
             try:
                 return not _loads(payload).get("key")
             except (ValueError, TypeError, AttributeError):
@@ -356,12 +455,13 @@ class Manifest:
         """
         if not self.needs_upgrade():
             return 0
-        tmp = self.path.with_name(f".{self.path.name}.upgrade-{os.getpid()}.tmp")
+        main = self.main_path
+        tmp = main.with_name(f".{main.name}.upgrade-{os.getpid()}.tmp")
         count = 0
         try:
             with open(tmp, "wb") as out:
                 batch: list[bytes] = []
-                for entry in self.iter_records():
+                for entry in self._records(main):
                     batch.append(encode_entry(entry))  # the decoded entry carries its computed key
                     count += 1
                     if len(batch) >= 4096:
@@ -370,28 +470,36 @@ class Manifest:
                 out.write(b"".join(batch))
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            os.replace(tmp, main)
+            _fsync_dir(main.parent)
         except OSError as err:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise _local_error(err, self.path, "upgrade") from err
-        log.info("manifest %s upgraded to file keys (%d records)", self.path, count)
+            raise _local_error(err, main, "upgrade") from err
+        log.info("manifest %s upgraded to file keys (%d records)", main, count)
         return count
 
     def iter_latest(self) -> Iterator[ManifestEntry]:
         """The last record of every file (key), streamed in two passes.
 
-        The first pass keeps only key -> index of its last record, so memory is a fraction of
-        `load()`'s for huge manifests. Records appended between the passes are ignored.
+        The first pass keeps only key -> (file, index, time) of its winning record, so memory is a
+        fraction of `load()`'s for huge manifests. Records appended between the passes are ignored.
         """
-        last: dict[str, int] = {}
+        last: dict[str, tuple[int, int, float]] = {}
         with _no_gc():
-            for index, entry in enumerate(self.iter_records()):
-                last[entry.key] = index
-        for index, entry in enumerate(self.iter_records()):
-            if last.get(entry.key) == index:
-                yield entry
+            for number, path in enumerate(self.paths()):
+                mine: dict[str, tuple[int, int, float]] = {}
+                for index, entry in enumerate(self._records(path)):
+                    mine[entry.key] = (number, index, entry.time)
+                for key, word in mine.items():
+                    current = last.get(key)
+                    if current is None or word[2] >= current[2]:
+                        last[key] = word
+        for number, path in enumerate(self.paths()):
+            for index, entry in enumerate(self._records(path)):
+                word = last.get(entry.key)
+                if word is not None and word[0] == number and word[1] == index:
+                    yield entry
 
     # -- writing (synchronous; for `verify --repair`, not for the run) ------------------------------
     def append_entries(self, entries: Iterable[ManifestEntry], *, fsync: bool = True) -> int:
@@ -691,6 +799,7 @@ class ManifestWriter:
 __all__ = [
     "LOCK_NAME",
     "MANIFEST_NAME",
+    "SHARD_MANIFEST_DIR",
     "STATUSES",
     "Manifest",
     "ManifestEntry",

@@ -137,22 +137,52 @@ def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES).digest()
 
 
-def _latest_mask(manifest: Manifest) -> tuple[np.ndarray, int]:
-    """First pass: which records are the last of their file (key; a bool per record), and how many of
-    those say "verified" (the progress total)."""
+def _latest_mask(manifest: Manifest) -> tuple[np.ndarray, int, list[int]]:
+    """First pass: which records are the last of their file (key; a bool per record, numbered file
+    after file in `manifest.paths()` order), how many of those say "verified" (the progress total),
+    and how many records each manifest file held (so records appended meanwhile are left out).
+
+    With shard manifests (engine.manifest: each file's own last record per key, then the later time,
+    then the file read later), the same rule as `Manifest.load`.
+    """
     keys = bytearray()
     verified = bytearray()  # one byte per record: was it "verified"
-    for entry in manifest.iter_records():
+    files: list[int] = []  # per record: its file number (only kept when there are several files)
+    times: list[float] = []
+    per_file: list[int] = [0] * len(manifest.paths())
+    for number, entry in manifest.iter_sourced():
+        if number >= len(per_file):
+            break  # a shard file that appeared during the pass: not ours to judge
         keys += _digest(entry.key)
         verified.append(entry.status == "verified")
+        per_file[number] += 1
+        if len(per_file) > 1:
+            files.append(number)
+            times.append(entry.time)
     count = len(verified)
     latest = np.zeros(count, dtype=bool)
-    if count:
+    if count and len(per_file) == 1:
         # The first occurrence in reversed order is the last record; return_index sorts stably.
         _, first_reversed = np.unique(np.frombuffer(keys, dtype=f"S{_DIGEST_BYTES}")[::-1], return_index=True)
         latest[count - 1 - first_reversed] = True
+    elif count:
+        digests = np.frombuffer(keys, dtype=f"S{_DIGEST_BYTES}")
+        file_no = np.asarray(files, dtype=np.int64)
+        when = np.asarray(times, dtype=np.float64)
+        # Each file's last record per key: the last index of each (key, file) pair.
+        order = np.lexsort((np.arange(count), file_no, digests))
+        pair_end = np.ones(count, dtype=bool)
+        pair_end[:-1] = (digests[order][1:] != digests[order][:-1]) | (
+            file_no[order][1:] != file_no[order][:-1]
+        )
+        candidates = order[pair_end]
+        # Among those, per key: the later time, then the later file.
+        ranked = candidates[np.lexsort((file_no[candidates], when[candidates], digests[candidates]))]
+        key_end = np.ones(len(ranked), dtype=bool)
+        key_end[:-1] = digests[ranked][1:] != digests[ranked][:-1]
+        latest[ranked[key_end]] = True
     del keys
-    return latest, int(np.count_nonzero(latest & np.frombuffer(verified, dtype=bool)))
+    return latest, int(np.count_nonzero(latest & np.frombuffer(verified, dtype=bool))), per_file
 
 
 class _PathSet:
@@ -287,7 +317,9 @@ def _check(
     skip: list[Path],
 ) -> MirrorReport:
     report = MirrorReport()
-    latest, total = _latest_mask(manifest)
+    latest, total, per_file = _latest_mask(manifest)
+    offsets = [sum(per_file[:number]) for number in range(len(per_file))]
+    seen = [0] * len(per_file)
     expected = bytearray()  # digests of the paths the last records name
     bad: list[tuple[MirrorProblem, ManifestEntry]] = []  # found, not yet repaired (< _REPAIR_BATCH)
     next_progress = time.monotonic() + progress_interval
@@ -314,9 +346,11 @@ def _check(
     # Bounded in-flight work: the manifest is streamed, never all submitted at once.
     in_flight: collections.deque[tuple[Future, ManifestEntry]] = collections.deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="mirrorcheck") as pool:
-        for index, entry in enumerate(manifest.iter_records()):
-            if index >= len(latest):
-                break  # appended since the first pass (e.g. our own repair records): not ours to judge
+        for number, entry in manifest.iter_sourced():
+            if number >= len(per_file) or seen[number] >= per_file[number]:
+                continue  # appended since the first pass (e.g. our own repair records): not ours to judge
+            index = offsets[number] + seen[number]
+            seen[number] += 1
             if not latest[index]:
                 continue  # superseded by a later record
             if entry.path:

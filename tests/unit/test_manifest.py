@@ -547,3 +547,71 @@ def test_the_route_of_a_file_is_recorded_and_read_back(tmp_path: Path) -> None:
     manifest.append_entries([ManifestEntry.from_result(result)])
     (back,) = manifest.load().values()
     assert (back.source, back.note, back.origin) == ("mast", "s3 answered 403: fell back", "downloaded")
+
+
+# -- shards: several manifest files, one writer each -----------------------------------------------
+def write_shard(state: Path, shard: str, *entries: ManifestEntry) -> Manifest:
+    manifest = Manifest(state, shard=shard)
+    manifest.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(manifest.path, "ab") as handle:
+        for e in entries:
+            handle.write(encode_entry(e))
+    return manifest
+
+
+def test_a_shard_writes_its_own_file_in_the_same_format(tmp_path: Path) -> None:
+    state = tmp_path / ".tessmirror"
+    manifest = Manifest(state, shard="shard-1-of-4")
+    assert manifest.path == state / "manifest.d" / "shard-1-of-4.jsonl"
+    asyncio.run(write_with_writer(manifest, [entry(1)]))
+    assert Manifest(state).load()["obs1/f1.fits"].status == "verified"
+    assert not (state / "manifest.jsonl").exists() and Manifest(state).exists()
+
+
+def test_every_reader_reads_the_main_file_and_every_shard_file(tmp_path: Path) -> None:
+    state = tmp_path / ".tessmirror"
+    write_lines(Manifest(state), entry(1))
+    write_shard(state, "shard-0-of-2", entry(2))
+    write_shard(state, "shard-1-of-2", entry(3), entry(4, status="failed"))
+    manifest = Manifest(state)
+    assert set(manifest.load()) == {"obs1/f1.fits", "obs2/f2.fits", "obs3/f3.fits", "obs4/f4.fits"}
+    assert set(manifest.verified()) == {"obs1/f1.fits", "obs2/f2.fits", "obs3/f3.fits"}
+    assert {e.key for e in manifest.iter_latest()} == set(manifest.load())
+
+
+def test_where_two_files_disagree_the_later_time_wins(tmp_path: Path) -> None:
+    state = tmp_path / ".tessmirror"
+    # The main file says pending later (a verify --repair) than the shard verified it: pending wins.
+    write_lines(Manifest(state), entry(1, status="pending", time=2000.0), entry(2, time=1000.0))
+    # The shard verified f2 after the main file's record; f1's verification is older than the repair.
+    write_shard(state, "shard-0-of-2", entry(1, time=1500.0), entry(2, status="failed", time=500.0))
+    write_shard(state, "shard-1-of-2", entry(2, time=3000.0))
+    manifest = Manifest(state)
+    loaded = manifest.load()
+    assert loaded["obs1/f1.fits"].status == "pending"
+    assert loaded["obs2/f2.fits"].time == 3000.0
+    assert set(manifest.verified()) == {"obs2/f2.fits"}
+    assert {(e.key, e.time) for e in manifest.iter_latest()} == {(k, e.time) for k, e in loaded.items()}
+
+
+def test_within_one_file_the_last_line_wins_whatever_its_time(tmp_path: Path) -> None:
+    state = tmp_path / ".tessmirror"
+    write_shard(state, "shard-0-of-2", entry(1, time=5000.0), entry(1, status="failed", time=10.0))
+    write_shard(state, "shard-1-of-2", entry(1, time=4000.0))
+    # Shard 0's word is its last line (failed, t=10); shard 1's (verified, t=4000) is later.
+    assert Manifest(state).load()["obs1/f1.fits"].time == 4000.0
+    assert set(Manifest(state).verified()) == {"obs1/f1.fits"}
+
+
+def test_equal_times_go_to_the_file_read_later(tmp_path: Path) -> None:
+    state = tmp_path / ".tessmirror"
+    write_lines(Manifest(state), entry(1, status="failed", time=7.0))
+    write_shard(state, "shard-0-of-1", entry(1, time=7.0))
+    assert Manifest(state).load()["obs1/f1.fits"].status == "verified"
+
+
+def test_an_upgrade_touches_only_the_main_file(tmp_path: Path) -> None:
+    state = tmp_path / ".tessmirror"
+    write_shard(state, "shard-0-of-2", entry(1))
+    assert not Manifest(state).needs_upgrade()
+    assert Manifest(state).upgrade() == 0

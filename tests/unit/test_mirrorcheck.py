@@ -356,3 +356,48 @@ def test_repair_can_leave_unexpected_files_in_place_and_then_the_mirror_is_not_i
     assert by_path(report) == {"stray.fits": "unexpected"}
     assert (out / "stray.fits").read_bytes() == b"not ours"
     assert report.quarantined == [] and not report.intact and report.to_download == 0
+
+
+def test_shard_manifests_are_checked_and_the_later_time_wins_across_files(tmp_path: Path) -> None:
+    out, _manifest, entries = build_mirror(tmp_path)
+    state = out / ".tessmirror"
+    # Shard 0 failed "flipped" after the main file verified it (later time): the failure counts.
+    Manifest(state, shard="shard-0-of-2").append_entries(
+        [ManifestEntry(**{**_fields(entries["flipped"]), "status": "failed", "time": 5.0})]
+    )
+    # Shard 1 wrote an older record of "good" than the main file's: the main file's counts.
+    Manifest(state, shard="shard-1-of-2").append_entries(
+        [ManifestEntry(**{**_fields(entries["good"]), "status": "failed", "time": 0.5})]
+    )
+    # A file only a shard verified is expected and checked.
+    extra = out / "s0001" / "extra.fits"
+    make_fits(extra, 99)
+    Manifest(state, shard="shard-1-of-2").append_entries(
+        [
+            ManifestEntry(
+                url="https://archive.example.org/extra.fits",
+                path="s0001/extra.fits",
+                status="verified",
+                nbytes=extra.stat().st_size,
+                md5=md5_of(extra),
+                level="fits",
+                time=2.0,
+            )
+        ]
+    )
+    report = check_mirror(out, Manifest(state), level=VerifyLevel.FITS)
+    assert report.checked == 4  # good, truncated, deleted (main) + extra (shard 1)
+    assert by_path(report) == {NAMES["flipped"]: "missing"}
+
+
+def test_repair_records_appended_to_the_main_file_do_not_shift_the_shard_records(tmp_path: Path) -> None:
+    out, _manifest, entries = build_mirror(tmp_path)
+    state = out / ".tessmirror"
+    Manifest(state, shard="shard-0-of-1").append_entries(
+        [ManifestEntry(**{**_fields(entries["good"]), "time": 3.0})]
+    )
+    damage(out)
+    report = check_mirror(out, Manifest(state), level=VerifyLevel.FITS, repair=True)
+    assert report.checked == 4 and report.ok == 1
+    assert Manifest(state).load()[entries["flipped"].key].status == "pending"
+    assert Manifest(state).load()[entries["good"].key].status == "verified"
