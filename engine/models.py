@@ -105,3 +105,18 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+def is_number(text: str) -> bool:
+    """Whether `float()` accepts `text` (so ``"1e3"``, ``" 2 "``, ``"nan"`` and ``"inf"`` do).
+
+    Parameters
+    ----------
+    text : str
+        A word from a config value, an STC-S region or an ADQL argument.
+    """
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

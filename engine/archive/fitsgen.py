@@ -23,7 +23,8 @@ from functools import lru_cache
 
 import numpy as np
 
-BLOCK = 2880
+from engine.verify.fits import FITS_BLOCK as BLOCK
+
 FULL_LC_BYTES = 2_039_040  # a real full-sector 2-minute light curve: 708 FITS blocks
 SMALL_CADENCES = 300
 BTJD_SECTOR1_START = 1325.293

@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from engine.models import is_number
+
 # Slack on the bounding-cap test, in cosine units (~1e-7 rad), so points on a vertex are not lost.
 _CAP_SLACK = 1e-12
 
@@ -42,7 +44,7 @@ def parse_stc_polygon(text: str) -> list[tuple[float, float]]:
     if not words or words[0].upper() != "POLYGON":
         raise ValueError(f"not an STC-S polygon: {text[:80]!r}; expected 'POLYGON ra1 dec1 ra2 dec2 ...'")
     words = words[1:]
-    if words and not _is_number(words[0]):
+    if words and not is_number(words[0]):
         words = words[1:]  # the frame (ICRS, J2000, ...); every frame is taken as ICRS here
     try:
         numbers = [float(word) for word in words]
@@ -51,14 +53,6 @@ def parse_stc_polygon(text: str) -> list[tuple[float, float]]:
     if len(numbers) % 2:
         raise ValueError(f"STC-S polygon has an odd number of coordinates ({len(numbers)}): {text[:80]!r}")
     return _clean_vertices(list(zip(numbers[0::2], numbers[1::2], strict=True)))
-
-
-def _is_number(word: str) -> bool:
-    try:
-        float(word)
-    except ValueError:
-        return False
-    return True
 
 
 def _clean_vertices(vertices: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -21,6 +21,7 @@ from astropy.table import Column, MaskedColumn, Table
 from engine.archive import adql
 from engine.archive.adql import AdqlError
 from engine.archive.geometry import SphericalPolygon, angular_distance_one, parse_stc_polygon
+from engine.models import is_number
 
 __all__ = ["AdqlError", "ColumnDef", "TableInfo", "TapDatabase"]
 
@@ -382,20 +383,12 @@ class TapDatabase:
 def _parse_stc_region(text: str) -> SphericalPolygon | tuple[float, float, float]:
     words = text.split()
     if words and words[0].upper() == "CIRCLE":
-        numbers = [w for w in words[1:] if _is_float(w)]
+        numbers = [w for w in words[1:] if is_number(w)]
         if len(numbers) != 3:
             raise ValueError(f"STC-S circle needs ra dec radius: {text[:80]!r}")
         ra, dec, radius = map(float, numbers)
         return ra, dec, radius
     return SphericalPolygon.from_radec(parse_stc_polygon(text))
-
-
-def _is_float(word: str) -> bool:
-    try:
-        float(word)
-    except ValueError:
-        return False
-    return True
 
 
 def _in_circle(x: float | None, y: float | None, ra0: float, dec0: float, radius: float) -> int | None:

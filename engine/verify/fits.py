@@ -39,6 +39,7 @@ import numpy as np
 
 from engine.exceptions import NotFitsError
 
+# The FITS standard's units, defined here once (stream.py, file.py and the local archive import them).
 FITS_BLOCK = 2880
 FITS_SIGNATURE = b"SIMPLE  ="
 _NEGATIVE_ZERO = 0xFFFFFFFF  # the ones' complement sum of an HDU whose CHECKSUM is right

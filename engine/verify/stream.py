@@ -28,9 +28,8 @@ from pathlib import PurePosixPath
 
 from engine.exceptions import ChecksumMismatchError, NotFitsError, SizeMismatchError
 from engine.models import PlanItem, VerifyLevel
+from engine.verify.fits import FITS_BLOCK, FITS_SIGNATURE
 
-FITS_BLOCK = 2880
-FITS_SIGNATURE = b"SIMPLE  ="
 # What each kind of product must start with. Files of other kinds only get the markup check.
 _SIGNATURES: dict[str, bytes] = {
     ".fits": FITS_SIGNATURE,
