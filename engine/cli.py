@@ -344,6 +344,13 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         "--force", dest="run.force", action="store_const", const=True, help="skip the free-space preflight"
     )
     g.add_argument(
+        "--shard",
+        dest="run.shard",
+        metavar="K/N",
+        help="download only shard K of N of the plan (0 <= K < N; a stable split by file, for job arrays: "
+        "each shard has its own manifest and lock, see docs/HPC.md)",
+    )
+    g.add_argument(
         "--recheck",
         dest="run.recheck",
         action="store_const",
@@ -846,12 +853,12 @@ def _dry_run(settings) -> int:
 
 def _verified_bytes(settings) -> int:
     """Bytes an earlier run already verified in this mirror (a resumed run will not fetch them)."""
-    manifest_path = settings.state_dir / "manifest.jsonl"
-    if not manifest_path.exists():
-        return 0
     from engine.manifest import Manifest
 
-    entries = Manifest(settings.state_dir).load()
+    manifest = Manifest(settings.state_dir)
+    if not manifest.exists():
+        return 0
+    entries = manifest.load()
     return sum(e.nbytes for e in entries.values() if e.status == "verified")
 
 
@@ -934,14 +941,14 @@ def cmd_status(ns: argparse.Namespace) -> int:
     settings = _settings(ns, selection=False)
     if 1 in _CLOSED_AT_START:
         raise _closed_stdout("the report")
-    manifest_path = settings.state_dir / "manifest.jsonl"
-    if not manifest_path.exists():
+    manifest = Manifest(settings.state_dir)
+    if not manifest.exists():  # the main manifest, or only shards' (manifest.d/*.jsonl)
         raise ConfigError(
             "output.out_dir",
-            f"no tessmirror manifest at {manifest_path}",
+            f"no tessmirror manifest at {manifest.main_path}",
             hint="give the --out of an earlier `tessmirror run`",
         )
-    entries = Manifest(settings.state_dir).load()
+    entries = manifest.load()
     counts = Counter(e.status for e in entries.values())
     nbytes = sum(e.nbytes for e in entries.values() if e.status == "verified")
     print(f"mirror      {settings.output.out_dir}")
@@ -982,8 +989,11 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     from engine.plan.table import SAVED_PLAN_HINT, items_to_table, iter_plan
 
     settings = _settings(ns, selection=False)
+    # verify (and --repair's downloads) work on the whole folder: a `[run] shard` of the config is not
+    # theirs, and --repair takes the folder exclusively.
+    settings.run.shard = None
     manifest = Manifest(settings.state_dir)
-    if not manifest.path.exists():
+    if not manifest.exists():
         raise ConfigError(
             "output.out_dir",
             f"no tessmirror manifest at {manifest.path}",

@@ -55,6 +55,7 @@ from engine.exceptions import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
+    ConfigError,
     DiskFullError,
     IntegrityError,
     LocalError,
@@ -70,7 +71,7 @@ from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import resolve_within
 from engine.manifest import Manifest, ManifestWriter, RunLock, file_key, unpack_record
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
-from engine.plan.invariants import PlanGuard
+from engine.plan.invariants import GuardedPage, PlanGuard
 from engine.plan.table import (
     SAVED_PLAN_HINT,
     PlanTail,
@@ -84,6 +85,7 @@ from engine.plan.table import (
 from engine.progress import Progress, human_bytes
 from engine.redact import redact, register_secret
 from engine.settings import Settings
+from engine.shard import parse_shard
 
 if TYPE_CHECKING:  # planning's imports (astropy.table, pyvo) cost a second: only when planning
     from astropy.table import Table
@@ -479,6 +481,9 @@ class MirrorRun:
         self._session: aiohttp.ClientSession | None = None
         self._downloader: Downloader | None = None
         self._plan_complete = False
+        # `--shard K/N` (engine.shard): only the files this shard owns are downloaded.
+        self.shard = parse_shard(settings.run.shard)
+        self._lock: RunLock | None = None
 
     # -- entry --------------------------------------------------------------------------------
     async def run(self) -> RunOutcome:
@@ -502,16 +507,32 @@ class MirrorRun:
         token = read_token(settings)  # before anything: a bad token is bad input (exit 2)
         _prepare_dir(self.out_dir, "output.out_dir")
         _prepare_dir(settings.state_dir, "output.state_dir")
-        with RunLock(settings.state_dir, out_dir=self.out_dir):
-            # Temporary plan files of a run killed mid-plan: ours to remove now that we hold the lock.
-            remove_stale_temp_files(settings.state_dir / PLAN_FILE)
-            manifest = Manifest(settings.state_dir)
-            # A URL-keyed manifest from an earlier version: rewritten with file keys, atomically, now
-            # that we hold the lock and before anything is downloaded.
-            if manifest.needs_upgrade():  # reads the first record only
-                await asyncio.to_thread(manifest.upgrade)
+        shard = self.shard
+        lock = RunLock(settings.state_dir, out_dir=self.out_dir, shard=shard.name if shard else None)
+        self._lock = lock
+        with lock:
+            manifest = Manifest(settings.state_dir, shard=shard.name if shard else None)
+            if shard is None:
+                # Temporary plan files of a run killed mid-plan: ours to remove now that we hold the
+                # folder exclusively (shards share it: one of them may be writing such a file).
+                remove_stale_temp_files(settings.state_dir / PLAN_FILE)
+                # A URL-keyed manifest from an earlier version: rewritten with file keys, atomically,
+                # now that we hold the lock and before anything is downloaded. Shards only read it
+                # (an old record gets its key when read): an upgrade needs the folder exclusively.
+                if manifest.needs_upgrade():  # reads the first record only
+                    await asyncio.to_thread(manifest.upgrade)
+            else:
+                log.info("shard %s: this process downloads only its share of the plan", shard)
             done = self._already_done(manifest)
             source = self.source or plan_source_for(settings)
+            if shard is not None and isinstance(source, TapPlan):
+                # N shards planning at once would ask TAP N times and write one saved plan N times.
+                raise ConfigError(
+                    "run.shard",
+                    "a shard downloads a plan saved once beforehand, and there is none for this selection",
+                    hint=f"first `tessmirror plan ... -o {settings.state_dir / PLAN_FILE}`, then "
+                    f"`tessmirror fetch --input {settings.state_dir / PLAN_FILE} --shard K/N` (docs/HPC.md)",
+                )
             self._watch_planning(source)
             register_secret(token)
             writer = ManifestWriter(manifest, fsync=settings.output.fsync)
@@ -541,7 +562,8 @@ class MirrorRun:
                     )
                     self._session, self._downloader = session, downloader  # for the source check
                     await self._pipeline(source, done, downloader, writer)
-                if self._plan_complete and not self.outcome.interrupted:
+                # A shard sees only its share of the plan: what the plan withdrew is for a whole run.
+                if self._plan_complete and not self.outcome.interrupted and shard is None:
                     await asyncio.to_thread(self._list_withdrawn, done)
             finally:
                 # Shielded: a second cancellation (a notebook's second interrupt) must not cut the
@@ -717,6 +739,8 @@ class MirrorRun:
         settled = self.settings.fetch.source == "mast"
         async for page in pages:
             guarded = guard.admit(page)
+            if self.shard is not None:
+                guarded = self._own_share(guarded)
             if not settled and guarded.items:
                 settled = True
                 await self._settle_source([item for item, _relpath in guarded.items])
@@ -767,7 +791,9 @@ class MirrorRun:
                 # Files already at their place (to be adopted) need no new space. One lstat each, in a
                 # thread; the files with a verified record are not looked at.
                 needed -= await asyncio.to_thread(_bytes_in_place, todo)
-            if needed > free and not self.settings.run.force:
+            if self.shard is not None and not self.settings.run.force:
+                self._check_share(needed)
+            elif needed > free and not self.settings.run.force:
                 raise DiskFullError(
                     f"the plan needs at least {human_bytes(needed)} but only {human_bytes(free)} is free "
                     f"on {self.out_dir}",
@@ -776,6 +802,49 @@ class MirrorRun:
                 )
             for job in todo:
                 await queue.put(job)
+
+    def _own_share(self, guarded: GuardedPage) -> GuardedPage:
+        """The part of a guarded page this shard owns: by file key (`file_key` of obs_id and name, or
+        the relpath), or by URL for a row refused before it had a place."""
+        shard = self.shard
+        assert shard is not None
+        items = [
+            (item, relpath)
+            for item, relpath in guarded.items
+            if shard.owns(file_key(item.obs_id, item.filename, relpath))
+        ]
+        failed = [
+            (item, reason)
+            for item, reason in guarded.failed
+            if shard.owns(file_key(item.obs_id, item.filename) or f"url:{redact(item.url)}")
+        ]
+        if shard.index == 0:  # the plan-wide counts (merged, dropped rows) are told by shard 0 only
+            return replace(guarded, items=items, failed=failed)
+        return replace(guarded, items=items, failed=failed, dropped=[], merged=0)
+
+    def _check_share(self, needed: int) -> None:
+        """The free-space preflight of a shard: its own share against what is free now, minus what
+        the other live shards of this folder declared they still need.
+
+        Declared first, checked second (the race argument of engine.lock): of two shards checking at
+        once, the later one sees the other's need. `needed` is this shard's planned bytes so far;
+        what it already downloaded is taken off on both sides (it is gone from the free space too).
+        """
+        remaining = max(needed - self.outcome.nbytes, 0)
+        lock = self._lock
+        others = 0
+        if lock is not None:
+            lock.declare_need(remaining)
+            others = lock.others_need()
+        free = _free_bytes(self.out_dir)
+        if remaining > free - others:
+            shared = f" ({human_bytes(others)} of it declared by other shards)" if others else ""
+            raise DiskFullError(
+                f"shard {self.shard} needs at least {human_bytes(remaining)} but only {human_bytes(free)} is "
+                f"free on {self.out_dir}{shared}",
+                path=self.out_dir,
+                hint="free some space, run fewer shards at once (sbatch --array=...%M), or pass --force",
+            )
 
     async def _work(self, queue: asyncio.Queue, downloader: Downloader, writer: ManifestWriter) -> None:
         while True:
