@@ -32,11 +32,12 @@ from engine.manager import (
     selection_fingerprint,
     summarize,
 )
-from engine.manifest import Manifest
+from engine.manifest import Manifest, RunLock, file_key
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
 from engine.plan.table import PlanWriter, items_to_table, iter_plan, plan_meta
 from engine.progress import Progress
 from engine.settings import Settings
+from engine.shard import Shard
 
 
 def make_items(n: int, *, size: int = 100) -> list[PlanItem]:
@@ -680,3 +681,45 @@ def test_a_symlink_at_a_destination_is_never_adopted_or_followed(content_setting
     assert downloader.calls == [] and (outcome.adopted, outcome.failed) == (0, 1)
     assert "outside" in outcome.errors[0]
     assert outside.read_bytes() == fits_like(2880) and dest.is_symlink()
+
+
+# -- shards (--shard K/N) ---------------------------------------------------------------------------
+def test_shards_download_disjoint_shares_that_together_are_the_plan(tmp_path):
+    items = make_items(40)
+    fetched: list[str] = []
+    for k in range(3):
+        settings = make_settings(tmp_path)
+        settings.run.shard = f"{k}/3"
+        outcome, downloader = run(settings, items)
+        assert outcome.exit_code == EXIT_OK and outcome.downloaded == len(downloader.calls)
+        assert (settings.state_dir / "manifest.d" / f"shard-{k}-of-3.jsonl").exists()
+        fetched += downloader.calls
+    assert sorted(fetched) == sorted(i.url for i in items), "no overlap, no gap"
+    settings = make_settings(tmp_path)
+    assert not (settings.state_dir / "manifest.jsonl").exists()
+    again, downloader = run(settings, items)  # an unsharded run reads every shard's manifest
+    assert downloader.calls == [] and again.skipped == 40
+
+
+def test_a_shard_preflight_counts_only_its_share(tmp_path, monkeypatch):
+    items = make_items(40, size=1000)
+    settings = make_settings(tmp_path)
+    settings.run.shard = "0/4"
+    share = sum(1 for i in items if Shard(0, 4).owns(file_key("", "", i.filename)))
+    monkeypatch.setattr("engine.manager._free_bytes", lambda _path: share * 1000)  # exactly its share
+    outcome, _ = run(settings, items)
+    assert outcome.downloaded == share < 40
+
+
+def test_a_shard_preflight_subtracts_what_other_live_shards_declared(tmp_path, monkeypatch):
+    items = make_items(40, size=1000)
+    settings = make_settings(tmp_path)
+    settings.run.shard = "1/4"
+    monkeypatch.setattr("engine.manager._free_bytes", lambda _path: 40 * 1000)  # the whole plan fits...
+    other = RunLock(settings.state_dir, out_dir=settings.output.out_dir, shard="shard-0-of-4")
+    with other:
+        other.declare_need(39 * 1000)  # ...but another shard at work claimed nearly all of it
+        with pytest.raises(DiskFullError, match="declared by other shards"):
+            run(settings, items)
+    outcome, _ = run(settings, items)  # the other shard is gone: its claim with it
+    assert outcome.exit_code == EXIT_OK
