@@ -374,3 +374,18 @@ def test_require_out_without_a_file_or_flag_names_the_key_and_both_fixes() -> No
 
 def test_urls_file_dash_stays_standard_input() -> None:
     assert load_settings(None, {"selection.urls_file": "-"}).selection.urls_file == Path("-")
+
+
+# -- run.shard ----------------------------------------------------------------------------------------
+def test_run_shard_from_the_file_is_validated_and_normalised(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[run]\nshard = " 3 / 8 "\n'), SELECTED)
+    assert settings.run.shard == "3/8"
+    assert load_settings(None, SELECTED).run.shard is None
+
+
+@pytest.mark.parametrize("value", ["8/8", "-1/2", "0/0", "1/10001", "half"])
+def test_a_bad_run_shard_names_the_key(tmp_path: Path, value: str) -> None:
+    err = config_error(write(tmp_path, f'[run]\nshard = "{value}"\n'), SELECTED)
+    assert err.key == "run.shard" and str(err).startswith("run.shard:")
+    err = config_error(None, {**SELECTED, "run.shard": value})
+    assert err.key == "run.shard"
