@@ -8,6 +8,7 @@ remaining files.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from collections import Counter
@@ -23,13 +24,17 @@ from engine.shard import shard_of
 from tests.helpers import (
     assert_mirror_matches_truth,
     assert_verified_records_are_good,
+    lock_files,
     manifest_lines,
     run_cli,
     spawn_cli,
     wait_until,
 )
+from tests.integration.test_slurm_recipe import fake_cluster
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SHARDS = 4
 # Paced so the shards overlap in time and a kill lands mid-run.
@@ -161,3 +166,90 @@ def test_a_bad_shard_is_one_line_naming_run_shard(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_USAGE
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert any("run.shard" in line for line in lines) and "Traceback" not in proc.stderr
+
+
+# -- the recipe of docs/HPC.md, word for word ---------------------------------------------------------
+def doc_block(marker: str) -> str:
+    text = (ROOT / "docs" / "HPC.md").read_text(encoding="utf-8")
+    after = text[text.index(f"<!-- {marker}") :]
+    match = re.search(r"```bash\n(.*?)```", after, re.DOTALL)
+    assert match, f"docs/HPC.md has no bash block after the {marker} marker"
+    return match.group(1)
+
+
+def test_the_array_recipe_of_the_docs_mirrors_everything_and_requeues_an_interrupted_task(
+    archive, tmp_path: Path
+) -> None:
+    """`sbatch --array=0-7%4` imitated: the plan block once, then the array script as tasks 0-7, at
+    most 4 at once; task 0 gets Slurm's SIGTERM mid-run, requeues itself as <array job>_0, and its
+    rerun finishes the share."""
+    arch = archive(sectors=(1,), targets=48, focus=(1, 1, 2), faults=FaultPlan.from_spec(PACED))
+    env, requeued = fake_cluster(tmp_path, arch.tap_url)
+    out = tmp_path / "scratch" / "tess" / "s1"
+    planned = subprocess.run(
+        ["bash", "-c", doc_block("slurm-array-plan")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert planned.returncode == EXIT_OK, planned.stderr[-2000:]
+    keys = plan_keys(out / ".tessmirror" / "plan.ecsv")
+    script = tmp_path / "tess-s1-array.sbatch"
+    script.write_text(doc_block("slurm-array-recipe"))
+    count = int(re.search(r"--array=0-(\d+)%(\d+)", script.read_text()).group(1)) + 1
+    throttle = int(re.search(r"--array=0-\d+%(\d+)", script.read_text()).group(1))
+    assert (count, throttle) == (8, 4)
+
+    def task(k: int) -> subprocess.Popen:
+        task_env = {
+            **env,
+            "SLURM_ARRAY_JOB_ID": "4242",
+            "SLURM_ARRAY_TASK_ID": str(k),
+            "SLURM_JOB_ID": str(5000 + k),
+        }
+        return subprocess.Popen(
+            ["bash", str(script)], env=task_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    codes: dict[int, int] = {}
+    running: dict[int, subprocess.Popen] = {}
+    waiting = list(range(count))
+    try:
+        while len(running) < throttle:
+            k = waiting.pop(0)
+            running[k] = task(k)
+        # Slurm's --signal=B:TERM to task 0's batch shell, once that shard has recorded a file.
+        assert wait_until(
+            lambda: manifest_lines(shard_manifest(out, 0, count)) >= 1 or running[0].poll() is not None,
+            timeout=120,
+        )
+        assert running[0].poll() is None, "task 0 ended before Slurm's signal"
+        running[0].send_signal(signal.SIGTERM)
+        while running or waiting:
+            for k, proc in list(running.items()):
+                if proc.poll() is not None:
+                    stdout, stderr = proc.communicate()
+                    assert "Traceback" not in stderr, stderr[-2000:]
+                    codes.setdefault(k, proc.returncode)
+                    del running[k]
+                    if proc.returncode == 130:
+                        assert f"tessmirror shard {k} exited with 130" in stdout
+                        waiting.append(k)  # what `scontrol requeue` does: the task runs again
+            while waiting and len(running) < throttle:
+                k = waiting.pop(0)
+                running[k] = task(k)
+            wait_until(
+                lambda: any(p.poll() is not None for p in running.values()) or not running, timeout=180
+            )
+    finally:
+        for proc in running.values():
+            proc.kill()
+            proc.communicate()
+    assert set(codes) == set(range(count)) and all(c in (0, 130) for c in codes.values()), codes
+    assert codes[0] == 130, "task 0 was interrupted and requeued"
+    assert requeued.read_text().split() == ["requeue", "4242_0"], "the task, not the whole array"
+    union = set()
+    for k in range(count):
+        manifest = Manifest(out / ".tessmirror", shard=f"shard-{k}-of-{count}")
+        union |= {e.key for e in manifest._records(manifest.path) if e.status == "verified"}
+    assert union == keys
+    assert set(Manifest(out / ".tessmirror").verified()) == keys
+    assert not lock_files(out), "every task released its locks"
+    assert not list((out / ".tessmirror" / "run.lock.d").iterdir())
