@@ -150,7 +150,7 @@ class HTTPStatusError(TransferError):
         self.retry_after = retry_after
 
     @property
-    def retryable(self) -> bool:  # type: ignore[override]
+    def retryable(self) -> bool:  # type: ignore[override]  # computed here; a class attribute above
         return self.status in (408, 425, 429) or self.status >= 500
 
 

@@ -42,6 +42,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote
 
 from aiohttp import web
@@ -495,9 +496,9 @@ class _LoggedFileResponse(web.FileResponse):
     """A FileResponse prepared against a given request (e.g. one without Range) that reports its status."""
 
     def __init__(
-        self, path: Path, request: web.Request, on_sent: Callable[[int], None], **kwargs: object
+        self, path: Path, request: web.Request, on_sent: Callable[[int], None], **kwargs: Any
     ) -> None:
-        super().__init__(path, **kwargs)  # type: ignore[arg-type]
+        super().__init__(path, **kwargs)
         self._request_to_serve = request
         self._on_sent = on_sent
 
@@ -582,10 +583,10 @@ async def _send(
             await asyncio.sleep(len(piece) / bandwidth)
 
 
-def _abort_with_rst(transport: asyncio.BaseTransport) -> None:
+def _abort_with_rst(transport: asyncio.Transport) -> None:
     """Drop the connection with a TCP reset (SO_LINGER 0), as a crashed proxy would."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()  # type: ignore[attr-defined]
+    transport.abort()

@@ -53,7 +53,7 @@ try:  # pyvo >= 1.8.1 raises this for HTTP 429, with the server's Retry-After
     from pyvo.dal.exceptions import DALRateLimitError
 except ImportError:  # pragma: no cover - older pyvo: a 429 is a plain DALServiceError with code 429
 
-    class DALRateLimitError(DALServiceError):  # type: ignore[no-redef]
+    class DALRateLimitError(DALServiceError):  # type: ignore[no-redef]  # stands in for pyvo's own
         retry_after_seconds: float | None = None
 
 

@@ -28,6 +28,7 @@ the file itself (``memmap=False``: it leaves no map alive in the arrays after th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import re
@@ -156,12 +157,12 @@ def _int_card(cards: _Cards, keyword: str, path: Path, index: int, default: int 
     value = cards.value(keyword)
     if value is None and default is not None:
         return default
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise NotFitsError(
-            f"{path.name}: HDU {index} has a missing or malformed {keyword} ({value!r})", hint=_HINT
-        ) from None
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            return int(value)
+    raise NotFitsError(
+        f"{path.name}: HDU {index} has a missing or malformed {keyword} ({value!r})", hint=_HINT
+    )
 
 
 def _scan_hdu(raw: mmap.mmap, start: int, size: int, index: int, path: Path) -> HduSpan:
