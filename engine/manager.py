@@ -587,7 +587,8 @@ class MirrorRun:
     def _watch_planning(self, source: PlanSource) -> None:
         """Progress counts planned files as planning finds them, not as downloads reach them."""
         self._planned_total = None
-        if not getattr(source, "reports_planning", False):
+        # A shard counts its own share as it meets it: the source's count is the whole plan's.
+        if not getattr(source, "reports_planning", False) or self.shard is not None:
             return
         self._source_reports = True
 

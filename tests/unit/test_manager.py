@@ -25,6 +25,7 @@ from engine.exceptions import (
     TapJobError,
 )
 from engine.manager import (
+    ItemsPlan,
     MirrorRun,
     ResourceExhaustedError,
     TablePlan,
@@ -722,4 +723,24 @@ def test_a_shard_preflight_subtracts_what_other_live_shards_declared(tmp_path, m
         with pytest.raises(DiskFullError, match="declared by other shards"):
             run(settings, items)
     outcome, _ = run(settings, items)  # the other shard is gone: its claim with it
+    assert outcome.exit_code == EXIT_OK
+
+
+def test_a_shard_of_a_counted_plan_counts_only_its_share_and_ends_ok(tmp_path):
+    """A saved plan reports the whole plan's count up front; a shard's outcome is its own share."""
+    items = make_items(30)
+    settings = make_settings(tmp_path)
+    settings.run.shard = "1/2"
+    FakeDownloader.instances.clear()
+    mirror = MirrorRun(
+        settings,
+        ItemsPlan(lambda: iter(items), count=lambda: len(items)),
+        session_factory=fake_session,
+        downloader_factory=FakeDownloader,
+        progress=Progress(bar=False),
+        handle_signals=False,
+    )
+    outcome = asyncio.run(mirror.run())
+    share = sum(1 for i in items if Shard(1, 2).owns(file_key("", "", i.filename)))
+    assert (outcome.planned, outcome.downloaded, outcome.pending) == (share, share, 0)
     assert outcome.exit_code == EXIT_OK
