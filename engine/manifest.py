@@ -497,8 +497,8 @@ class Manifest:
                         last[key] = word
         for number, path in enumerate(self.paths()):
             for index, entry in enumerate(self._records(path)):
-                word = last.get(entry.key)
-                if word is not None and word[0] == number and word[1] == index:
+                winner = last.get(entry.key)
+                if winner is not None and winner[0] == number and winner[1] == index:
                     yield entry
 
     # -- writing (synchronous; for `verify --repair`, not for the run) ------------------------------
