@@ -15,6 +15,7 @@ import pytest
 
 from engine.exceptions import EXIT_LOCAL, RunLockedError
 from engine.lock import PID_MAX, RunLock
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
@@ -395,3 +396,67 @@ def test_a_shard_declares_its_need_and_sees_the_others(tmp_path: Path) -> None:
         b.declare_need(300)
         assert a.others_need() == 300
         assert b.others_need() == 1000
+
+
+RACER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from engine.exceptions import RunLockedError
+    from engine.lock import RunLock
+
+    out, kind, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    holders = out / "holders"
+    me = holders / f"{kind}.{os.getpid()}"
+    held = 0
+    (out / "ready" / str(os.getpid())).touch()
+    while not (out / "go").exists():  # start together: the races are the point
+        pass
+    for i in range(rounds):
+        lock = RunLock(out / ".tessmirror", out_dir=out, shard=None if kind == "x" else f"shard-{kind}-of-9")
+        try:
+            lock.acquire()
+        except RunLockedError:
+            continue
+        try:
+            held += 1
+            me.touch()
+            others = [p.name for p in holders.iterdir() if p != me]
+            if kind == "x" and others or kind != "x" and any(n.startswith("x.") for n in others):
+                print("overlap:", kind, others)
+                sys.exit(1)
+            me.unlink()
+        finally:
+            lock.release()
+    print("held", held)
+    """
+)
+
+
+def test_exclusive_and_shared_holders_racing_in_processes_never_overlap(tmp_path: Path) -> None:
+    """Two exclusive runs and three shards hammer one folder at once: an exclusive holder never sees
+    another holder, a shard never sees an exclusive one; every process gets its turn sometimes."""
+    out = tmp_path / "out"
+    (out / "holders").mkdir(parents=True)
+    (out / "ready").mkdir()
+    kinds = ["x", "x", "0", "1", "2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(out), kind, "150"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in kinds
+    ]
+    assert wait_until(lambda: len(list((out / "ready").iterdir())) == len(kinds), timeout=60)
+    (out / "go").touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stdout + stderr[-2000:]
+    held = [int(stdout.split()[-1]) for stdout, _ in results]
+    assert sum(held[:2]) > 0 and sum(held[2:]) > 0, held
+    assert sum(held) < 150 * len(kinds), "they did contend: some tries were refused"
+    assert not (out / ".tessmirror" / "run.lock").exists()
+    assert not list((out / ".tessmirror" / "run.lock.d").iterdir())
