@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from engine.archive.catalog import DOWNLOAD_PATH, FILES_PATH, S3_PATH, ArchiveFile, Catalog, draw, s3_key
 from engine.archive.faults import LIE_EXTRA, OVERLONG_EXTRA, Decision, FaultPlan
@@ -502,7 +503,7 @@ class _LoggedFileResponse(web.FileResponse):
         self._request_to_serve = request
         self._on_sent = on_sent
 
-    async def prepare(self, request: web.BaseRequest):
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         return await super().prepare(self._request_to_serve)
 
     def report(self) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from engine.models import is_number
 
@@ -161,7 +162,7 @@ def prepared_polygon(vertices: tuple[tuple[float, float], ...]) -> SphericalPoly
     return SphericalPolygon.from_radec(vertices)
 
 
-def polygon_contains(ra, dec, vertices: Sequence[tuple[float, float]]) -> np.ndarray:
+def polygon_contains(ra: ArrayLike, dec: ArrayLike, vertices: Sequence[tuple[float, float]]) -> np.ndarray:
     """Bool per point: is (ra, dec) inside the spherical polygon (the smaller region it bounds)?"""
     ra_arr = np.atleast_1d(np.asarray(ra, dtype=float))
     dec_arr = np.atleast_1d(np.asarray(dec, dtype=float))
@@ -171,17 +172,17 @@ def polygon_contains(ra, dec, vertices: Sequence[tuple[float, float]]) -> np.nda
     )
 
 
-def circle_contains(ra, dec, ra0: float, dec0: float, radius_deg: float) -> np.ndarray:
+def circle_contains(ra: ArrayLike, dec: ArrayLike, ra0: float, dec0: float, radius_deg: float) -> np.ndarray:
     """Bool per point: is (ra, dec) within `radius_deg` (great-circle distance) of (ra0, dec0)?"""
     if not radius_deg >= 0:
         raise ValueError(f"circle radius must be >= 0 degrees, got {radius_deg}")
     return np.atleast_1d(angular_distance(ra, dec, ra0, dec0) <= radius_deg)
 
 
-def angular_distance(ra1, dec1, ra2, dec2) -> np.ndarray:
+def angular_distance(ra1: ArrayLike, dec1: ArrayLike, ra2: ArrayLike, dec2: ArrayLike) -> np.ndarray:
     """Great-circle distance in degrees (haversine, accurate at small separations)."""
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, dtype=float)) for v in (ra1, dec1, ra2, dec2))
-    hav = np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
+    a1, d1, a2, d2 = (np.radians(np.asarray(v, dtype=float)) for v in (ra1, dec1, ra2, dec2))
+    hav = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((a2 - a1) / 2) ** 2
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0))))
 
 

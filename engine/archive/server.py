@@ -31,6 +31,7 @@ from engine.archive.fitsgen import cadences_for
 
 if TYPE_CHECKING:  # tap.py pulls in astropy's VOTable writer; __aenter__ imports it when needed
     from engine.archive.tap import TapOptions
+    from engine.archive.tapdb import TapDatabase
 
 TAP_PATH = "/vo-tap/api/v0.1/caom"
 
@@ -165,7 +166,7 @@ JOIN_KEYS = (
 )
 
 
-def load_database(catalog: Catalog, *, artifacts: bool = True):  # -> TapDatabase (imported lazily)
+def load_database(catalog: Catalog, *, artifacts: bool = True) -> TapDatabase:
     """A TapDatabase holding the catalogue's tables, with their join keys indexed.
 
     `artifacts=False` leaves out ARTIFACT_TABLES, like an ObsCore-only service.

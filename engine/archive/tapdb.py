@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,8 +337,8 @@ class TapDatabase:
 
     # -- geometry functions ----------------------------------------------------------------------
     def _register_functions(self) -> None:
-        def guarded(function):
-            def call(*args):
+        def guarded(function: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
                 try:
                     return function(*args)
                 except (ValueError, TypeError) as err:
