@@ -744,3 +744,19 @@ def test_a_shard_of_a_counted_plan_counts_only_its_share_and_ends_ok(tmp_path):
     share = sum(1 for i in items if Shard(1, 2).owns(file_key("", "", i.filename)))
     assert (outcome.planned, outcome.downloaded, outcome.pending) == (share, share, 0)
     assert outcome.exit_code == EXIT_OK
+
+
+def test_a_shard_skips_files_verified_in_any_manifest(tmp_path):
+    items = make_items(20)
+    first, _ = run(make_settings(tmp_path), items[:10])  # an unsharded run: the main manifest
+    other = make_settings(tmp_path)
+    other.run.shard = "1/2"
+    run(other, items)  # shard 1 of 2: its own manifest file
+    settings = make_settings(tmp_path)
+    settings.run.shard = "0/2"
+    outcome, downloader = run(settings, items)
+    share = [i for i in items if Shard(0, 2).owns(file_key("", "", i.filename))]
+    done_before = [i for i in share if i in items[:10]]
+    assert first.downloaded == 10 and done_before and len(done_before) < len(share)
+    assert sorted(downloader.calls) == sorted(i.url for i in share if i not in done_before)
+    assert outcome.skipped == len(done_before)
