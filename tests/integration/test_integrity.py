@@ -101,7 +101,7 @@ def test_each_corruption_is_caught_before_the_final_name_and_a_retry_fixes_it(
     arch.faults = FaultPlan.from_spec(
         f"wrong=1:files={wrong}:attempts=1,short=1:files={short}:attempts=1,html=1:files={html}:attempts=1"
     )
-    done = _fetch(plan, out, config, "--retries", 1)
+    done = _fetch(plan, out, config, "--retries", 1, "-v")  # retry lines are DEBUG
     assert done.returncode == 0, done.stderr
     assert "does not match the archive's" in done.stderr  # the retry log names the failed check
     assert_mirror_matches_truth(out, arch, {item.filename for item in items})
