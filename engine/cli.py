@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from engine import __version__
 from engine.exceptions import (
@@ -61,7 +61,8 @@ class _SignalGate:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._deliver = None  # callable(signum) while an event loop takes stop requests
+        # callable(signum) while an event loop takes stop requests
+        self._deliver: Callable[[int], None] | None = None
 
     def install(self) -> None:
         for sig in self.SIGNALS:
@@ -77,7 +78,7 @@ class _SignalGate:
         deliver(signum)
 
     @contextlib.contextmanager
-    def deliver_to(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Iterator[None]:
+    def deliver_to(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], object]) -> Iterator[None]:
         """While the run's loop is up, a signal calls `stop` in that loop instead of raising.
 
         A process-directed signal may land on any thread (pyvo's, a verify thread), and then the main
@@ -383,7 +384,7 @@ def _add_download(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
     """--config and the logging flags. Accepted before the command and after it: the subcommand's
     copies default to "not given" (SUPPRESS), so they never overwrite what came before the command."""
-    default = {} if top else {"default": argparse.SUPPRESS}
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument(
         "--config",
         type=Path,
@@ -447,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tessmirror {__version__}")
     _add_common(parser, top=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # the subparsers' parents must be of their class
     _add_common(common, top=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
@@ -703,15 +704,18 @@ def _file_log_level(ns: argparse.Namespace) -> str | None:
     when no flag or file says (a broken file is reported later, by the full load, naming the key)."""
     if getattr(ns, "quiet", False) or getattr(ns, "verbose", False) or not getattr(ns, "config", None):
         return None
-    try:
-        import tomllib  # Python >= 3.11; elsewhere the full load applies the level a moment later
-
-        document = tomllib.loads(Path(ns.config).expanduser().read_text(encoding="utf-8"))
-        level = document["run"]["log_level"]
-    except Exception:  # anything wrong is the full load's to report, naming the key
+    if sys.version_info < (3, 11):  # no tomllib: the full load applies the level a moment later
         return None
-    known = ("DEBUG", "INFO", "WARNING", "ERROR")
-    return level if isinstance(level, str) and level.upper() in known else None
+    else:  # mypy resolves the import only inside a version-checked block
+        import tomllib
+
+        try:
+            document = tomllib.loads(Path(ns.config).expanduser().read_text(encoding="utf-8"))
+            level = document["run"]["log_level"]
+        except Exception:  # anything wrong is the full load's to report, naming the key
+            return None
+        known = ("DEBUG", "INFO", "WARNING", "ERROR")
+        return level if isinstance(level, str) and level.upper() in known else None
 
 
 def _set_console_level(level: str) -> None:
@@ -1097,13 +1101,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     log.info("starting the local archive (%d targets, %s files)...", ns.targets, ns.file_size)
     thread = ArchiveThread(options)
     try:
-        thread.start()
+        archive = thread.start()
     except OSError as err:  # the port is taken: any free one will do (this demo then downloads anew)
         log.info("port %d is busy (%s); using a free port", ns.port, err.strerror)
         thread = ArchiveThread(dataclasses.replace(options, port=0))
-        thread.start()
+        archive = thread.start()
     try:
-        archive = thread.archive
         log.info("local archive: %s", archive.tap_url)
         settings = _settings(
             ns,

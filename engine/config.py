@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -19,13 +20,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from engine.exceptions import ConfigError
-from engine.models import VerifyLevel
+from engine.models import VerifyLevel, is_number
 from engine.settings import CHUNK_SIZE_MAX, FOOTPRINTS, PRODUCT_SUFFIXES, SOURCES, Settings
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 SECTOR_MIN, SECTOR_MAX = 1, 200
 LAYOUTS = ("mast", "sector", "flat")
@@ -81,7 +82,7 @@ def parse_polygon(text: str, *, key: str = "selection.polygon") -> list[float]:
     try:
         numbers = [float(tok) for tok in tokens]
     except ValueError:
-        bad = next(tok for tok in tokens if not _is_float(tok))
+        bad = next(tok for tok in tokens if not is_number(tok))
         raise ConfigError(
             key, f"{bad!r} is not a number", hint="give ra dec pairs in degrees, e.g. '10 -5 12 -5 11 -3'"
         ) from None
@@ -221,14 +222,6 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _convert(key: str, raw: Any, *, base: Path) -> Any:
     """Turn one raw value into the type KEYS[key] declares; relative paths are joined onto `base`."""
     special = _SPECIAL.get(key)
@@ -282,7 +275,7 @@ def _to_int(key: str, raw: Any) -> int:
 
 def _to_float(key: str, raw: Any) -> float:
     numeric = isinstance(raw, (int, float)) and not isinstance(raw, bool)
-    if not (numeric or (isinstance(raw, str) and _is_float(raw.strip()))):
+    if not (numeric or (isinstance(raw, str) and is_number(raw.strip()))):
         raise ConfigError(key, f"expected a number, got {raw!r}")
     value = float(raw)
     if not math.isfinite(value):

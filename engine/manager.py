@@ -42,11 +42,11 @@ import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -93,6 +93,7 @@ if TYPE_CHECKING:  # planning's imports (astropy.table, pyvo) cost a second: onl
     from engine.plan.planner import Planner
 
 log = logging.getLogger("tessmirror")
+_T = TypeVar("_T")
 
 PLAN_FILE = "plan.ecsv"
 _DROPS_LOGGED = 20  # dropped rows named in the log per page; the summary counts them all
@@ -106,7 +107,10 @@ _WITHDRAWN_SHOWN = 10
 
 # -- plan sources -------------------------------------------------------------------------------
 class PlanSource(Protocol):
-    def pages(self) -> AsyncIterator[list[PlanItem]]: ...
+    on_page: Callable[[int, int], None] | None  # (files, declared bytes) per page
+    on_complete: Callable[[int], None] | None  # the total, once planning has finished
+
+    def pages(self) -> AsyncGenerator[list[PlanItem], None]: ...
 
 
 class ItemsPlan:
@@ -135,7 +139,7 @@ class ItemsPlan:
     def reports_planning(self) -> bool:
         return self.count is not None
 
-    async def pages(self) -> AsyncIterator[list[PlanItem]]:
+    async def pages(self) -> AsyncGenerator[list[PlanItem], None]:
         counting = asyncio.create_task(self._count()) if self.count is not None else None
         try:
             iterator = await asyncio.to_thread(self.items)
@@ -197,7 +201,7 @@ class TapPlan:
         if self.on_complete is not None:
             self.on_complete(total)
 
-    async def pages(self) -> AsyncIterator[list[PlanItem]]:
+    async def pages(self) -> AsyncGenerator[list[PlanItem], None]:
         if self.save_to is None:
             total = 0
             try:
@@ -209,7 +213,8 @@ class TapPlan:
                 self._close_tap()
             self._completed(total)
             return
-        writer = await _created(lambda: PlanWriter(self.save_to, meta=self.meta))
+        save_to = self.save_to  # not None here; a local, so the lambda sees it narrowed
+        writer = await _created(lambda: PlanWriter(save_to, meta=self.meta))
         try:
             tail = await asyncio.to_thread(PlanTail, writer)
         except BaseException:
@@ -877,7 +882,7 @@ class MirrorRun:
                 )
             await self._record(writer, result)
 
-    async def _off_loop(self, func: Callable[..., object], *args: object) -> object:
+    async def _off_loop(self, func: Callable[..., _T], *args: object) -> _T:
         """Run file-system work (stat, hashing, linking) in the verify pool, off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, func, *args)
@@ -926,9 +931,9 @@ class MirrorRun:
             mode = 0
         if stat.S_ISREG(mode):
             try:
-                result = self._verified_copy(item, relpath, dest)
+                verified = self._verified_copy(item, relpath, dest)
                 log.info("adopted %s: already on disk and verified", relpath)
-                return result
+                return verified
             except (IntegrityError, OSError) as err:
                 self._quarantine_bad(relpath, err)
         for tree in self.adopt_from:
@@ -1020,7 +1025,7 @@ class MirrorRun:
     def _signals(self):
         """SIGINT/SIGTERM: stop taking work, flush the manifest, exit 'interrupted'."""
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if self.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:

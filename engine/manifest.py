@@ -63,15 +63,18 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from engine.exceptions import LocalError, ManifestError, local_error_from_oserror
 from engine.lock import LOCK_NAME, RunLock  # re-exported: callers imported the lock from here
 from engine.models import FileResult
 from engine.redact import redact
 
+_loads: Callable[[bytes], Any]
 try:  # orjson parses a record ~4x faster; a million-file manifest then loads in a few seconds
-    from orjson import loads as _loads
+    import orjson
+
+    _loads = orjson.loads
 except ImportError:  # pragma: no cover - the stdlib parser is correct, only slower
     _loads = json.loads
 

@@ -53,10 +53,10 @@ from engine.lock import STATE_DIR_NAME, RunLock
 from engine.manifest import Manifest, ManifestEntry
 from engine.models import VerifyLevel
 from engine.redact import redact
+from engine.verify.fits import FITS_BLOCK
 
 log = logging.getLogger(__name__)
 
-FITS_BLOCK = 2880
 QUARANTINE_DIR = "quarantine"
 PROBLEM_KINDS = ("missing", "truncated", "corrupt", "unexpected")
 _DIGEST_BYTES = 16  # blake2b-128: a collision among even 10^9 names has odds of ~10^-21
