@@ -137,7 +137,7 @@ def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES).digest()
 
 
-def _latest_mask(manifest: Manifest) -> tuple[np.ndarray, int, list[int]]:
+def latest_mask(manifest: Manifest) -> tuple[np.ndarray, int, list[int]]:
     """First pass: which records are the last of their file (key; a bool per record, numbered file
     after file in `manifest.paths()` order), how many of those say "verified" (the progress total),
     and how many records each manifest file held (so records appended meanwhile are left out).
@@ -317,7 +317,7 @@ def _check(
     skip: list[Path],
 ) -> MirrorReport:
     report = MirrorReport()
-    latest, total, per_file = _latest_mask(manifest)
+    latest, total, per_file = latest_mask(manifest)
     offsets = [sum(per_file[:number]) for number in range(len(per_file))]
     seen = [0] * len(per_file)
     expected = bytearray()  # digests of the paths the last records name

@@ -149,14 +149,18 @@ class ManifestFacts:
 
 
 def read_manifest(state_dir: Path) -> ManifestFacts:
-    """Stream the manifest twice: flat arrays first, then the failures' details (capped)."""
+    """Stream the manifest (every file of it: shards write their own) twice: flat arrays first, then
+    the failures' details (capped). Which record is a file's truth is `mirrorcheck.latest_mask`'s rule,
+    the same as `Manifest.load`'s: each file's last record, then the later time, then the later file."""
     import numpy as np
 
     from engine.manifest import Manifest
+    from engine.mirrorcheck import latest_mask
 
     manifest = Manifest(state_dir)
+    latest, _verified, per_file = latest_mask(manifest)
     keys, status, times, nbytes, attempts = array("Q"), array("B"), array("d"), array("q"), array("l")
-    for entry in manifest.iter_records():
+    for entry in _counted_records(manifest, per_file):
         keys.append(identity_key(entry.obs_id, entry.path.rsplit("/", 1)[-1], entry.url))
         status.append(_STATUS_CODE.get(entry.status, OTHER))
         times.append(entry.time if math.isfinite(entry.time) else 0.0)
@@ -168,10 +172,12 @@ def read_manifest(state_dir: Path) -> ManifestFacts:
     facts.times = np.frombuffer(times, dtype=np.float64) if times else np.zeros(0)
     facts.record_bytes = np.frombuffer(nbytes, dtype=np.int64) if nbytes else np.zeros(0, np.int64)
     facts.record_attempts = np.asarray(attempts, dtype=np.int64)
-    # The last record of a URL wins: unique over the reversed order finds each key's last index.
     n = len(all_keys)
-    unique, first_in_reversed = np.unique(all_keys[::-1], return_index=True)
-    last = n - 1 - first_in_reversed
+    last = np.flatnonzero(latest[:n])
+    # Sorted by key for the plan's binary-search join; a key seen twice (one file recorded under two
+    # spellings) keeps one record.
+    unique, first = np.unique(all_keys[last], return_index=True)
+    last = last[first]
     facts.keys = unique
     facts.status = facts.record_status[last]
     facts.nbytes = facts.record_bytes[last]
@@ -179,16 +185,25 @@ def read_manifest(state_dir: Path) -> ManifestFacts:
     failed_last[last[facts.status == FAILED]] = True
     facts.failed_total = int(failed_last.sum())
     if facts.failed_total:
-        _collect_failures(manifest, failed_last, facts)
+        _collect_failures(manifest, per_file, failed_last, facts)
     return facts
 
 
-def _collect_failures(manifest: Any, failed_last: np.ndarray, facts: ManifestFacts) -> None:
-    """The second pass: error texts of the records that are a URL's last, failed record."""
-    n = len(failed_last)
-    for index, entry in enumerate(manifest.iter_records()):
-        if index >= n:
-            break  # appended by a run after the first pass: not part of this report
+def _counted_records(manifest: Any, per_file: list[int]) -> Iterator[Any]:
+    """The records `latest_mask` counted, in its order: records appended to a file since (or a file
+    that appeared since) are not part of this report."""
+    seen = [0] * len(per_file)
+    for number, entry in manifest.iter_sourced():
+        if number < len(per_file) and seen[number] < per_file[number]:
+            seen[number] += 1
+            yield entry
+
+
+def _collect_failures(
+    manifest: Any, per_file: list[int], failed_last: np.ndarray, facts: ManifestFacts
+) -> None:
+    """The second pass: error texts of the records that are a file's last, failed record."""
+    for index, entry in enumerate(_counted_records(manifest, per_file)):
         if not failed_last[index]:
             continue
         error = redact(entry.error) or "no reason recorded"
@@ -921,13 +936,12 @@ def build_report(
     Report
         The gathered facts and the PNG bytes; `render_html` turns it into the page.
     """
-    from engine.manifest import MANIFEST_NAME
+    from engine.manifest import MANIFEST_NAME, Manifest
 
-    manifest_path = state_dir / MANIFEST_NAME
-    if not manifest_path.exists():
+    if not Manifest(state_dir).exists():  # the main file, or only shards' files (manifest.d/)
         raise ConfigError(
             "output.out_dir",
-            f"no tessmirror manifest at {manifest_path}",
+            f"no tessmirror manifest at {state_dir / MANIFEST_NAME}",
             hint="give the --out of an earlier `tessmirror run` (or its --state-dir)",
         )
     manifest = read_manifest(state_dir)

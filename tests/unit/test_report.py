@@ -105,6 +105,23 @@ def test_counts_join_the_plan_to_the_last_manifest_record_of_each_url(mirror):
     assert 'id="bytes-planned">10.0 kB<' in page
 
 
+def test_a_mirror_written_by_shards_is_reported_and_a_later_main_record_wins(tmp_path):
+    """Shards write manifest.d/shard-K-of-N.jsonl (and no main file); a `verify --repair` afterwards
+    appends to the main file: each file's truth is its latest record across the files, as for
+    `tessmirror status` and `verify`."""
+    out = tmp_path / "mirror"
+    state = out / ".tessmirror"
+    write_plan(state, [{"url": f"http://127.0.0.1/f{i}.fits"} for i in range(4)])
+    shards = [Manifest(state, shard=f"shard-{k}-of-2") for k in range(2)]
+    shards[0].append_entries([entry(0), entry(1, "failed", error="HTTP 500")], fsync=False)
+    shards[1].append_entries([entry(2), entry(3, "failed", error="HTTP 500")], fsync=False)
+    report, _page = build(out, state)
+    assert report.counts() == {"planned": 4, "verified": 2, "failed": 2, "pending": 0, "not in plan": 0}
+    write_manifest(state, [entry(1, time=1_800_000_000.0)])  # repaired later, in the main file
+    report, _page = build(out, state)
+    assert report.counts() == {"planned": 4, "verified": 3, "failed": 1, "pending": 0, "not in plan": 0}
+
+
 def test_a_plan_url_with_a_token_matches_its_redacted_manifest_record(tmp_path):
     state = tmp_path / "m" / ".tessmirror"
     url = "https://archive.example/f.fits?token=SECRET123"
