@@ -9,7 +9,9 @@ import pytest
 from engine.archive import ArchiveOptions, ArchiveThread, LocalArchive
 
 # Small and fast unless a test asks otherwise: one sector, a few dozen files, small files.
-ARCHIVE_TEST_DEFAULTS = {"sectors": (1,), "targets": 32, "file_size": "small"}
+# Every test archive has MAST's many FFI exposures per CCD (fewer than the default 300, to build fast):
+# a planner that took one footprint row per CCD for granted fails everywhere, not in one test.
+ARCHIVE_TEST_DEFAULTS = {"sectors": (1,), "targets": 32, "file_size": "small", "exposures_per_ccd": 24}
 
 
 @pytest.fixture

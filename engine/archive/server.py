@@ -64,13 +64,14 @@ class ArchiveOptions:
     # without generating the whole sky). Other sectors whose footprints hold them still list them.
     focus: tuple[int, int, int] | None = None
 
-    # -- the real service's shapes (docs/MAST_MODEL.md). The defaults keep the first release's shape;
-    # `ArchiveOptions.mast_like()` gives MAST's. --
+    # -- the real service's shapes (docs/MAST_MODEL.md). The defaults have MAST's many FFI exposures per
+    # CCD and keep the rest of the first release's shape; `ArchiveOptions.mast_like()` gives all of
+    # MAST's (per-product rows, redirects, chunked answers, NULLs). --
     # FFI observations per (sector, camera, CCD): one CAOM observation + ObsCore row per exposure,
     # obs_ids a cadence apart (30 min in sectors 1-26, 10 min in 27-55, 200 s after), polygons
     # shifted by up to a few arcsec; the middle one (n // 2 in obs_id order) is the CCD footprint
     # the targets were placed in. MAST: ~1,300 per CCD at 30 min; here 1-10,000.
-    exposures_per_ccd: int = 1
+    exposures_per_ccd: int = 300
     # True: every FFI exposure has `<obs_id>_ffic.fits` and `_ffir.fits` (planes, artifacts, files).
     ffi_files: bool = False
     # FFI file size: "small" (16x16 pixels: 17,280 bytes for ffic), "full" (2136x2078, ~35 MB), or

@@ -39,9 +39,10 @@ def mast_catalog():
     return build_catalog(sectors=[1], targets=600, cadences=40, seed=3, base_url=BASE, shape=shape)
 
 
-def test_default_options_keep_the_first_release_shape():
+def test_default_options_have_hundreds_of_exposures_per_ccd_and_otherwise_the_first_release_shape():
     options = ArchiveOptions()
-    assert options.exposures_per_ccd == 1 and not options.ffi_files and not options.obscore_per_product
+    assert options.exposures_per_ccd == 300  # MAST keeps one observation per FFI exposure
+    assert not options.ffi_files and not options.obscore_per_product
     assert options.url_form == "uri" and not options.redirect_to_s3 and options.chunked_fraction == 0
     assert options.null_checksum_fraction == options.null_length_fraction == 0
     assert options.sync_timeout is None and options.async_abort_after is None and options.slow_join == 0
