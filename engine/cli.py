@@ -69,13 +69,17 @@ class _SignalGate:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        if self.received is not None:
-            return  # already stopping: a second signal must not change the outcome
-        self.received = signum
+        first = self.received is None
+        if first:
+            self.received = signum  # a second signal never changes the outcome
         deliver = self._deliver
-        if deliver is None:
+        if deliver is not None:
+            deliver(self.received or signum)  # asking the run to stop twice is harmless
+        elif first:
             raise _Stopped(signum)
-        deliver(signum)
+        # A second signal before the loop takes requests: the first one's _Stopped is already on its
+        # way (raising again could cut its clean-up short), or it was swallowed by code that catches
+        # everything; then `deliver_to` sees `received` and stops the run as soon as it starts.
 
     @contextlib.contextmanager
     def deliver_to(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], object]) -> Iterator[None]:
@@ -98,6 +102,10 @@ class _SignalGate:
                 loop.call_soon_threadsafe(stop)
 
         self._deliver = deliver
+        if self.received is not None:
+            # A signal came before the loop took requests and its _Stopped did not end start-up
+            # (a library caught it): the request is sticky, so the run stops now instead of never.
+            loop.call_soon(stop)
         try:
             yield
         finally:

@@ -60,6 +60,7 @@ from engine.exceptions import (
     IntegrityError,
     LocalError,
     PermissionDeniedError,
+    TessMirrorError,
     UnsafePathError,
     local_error_from_oserror,
 )
@@ -227,7 +228,12 @@ class TapPlan:
             while True:
                 if consumed < writer.count:
                     count = min(self.page_size, writer.count - consumed)
-                    page = await asyncio.to_thread(tail.read, count)
+                    try:
+                        page = await asyncio.to_thread(tail.read, count)
+                    except TessMirrorError:
+                        if planning.done() and not planning.cancelled() and planning.exception():
+                            planning.result()  # the cause (a full disk, say), not its symptom
+                        raise
                     consumed += count
                     yield page
                 elif planning.done():
@@ -244,7 +250,8 @@ class TapPlan:
         finally:
             if not planning.done():
                 planning.cancel()
-                await asyncio.gather(planning, return_exceptions=True)
+            # Retrieved either way: a failure already raised above is not logged a second time.
+            await asyncio.gather(planning, return_exceptions=True)
             tail.close()
 
     def _final_meta(self) -> dict[str, object]:

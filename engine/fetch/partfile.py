@@ -511,8 +511,7 @@ class PartFile:
             raise ValueError(f"{dest} is not beside {self.path}")
         if fsync:
             os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        self._close_file()  # forgets the descriptor before closing: a failing close is never retried
         # The sidecar first: a crash between the two leaves a part without one (restarted next time),
         # never a sidecar without its part.
         self._drop_meta()

@@ -174,12 +174,18 @@ class PlanWriter:
         return Path(self._tmp)
 
     def write(self, items: Iterable[PlanItem]) -> None:
-        """Append rows; they are flushed, so a PlanTail can read every row counted in `count`."""
+        """Append rows; they are flushed, so a PlanTail can read every row counted in `count`.
+
+        `count` grows only after the flush: a reader must never be told of a row that a full disk
+        left half-written.
+        """
+        written = 0
         try:
             for item in items:
                 self._rows.writerow([getattr(item, name) for name in PLAN_COLUMNS])
-                self.count += 1
+                written += 1
             self._handle.flush()
+            self.count += written
         except OSError as err:
             raise _local_error(err, self.path, "cannot write the plan") from None
 
