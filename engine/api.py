@@ -293,6 +293,7 @@ async def _run(
     progress: Progress,
     *,
     adopt_from: Sequence[str | Path] = (),
+    adopt_link: bool = False,
 ) -> Results:
     run = MirrorRun(
         settings,
@@ -300,6 +301,7 @@ async def _run(
         progress=progress,
         handle_signals=False,
         adopt_from=[Path(tree) for tree in adopt_from],
+        adopt_link=adopt_link,
     )
     try:
         outcome = await run.run()
@@ -338,6 +340,7 @@ async def mirror_async(
     recheck: bool | None = None,
     refresh_plan: bool | None = None,
     adopt_from: Sequence[str | Path] = (),
+    adopt_link: bool = False,
 ) -> Results:
     """Plan and download in the running event loop; returns the results table.
 
@@ -359,8 +362,11 @@ verify, force, recheck, refresh_plan
     adopt_from
         Folders to look in for each planned file before downloading it (a lightkurve/astroquery
         cache `mastDownload/TESS/<obs_id>/<file>`, a flat folder, another mirror), as
-        `--adopt-from`: a file found there is hard-linked or copied into place, verified, and
-        recorded as adopted. The folders are never changed.
+        `--adopt-from`: a file found there is copied (a reflink where the file system can) into
+        place, verified, and recorded as adopted. The folders are never changed.
+    adopt_link
+        As `--link`: hard-link found files instead of copying them (whoever can write the source
+        tree can then change the mirror's copy; `tessmirror verify` catches that).
 
     Returns
     -------
@@ -400,7 +406,9 @@ verify, force, recheck, refresh_plan
             refresh_plan=refresh_plan,
             require_selection=plan_source is None,
         )
-    return await _run(settings, plan_source, _progress(progress, settings), adopt_from=adopt_from)
+    return await _run(
+        settings, plan_source, _progress(progress, settings), adopt_from=adopt_from, adopt_link=adopt_link
+    )
 
 
 def mirror(
@@ -432,6 +440,7 @@ def mirror(
     recheck: bool | None = None,
     refresh_plan: bool | None = None,
     adopt_from: Sequence[str | Path] = (),
+    adopt_link: bool = False,
 ) -> Results:
     """Plan and download, blocking until the run ends; works inside a running loop (Jupyter) too.
 
@@ -442,7 +451,7 @@ def mirror(
     ----------
     config, settings, progress, tap_url, sector, camera, ccd, polygon, cone, targets_file, \
 urls_file, sectors, products, out_dir, layout, state_dir, concurrency, per_host, retries, \
-idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan, adopt_from
+idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan, adopt_from, adopt_link
         As for `mirror_async`.
 
     Returns
@@ -486,6 +495,7 @@ idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan, ado
             recheck=recheck,
             refresh_plan=refresh_plan,
             adopt_from=adopt_from,
+            adopt_link=adopt_link,
         )
     )
 

@@ -284,8 +284,15 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="DIR",
         help="before downloading a file, look for it by name in DIR (a lightkurve/astroquery cache "
-        "mastDownload/TESS/<obs_id>/<file>, a flat folder, another mirror); it is hard-linked or copied "
-        "into place and verified; DIR is never changed (repeatable)",
+        "mastDownload/TESS/<obs_id>/<file>, a flat folder, another mirror); it is copied (a reflink where "
+        "the file system can) into place and verified; DIR is never changed (repeatable)",
+    )
+    g.add_argument(
+        "--link",
+        dest="adopt_link",
+        action="store_true",
+        help="with --adopt-from: hard-link found files instead of copying them (no extra space, but "
+        "whoever can write DIR can later change the mirror's copy; verify catches it)",
     )
     g.add_argument(
         "--concurrency",
@@ -905,7 +912,14 @@ def _run_loop(coro):
             loop.close()
 
 
-def _run_mirror(settings, source=None, *, command: str = "run", adopt_from: Sequence[Path] = ()) -> int:
+def _run_mirror(
+    settings,
+    source=None,
+    *,
+    command: str = "run",
+    adopt_from: Sequence[Path] = (),
+    adopt_link: bool = False,
+) -> int:
     import asyncio
 
     from engine.manager import MirrorRun, summarize
@@ -921,6 +935,7 @@ def _run_mirror(settings, source=None, *, command: str = "run", adopt_from: Sequ
         collect_results=False,
         handle_signals=False,
         adopt_from=adopt_from,
+        adopt_link=adopt_link,
     )
 
     async def mirror():
@@ -943,7 +958,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if ns.dry_run:
         _banner("run --dry-run", settings)
         return _dry_run(settings)
-    return _run_mirror(settings, adopt_from=ns.adopt_from)
+    return _run_mirror(settings, adopt_from=ns.adopt_from, adopt_link=ns.adopt_link)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -1067,7 +1082,7 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
             "fetch needs a saved plan or a URL list",
             hint="give --input FILE (or - for standard input)",
         )
-    return _run_mirror(settings, command="fetch", adopt_from=ns.adopt_from)
+    return _run_mirror(settings, command="fetch", adopt_from=ns.adopt_from, adopt_link=ns.adopt_link)
 
 
 def _archive_options(ns: argparse.Namespace, **extra):

@@ -470,6 +470,7 @@ class MirrorRun:
         handle_signals: bool = True,
         collect_results: bool = True,
         adopt_from: Iterable[Path] = (),
+        adopt_link: bool = False,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -488,6 +489,9 @@ class MirrorRun:
         self._guard = PlanGuard(settings.output.layout)
         # Trees to look in for a planned file before downloading it (`--adopt-from`), in order.
         self.adopt_from = [Path(tree).expanduser() for tree in adopt_from]
+        # True (`--link`): hard-link adopted files instead of copying them (cheaper; the source tree's
+        # owners can then change the mirror's copy, which `verify` would catch).
+        self.adopt_link = adopt_link
         self._executor: ThreadPoolExecutor | None = None
         # The run's session and downloader, once open: the plan-time source check uses them.
         self._session: aiohttp.ClientSession | None = None
@@ -961,7 +965,8 @@ class MirrorRun:
             )
 
     def _adopt_from_tree(self, tree: Path, item: PlanItem, relpath: str, dest: Path) -> FileResult | None:
-        """Link (same file system) or copy a file found in `tree` into place, verified there."""
+        """Copy (a reflink where the file system can) or, with `--link`, hard-link a file found in
+        `tree` into place, verified there."""
         source = _seed_candidate(tree, item, relpath)
         if source is None:
             return None
@@ -970,7 +975,10 @@ class MirrorRun:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()  # our own temporary name, left by a run killed mid-adoption
-            _link_or_copy(source, tmp)
+            if self.adopt_link:
+                _link_or_copy(source, tmp)
+            else:
+                _copy(source, tmp)
             result = self._verified_copy(item, relpath, tmp)
             os.rename(tmp, dest)  # replaces a link at dest, never writes through one
         except (IntegrityError, OSError) as err:
@@ -1119,11 +1127,26 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError as err:
         if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
             raise
+    _copy(source, target)
+
+
+_FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, XFS, ...), copy-on-write
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy `source` to the new name `target`: a reflink where the file system supports it (instant,
+    no extra space), else the bytes. `source` is never changed; `target` must not exist."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(target, flags, 0o644)
     try:
-        with open(source, "rb") as src, os.fdopen(fd, "wb", closefd=False) as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+        with open(source, "rb") as src:
+            try:
+                import fcntl
+
+                fcntl.ioctl(fd, _FICLONE, src.fileno())
+            except (ImportError, OSError):  # no reflinks here (ext4, tmpfs, another file system)
+                with os.fdopen(fd, "wb", closefd=False) as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):

@@ -268,4 +268,24 @@ def test_a_lightkurve_cache_seeds_a_mirror_with_no_file_request_and_a_bad_file_i
         b"SIMPLE  = truncated"
     )
     assert corrupt_seed.read_bytes() == bytes(data)  # the user's cache is never changed or moved
+    adopted = mirrored_files(out)[names[2]]
+    assert adopted.stat().st_ino != next(cache.rglob(names[2])).stat().st_ino  # a copy, not a link
     assert len(list(cache.rglob("*.fits"))) == len(expected) - 1
+
+
+def test_adopt_from_with_link_hard_links_the_found_files(footprint, tmp_path):
+    """`--link`: the mirror's files share the cache's inodes (no extra space), and are verified."""
+    arc, expected = footprint
+    plan = tmp_path / "plan.ecsv"
+    plan_to(arc, "ecsv", plan)
+    donor = tmp_path / "donor"
+    assert fetch(plan, donor).returncode == 0
+    out = tmp_path / "mirror"
+    requests = len(arc.request_log)
+    proc = run_cli("fetch", "--input", plan, "--out", out, "--adopt-from", donor, "--link")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [r for r in arc.request_log[requests:] if r.method == "GET"]
+    donor_files = mirrored_files(donor)
+    for name, path in mirrored_files(out).items():
+        assert path.stat().st_ino == donor_files[name].stat().st_ino
+    assert_mirror_matches_truth(out, arc, expected)
