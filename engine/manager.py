@@ -66,6 +66,7 @@ from engine.exceptions import (
 )
 from engine.fetch.bandwidth import TokenBucket
 from engine.fetch.download import Downloader
+from engine.fetch.partfile import install_copy, move_under
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
 from engine.fetch.session import read_token as read_env_token
 from engine.fetch.throttle import AdaptiveLimiter
@@ -970,22 +971,20 @@ class MirrorRun:
         source = _seed_candidate(tree, item, relpath)
         if source is None:
             return None
-        tmp = dest.with_name(f".{dest.name}.adopt-{os.getpid()}.tmp")
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()  # our own temporary name, left by a run killed mid-adoption
-            if self.adopt_link:
-                _link_or_copy(source, tmp)
-            else:
-                _copy(source, tmp)
-            result = self._verified_copy(item, relpath, tmp)
-            os.rename(tmp, dest)  # replaces a link at dest, never writes through one
+            # Through the folder's descriptors (partfile), like every other write under --out.
+            result = install_copy(
+                self.out_dir,
+                relpath,
+                source,
+                lambda placed: self._verified_copy(item, relpath, placed),
+                link=self.adopt_link,
+            )
+        except UnsafePathError:
+            raise
         except (IntegrityError, OSError) as err:
             reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
             log.warning("not adopting %s from %s: %s", item.filename, source, redact(reason))
-            with contextlib.suppress(OSError):
-                tmp.unlink()  # our link or copy; the source file is untouched
             return None
         log.info("adopted %s from %s", relpath, source)
         return result
@@ -997,17 +996,20 @@ class MirrorRun:
                 return
         except OSError:
             return
-        target = resolve_within(self.settings.state_dir / SUPERSEDED_DIR, relpath)
-        candidate, number = target, 0
-        while os.path.lexists(candidate):  # an older superseded copy is never overwritten
-            number += 1
-            candidate = target.with_name(f"{target.name}.{number}")
         try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            # A hard link keeps the old bytes when the download renames the new file over `dest`.
-            _link_or_copy(dest, candidate)
+            # A hard link keeps the old bytes when the download renames the new file over `dest`;
+            # both folders are walked by descriptor, and an older superseded copy is never replaced.
+            candidate = move_under(
+                self.out_dir,
+                relpath,
+                self.settings.state_dir,
+                f"{SUPERSEDED_DIR}/{relpath}",
+                keep_source=True,
+            )
+        except UnsafePathError:
+            raise
         except OSError as err:
-            raise local_error_from_oserror(err, dest, f"keep the old copy at {candidate}") from err
+            raise local_error_from_oserror(err, dest, "keep the old copy under superseded/") from err
         log.info("%s changed at the archive: the old copy is kept at %s", relpath, candidate)
 
     async def _record(self, writer: ManifestWriter, result: FileResult) -> None:
@@ -1116,43 +1118,6 @@ def _seed_candidate(tree: Path, item: PlanItem, relpath: str) -> Path | None:
         except OSError:
             continue
     return None
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link `source` at `target` (a new name), or copy it when they are on different file systems
-    (or links are refused). `source` is never moved or changed; `target` must not exist."""
-    try:
-        os.link(source, target, follow_symlinks=False)
-        return
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-            raise
-    _copy(source, target)
-
-
-_FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, XFS, ...), copy-on-write
-
-
-def _copy(source: Path, target: Path) -> None:
-    """Copy `source` to the new name `target`: a reflink where the file system supports it (instant,
-    no extra space), else the bytes. `source` is never changed; `target` must not exist."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(target, flags, 0o644)
-    try:
-        with open(source, "rb") as src:
-            try:
-                import fcntl
-
-                fcntl.ioctl(fd, _FICLONE, src.fileno())
-            except (ImportError, OSError):  # no reflinks here (ext4, tmpfs, another file system)
-                with os.fdopen(fd, "wb", closefd=False) as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(target)
-        raise
-    os.close(fd)
 
 
 async def _created(make: Callable[[], PlanWriter]) -> PlanWriter:

@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +47,7 @@ from engine.exceptions import (
     UsageError,
     local_error_from_oserror,
 )
+from engine.fetch.partfile import move_under
 from engine.layout import resolve_within
 from engine.lock import STATE_DIR_NAME, RunLock
 from engine.manifest import Manifest, ManifestEntry
@@ -228,41 +228,33 @@ def _iter_files(root: Path, skip_dirs: set[tuple[int, int]]) -> Iterator[tuple[s
             continue  # removed while we walked
 
 
-def _quarantine(root: Path, state_dir: Path, relpath: str, *, follow: bool = True) -> Path | None:
+def _quarantine(root: Path, state_dir: Path, relpath: str) -> Path | None:
     """Move a bad file to <state_dir>/quarantine/<relpath> (a numbered name if taken). None if gone.
 
-    `follow=False`: the last component may be a symlink; the link itself is moved, never its target.
+    The entry itself is moved, never a symlink's target, and both folders are walked by descriptor
+    (engine.fetch.partfile), so a symlinked folder on either side is refused, never followed.
     """
-    if follow:
-        source = resolve_within(root, relpath)
-    else:
-        parent, _, name = relpath.rpartition("/")
-        source = (resolve_within(root, parent) if parent else root) / name
-    if not (source.exists() if follow else os.path.lexists(source)):
-        return None
-    target = resolve_within(state_dir / QUARANTINE_DIR, relpath)
-    candidate, number = target, 0
-    while os.path.lexists(candidate):  # never overwrite an earlier quarantined copy
-        number += 1
-        candidate = target.with_name(f"{target.name}.{number}")
     try:
-        candidate.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(source, candidate)  # a rename, or copy+remove across file systems
+        candidate = move_under(root, relpath, state_dir, f"{QUARANTINE_DIR}/{relpath}")
+    except FileNotFoundError:
+        return None  # gone meanwhile (or its folder was)
     except PermissionError as err:
         raise PermissionDeniedError(
-            f"permission denied to move {source} to {candidate}",
-            path=source,
+            f"permission denied to move {root / relpath} to the quarantine",
+            path=root / relpath,
             hint="run verify --repair as the user who owns the mirror",
         ) from err
+    except UnsafePathError:
+        raise
     except OSError as err:
-        raise local_error_from_oserror(err, source, f"move to {candidate}") from err
+        raise local_error_from_oserror(err, root / relpath, "move to the quarantine") from err
     return candidate
 
 
 def quarantine_file(root: Path, state_dir: Path, relpath: str) -> Path | None:
     """Move the file (or symlink: never followed) at `relpath` under `root` to
     `<state_dir>/quarantine/<relpath>`, never overwriting an earlier copy; None when it is gone."""
-    return _quarantine(root, state_dir, relpath, follow=False)
+    return _quarantine(root, state_dir, relpath)
 
 
 def check_mirror(
@@ -410,7 +402,7 @@ def _report_unexpected(relpaths: list[str], report: MirrorReport) -> None:
 def _quarantine_unexpected(root: Path, state_dir: Path, problem: MirrorProblem, report: MirrorReport) -> None:
     """Move an unexpected file (or symlink: never followed) to the quarantine; mark it resolved."""
     try:
-        moved = _quarantine(root, state_dir, problem.path, follow=False)
+        moved = _quarantine(root, state_dir, problem.path)
     except UnsafePathError as err:  # its folder is no longer inside the mirror: leave it, say why
         problem.detail += f"; not moved: {err.message}"
         return

@@ -53,6 +53,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from engine.exceptions import TransferError, UnsafePathError
 
@@ -74,6 +75,7 @@ _META_MAX = 1024  # bytes of a validator sidecar; anything longer is not ours
 _META_SUFFIX = ".meta.part"  # ends in .part, so `tessmirror verify` skips it as it skips parts
 _DIR_MODE = 0o777  # narrowed by the umask, as mkdir(1) does
 _FILE_MODE = 0o644
+T = TypeVar("T")
 _PROC_FD = Path("/proc/self/fd")  # Linux: a folder's descriptor as a path prefix
 # What open(O_NOFOLLOW) says for a symlink: ELOOP, and EMLINK on FreeBSD (on Linux EMLINK means
 # "too many links", which must not be mistaken for a planted symlink).
@@ -551,3 +553,144 @@ class PartFile:
         if self._dir_fd >= 0:
             fd, self._dir_fd = self._dir_fd, -1
             os.close(fd)
+
+
+# -- moving and placing whole files under a root (adoption, quarantine, superseded copies) ----------------
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, XFS, ...), copy-on-write
+
+
+def _split(relpath: str) -> tuple[tuple[str, ...], str]:
+    """(folders, name) of a relative path; `..`, `.`, absolute and empty paths are refused (a recorded
+    path is untrusted: `..` is a real directory, which O_NOFOLLOW would not stop)."""
+    parts = tuple(relpath.split("/"))
+    if not relpath or relpath.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise _unsafe(Path(relpath), "it is not a plain relative path inside the folder")
+    return parts[:-1], parts[-1]
+
+
+def free_name(dir_fd: int, name: str) -> str:
+    """`name`, or `name.1`, `name.2`, ... : the first that does not exist in `dir_fd` (never a link's
+    target: the entry itself is looked at)."""
+    candidate, number = name, 0
+    while True:
+        try:
+            os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return candidate
+        number += 1
+        candidate = f"{name}.{number}"
+
+
+def _copy_fd(source_fd: int, target_fd: int) -> None:
+    """The bytes of `source_fd` into `target_fd`: a reflink where the file system can, else a copy."""
+    try:
+        import fcntl
+
+        fcntl.ioctl(target_fd, _FICLONE, source_fd)
+        return
+    except (ImportError, OSError):  # no reflinks here (ext4, tmpfs, another file system)
+        pass
+    os.lseek(source_fd, 0, os.SEEK_SET)
+    while block := os.read(source_fd, 1 << 20):
+        view = memoryview(block)
+        while view:
+            view = view[os.write(target_fd, view) :]
+
+
+def move_under(
+    src_root: Path, src_rel: str, dst_root: Path, dst_rel: str, *, keep_source: bool = False
+) -> Path:
+    """Move (or, with `keep_source`, hard-link or copy) `src_root/src_rel` to a new name at
+    `dst_root/dst_rel` (numbered when taken), never following a symlink on either side: both folders
+    are walked by descriptor and the entry itself is moved (a symlink moves as a link, its target
+    untouched). Across file systems a regular file is copied through descriptors, then removed.
+
+    Returns the destination path. Raises UnsafePathError for a symlinked folder, OSError otherwise.
+    """
+    src_dirs, src_name = _split(src_rel)
+    dst_dirs, dst_name = _split(dst_rel)
+    src_fd = walk(src_root, src_dirs, create=False)
+    try:
+        dst_fd = walk(dst_root, dst_dirs, create=True)
+        try:
+            name = free_name(dst_fd, dst_name)
+            if keep_source:
+                try:
+                    os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                except OSError as err:
+                    if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    _copy_entry(src_fd, src_name, dst_fd, name)
+            else:
+                try:
+                    os.rename(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                except OSError as err:
+                    if err.errno != errno.EXDEV:
+                        raise
+                    _copy_entry(src_fd, src_name, dst_fd, name)
+                    remove_entry(src_fd, src_name, src_root / src_rel)
+            return dst_root.joinpath(*dst_dirs, name)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+
+
+def _copy_entry(src_fd: int, src_name: str, dst_fd: int, name: str) -> None:
+    source = os.open(src_name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=src_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(source).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", src_name)
+        target = os.open(name, _NEW_FILE_FLAGS, _FILE_MODE, dir_fd=dst_fd)
+        try:
+            _copy_fd(source, target)
+        except BaseException:
+            os.close(target)
+            remove_entry(dst_fd, name, Path(name))
+            raise
+        os.close(target)
+    finally:
+        os.close(source)
+
+
+def install_copy(
+    root: Path, relpath: str, source: Path, check: Callable[[Path], T], *, link: bool = False
+) -> T:
+    """Place a copy of `source` (a file outside our control: a user's cache) at `root/relpath`: a
+    temporary name in the destination folder (walked by descriptor, created with O_EXCL|O_NOFOLLOW),
+    filled by a reflink or a copy (`link`: a hard link), `check(path)` run on it through the folder's
+    descriptor, then renamed into place. `source` is never changed. Returns what `check` returned;
+    whatever `check` raises leaves nothing behind."""
+    dirs, name = _split(relpath)
+    dir_fd = walk(root, dirs, create=True)
+    tmp = f".{name}.adopt-{os.getpid()}.tmp"
+    try:
+        remove_entry(dir_fd, tmp, root / relpath)  # ours, left by a run killed mid-adoption
+        linked = False
+        if link:
+            try:
+                os.link(source, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+                linked = True
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                    raise
+        if not linked:
+            source_fd = os.open(source, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+            try:
+                target = os.open(tmp, _NEW_FILE_FLAGS, _FILE_MODE, dir_fd=dir_fd)
+                try:
+                    _copy_fd(source_fd, target)
+                finally:
+                    os.close(target)
+            finally:
+                os.close(source_fd)
+        result = check(Path(f"/proc/self/fd/{dir_fd}/{tmp}"))
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a link, never follows it
+        return result
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(dir_fd)

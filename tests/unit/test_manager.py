@@ -583,7 +583,9 @@ def test_a_file_on_disk_with_nothing_declared_to_check_it_against_is_fetched(con
     assert downloader.calls == [item.url] and outcome.adopted == 0
 
 
-def test_a_lightkurve_cache_is_adopted_by_hard_link_verified_and_never_moved(content_settings, tmp_path):
+def test_a_lightkurve_cache_is_adopted_by_hard_link_with_link_verified_and_never_moved(
+    content_settings, tmp_path
+):
     items = obs_items(3)
     cache = tmp_path / "home" / ".lightkurve-cache"
     seeds = {}
@@ -593,7 +595,7 @@ def test_a_lightkurve_cache_is_adopted_by_hard_link_verified_and_never_moved(con
         seed.write_bytes(fits_like(2880))
         seeds[item.filename] = seed
     seeds[items[2].filename].write_bytes(fits_like(2880, b"C"))  # a corrupt seed: not adopted
-    outcome, downloader = run_content(content_settings, items, adopt_from=[cache])
+    outcome, downloader = run_content(content_settings, items, adopt_from=[cache], adopt_link=True)
     assert downloader.calls == [items[2].url]
     assert (outcome.adopted, outcome.downloaded) == (2, 1)
     out = content_settings.output.out_dir

@@ -440,3 +440,80 @@ def test_a_sidecar_planted_as_a_symlink_is_replaced_not_written_through(world: d
     part.discard()
     assert not meta.exists() and not meta.is_symlink()
     assert_outside_untouched(world)
+
+
+# -- whole files moved or placed under a root: quarantine, superseded copies, adoption -------------------
+def test_a_quarantine_folder_planted_as_a_symlink_is_refused_and_nothing_leaves_the_mirror(tmp_path):
+    from engine.fetch.partfile import move_under
+
+    out, state, outside = tmp_path / "out", tmp_path / "out" / ".tessmirror", tmp_path / "outside"
+    (out / "tid").mkdir(parents=True)
+    (out / "tid" / "bad.fits").write_bytes(b"bad bytes")
+    state.mkdir()
+    outside.mkdir()
+    (state / "quarantine").symlink_to(outside)  # planted by another user of a shared mirror
+    with pytest.raises(UnsafePathError, match="quarantine"):
+        move_under(out, "tid/bad.fits", state, "quarantine/tid/bad.fits")
+    assert list(outside.iterdir()) == []
+    assert (out / "tid" / "bad.fits").read_bytes() == b"bad bytes"
+
+
+def test_move_under_moves_a_symlink_itself_and_numbers_a_taken_name(tmp_path):
+    from engine.fetch.partfile import move_under
+
+    out, state = tmp_path / "out", tmp_path / "state"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"victim")
+    (out / "f.fits").symlink_to(victim)
+    (state / "q").mkdir(parents=True)
+    (state / "q" / "f.fits").write_bytes(b"an earlier copy")
+    moved = move_under(out, "f.fits", state, "q/f.fits")
+    assert moved == state / "q" / "f.fits.1" and moved.is_symlink()
+    assert victim.read_bytes() == b"victim" and (state / "q" / "f.fits").read_bytes() == b"an earlier copy"
+    assert not os.path.lexists(out / "f.fits")
+
+
+@pytest.mark.parametrize("relpath", ["../victim.fits", "/etc/passwd", "a/./b", "a//b", ""])
+def test_a_recorded_path_that_is_not_plainly_relative_is_refused(tmp_path, relpath):
+    from engine.fetch.partfile import move_under
+
+    (tmp_path / "victim.fits").write_bytes(b"x")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnsafePathError):
+        move_under(tmp_path / "out", relpath, tmp_path / "state", "q/x")
+    assert (tmp_path / "victim.fits").read_bytes() == b"x"
+
+
+def test_an_adopted_copy_into_a_symlinked_folder_is_refused_and_the_source_is_untouched(tmp_path):
+    from engine.fetch.partfile import install_copy
+
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "tid").symlink_to(outside)
+    source = tmp_path / "cache.fits"
+    source.write_bytes(b"SIMPLE  = T")
+    with pytest.raises(UnsafePathError):
+        install_copy(out, "tid/f.fits", source, lambda placed: placed.read_bytes())
+    assert list(outside.iterdir()) == [] and source.read_bytes() == b"SIMPLE  = T"
+
+
+def test_install_copy_checks_the_copy_before_it_takes_its_name_and_leaves_nothing_on_failure(tmp_path):
+    from engine.fetch.partfile import install_copy
+
+    out = tmp_path / "out"
+    source = tmp_path / "cache.fits"
+    source.write_bytes(b"good bytes")
+    assert install_copy(out, "a/b/f.fits", source, lambda placed: placed.read_bytes()) == b"good bytes"
+    assert (out / "a" / "b" / "f.fits").read_bytes() == b"good bytes"
+    assert (out / "a" / "b" / "f.fits").stat().st_ino != source.stat().st_ino  # a copy by default
+
+    def refuse(_placed):
+        raise ValueError("fails its md5")
+
+    with pytest.raises(ValueError):
+        install_copy(out, "a/b/g.fits", source, refuse)
+    assert sorted(p.name for p in (out / "a" / "b").iterdir()) == ["f.fits"]
+    linked = install_copy(out, "a/b/h.fits", source, lambda placed: placed.stat().st_ino, link=True)
+    assert linked == source.stat().st_ino
