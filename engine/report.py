@@ -30,9 +30,9 @@ status's buffer fills, so the sample stays spread over the whole plan).
 Untrusted text
 --------------
 File names, URLs and error messages came from the archive: every one is HTML-escaped (control and
-bidi characters shown as ``\\uXXXX``), and the page carries a Content-Security-Policy that allows no
-script at all, so a name that slipped through could still not run. Images are embedded as data:
-URIs; the page needs no network.
+bidi characters shown as ``\\u`` plus four hex digits), and the page carries a
+Content-Security-Policy that allows no script at all, so a name that slipped through could still
+not run. Images are embedded as data: URIs; the page needs no network.
 
 matplotlib is imported only when the pictures are drawn (``pip install 'tessmirror[plot]'``), so
 `tessmirror --help` stays fast. Without it the page is written with its tables and a note.
@@ -1024,7 +1024,7 @@ td.name{font-family:ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
 
 
 # Control characters and the invisible bidi/format characters that make a name read as another one
-# (U+202E turns `gpj.exe` into `exe.jpg`): shown as \uXXXX escapes, never passed to the browser.
+# (U+202E turns `gpj.exe` into `exe.jpg`): shown as \u escapes (four hex digits), never passed to the browser.
 _INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 
 

@@ -50,7 +50,7 @@ class ForwardingProxy:
             lines = head.decode("latin-1").split("\r\n")
             method, target, _version = lines[0].split(" ", 2)
             headers = [line for line in lines[1:] if line]
-            parts = urlsplit(target)  # a proxy gets the absolute form: GET http://host:port/path
+            parts = urlsplit(target)  # a proxy gets the absolute form of the URL, host and port included
             authorized = any(h.lower().startswith("authorization:") for h in headers)
             self.seen.append(Seen(method, target, authorized))
             upstream = self.routes.get(parts.netloc)

@@ -54,7 +54,7 @@ def test_bad_keyword_values_raise_config_error_naming_the_key():
 def fake_outcome(out_dir: Path) -> RunOutcome:
     rows = Table(
         {
-            "url": ["http://a/" + LC, "http://a/x_dvr.pdf"],
+            "url": ["http://example.org/" + LC, "http://example.org/x_dvr.pdf"],
             "filename": [LC, "x_dvr.pdf"],
             "obs_id": ["o1", "o2"],
             "path": [f"tid/s0001/{LC}", "x_dvr.pdf"],

@@ -95,7 +95,7 @@ def test_a_mast_curl_script_is_read_with_its_shebang_and_other_shell_lines_ignor
 def test_a_curl_line_without_a_url_or_with_broken_quoting_names_its_line(tmp_path: Path) -> None:
     for text, expected in (
         ("curl -o x.fits\n", "line 1: a curl command without an http(s) URL"),
-        ("#!/bin/sh\ncurl -o 'x.fits https://h/x.fits\n", "line 2: cannot parse the curl command"),
+        ("#!/bin/sh\ncurl -o 'x.fits https://example.org/x.fits\n", "line 2: cannot parse the curl command"),
     ):
         path = tmp_path / "bad.sh"
         path.write_text(text)

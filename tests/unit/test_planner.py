@@ -27,6 +27,8 @@ FFIS = {
     (1, 1): ("tess2018207052942-s0001-1-1-0120-s", "POLYGON 11 -6 13 -6 13 -4 11 -4 11 -6"),
 }
 
+SERVICE = "http://example.org"  # a name in error texts, never contacted
+
 
 def md5_of(name: str) -> str:
     return hashlib.md5(name.encode()).hexdigest()
@@ -559,7 +561,7 @@ def test_a_join_that_keeps_failing_falls_back_to_obscore_with_one_warning(caplog
 
     def fail(query: str):
         if "caomartifact" in query and "TAP_SCHEMA" not in query:
-            return TapJobError("the TAP job at http://x/async/1 ended ABORTED: execution time exceeded")
+            return TapJobError(f"the TAP job at {SERVICE}/async/1 ended ABORTED: execution time exceeded")
         return None
 
     tap = FakeTap(shapes_db(), fail=fail)
@@ -585,7 +587,7 @@ def test_a_fallback_after_some_pages_does_not_plan_rows_twice() -> None:
     def fail(query: str):
         # The first joined page works; every later joined page (it has a keyset condition) fails.
         if "caomartifact" in query and "obs_id >" in query:
-            return TapJobError("the TAP job at http://x/async/2 ended ABORTED: timeout")
+            return TapJobError(f"the TAP job at {SERVICE}/async/2 ended ABORTED: timeout")
         return None
 
     tap = FakeTap(shapes_db(), fail=fail)
@@ -598,7 +600,7 @@ def test_a_fallback_after_some_pages_does_not_plan_rows_twice() -> None:
 def test_a_query_fault_is_never_retried() -> None:
     from engine.exceptions import TapJobError
 
-    fault = TapJobError("the TAP service at http://x could not run the query: unknown column 'dataURI'")
+    fault = TapJobError(f"the TAP service at {SERVICE} could not run the query: unknown column 'dataURI'")
     tap = FakeTap(
         shapes_db(), fail=lambda q: fault if "caomartifact" in q and "TAP_SCHEMA" not in q else None
     )
@@ -709,7 +711,7 @@ def test_rows_that_would_put_different_bytes_at_one_path_are_passed_on_once_as_a
 def test_a_service_that_stops_answering_is_not_split_or_replanned() -> None:
     from engine.exceptions import TapUnavailableError
 
-    down = TapUnavailableError("the TAP service at http://x does not answer")
+    down = TapUnavailableError(f"the TAP service at {SERVICE} does not answer")
     tap = FakeTap(shapes_db(), fail=lambda q: down if "caomartifact" in q and "TAP_SCHEMA" not in q else None)
     with pytest.raises(TapUnavailableError):
         fake_plan(tap, sector=1, cameras=[1], ccds=[2])
@@ -720,10 +722,10 @@ def test_a_refused_query_is_a_query_fault() -> None:
     from engine.exceptions import TapJobError, TapTimeoutError
     from engine.plan.planner import _is_query_fault
 
-    assert _is_query_fault(TapJobError("the TAP service at http://x refused the query (HTTP 400): bad"))
-    assert _is_query_fault(TapJobError("the TAP service at http://x could not run the query: syntax error"))
-    assert not _is_query_fault(TapJobError("the TAP service at http://x could not run the query: timeout"))
-    assert not _is_query_fault(TapJobError("the TAP job at http://x/table/1 ended ABORTED: column scan"))
+    assert _is_query_fault(TapJobError(f"the TAP service at {SERVICE} refused the query (HTTP 400): bad"))
+    assert _is_query_fault(TapJobError(f"the TAP service at {SERVICE} could not run the query: syntax error"))
+    assert not _is_query_fault(TapJobError(f"the TAP service at {SERVICE} could not run the query: timeout"))
+    assert not _is_query_fault(TapJobError(f"the TAP job at {SERVICE}/table/1 ended ABORTED: column scan"))
     assert not _is_query_fault(TapTimeoutError("the TAP job was still EXECUTING after 600 s"))
 
 

@@ -124,7 +124,7 @@ def test_a_mirror_written_by_shards_is_reported_and_a_later_main_record_wins(tmp
 
 def test_a_plan_url_with_a_token_matches_its_redacted_manifest_record(tmp_path):
     state = tmp_path / "m" / ".tessmirror"
-    url = "https://archive.example/f.fits?token=SECRET123"
+    url = "https://archive.example.org/f.fits?token=SECRET123"
     write_plan(state, [{"url": url}])
     write_manifest(
         state, [ManifestEntry(url=redact(url), path="f.fits", status="verified", nbytes=5, time=1.0)]
@@ -276,7 +276,8 @@ def test_unusable_footprints_are_named_and_skipped(tmp_path):
 def test_points_all_over_the_sky_go_on_a_mollweide_map(tmp_path):
     state = tmp_path / "m" / ".tessmirror"
     rows = [
-        {"url": f"http://h/f{i}.fits", "ra": (i * 37.0) % 360, "dec": -80 + (i * 13) % 160} for i in range(60)
+        {"url": f"http://example.org/f{i}.fits", "ra": (i * 37.0) % 360, "dec": -80 + (i * 13) % 160}
+        for i in range(60)
     ]
     write_plan(state, rows)
     write_manifest(state, [entry(0)])

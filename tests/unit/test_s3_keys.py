@@ -14,6 +14,7 @@ from engine.fetch.s3 import (
     object_key,
 )
 from engine.models import PlanItem
+from engine.settings import S3_ENDPOINT
 
 LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"
 
@@ -103,9 +104,7 @@ def test_an_etag_is_an_md5_only_when_exactly_32_hex_digits_without_a_dash(etag: 
 
 
 def test_the_default_endpoint_is_virtual_hosted_and_others_path_style() -> None:
-    assert bucket_base("https://stpubdata.s3.us-east-1.amazonaws.com") == (
-        "https://stpubdata.s3.us-east-1.amazonaws.com"
-    )
+    assert bucket_base(S3_ENDPOINT) == S3_ENDPOINT  # the bucket's own host: virtual-hosted
     assert bucket_base("http://127.0.0.1:9000") == "http://127.0.0.1:9000/stpubdata"
     assert bucket_base("http://127.0.0.1:9000/") == "http://127.0.0.1:9000/stpubdata"
     assert bucket_base("http://127.0.0.1:9000/stpubdata") == "http://127.0.0.1:9000/stpubdata"
