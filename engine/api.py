@@ -25,7 +25,6 @@ manifest, releases the lock, and then raises KeyboardInterrupt; cancelling the t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import sys
@@ -36,6 +35,7 @@ from typing import Any, TypeVar
 
 from astropy.table import Table
 
+from engine.aio import new_event_loop
 from engine.config import load_settings
 from engine.manager import MirrorRun, PlanSource, RunOutcome, TablePlan, plan_source_for
 from engine.models import PlanItem
@@ -728,7 +728,7 @@ def run_in_thread(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     finished = threading.Event()
 
     def worker() -> None:
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop()
         try:
             task = loop.create_task(make())
             state["loop"], state["task"] = loop, task

@@ -892,7 +892,9 @@ def _run_loop(coro):
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    loop = asyncio.new_event_loop()
+    from engine.aio import new_event_loop
+
+    loop = new_event_loop()
     pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
     loop.set_default_executor(pool)
     try:

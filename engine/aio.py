@@ -1,0 +1,42 @@
+"""Event-loop plumbing shared by the CLI and the blocking API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+log = logging.getLogger("tessmirror")
+
+
+def quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Log an error the loop caught outside any task as one line; the traceback only at DEBUG.
+
+    asyncio's default handler prints a traceback for, say, a MemoryError raised while a transport
+    read from its socket. The transfer that owned the socket fails on its own and is retried or
+    recorded with its reason, so the user needs one line, never a traceback.
+
+    Parameters
+    ----------
+    loop : asyncio.AbstractEventLoop
+        The loop that caught the error.
+    context : dict
+        asyncio's context: ``message`` and, usually, ``exception``.
+    """
+    err = context.get("exception")
+    message = context.get("message") or "error in the event loop"
+    try:
+        if err is None:
+            log.warning("%s", message)
+        else:
+            log.warning("%s: %s", message, type(err).__name__ + (f": {err}" if str(err) else ""))
+            log.debug("traceback of the error above", exc_info=err)
+    except MemoryError:
+        pass  # nothing can be logged; the run stops with its one-line error once memory is back
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop whose uncaught errors are logged as one line (`quiet_exception_handler`)."""
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(quiet_exception_handler)
+    return loop
