@@ -3,25 +3,26 @@
 Every name here came from the archive and is untrusted: a hostile or broken service could answer
 `../../.bashrc`, `/etc/passwd`, `C:evil`, a name with a NUL or a terminal escape in it, or one longer
 than any file system allows. `safe_filename` refuses those (it never "cleans" them: a silently
-rewritten name could collide with another file), `relpath_for` builds the layout from validated
-parts only, `within` checks a relative path lexically, and `resolve_within` adds a snapshot check
-that no symlink already on disk takes the path outside the output folder. The writes themselves go
+rewritten name could collide with another file), `relpath_for` checks the name once and hands it
+to the layout's strategy (`LAYOUTS`: one function per layout name, so a new layout is one decorated
+function here), `within` checks a relative path lexically, and `resolve_within` adds a snapshot
+check that no symlink already on disk takes the path outside the output folder. The writes themselves go
 through `engine.fetch.partfile`, which never follows a symlink whatever this check saw.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
 import stat
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from engine.exceptions import ConfigError, UnsafePathError
 from engine.models import PlanItem
-
-LAYOUTS: tuple[str, ...] = ("mast", "sector", "flat")
 
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux, macOS, and Lustre/NFS servers
 _SHOWN_CHARS = 80  # how much of a hostile name an error message repeats
@@ -107,7 +108,7 @@ def check_obs_id(obs_id: str) -> None:
         )
 
 
-def _sector_of(item: PlanItem, filename: str) -> int | None:
+def _sector_of(item: PlanItem) -> int | None:
     """The item's sector if it declares a sane one, else the first `-sNNNN-` in its file name."""
     try:
         sector = int(item.sector)
@@ -115,35 +116,95 @@ def _sector_of(item: PlanItem, filename: str) -> int | None:
         sector = -1
     if 0 <= sector <= 9999:
         return sector
-    match = _SECTOR_IN_NAME.search(filename)
+    match = _SECTOR_IN_NAME.search(item.filename)
     return int(match.group(1)) if match else None
+
+
+# -- the layouts: one strategy per layout name -------------------------------------------------------
+Layout = Callable[[PlanItem], str]
+"""A layout strategy: a PlanItem whose `filename` is already safe -> its POSIX path under --out."""
+
+LAYOUTS: dict[str, Layout] = {}
+"""Every layout by name, in the order the CLI and the error messages list them."""
+
+
+def _layout(name: str) -> Callable[[Layout], Layout]:
+    """Register the decorated strategy as layout `name` (what `output.layout` / --layout accept)."""
+
+    def register(strategy: Layout) -> Layout:
+        LAYOUTS[name] = strategy
+        return strategy
+
+    return register
+
+
+@_layout("mast")
+def _mast(item: PlanItem) -> str:
+    """tid/s0001/0000/0000/2515/5310/<file>, as on archive.stsci.edu; files without a TIC in their name
+    (FFIs, unknown products) go to s0001/<file>, and to misc/<file> with no sector. Every directory
+    stays small, which parallel file systems need."""
+    sector = _sector_of(item)
+    if sector is None:
+        return f"misc/{item.filename}"
+    tic = _TIC_IN_NAME.search(item.filename)
+    if tic is None:
+        return f"s{sector:04d}/{item.filename}"
+    d = tic.group(1)
+    return f"tid/s{sector:04d}/{d[0:4]}/{d[4:8]}/{d[8:12]}/{d[12:16]}/{item.filename}"
+
+
+@_layout("sector")
+def _by_sector(item: PlanItem) -> str:
+    """s0001/<file>; misc/<file> when no sector is known."""
+    sector = _sector_of(item)
+    return f"misc/{item.filename}" if sector is None else f"s{sector:04d}/{item.filename}"
+
+
+@_layout("flat")
+def _flat(item: PlanItem) -> str:
+    """<file>: every file in the output folder itself."""
+    return item.filename
+
+
+def layout_names() -> tuple[str, ...]:
+    """The names `output.layout` and --layout accept, in registration order.
+
+    Returns
+    -------
+    tuple of str
+        E.g. ``("mast", "sector", "flat")``; config validation and the CLI's choices read this.
+    """
+    return tuple(LAYOUTS)
+
+
+def check_layout(name: str) -> Layout:
+    """The strategy registered as `name`; ConfigError naming ``output.layout`` if there is none.
+
+    Parameters
+    ----------
+    name : str
+        A layout name from the config file or --layout.
+    """
+    try:
+        return LAYOUTS[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable value from a hand-built Settings
+        raise ConfigError(
+            "output.layout", f"unknown layout {name!r}", hint=f"use one of: {', '.join(LAYOUTS)}"
+        ) from None
 
 
 def relpath_for(item: PlanItem, layout: str) -> str:
     """The POSIX path, relative to the output folder, where `item` is stored under `layout`.
 
-    mast:   tid/s0001/0000/0000/2515/5310/<file> (as on archive.stsci.edu); files without a TIC in
-            their name (FFIs, unknown products) go to s0001/<file>, and to misc/<file> with no sector.
-    sector: s0001/<file> (misc/<file> with no sector).  flat: <file>.
+    The file name and obs_id are checked here, once, for every layout (UnsafePathError); the
+    strategy registered in `LAYOUTS` places the checked name. An unknown layout is a ConfigError.
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(
-            "output.layout", f"unknown layout {layout!r}", hint=f"use one of: {', '.join(LAYOUTS)}"
-        )
+    strategy = check_layout(layout)
     filename = safe_filename(item.filename)
     check_obs_id(item.obs_id)
-    if layout == "flat":
-        return filename
-    sector = _sector_of(item, filename)
-    if sector is None:
-        return f"misc/{filename}"
-    sector_dir = f"s{sector:04d}"
-    if layout == "mast":
-        tic = _TIC_IN_NAME.search(filename)
-        if tic:
-            digits = tic.group(1)
-            return f"tid/{sector_dir}/{digits[0:4]}/{digits[4:8]}/{digits[8:12]}/{digits[12:16]}/{filename}"
-    return f"{sector_dir}/{filename}"
+    if filename != item.filename:  # NFC-normalised: the strategy sees only the checked name
+        item = dataclasses.replace(item, filename=filename)
+    return strategy(item)
 
 
 def within(root: Path, relpath: str) -> Path:

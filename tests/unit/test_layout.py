@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from engine.exceptions import ConfigError, UnsafePathError
-from engine.layout import LAYOUTS, relpath_for, resolve_within, safe_filename, within
+from engine.layout import (
+    LAYOUTS,
+    check_layout,
+    layout_names,
+    relpath_for,
+    resolve_within,
+    safe_filename,
+    within,
+)
 from engine.models import PlanItem
 
 LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"
@@ -217,3 +225,31 @@ def test_relpath_refuses_a_hostile_obs_id(obs_id: str) -> None:
 def test_relpath_accepts_ordinary_obs_ids() -> None:
     for obs_id in ("", LC[:-8], "hlsp_qlp_tess_ffi_s0001-0000000025155310_tess_v01_llc"):
         relpath_for(PlanItem(url="https://archive.example.org/x", filename=LC, obs_id=obs_id), "mast")
+
+
+# -- the registry -----------------------------------------------------------------------------------
+def test_layout_names_list_the_registry_in_order() -> None:
+    assert layout_names() == tuple(LAYOUTS)
+    assert layout_names()[:3] == ("mast", "sector", "flat")
+    assert all(callable(strategy) for strategy in LAYOUTS.values())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_places_every_product_kind_inside_the_output_folder(layout: str, tmp_path: Path) -> None:
+    for name in (LC, FFI, DVT, "readme.txt"):
+        relpath = relpath_for(item(name), layout)
+        assert relpath.endswith(name)
+        assert within(tmp_path, relpath).is_relative_to(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_receives_the_nfc_normalised_name(layout: str) -> None:
+    decomposed = unicodedata.normalize("NFD", "café-s0002-x.fits")
+    assert relpath_for(item(decomposed), layout).endswith(unicodedata.normalize("NFC", decomposed))
+
+
+def test_check_layout_returns_the_strategy_or_names_the_key() -> None:
+    assert check_layout("flat") is LAYOUTS["flat"]
+    with pytest.raises(ConfigError) as info:
+        check_layout(["mast"])  # type: ignore[arg-type]  # a hand-built Settings may carry anything
+    assert info.value.key == "output.layout"
