@@ -46,6 +46,7 @@ _BAD_OBS_ID = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.")
 # (-s0001-s0013-) and the TIC after them, so the TIC is matched separately.
 _SECTOR_IN_NAME = re.compile(r"-s(\d{4})-")
 _TIC_IN_NAME = re.compile(r"-(\d{16})-")
+_SECTOR_FOLDER = re.compile(r"s\d{4}", re.IGNORECASE)  # flat-by-sector's folders, s0000..s9999
 
 
 def _shown(name: object) -> str:
@@ -163,6 +164,22 @@ def _by_sector(item: PlanItem) -> str:
 @_layout("flat")
 def _flat(item: PlanItem) -> str:
     """<file>: every file in the output folder itself."""
+    return item.filename
+
+
+@_layout("flat-by-sector")
+def _flat_by_sector(item: PlanItem) -> str:
+    """s0001/<file>, and <file> in the output folder itself when no sector is known.
+
+    Unlike "sector" there is no misc/ folder, so a sector-less file shares the top level with the
+    sector folders: one named like a folder (``s0001``, ``S0001`` on a case-insensitive disk) is
+    refused rather than left to block that sector's folder.
+    """
+    sector = _sector_of(item)
+    if sector is not None:
+        return f"s{sector:04d}/{item.filename}"
+    if _SECTOR_FOLDER.fullmatch(item.filename):
+        raise _refuse(item.filename, "names a sector folder of the flat-by-sector layout")
     return item.filename
 
 

@@ -253,3 +253,23 @@ def test_check_layout_returns_the_strategy_or_names_the_key() -> None:
     with pytest.raises(ConfigError) as info:
         check_layout(["mast"])  # type: ignore[arg-type]  # a hand-built Settings may carry anything
     assert info.value.key == "output.layout"
+
+
+# -- flat-by-sector ---------------------------------------------------------------------------------
+def test_flat_by_sector_puts_each_file_in_its_sector_folder() -> None:
+    assert relpath_for(item(LC), "flat-by-sector") == f"s0001/{LC}"
+    assert relpath_for(item(LC, sector=27), "flat-by-sector") == f"s0027/{LC}"
+    assert relpath_for(item(FFI), "flat-by-sector") == f"s0001/{FFI}"
+    assert relpath_for(item(DVT), "flat-by-sector") == f"s0001/{DVT}"
+
+
+def test_flat_by_sector_keeps_sectorless_files_at_the_top_level() -> None:
+    assert relpath_for(item("readme.txt"), "flat-by-sector") == "readme.txt"
+    assert relpath_for(item("misc"), "flat-by-sector") == "misc"
+
+
+@pytest.mark.parametrize("name", ["s0001", "S0042", "s9999"])
+def test_flat_by_sector_refuses_a_sectorless_file_named_like_a_sector_folder(name: str) -> None:
+    with pytest.raises(UnsafePathError, match="sector folder"):
+        relpath_for(item(name), "flat-by-sector")
+    assert relpath_for(item(name, sector=3), "flat-by-sector") == f"s0003/{name}"
