@@ -15,7 +15,12 @@ from typing import Protocol
 
 
 class VerifyLevel(enum.IntEnum):
-    """How hard a file is checked before it counts as complete. Each level includes the ones below."""
+    """How hard a file is checked before it counts as complete. Each level includes the ones below.
+
+    This enum is the registry of levels: the config, the CLI's choices and help, the manifest and
+    `engine.verify` all read the names and what each level checks from here. A new level is a
+    member plus its line in `_LEVEL_CHECKS`, and its check in `engine.verify`.
+    """
 
     SIZE = 1
     CHECKSUM = 2
@@ -23,17 +28,36 @@ class VerifyLevel(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: str | VerifyLevel) -> VerifyLevel:
+        """The level named `value` (any case, surrounding space ignored); ValueError naming the choices."""
         if isinstance(value, VerifyLevel):
             return value
         try:
             return cls[str(value).strip().upper()]
         except KeyError:
             raise ValueError(
-                f"unknown verification level {value!r}; use one of: size, checksum, fits"
+                f"unknown verification level {value!r}; use one of: {', '.join(cls.names())}"
             ) from None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every level's name, weakest first: ``("size", "checksum", "fits")``."""
+        return tuple(str(level) for level in cls)
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line for help texts: each level and what it adds to the one below."""
+        return "; ".join(f"{level}: {_LEVEL_CHECKS[level]}" for level in cls)
 
     def __str__(self) -> str:
         return self.name.lower()
+
+
+# What each level adds to the ones below it (one line each, for help texts and docs).
+_LEVEL_CHECKS: dict[VerifyLevel, str] = {
+    VerifyLevel.SIZE: "the byte count and a sniff of the first bytes",
+    VerifyLevel.CHECKSUM: "+ the archive's md5",
+    VerifyLevel.FITS: "+ whole FITS blocks, HDU structure and CHECKSUM/DATASUM",
+}
 
 
 class FileStatus(str, enum.Enum):

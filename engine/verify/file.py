@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from engine.exceptions import ChecksumMismatchError, NotFitsError
+from engine.exceptions import ChecksumMismatchError
 from engine.models import PlanItem, VerifyLevel
-from engine.verify.fits import verify_fits
-from engine.verify.stream import FITS_BLOCK, check_size, is_fits_item, sniff_prefix
+from engine.verify.fits import check_whole_blocks, verify_fits
+from engine.verify.stream import check_size, is_fits_item, sniff_prefix
 
 _BLOCK = 1024 * 1024
 
@@ -42,10 +42,6 @@ def check_file(path: Path, *, size: int, md5: str, level: VerifyLevel) -> str:
                     hint="delete the file and run the mirror again to fetch a fresh copy",
                 )
     if level >= VerifyLevel.FITS and is_fits_item(item):
-        if nbytes % FITS_BLOCK:
-            raise NotFitsError(
-                f"{path}: {nbytes} bytes is not a whole number of {FITS_BLOCK}-byte FITS blocks (truncated)",
-                hint="delete the file and run the mirror again",
-            )
+        check_whole_blocks(path, nbytes, hint="delete the file and run the mirror again")
         verify_fits(path)
     return digest

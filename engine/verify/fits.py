@@ -55,6 +55,25 @@ def ones_complement_sum(data: bytes | memoryview | mmap.mmap) -> int:
     return total
 
 
+def check_whole_blocks(name: object, nbytes: int, *, hint: str = _HINT) -> None:
+    """Raise NotFitsError unless `nbytes` is a whole number of FITS blocks (the FITS level's first rule).
+
+    Parameters
+    ----------
+    name : object
+        The file as the message should name it (a file name, a URL or a path).
+    nbytes : int
+        The body's or the file's length.
+    hint : str
+        What the user can do; the caller knows whether the file is fetched again.
+    """
+    if nbytes % FITS_BLOCK:
+        raise NotFitsError(
+            f"{name}: {nbytes} bytes is not a whole number of {FITS_BLOCK}-byte FITS blocks (truncated)",
+            hint=hint,
+        )
+
+
 def verify_fits(path: Path | str) -> None:
     """Raise NotFitsError unless `path` is whole, well-formed FITS whose checksums all verify."""
     path = Path(path)
@@ -225,11 +244,7 @@ def _verify(path: Path, handle: BinaryIO, raw: mmap.mmap, size: int) -> None:
         raise NotFitsError(
             f"{path.name}: starts with {raw[:16]!r}, not {FITS_SIGNATURE!r}: not a FITS file", hint=_HINT
         )
-    if size % FITS_BLOCK:
-        raise NotFitsError(
-            f"{path.name}: {size} bytes is not a whole number of {FITS_BLOCK}-byte FITS blocks (truncated)",
-            hint=_HINT,
-        )
+    check_whole_blocks(path.name, size)
     spans: list[HduSpan] = []
     end = 0
     while end < size:

@@ -28,7 +28,7 @@ from pathlib import PurePosixPath
 
 from engine.exceptions import ChecksumMismatchError, NotFitsError, SizeMismatchError
 from engine.models import PlanItem, VerifyLevel
-from engine.verify.fits import FITS_BLOCK, FITS_SIGNATURE
+from engine.verify.fits import FITS_SIGNATURE, check_whole_blocks
 
 # What each kind of product must start with. Files of other kinds only get the markup check.
 _SIGNATURES: dict[str, bytes] = {
@@ -256,12 +256,8 @@ class StreamCheck:
                 f"{name}: md5 {md5} does not match the archive's {self.item.md5}",
                 hint="the copy was corrupted in transit or the archive changed it; it will be fetched again",
             )
-        if self.level >= VerifyLevel.FITS and is_fits_item(self.item) and self.nbytes % FITS_BLOCK:
-            raise NotFitsError(
-                f"{name}: {self.nbytes} bytes is not a whole number of {FITS_BLOCK}-byte FITS blocks "
-                "(truncated)",
-                hint="the transfer was cut short; it will be fetched again",
-            )
+        if self.level >= VerifyLevel.FITS and is_fits_item(self.item):
+            check_whole_blocks(name, self.nbytes, hint="the transfer was cut short; it will be fetched again")
         return self.nbytes, md5
 
 

@@ -13,7 +13,8 @@ from astropy.io import fits
 from engine.exceptions import ChecksumMismatchError, NotFitsError, SizeMismatchError
 from engine.models import PlanItem, VerifyLevel
 from engine.verify import StreamCheck, check_file, verify_fits
-from engine.verify.stream import FITS_BLOCK, estimate_ceiling
+from engine.verify.fits import FITS_BLOCK
+from engine.verify.stream import estimate_ceiling
 
 
 def make_fits(rows: int = 500) -> bytes:
