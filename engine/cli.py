@@ -294,13 +294,7 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         help="with --adopt-from: hard-link found files instead of copying them (no extra space, but "
         "whoever can write DIR can later change the mirror's copy; verify catches it)",
     )
-    g.add_argument(
-        "--concurrency",
-        dest="fetch.concurrency",
-        type=int,
-        metavar="N",
-        help="downloads in flight (default 8)",
-    )
+    _add_concurrency(g)
     g.add_argument(
         "--per-host",
         dest="fetch.per_host",
@@ -513,9 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repair", action="store_true", help="move bad files aside and download them again")
     g = p.add_argument_group("downloads of --repair")
-    g.add_argument(
-        "--concurrency", dest="fetch.concurrency", type=int, metavar="N", help="in flight (default 8)"
-    )
+    _add_concurrency(g)
     g.add_argument(
         "--retries",
         dest="fetch.retries",
@@ -550,9 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--file-size", default="full", metavar="SIZE", help="full (about 2 MB), small, or a cadence count"
     )
-    p.add_argument(
-        "--concurrency", dest="fetch.concurrency", type=int, metavar="N", help="downloads in flight"
-    )
+    _add_concurrency(p)
     p.add_argument(
         "--source",
         dest="fetch.source",
@@ -768,6 +758,24 @@ def _describe(settings) -> str:
     return what
 
 
+def _add_concurrency(group) -> None:
+    """--concurrency N|auto and --max-connections N (the config validates both, naming the key)."""
+    group.add_argument(
+        "--concurrency",
+        dest="fetch.concurrency",
+        metavar="N|auto",
+        help="downloads in flight: a number fixes it; auto measures the path and settles on what it "
+        "needs, at most --max-connections (default 8)",
+    )
+    group.add_argument(
+        "--max-connections",
+        dest="fetch.max_connections",
+        type=int,
+        metavar="N",
+        help="the politeness cap of --concurrency auto (default 32)",
+    )
+
+
 def _banner(command: str, settings, *, where: bool = True) -> None:
     """The second line of the start banner, once the settings are read: what is planned, where it
     goes and how (the first, "tessmirror X: starting CMD", comes before any heavy import)."""
@@ -775,10 +783,14 @@ def _banner(command: str, settings, *, where: bool = True) -> None:
     if where:
         fetch = settings.fetch
         text += (
-            f"; into {settings.output.out_dir.resolve()} (concurrency {fetch.concurrency}, "
+            f"; into {settings.output.out_dir.resolve()} (concurrency {_concurrency_text(fetch)}, "
             f"verify {settings.verify.level}, source {fetch.source})"
         )
     log.info("%s", text)
+
+
+def _concurrency_text(fetch) -> str:
+    return f"auto, at most {fetch.max_connections}" if fetch.auto_concurrency else str(fetch.concurrency)
 
 
 # -- commands -----------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from engine.exceptions import (
     UnsafePathError,
     local_error_from_oserror,
 )
+from engine.fetch.autotune import DEFAULT_START, ConcurrencyTuner, TunerSettings, TuneStep
 from engine.fetch.bandwidth import TokenBucket
 from engine.fetch.download import Downloader
 from engine.fetch.partfile import install_copy, move_under
@@ -497,6 +498,7 @@ class MirrorRun:
         # The run's session and downloader, once open: the plan-time source check uses them.
         self._session: aiohttp.ClientSession | None = None
         self._downloader: Downloader | None = None
+        self._tuner: ConcurrencyTuner | None = None  # `--concurrency auto`, once the session is open
         self._plan_complete = False
         # `--shard K/N` (engine.shard): only the files this shard owns are downloaded.
         self.shard = parse_shard(settings.run.shard)
@@ -561,8 +563,11 @@ class MirrorRun:
                 token_hosts = {*DEFAULT_TOKEN_HOSTS, urlsplit(settings.tap.url).hostname or ""}
                 session = self.session_factory(settings.fetch, token=token, token_hosts=token_hosts)
                 async with session:
-                    throttle = AdaptiveLimiter(settings.fetch.concurrency, clock=self.clock)
-                    self.progress.attach_limiter(throttle)  # the bar shows the limit when 429/503 cut it
+                    throttle = AdaptiveLimiter(settings.fetch.connections, clock=self.clock)
+                    # The bar shows the limit when 429/503 cut it (and always under auto).
+                    self.progress.attach_limiter(throttle, auto=settings.fetch.auto_concurrency)
+                    self._tuner = self._make_tuner(throttle)
+                    extra = {"meter": self._tuner} if self._tuner is not None else {}
                     downloader = self.downloader_factory(
                         session,
                         settings.fetch,
@@ -576,6 +581,7 @@ class MirrorRun:
                         ),
                         executor=executor,
                         fsync=settings.output.fsync,
+                        **extra,
                     )
                     self._session, self._downloader = session, downloader  # for the source check
                     await self._pipeline(source, done, downloader, writer)
@@ -673,7 +679,12 @@ class MirrorRun:
         downloader: Downloader,
         writer: ManifestWriter,
     ) -> None:
-        n_workers = self.settings.fetch.concurrency
+        fetch = self.settings.fetch
+        n_workers = fetch.connections
+        if self._tuner is not None:
+            # A few workers more than the cap, so that work waits at the limiter whenever there is
+            # work: the tuner counts only windows in which the limit, not the plan, was the bound.
+            n_workers += max(2, n_workers // 4)
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * n_workers)
         producer = asyncio.create_task(self._produce(source, done, queue, writer, n_workers), name="plan")
         workers = [
@@ -682,6 +693,9 @@ class MirrorRun:
         ]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         ticker = asyncio.create_task(self._tick(), name="progress")
+        helpers = [ticker]
+        if self._tuner is not None:
+            helpers.append(asyncio.create_task(self._tuner.run(), name="tuner"))
         running: set[asyncio.Task] = {producer, *workers}
         with self._signals():
             try:
@@ -696,9 +710,37 @@ class MirrorRun:
                         if task.exception() is not None:
                             raise task.exception()  # type: ignore[misc]
             finally:
-                for task in (*running, stopper, ticker):
+                for task in (*running, stopper, *helpers):
                     task.cancel()
-                await asyncio.gather(*running, stopper, ticker, return_exceptions=True)
+                await asyncio.gather(*running, stopper, *helpers, return_exceptions=True)
+                if self._tuner is not None:
+                    log.info(
+                        "concurrency auto: %d connections at the end, %.1f on average (cap %d)",
+                        self._tuner.limit,
+                        self._tuner.mean_limit(),
+                        fetch.max_connections,
+                    )
+
+    def _make_tuner(self, limiter: AdaptiveLimiter) -> ConcurrencyTuner | None:
+        """The tuner of `--concurrency auto`, steering `limiter`; None for a fixed number."""
+        fetch = self.settings.fetch
+        if not fetch.auto_concurrency:
+            return None
+        cap = fetch.max_connections
+        settings = TunerSettings(start=min(DEFAULT_START, cap), maximum=cap)
+        log.info("concurrency auto: starting at %d connections, at most %d", settings.start, cap)
+
+        def on_step(step: TuneStep) -> None:
+            log.info(
+                "concurrency auto: %d -> %d connections (%s; %s/s, first byte in %.0f ms)",
+                step.before,
+                step.after,
+                step.reason,
+                human_bytes(step.rate),
+                step.ttfb * 1000,
+            )
+
+        return ConcurrencyTuner(limiter, settings, clock=self.clock, on_step=on_step)
 
     async def _tick(self) -> None:
         """Batch logs get a line even while no file completes (a slow archive, a long stall)."""

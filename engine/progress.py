@@ -97,6 +97,7 @@ class Progress:
         self.retries = 0  # tries beyond the first, over every finished file
         self.files_retried = 0
         self.limiter: Limiter | None = None
+        self.auto_connections = False
         self.started = self.clock.monotonic()
         self.finished: float | None = None
         self._last_line = self.started
@@ -118,9 +119,14 @@ class Progress:
                 total=None, unit="file", file=self.stream, dynamic_ncols=True, desc=PLANNING, leave=True
             )
 
-    def attach_limiter(self, limiter: Limiter | None) -> None:
-        """Show the overload policy's connection limit when it is cut, and count its slow-downs."""
+    def attach_limiter(self, limiter: Limiter | None, *, auto: bool = False) -> None:
+        """Show the overload policy's connection limit when it is cut, and count its slow-downs.
+
+        With `auto` (`--concurrency auto`) the current number of connections is always shown: the
+        tuner moves it, and the user chose not to give one.
+        """
         self.limiter = limiter
+        self.auto_connections = auto
 
     # -- events ---------------------------------------------------------------------------------
     def planned_items(self, count: int, nbytes: int) -> None:
@@ -206,7 +212,10 @@ class Progress:
         return self.elapsed / worked * remaining
 
     def limit_text(self) -> str:
-        """'limit 4/16 connections' while the overload policy has cut the limit; else ''."""
+        """'limit 4/16 connections' while the overload policy has cut the limit; else ''.
+
+        Under `--concurrency auto`: '12 connections (auto)' at any time.
+        """
         limiter = self.limiter
         if limiter is None:
             return ""
@@ -214,6 +223,9 @@ class Progress:
             limit, ceiling = int(limiter.limit), int(limiter.ceiling)
         except (AttributeError, TypeError, ValueError):
             return ""
+        if self.auto_connections:
+            cut = f" of {ceiling} (the archive asked to slow down)" if limit < ceiling else ""
+            return f"{limit} connections (auto){cut}"
         return (
             f"limit {limit}/{ceiling} connections (the archive asked to slow down)" if limit < ceiling else ""
         )

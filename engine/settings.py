@@ -33,6 +33,8 @@ SOURCES = ("mast", "s3", "auto")
 S3_ENDPOINT = "https://stpubdata.s3.us-east-1.amazonaws.com"
 # Never buffer more than this per read, whatever fetch.chunk_size says.
 CHUNK_SIZE_MAX = 64 * 1024 * 1024
+AUTO = "auto"  # fetch.concurrency: measure the path instead of taking a number
+CONCURRENCY_MAX = 256  # fetch.concurrency and fetch.max_connections: 1..this
 
 
 @dataclass(slots=True)
@@ -80,7 +82,12 @@ class OutputSettings:
 
 @dataclass(slots=True)
 class FetchSettings:
-    concurrency: int = 8  # downloads in flight, in total
+    # Downloads in flight, in total: a number fixes it; AUTO measures the path and settles on what
+    # it needs, never above `max_connections` (engine/fetch/autotune.py).
+    concurrency: int | str = 8
+    # The politeness cap of AUTO: 32 connections carry 1 Gbit/s at 4 MiB/s each; past that, an
+    # archive shared by many users sees one client take an unfair share of its server slots.
+    max_connections: int = 32
     # Connections per host; None: as many as `concurrency`. MAST serves every file from one host, so a
     # smaller number would silently cap --concurrency (16 downloads over 8 connections).
     per_host: int | None = None
@@ -100,6 +107,16 @@ class FetchSettings:
     source: str = "mast"  # one of SOURCES
     s3_endpoint: str = S3_ENDPOINT  # the bucket's HTTPS endpoint (path-style: ENDPOINT/stpubdata/...)
     user_agent: str = "tessmirror/0.1 (+https://github.com/tessmirror)"
+
+    @property
+    def auto_concurrency(self) -> bool:
+        """True when the number of downloads in flight is measured (`--concurrency auto`)."""
+        return self.concurrency == AUTO
+
+    @property
+    def connections(self) -> int:
+        """The most downloads (and connections) in flight: the fixed number, or AUTO's cap."""
+        return self.max_connections if self.concurrency == AUTO else int(self.concurrency)
 
 
 @dataclass(slots=True)

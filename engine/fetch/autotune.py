@@ -38,6 +38,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.models import Clock, SystemClock
@@ -48,6 +49,14 @@ from engine.models import Clock, SystemClock
 # take an unfair part of its server slots.
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_START = 8
+
+
+class RateMeter(Protocol):
+    """What a transfer reports to the tuner (the Downloader's `meter`)."""
+
+    def add_bytes(self, n: int) -> None: ...
+
+    def add_first_byte(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

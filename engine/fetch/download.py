@@ -69,6 +69,7 @@ from engine.exceptions import (
     TransferError,
     UnsafePathError,
 )
+from engine.fetch.autotune import RateMeter
 from engine.fetch.bandwidth import TokenBucket
 from engine.fetch.http import OVERLOAD_STATUSES, Reply, ResumeRefusedError, Route
 from engine.fetch.partfile import DirCache, PartFile
@@ -184,6 +185,7 @@ class Downloader:
         fsync: bool = True,
         part_file: Callable[..., PartFile] = PartFile,
         sources: Sources | None = None,
+        meter: RateMeter | None = None,
     ) -> None:
         self._session = session
         self._settings = fetch
@@ -191,6 +193,7 @@ class Downloader:
         self._clock = clock or SystemClock()
         self._throttle = throttle
         self._bandwidth = bandwidth
+        self._meter = meter  # --concurrency auto's tuner: body bytes and times to first byte
         self._executor = executor  # for FITS checks; None: the loop's default thread pool
         self._fsync = fsync
         self._part_file = part_file
@@ -385,6 +388,7 @@ class Downloader:
         try:
             if source is None:
                 raise _NotFetchable(f"refusing {t.item.url}: no source serves this URL's scheme")
+            sent = self._clock.monotonic()
             reply = await source.open(
                 self._session,
                 t.item,
@@ -392,6 +396,8 @@ class Downloader:
                 resumed_from=t.check.nbytes if headers else 0,
                 route=t.route,
             )
+            if self._meter is not None:
+                self._meter.add_first_byte(self._clock.monotonic() - sent)
             try:
                 await self._receive(t, reply)
             except BaseException:
@@ -475,6 +481,8 @@ class Downloader:
             await self._absorb(t, view[:filled])
 
     async def _absorb(self, t: _Transfer, block: bytes | memoryview) -> None:
+        if self._meter is not None:
+            self._meter.add_bytes(len(block))
         await self._io(t.part.path, _absorb_block, t.check, t.part, block)
 
     async def _io(self, path: Path, fn: Callable[..., T], *args: Any) -> T:

@@ -187,8 +187,10 @@ def open_session(
     """
     context = ssl_context()
     connector = aiohttp.TCPConnector(
-        limit=settings.concurrency,
-        limit_per_host=settings.per_host or settings.concurrency,
+        # Under --concurrency auto the pool is sized for the cap; the tuner's limiter decides how
+        # many of those connections are in use.
+        limit=settings.connections,
+        limit_per_host=settings.per_host or settings.connections,
         ttl_dns_cache=DNS_CACHE_SECONDS,
         keepalive_timeout=KEEPALIVE_SECONDS,
         ssl=context if context is not None else True,

@@ -127,3 +127,30 @@ def test_an_explicit_per_host_caps_the_connections_to_one_host(tmp_path: Path) -
         )
     assert result.returncode == 0, result.stderr[-2000:]
     assert census.most_in_flight == 3
+
+
+def test_concurrency_auto_never_opens_more_than_max_connections(tmp_path: Path) -> None:
+    """--concurrency auto starts at min(8, cap) and never passes --max-connections; the run says so."""
+    with counting_server(small_fits(), hold_until=5) as (base, census):
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(f"{base}/files/f{i:03d}.fits\n" for i in range(FILES)))
+        result = run_cli(
+            "fetch",
+            "--input",
+            urls,
+            "--out",
+            tmp_path / "out",
+            "--concurrency",
+            "auto",
+            "--max-connections",
+            5,
+            "--log-level",
+            "INFO",
+            timeout=180,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert census.most_in_flight == 5  # started at the cap (below 8), and never above it
+    assert len(list((tmp_path / "out").rglob("*.fits"))) == FILES
+    assert "concurrency auto: starting at 5 connections, at most 5" in result.stderr
+    assert "(concurrency auto, at most 5," in result.stderr  # the start banner
+    assert "concurrency auto: 5 connections at the end" in result.stderr

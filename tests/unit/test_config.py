@@ -219,7 +219,7 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "key", "words"),
     [
-        ({"fetch.concurrency": "abc"}, "fetch.concurrency", "expected an integer, got 'abc'"),
+        ({"fetch.concurrency": "abc"}, "fetch.concurrency", "expected a number or 'auto', got 'abc'"),
         ({"fetch.concurrency": 0}, "fetch.concurrency", "outside 1..256"),
         ({"fetch.concurrency": 257}, "fetch.concurrency", "outside 1..256"),
         ({"fetch.idle_timeout": -1}, "fetch.idle_timeout", "must be positive"),
