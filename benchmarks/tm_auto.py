@@ -1,21 +1,14 @@
-"""`tessmirror fetch` with `--concurrency auto`, wired from outside the engine for the benchmarks.
+"""`tessmirror fetch --concurrency auto`, with the tuner's steps printed for the benchmarks.
 
-    python -m benchmarks.tm_auto --input PLAN --out DIR [--max-connections 32] [--start 8]
+    python -m benchmarks.tm_auto --input PLAN --out DIR [--max-connections 32]
                                  [--verify checksum] [--layout flat] [--no-fsync]
 
-The engine's CLI does not take `--concurrency auto` yet (the wiring into engine/manager.py,
-engine/cli.py and engine/settings.py is the lead's; see the report of the change that added
-engine/fetch/autotune.py). This driver builds the same run the CLI would (`load_settings`,
-`MirrorRun`) and adds exactly that wiring through MirrorRun's injection points:
-
-* a few more workers than max connections (``fetch.concurrency``), ``fetch.per_host`` = max
-  connections, and the AdaptiveLimiter, steered by a ConcurrencyTuner, bounds the requests in
-  flight;
-* the Downloader feeds the tuner the body bytes as they are written (``_absorb``) and the time from
-  sending each request to its response headers (``_open``).
-
-At the end it prints one line ``tuner: {json}`` with the connection count it settled on, the
-time-weighted mean count and every step, for benchmarks/wan.py to read.
+This builds the run exactly as the CLI does (`load_settings`, `MirrorRun` with
+``fetch.concurrency = "auto"``): the engine's own tuner, limiter, worker count and Downloader meter.
+It adds only a trace for the report: every 0.25 s the bytes received and whether work waited at the
+limiter. At the end it prints one line ``tuner: {json}`` with the connection count the run settled
+on, the time-weighted mean count, every step and the rate at the settled count, for
+benchmarks/wan.py to read.
 """
 
 from __future__ import annotations
@@ -29,25 +22,9 @@ from pathlib import Path
 from engine.cli import _run_loop
 from engine.config import load_settings
 from engine.exceptions import TessMirrorError
-from engine.fetch.autotune import DEFAULT_MAX_CONNECTIONS, DEFAULT_START, ConcurrencyTuner, TunerSettings
+from engine.fetch.autotune import DEFAULT_MAX_CONNECTIONS, ConcurrencyTuner
 from engine.fetch.download import Downloader
 from engine.manager import MirrorRun, summarize
-
-
-class TunedDownloader(Downloader):
-    """A Downloader that reports bytes and times to first byte to a ConcurrencyTuner."""
-
-    tuner: ConcurrencyTuner
-
-    async def _absorb(self, t, block) -> None:  # type: ignore[no-untyped-def]
-        self.tuner.add_bytes(len(block))
-        await super()._absorb(t, block)
-
-    async def _open(self, url, headers):  # type: ignore[no-untyped-def]
-        started = self._clock.monotonic()
-        response = await super()._open(url, headers)
-        self.tuner.add_first_byte(self._clock.monotonic() - started)
-        return response
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,16 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, required=True, help="an ECSV plan or a URL list")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
-    parser.add_argument("--start", type=int, default=DEFAULT_START)
     parser.add_argument("--verify", default="checksum", choices=("size", "checksum", "fits"))
     parser.add_argument("--layout", default="flat", choices=("mast", "sector", "flat"))
     parser.add_argument("--no-fsync", action="store_true")
     ns = parser.parse_args(argv)
-    cap = ns.max_connections
-    try:
-        tuning = TunerSettings(start=ns.start, maximum=cap)
-    except ValueError as err:
-        parser.error(str(err))
     try:
         settings = load_settings(
             None,
@@ -74,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                 "output.layout": ns.layout,
                 "output.fsync": not ns.no_fsync,
                 "verify.level": ns.verify,
-                # A few more workers than connections, so work waits at the limiter whenever there
-                # is work (the tuner judges only windows where the limit was the bound).
-                "fetch.concurrency": cap + max(2, cap // 4),
-                "fetch.per_host": cap,
+                "fetch.concurrency": "auto",
+                "fetch.max_connections": ns.max_connections,
             },
         )
     except TessMirrorError as err:
@@ -95,14 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             trace.append((clock.monotonic() - started, tuner.received, tuner.limiter.waiting > 0))
 
     def downloader_factory(*args, **kwargs) -> Downloader:  # type: ignore[no-untyped-def]
-        downloader = TunedDownloader(*args, **kwargs)
-        tuner = ConcurrencyTuner(kwargs["throttle"], tuning, clock=kwargs["clock"])
-        downloader.tuner = tuner
-        holder["tuner"] = tuner
-        loop = asyncio.get_running_loop()
-        tasks.append(loop.create_task(tuner.run(), name="tuner"))
-        tasks.append(loop.create_task(watch(tuner, kwargs["clock"]), name="tuner-trace"))
-        return downloader
+        # The run made its tuner just before its Downloader (MirrorRun._make_tuner): trace it.
+        tuner = run._tuner
+        if tuner is not None:
+            holder["tuner"] = tuner
+            tasks.append(asyncio.get_running_loop().create_task(watch(tuner, kwargs["clock"]), name="trace"))
+        return Downloader(*args, **kwargs)
 
     run = MirrorRun(settings, downloader_factory=downloader_factory, collect_results=False)
     outcome = _run_loop(run.run())

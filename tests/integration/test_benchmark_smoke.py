@@ -137,8 +137,8 @@ def test_wan_rows_are_the_median_run_with_every_run_noted() -> None:
 
 @pytest.mark.integration
 def test_the_auto_driver_downloads_everything_and_reports_its_count(tmp_path: Path) -> None:
-    """benchmarks.tm_auto wires the tuner into a real run (through MirrorRun's factories): every file
-    arrives with its md5, and the count it reports stays within --max-connections."""
+    """benchmarks.tm_auto runs the engine's own `--concurrency auto`: every file arrives with its md5,
+    and the count it reports stays within --max-connections."""
     import hashlib
     import os
     import threading
@@ -176,8 +176,6 @@ def test_the_auto_driver_downloads_everything_and_reports_its_count(tmp_path: Pa
                 str(out),
                 "--max-connections",
                 "4",
-                "--start",
-                "2",
                 "--no-fsync",
             ],
             cwd=REPO,
