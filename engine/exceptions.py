@@ -22,6 +22,7 @@ module that meets them, so callers and the CLI only ever handle what is drawn he
     │   ├── IdleTimeoutError                   no bytes arrived for `idle_timeout` seconds
     │   ├── ConnectionLostError                reset, refused, or cut mid-body
     │   ├── UnsafeRedirectError                a redirect to another scheme, or too many
+    │   ├── DestinationBusyError               another download is writing the same file (never retried)
     │   └── IntegrityError                     the bytes are not what the archive declared
     │       ├── SizeMismatchError
     │       ├── ChecksumMismatchError
@@ -32,7 +33,9 @@ A run stopped by SIGINT/SIGTERM exits with `EXIT_INTERRUPTED` (130); that is not
 tree, since nothing failed.
 
 `local_error_from_oserror` is the one translation of an OSError met on a local file into this tree
-(disk full, permission denied, anything else), so every module names the path and the verb the same way.
+(disk full, permission denied, anything else), so every module names the path and the verb the same way;
+`os_errors(path, verb)` is the same translation as a context manager around the file operations
+(httpx's `map_httpcore_exceptions` is the model): ``with os_errors(plan, "write the plan"): ...``.
 
 Every error carries a `hint` (how to fix it, where that is known). Messages must never contain a
 token: build them from values that went through `engine.redact`.
@@ -40,7 +43,9 @@ token: build them from values that went through `engine.redact`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_OK = 0
@@ -166,6 +171,12 @@ class UnsafeRedirectError(TransferError):
     retryable = False
 
 
+class DestinationBusyError(TransferError):
+    """Another download holds the lock on this file's part: a second try would meet the same lock."""
+
+    retryable = False
+
+
 class IntegrityError(TransferError):
     """The body is not the file the archive declared. Retryable: a fresh copy may be right."""
 
@@ -204,7 +215,14 @@ _OSERROR_TABLE: dict[int, tuple[type[LocalError], str, str]] = {
 
 
 def local_error_from_oserror(
-    err: OSError, path: object, doing: str, *, default: type[LocalError] = LocalError, hint: str | None = None
+    err: OSError,
+    path: object,
+    doing: str,
+    *,
+    default: type[LocalError] = LocalError,
+    hint: str | None = None,
+    key: str | None = None,
+    permission_hint: str | None = None,
 ) -> LocalError:
     """Translate an OSError met while `doing` something to `path` into the LocalError it means.
 
@@ -220,6 +238,11 @@ def local_error_from_oserror(
         The class for an errno the table does not know (e.g. `ManifestError` for the manifest).
     hint
         The hint for such an errno; the table's own hints are used for the errnos it knows.
+    key
+        The setting that chose `path` (e.g. ``"output.out_dir"``), named after the path when given.
+    permission_hint
+        Replaces the table's hint for a PermissionDeniedError: who should run the command differs
+        between a reader (``tessmirror verify``) and a writer, a full disk's fix does not.
 
     Returns
     -------
@@ -227,9 +250,46 @@ def local_error_from_oserror(
         A DiskFullError, PermissionDeniedError or `default`; raise it ``from err``.
     """
     shown = str(path) if isinstance(path, (str, Path)) else repr(path)
+    if key:
+        shown = f"{shown} ({key})"
     known = _OSERROR_TABLE.get(err.errno or -1)
     if known is not None:
         cls, template, table_hint = known
+        if permission_hint is not None and cls is PermissionDeniedError:
+            table_hint = permission_hint
         return cls(template.format(doing=doing, path=shown), path=path, hint=table_hint)
     reason = err.strerror or str(err) or type(err).__name__
     return default(f"cannot {doing} {shown}: {reason}", path=path, hint=hint)
+
+
+@contextlib.contextmanager
+def os_errors(
+    path: object,
+    doing: str,
+    *,
+    default: type[LocalError] = LocalError,
+    hint: str | None = None,
+    key: str | None = None,
+    permission_hint: str | None = None,
+) -> Iterator[None]:
+    """Raise any OSError of the block as the LocalError `local_error_from_oserror` makes of it.
+
+    The OSError stays attached as ``__cause__``. Other exceptions pass through untouched, and so
+    does a LocalError raised inside the block (it is not an OSError).
+
+    Parameters
+    ----------
+    path, doing, default, hint, key, permission_hint
+        As for `local_error_from_oserror`.
+
+    Examples
+    --------
+    ``with os_errors(plan, "write the plan"): plan.write_text(rows)`` on a full disk raises
+    ``DiskFullError("no space left on the device to write the plan <plan>")``.
+    """
+    try:
+        yield
+    except OSError as err:
+        raise local_error_from_oserror(
+            err, path, doing, default=default, hint=hint, key=key, permission_hint=permission_hint
+        ) from err

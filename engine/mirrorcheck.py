@@ -41,11 +41,11 @@ from engine import verify
 from engine.exceptions import (
     IntegrityError,
     NotFitsError,
-    PermissionDeniedError,
     SizeMismatchError,
     UnsafePathError,
     UsageError,
     local_error_from_oserror,
+    os_errors,
 )
 from engine.fetch.partfile import move_under
 from engine.layout import resolve_within
@@ -58,6 +58,7 @@ from engine.verify.fits import FITS_BLOCK
 log = logging.getLogger(__name__)
 
 QUARANTINE_DIR = "quarantine"
+_READER_HINT = "run verify as a user who can read the whole mirror"
 PROBLEM_KINDS = ("missing", "truncated", "corrupt", "unexpected")
 _DIGEST_BYTES = 16  # blake2b-128: a collision among even 10^9 names has odds of ~10^-21
 _REPAIR_BATCH = 256  # bad files marked pending (one manifest write + fsync) and moved at a time
@@ -122,11 +123,7 @@ def _check_one(root: Path, entry: ManifestEntry, level: VerifyLevel) -> MirrorPr
     except IntegrityError as err:
         return MirrorProblem(_classify(err, path, entry.nbytes), entry.path, entry.url, redact(err.message))
     except PermissionError as err:
-        raise PermissionDeniedError(
-            f"permission denied to read {path}",
-            path=path,
-            hint="run verify as a user who can read the whole mirror",
-        ) from err
+        raise local_error_from_oserror(err, path, "read", permission_hint=_READER_HINT) from err
     except OSError as err:  # EIO, a directory where a file should be, ...
         return MirrorProblem("corrupt", entry.path, entry.url, f"unreadable: {err.strerror or err}")
     return None
@@ -208,24 +205,20 @@ def _iter_files(root: Path, skip_dirs: set[tuple[int, int]]) -> Iterator[tuple[s
     stack = [(root, "")]
     while stack:
         directory, prefix = stack.pop()
-        try:
-            with os.scandir(directory) as entries:
-                for dirent in entries:
-                    rel = f"{prefix}{dirent.name}"
-                    if dirent.is_dir(follow_symlinks=False):
-                        stat = dirent.stat(follow_symlinks=False)
-                        if (stat.st_dev, stat.st_ino) not in skip_dirs:
-                            stack.append((Path(dirent.path), rel + "/"))
-                    elif not dirent.name.endswith(".part"):  # a download in progress or interrupted
-                        yield rel, Path(dirent.path)
-        except PermissionError as err:
-            raise PermissionDeniedError(
-                f"permission denied to list {directory}",
-                path=directory,
-                hint="run verify as a user who can read the whole mirror",
-            ) from err
-        except FileNotFoundError:
-            continue  # removed while we walked
+        # Any other error (EIO, ELOOP) is a LocalError naming the folder, never a bare OSError.
+        with os_errors(directory, "list", permission_hint=_READER_HINT):
+            try:
+                with os.scandir(directory) as entries:
+                    for dirent in entries:
+                        rel = f"{prefix}{dirent.name}"
+                        if dirent.is_dir(follow_symlinks=False):
+                            stat = dirent.stat(follow_symlinks=False)
+                            if (stat.st_dev, stat.st_ino) not in skip_dirs:
+                                stack.append((Path(dirent.path), rel + "/"))
+                        elif not dirent.name.endswith(".part"):  # a download in progress or interrupted
+                            yield rel, Path(dirent.path)
+            except FileNotFoundError:
+                continue  # removed while we walked
 
 
 def _quarantine(root: Path, state_dir: Path, relpath: str) -> Path | None:
@@ -234,21 +227,12 @@ def _quarantine(root: Path, state_dir: Path, relpath: str) -> Path | None:
     The entry itself is moved, never a symlink's target, and both folders are walked by descriptor
     (engine.fetch.partfile), so a symlinked folder on either side is refused, never followed.
     """
-    try:
-        candidate = move_under(root, relpath, state_dir, f"{QUARANTINE_DIR}/{relpath}")
-    except FileNotFoundError:
-        return None  # gone meanwhile (or its folder was)
-    except PermissionError as err:
-        raise PermissionDeniedError(
-            f"permission denied to move {root / relpath} to the quarantine",
-            path=root / relpath,
-            hint="run verify --repair as the user who owns the mirror",
-        ) from err
-    except UnsafePathError:
-        raise
-    except OSError as err:
-        raise local_error_from_oserror(err, root / relpath, "move to the quarantine") from err
-    return candidate
+    owner_hint = "run verify --repair as the user who owns the mirror"
+    with os_errors(root / relpath, "quarantine", permission_hint=owner_hint):
+        try:
+            return move_under(root, relpath, state_dir, f"{QUARANTINE_DIR}/{relpath}")
+        except FileNotFoundError:
+            return None  # gone meanwhile (or its folder was)
 
 
 def quarantine_file(root: Path, state_dir: Path, relpath: str) -> Path | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import glob
 import io
 import itertools
@@ -32,10 +31,9 @@ if TYPE_CHECKING:  # astropy.table costs half a second to import: only where a T
 
 from engine.exceptions import (
     ConfigError,
-    DiskFullError,
-    LocalError,
-    PermissionDeniedError,
     UnsafePathError,
+    local_error_from_oserror,
+    os_errors,
 )
 from engine.models import PLAN_COLUMNS, PlanItem
 from engine.redact import redact
@@ -155,7 +153,7 @@ class PlanWriter:
         header.meta.update(self._meta)
         buffer = io.StringIO()
         header.write(buffer, format="ascii.ecsv", delimiter=",")
-        try:
+        with os_errors(self.path, "write the plan"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(
                 prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
@@ -163,8 +161,6 @@ class PlanWriter:
             self._handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
             self._handle.write(buffer.getvalue())
             self._handle.flush()  # a PlanTail may read the rows while we write them
-        except OSError as err:
-            raise _local_error(err, self.path, "cannot write the plan") from None
         # Strings quoted, numbers bare: exactly what astropy's ECSV reader expects back.
         self._rows = csv.writer(self._handle, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
 
@@ -180,14 +176,12 @@ class PlanWriter:
         left half-written.
         """
         written = 0
-        try:
+        with os_errors(self.path, "write the plan"):
             for item in items:
                 self._rows.writerow([getattr(item, name) for name in PLAN_COLUMNS])
                 written += 1
             self._handle.flush()
             self.count += written
-        except OSError as err:
-            raise _local_error(err, self.path, "cannot write the plan") from None
 
     def commit(self, meta: Mapping[str, Any] | None = None) -> None:
         """Give the plan its final name (atomically, fsync'ed first).
@@ -195,16 +189,17 @@ class PlanWriter:
         `meta`: header entries known only now (the ADQL sent). The header is then written again,
         with the rows copied after it, because the rows were streamed out before these were known.
         """
-        try:
-            self._handle.flush()
-            if meta:
-                self._rewrite_header(meta)
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            os.replace(self._tmp, self.path)
-        except OSError as err:
-            self.discard()
-            raise _local_error(err, self.path, "cannot write the plan") from None
+        with os_errors(self.path, "write the plan"):
+            try:
+                self._handle.flush()
+                if meta:
+                    self._rewrite_header(meta)
+                os.fsync(self._handle.fileno())
+                self._handle.close()
+                os.replace(self._tmp, self.path)
+            except OSError:
+                self.discard()
+                raise
 
     def _rewrite_header(self, meta: Mapping[str, Any]) -> None:
         self._meta.update({k: _redacted(v) for k, v in meta.items()})
@@ -594,14 +589,10 @@ def _is_regular(handle: TextIO) -> bool:
 
 def _spool(handle: TextIO, first: str, path: Path, key: str, spool_dir: Path | None) -> Path:
     """Copy what is left of a pipe (after `first`) to a private temporary file; returns its path."""
-    try:
+    with os_errors(Path(spool_dir or tempfile.gettempdir()), "spool the input to"):
         if spool_dir is not None:
             Path(spool_dir).mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".input.", suffix=".vot.tmp", dir=spool_dir)
-    except OSError as err:
-        raise _local_error(
-            err, Path(spool_dir or tempfile.gettempdir()), "cannot spool the input to"
-        ) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
             out.write(first)
@@ -612,7 +603,7 @@ def _spool(handle: TextIO, first: str, path: Path, key: str, spool_dir: Path | N
             raise ConfigError(
                 key, f"cannot read {str(path)!r}: {_one_line(err)}", hint="check --input"
             ) from None
-        raise _local_error(err, Path(name), "cannot spool the input to") from None
+        raise local_error_from_oserror(err, Path(name), "spool the input to") from err
     return Path(name)
 
 
@@ -727,15 +718,6 @@ def _listed_item(number: int, url: str, options: dict[str, str], *, key: str, hi
         sector=sector_of(filename),
         md5=md5,
     )
-
-
-def _local_error(err: OSError, path: Path, what: str) -> LocalError:
-    message = f"{what} {str(path)!r}: {err.strerror or err}"
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(message, path=path, hint="free some space")
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDeniedError(message, path=path, hint="check the folder's permissions")
-    return LocalError(message, path=path)
 
 
 # -- exports -------------------------------------------------------------------------------------

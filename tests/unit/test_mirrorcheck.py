@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from engine.exceptions import UsageError
+from engine.exceptions import LocalError, UsageError
 from engine.manifest import Manifest, ManifestEntry
 from engine.mirrorcheck import check_mirror
 from engine.models import VerifyLevel
@@ -401,3 +402,22 @@ def test_repair_records_appended_to_the_main_file_do_not_shift_the_shard_records
     assert report.checked == 4 and report.ok == 1
     assert Manifest(state).load()[entries["flipped"].key].status == "pending"
     assert Manifest(state).load()[entries["good"].key].status == "verified"
+
+
+def test_a_folder_the_walk_cannot_list_stops_verify_with_a_local_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, manifest, _ = build_mirror(tmp_path)
+    real_scandir = os.scandir
+    broken = out / "tid" / "s0001"
+
+    def scandir(path):  # EIO from a failing disk: root cannot be kept out by chmod, so it is injected
+        if Path(path) == broken:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(LocalError) as info:
+        check_mirror(out, manifest, level=VerifyLevel.SIZE)
+    assert str(broken) in str(info.value) and "cannot list" in str(info.value)
+    assert "Input/output error" in str(info.value)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from engine.exceptions import ConfigError, UnsafePathError
+from engine.exceptions import ConfigError, LocalError, UnsafePathError
 from engine.models import PLAN_COLUMNS, PlanItem
 from engine.plan.table import (
     SAVED_PLAN_HINT,
@@ -312,3 +312,12 @@ def test_an_unknown_position_is_nan_and_a_plan_saved_before_positions_still_load
     table.write(old, format="ascii.ecsv", delimiter=",")
     assert list(iter_plan(old)) == [item]
     assert math.isnan(load_plan(old)["s_ra"][0])
+
+
+def test_a_plan_that_cannot_be_created_is_a_local_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("a file where the plan's folder should be")
+    plan = tmp_path / "not-a-folder" / "plan.ecsv"
+    with pytest.raises(LocalError) as info:
+        PlanWriter(plan)
+    assert str(info.value).startswith(f"cannot write the plan {plan}: ")
+    assert info.value.path == plan and info.value.exit_code == 4
