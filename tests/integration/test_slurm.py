@@ -1,0 +1,179 @@
+"""A real Slurm on this machine: the job array of docs/HPC.md submitted with `sbatch`, not imitated.
+
+tests/slurm/setup.sh installs Debian's slurmctld, slurmd, slurm-client and munge, and starts a one-node
+cluster (this host, reached on 127.0.0.1, 2 CPUs, `OverSubscribe=FORCE:4`). The jobs run as root on
+this node, so they reach the test's local archive on 127.0.0.1. The tests wait on what Slurm shows
+(`squeue` until the job has left the queue, then `scontrol show job` for each task's exit code; there
+is no accounting, hence no `sacct`), never on a fixed sleep.
+
+Outside CI, the tests skip (with the reason) where Slurm cannot run: not root, or setup.sh failed
+(no apt). Under CI (`CI` or `TESSMIRROR_REQUIRE_SLURM` set, as `.ci/run` does) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.exceptions import EXIT_OK
+from engine.manifest import Manifest
+from engine.shard import shard_of
+from tests.helpers import (
+    assert_mirror_matches_truth,
+    assert_verified_records_are_good,
+    lock_files,
+    run_cli,
+    wait_until,
+)
+from tests.integration.test_shards import plan_keys, plan_once, shard_manifest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SETUP = ROOT / "tests" / "slurm" / "setup.sh"
+TEARDOWN = ROOT / "tests" / "slurm" / "teardown.sh"
+# CI must run these tests: there a missing Slurm is a failure, never a skip.
+REQUIRED = bool(os.environ.get("CI") or os.environ.get("TESSMIRROR_REQUIRE_SLURM"))
+SHARDS = 4
+# Generous: four Python processes start on 2 shared cores; a healthy array finishes in seconds.
+JOB_TIMEOUT = 240.0
+
+
+def unavailable(reason: str) -> None:
+    """Skip with the reason, or fail under CI, where a skip would hide a broken set-up."""
+    if REQUIRED:
+        pytest.fail(f"a real Slurm is required under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def slurm_answers() -> bool:
+    """True when a controller answers `scontrol ping`."""
+    if not shutil.which("scontrol"):
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    return ping.returncode == 0 and "UP" in ping.stdout
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[None]:
+    """A one-node Slurm, up and idle. Started by tests/slurm/setup.sh (idempotent: only checks when
+    it runs already); stopped afterwards only when this fixture started it."""
+    if os.geteuid() != 0:
+        unavailable("needs root: tests/slurm/setup.sh installs Slurm and starts its daemons as root")
+    was_up = slurm_answers()
+    setup = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
+    if setup.returncode != 0:
+        last = (setup.stderr.strip() or setup.stdout.strip() or "no output").splitlines()[-1]
+        unavailable(f"tests/slurm/setup.sh could not start Slurm: {last}")
+    yield
+    if not was_up:
+        subprocess.run(["bash", str(TEARDOWN)], capture_output=True, text=True, timeout=120)
+
+
+def sbatch(script: Path, cwd: Path) -> str:
+    """Submit a batch script; returns its job id."""
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+    assert proc.returncode == 0, f"sbatch refused the job: {proc.stderr.strip()}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def in_queue(job: str) -> bool:
+    """True while any task of the job is pending, running or completing (`squeue`)."""
+    proc = subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True, timeout=30
+    )
+    if proc.returncode != 0 and "Invalid job id" in proc.stderr:
+        return False  # already purged from the controller: long gone
+    assert proc.returncode == 0, f"squeue failed: {proc.stderr.strip()}"
+    return bool(proc.stdout.strip())
+
+
+def task_exit_codes(job: str) -> dict[int, str]:
+    """Array task id -> `ExitCode` (code:signal) as the controller reports it (`scontrol show job`)."""
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"scontrol show job {job}: {proc.stderr.strip()}"
+    codes: dict[int, str] = {}
+    for line in proc.stdout.splitlines():
+        task = re.search(r"\bArrayTaskId=(\d+)\b", line)
+        code = re.search(r"\bExitCode=(\S+)", line)
+        state = re.search(r"\bJobState=(\S+)", line)
+        assert task and code and state, line
+        codes[int(task.group(1))] = f"{state.group(1)} {code.group(1)}"
+    return codes
+
+
+def test_a_four_task_sbatch_array_of_shards_mirrors_the_plan_exactly_once(
+    slurm, archive, tmp_path: Path
+) -> None:
+    """`sbatch --array=0-3` of `tessmirror fetch --shard K/4`: every task exits 0, every shard wrote
+    its manifest with only its own files, every file was fetched once and verified, and `status` and
+    `verify` of the whole mirror are clean."""
+    arch = archive(sectors=(1,), targets=32)
+    out = tmp_path / "mirror"
+    plan = plan_once(arch, out)
+    keys = plan_keys(plan)
+    assert len(keys) >= 20
+    logs = tmp_path / "slurm-logs"
+    logs.mkdir()
+    tessmirror = f"{shlex.quote(sys.executable)} -m engine.cli"
+    script = tmp_path / "shards.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --job-name=tessmirror-shards\n"
+        f"#SBATCH --array=0-{SHARDS - 1}\n"
+        f"#SBATCH --output={logs}/%A_%a.out\n"
+        "#SBATCH --time=00:10:00\n"
+        f"exec {tessmirror} fetch --input {shlex.quote(str(plan))} --out {shlex.quote(str(out))}"
+        f' --shard "$SLURM_ARRAY_TASK_ID/{SHARDS}" --concurrency 2\n'
+    )
+    job = sbatch(script, cwd=ROOT)
+    try:
+        left = wait_until(lambda: not in_queue(job), timeout=JOB_TIMEOUT, interval=0.5)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    task_logs = {p.name: p.read_text(errors="replace") for p in sorted(logs.iterdir())}
+    assert left, f"job {job} still in the queue after {JOB_TIMEOUT:.0f}s: {task_logs}"
+    assert task_exit_codes(job) == dict.fromkeys(range(SHARDS), "COMPLETED 0:0"), task_logs
+    assert len(task_logs) == SHARDS and not [n for n, t in task_logs.items() if "Traceback" in t], task_logs
+
+    # Each task wrote its own shard manifest, holding only its own files; together they are the plan.
+    union: list[str] = []
+    for k in range(SHARDS):
+        assert shard_manifest(out, k, SHARDS).exists(), f"shard {k} of the array wrote no manifest"
+        manifest = Manifest(out / ".tessmirror", shard=f"shard-{k}-of-{SHARDS}")
+        own = {e.key for e in manifest._records(manifest.path) if e.status == "verified"}
+        assert own and all(shard_of(key, SHARDS) == k for key in own), f"shard {k}: {sorted(own)[:3]}"
+        union += own
+    assert len(union) == len(set(union)), "a file verified by two tasks"
+    assert set(union) == keys
+    assert set(Manifest(out / ".tessmirror").verified()) == keys
+
+    # The archive saw every file requested once: no task fetched another's share.
+    gets = Counter(r.name for r in arch.request_log if r.method == "GET" and r.status in (200, 206))
+    names = {key.split("/", 1)[1] for key in keys}
+    assert set(gets) == names
+    assert max(gets.values()) == 1, f"fetched twice: {[n for n, c in gets.items() if c > 1][:5]}"
+    assert_mirror_matches_truth(out, arch, names)
+    assert assert_verified_records_are_good(out, arch) == len(keys)
+    assert not lock_files(out), "every task released its locks"
+
+    status = run_cli("status", "--out", out)
+    assert status.returncode == EXIT_OK, status.stderr[-2000:]
+    assert (
+        f"verified    {len(keys)}" in status.stdout
+        and f"planned     {len(keys)} (0 still to do)" in status.stdout
+    )
+    verify = run_cli("verify", "--out", out, "--level", "checksum")
+    assert verify.returncode == EXIT_OK, verify.stderr[-2000:]
+    assert f"ok          {len(keys)}" in verify.stderr + verify.stdout
