@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import threading
 from typing import Any
 
 log = logging.getLogger("tessmirror")
@@ -40,3 +42,41 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     loop.set_exception_handler(quiet_exception_handler)
     return loop
+
+
+def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """An exception in a finalizer (`__del__`, a generator closed late): one line, never a traceback."""
+    err = unraisable.exc_value
+    try:
+        log.warning(
+            "ignored in %r: %s", unraisable.object, type(err).__name__ + (f": {err}" if str(err) else "")
+        )
+        log.debug("traceback of the error above", exc_info=err)
+    except MemoryError:
+        pass
+
+
+def _quiet_thread_error(args: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread of ours: one line naming the thread; traceback at DEBUG."""
+    if args.exc_type is SystemExit:
+        return
+    err = args.exc_value
+    name = args.thread.name if args.thread is not None else "?"
+    try:
+        log.warning(
+            "thread %s stopped: %s", name, args.exc_type.__name__ + (f": {err}" if err and str(err) else "")
+        )
+        log.debug("traceback of the error above", exc_info=err)
+    except MemoryError:
+        pass
+
+
+def quiet_process_hooks() -> None:
+    """Route the interpreter's last-resort error printers through `logging` as one line each.
+
+    For the command-line tool only (a library must not take over a notebook's hooks): an error in a
+    finalizer or a thread is otherwise printed with a traceback on stderr, where the user was promised
+    one line per problem.
+    """
+    sys.unraisablehook = _quiet_unraisable
+    threading.excepthook = _quiet_thread_error

@@ -904,8 +904,9 @@ def _run_loop(coro):
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.aio import new_event_loop
+    from engine.aio import new_event_loop, quiet_process_hooks
 
+    quiet_process_hooks()
     loop = new_event_loop()
     pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
     loop.set_default_executor(pool)

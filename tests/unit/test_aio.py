@@ -46,3 +46,36 @@ def test_a_memory_error_in_a_transport_read_is_logged_as_one_line_without_traceb
     assert len(records) == 1
     assert "MemoryError" in records[0].getMessage()
     assert records[0].exc_info is None and "\n" not in records[0].getMessage()
+
+
+def test_the_cli_hooks_turn_thread_and_finalizer_errors_into_one_line_each(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import sys
+    import threading
+
+    from engine.aio import quiet_process_hooks
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    quiet_process_hooks()
+
+    def fail() -> None:
+        raise RuntimeError("disk went away")
+
+    class Finalizer:
+        def __del__(self) -> None:
+            raise MemoryError
+
+    with caplog.at_level(logging.INFO):
+        thread = threading.Thread(target=fail, name="io-7")
+        thread.start()
+        thread.join()
+        Finalizer()
+        gc.collect()
+
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "thread io-7 stopped: RuntimeError: disk went away" in lines
+    assert any(line.startswith("ignored in") and line.endswith("MemoryError") for line in lines)
+    assert all(r.exc_info is None for r in caplog.records if r.levelno >= logging.WARNING)
