@@ -246,7 +246,6 @@ def check_mirror(
     manifest: Manifest,
     *,
     level: VerifyLevel,
-    layout_root: Path | None = None,
     repair: bool = False,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 2,
@@ -256,8 +255,8 @@ def check_mirror(
 ) -> MirrorReport:
     """Check every verified file of the mirror again, and look for files no record names.
 
-    `layout_root` is where the manifest's relative paths live (default: `out_dir`); it is also the
-    tree searched for unexpected files, skipping the state directory and `*.part` files.
+    The manifest's relative paths live under `out_dir`, which is also the tree searched for
+    unexpected files, skipping the state directory and `*.part` files.
     `progress(done, total)` is called at the start, every `progress_interval` seconds and at the end.
     With `repair=True` the RunLock of `out_dir` (and of `manifest.state_dir`) is taken unless
     `lock_held` says the caller holds it (RunLockedError, exit 4, while a run is using the mirror);
@@ -265,20 +264,19 @@ def check_mirror(
     reported, and the mirror is not `intact`).
     """
     out_dir = Path(out_dir)
-    root = Path(layout_root) if layout_root is not None else out_dir
-    if not root.is_dir():
-        raise UsageError(f"{root} is not a directory", hint="pass the --out folder of an earlier run")
+    if not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is not a directory", hint="pass the --out folder of an earlier run")
     level = VerifyLevel.parse(level)
     lock = RunLock(manifest.state_dir, out_dir=out_dir) if repair and not lock_held else None
     with lock if lock is not None else contextlib.nullcontext():
         skip = [manifest.state_dir, out_dir / STATE_DIR_NAME]  # our own files (lock, quarantine)
         report = _check(
-            root, manifest, level, repair, progress, max(int(workers), 1), progress_interval, skip
+            out_dir, manifest, level, repair, progress, max(int(workers), 1), progress_interval, skip
         )
         if repair and move_unexpected:  # after the walk: moving files while walking could hide some
             for problem in report.problems:
                 if problem.kind == "unexpected":
-                    _quarantine_unexpected(root, manifest.state_dir, problem, report)
+                    _quarantine_unexpected(out_dir, manifest.state_dir, problem, report)
         return report
 
 

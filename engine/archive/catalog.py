@@ -450,10 +450,6 @@ class Catalog(Mapping[str, ArchiveFile]):
             return ffigen.render(identity, dims=self.ffi_dims, seed=self.seed)
         return fitsgen.render(identity, cadences=self.cadences, seed=self.seed)
 
-    @property
-    def row_count(self) -> int:
-        return sum(len(table.rows) for table in self.tables.values())
-
 
 class _Columns:
     """Column-wise row builder: only modelled columns are filled, the rest become NULL."""

@@ -239,10 +239,11 @@ class StreamCheck:
             raise self._too_long()
 
     # -- the end -----------------------------------------------------------------------------------
-    def finish(self, content_length: int | None = None) -> tuple[int, str]:
-        """Apply the size, md5 and FITS-block rules to the whole body; return (nbytes, md5 hex or "")."""
-        if content_length is not None:
-            self.expect_total(content_length)
+    def finish(self) -> tuple[int, str]:
+        """Apply the size, md5 and FITS-block rules to the whole body; return (nbytes, md5 hex or "").
+
+        The server's announced length reaches the check through `expect_total`, before the body.
+        """
         if not self.sniffed:
             self.sniffed = sniff_prefix(self.item, self._prefix, complete=True)
         name = self.item.filename or self.item.url
