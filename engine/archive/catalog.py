@@ -12,9 +12,10 @@ is the footprint targets are placed in), FFI files (`ffigen`), ObsCore rows per 
 (`ArchiveFile.path`), NULL checksums and lengths. `Catalog.files_inside` counts the truth for any
 polygon.
 
-Each table carries every column MAST's has (names from the notebook's listing); the ones not modelled
-here are NULL. Sizes come from `fitsgen.file_size` (arithmetic) and md5s from `fitsgen.digest`
-(no FITS encoding; see that module for the cost), hashed in a small thread pool once all rows exist.
+Each table carries every column MAST's has (the lists are in `engine.archive.columns`, as MAST spells
+them); the ones not modelled here are NULL. Sizes come from `fitsgen.file_size` (arithmetic) and md5s
+from `fitsgen.digest` (no FITS encoding; see that module for the cost), hashed in a small thread pool
+once all rows exist.
 Measured on 2 shared cores: 212,000 rows (78,000 small files) in ~11 s; the default (13 sectors,
 2,000 targets, full-size files: 72,000 rows) in ~19 s, dominated by md5 over 2 MB light curves.
 """
@@ -34,6 +35,17 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 from engine.archive import ffigen, fitsgen
+from engine.archive.columns import (
+    CAOMARTIFACT_COLUMNS,
+    CAOMOBSERVATION_COLUMNS,
+    CAOMPLANE_COLUMNS,
+    OBSCORE_COLUMNS,
+    column_type,
+)
+
+# Re-exported for server.py, which declares them to TAP clients; they live in columns.py.
+from engine.archive.columns import INDEXED_COLUMNS as INDEXED_COLUMNS
+from engine.archive.columns import OBSCORE_META as OBSCORE_META
 from engine.archive.footprints import (
     CcdKey,
     Vertex,
@@ -57,284 +69,6 @@ TESS_URI_PREFIX = "mast:TESS/product/"
 HLSP_URI_PREFIX = "mast:HLSP/qlp/"
 HLSP_FRACTION = 0.1
 MJD_OF_BTJD_ZERO = 57000.0 - 0.5  # BTJD = BJD - 2457000; MJD = JD - 2400000.5
-
-# -- the tables' columns, spelled as MAST spells them (from the notebook's listing) ----------------
-CAOMOBSERVATION_COLUMNS = [
-    "accMetaChecksum",
-    "algName",
-    "collection",
-    "envAmbientTemp",
-    "envElevation",
-    "envHumidity",
-    "envPhotometric",
-    "envSeeing",
-    "envTau",
-    "envWavelengthTau",
-    "id",
-    "insKeywords",
-    "insName",
-    "intent",
-    "lastModified",
-    "linked",
-    "maxLastModified",
-    "maxLevel",
-    "metaChecksum",
-    "metaDataRights",
-    "metaProducer",
-    "metaReadGroups",
-    "metaRelease",
-    "nObs",
-    "obsType",
-    "observationID",
-    "observationTID",
-    "prpID",
-    "prpKeywords",
-    "prpPI",
-    "prpProject",
-    "prpTitle",
-    "recordCreated",
-    "recordModified",
-    "reqFlag",
-    "sequenceNumber",
-    "statusCode",
-    "tlsGeoLocationX",
-    "tlsGeoLocationY",
-    "tlsGeoLocationZ",
-    "tlsKeywords",
-    "tlsName",
-    "trgClassification",
-    "trgID",
-    "trgKeywords",
-    "trgMoving",
-    "trgName",
-    "trgPosDec",
-    "trgRedshift",
-    "trgStandard",
-    "trgType",
-    "trgposCoordSys",
-    "trgposEquinox",
-    "trgposRA",
-    "type",
-]
-CAOMPLANE_COLUMNS = [
-    "accMetaChecksum",
-    "calibrationLevel",
-    "collection",
-    "creatorID",
-    "cstCtype",
-    "cstDimension",
-    "cstLower",
-    "cstUpper",
-    "dataProductType",
-    "dataReadGroups",
-    "dataRelease",
-    "dataRights",
-    "dqFlag",
-    "enrBandpassName",
-    "enrBoundsSTCS",
-    "enrDimension",
-    "enrEMBand",
-    "enrMax",
-    "enrMin",
-    "enrResolvingPower",
-    "enrResolvingPowerLower",
-    "enrResolvingPowerUpper",
-    "enrRestWavelength",
-    "enrSampleSize",
-    "enrTransition",
-    "id",
-    "lastModified",
-    "maxLastModified",
-    "metaChecksum",
-    "metaDataRights",
-    "metaProducer",
-    "metaReadGroups",
-    "metaRelease",
-    "midExpDate",
-    "mtrBackground",
-    "mtrBackgroundStdDev",
-    "mtrFluxDensityLimit",
-    "mtrMagLimit",
-    "mtrSampleSNR",
-    "mtrSourceNumberDensity",
-    "obsUCD",
-    "observationTID",
-    "observationUUID",
-    "planeTID",
-    "plrDimension",
-    "plrState",
-    "posBoundsSTCS",
-    "posDimension1",
-    "posDimension2",
-    "posResolution",
-    "posResolutionLower",
-    "posResolutionUpper",
-    "posSampleSize",
-    "posTimeDependant",
-    "previewURI",
-    "productID",
-    "productURI",
-    "prvInputs",
-    "prvKeywords",
-    "prvLastExecuted",
-    "prvName",
-    "prvProducer",
-    "prvProject",
-    "prvReference",
-    "prvRunID",
-    "prvVersion",
-    "recordCreated",
-    "recordModified",
-    "releaseDate",
-    "statusCode",
-    "timBoundsSTCS",
-    "timDimension",
-    "timExposure",
-    "timMax",
-    "timMin",
-    "timResolution",
-    "timResolutionLower",
-    "timResolutionUpper",
-    "timSampleSize",
-]
-CAOMARTIFACT_COLUMNS = [
-    "accMetaChecksum",
-    "artifactTID",
-    "collection",
-    "contentChecksum",
-    "contentLength",
-    "contentReadGroups",
-    "contentRelease",
-    "contentRights",
-    "contentType",
-    "creationDate",
-    "dataURI",
-    "id",
-    "lastModified",
-    "maxLastModified",
-    "metaChecksum",
-    "metaProducer",
-    "planeTID",
-    "planeUUID",
-    "productFileName",
-    "productType",
-    "productTypeID",
-    "recordCreated",
-    "recordModified",
-    "releaseType",
-    "statusCode",
-]
-OBSCORE_COLUMNS = [
-    "access_estsize",
-    "access_format",
-    "access_url",
-    "calib_level",
-    "dataproduct_type",
-    "em_max",
-    "em_min",
-    "em_res_power",
-    "em_xel",
-    "facility_name",
-    "instrument_name",
-    "o_ucd",
-    "objID",
-    "obs_collection",
-    "obs_id",
-    "obs_publisher_did",
-    "obs_release_date",
-    "pol_states",
-    "pol_xel",
-    "s_dec",
-    "s_fov",
-    "s_ra",
-    "s_region",
-    "s_resolution",
-    "s_xel1",
-    "s_xel2",
-    "t_exptime",
-    "t_max",
-    "t_min",
-    "t_resolution",
-    "t_xel",
-    "target_name",
-]
-
-OBSCORE_META: dict[
-    str, tuple[str, str, str]
-] = {  # name: (utype, ucd, unit), ObsCore 1.1 (what taplint checks)
-    "access_estsize": ("obscore:Access.Size", "phys.size;meta.file", "kbyte"),
-    "access_format": ("obscore:Access.Format", "meta.code.mime", ""),
-    "access_url": ("obscore:Access.Reference", "meta.ref.url", ""),
-    "calib_level": ("obscore:ObsDataset.calibLevel", "meta.code;obs.calib", ""),
-    "dataproduct_type": ("obscore:ObsDataset.dataProductType", "meta.code.class", ""),
-    "em_max": ("obscore:Char.SpectralAxis.Coverage.Bounds.Limits.HiLimit", "em.wl;stat.max", "m"),
-    "em_min": ("obscore:Char.SpectralAxis.Coverage.Bounds.Limits.LoLimit", "em.wl;stat.min", "m"),
-    "em_res_power": ("obscore:Char.SpectralAxis.Resolution.ResolPower.refVal", "spect.resolution", ""),
-    "em_xel": ("obscore:Char.SpectralAxis.numBins", "meta.number", ""),
-    "facility_name": ("obscore:Provenance.ObsConfig.facility.name", "meta.id;instr.tel", ""),
-    "instrument_name": ("obscore:Provenance.ObsConfig.instrument.name", "meta.id;instr", ""),
-    "o_ucd": ("obscore:Char.ObservableAxis.ucd", "meta.ucd", ""),
-    "obs_collection": ("obscore:DataID.Collection", "meta.id", ""),
-    "obs_id": ("obscore:DataID.observationID", "meta.id", ""),
-    "obs_publisher_did": ("obscore:Curation.PublisherDID", "meta.ref.ivoid", ""),
-    "obs_release_date": ("obscore:Curation.releaseDate", "time.release", ""),
-    "pol_states": ("obscore:Char.PolarizationAxis.stateList", "meta.code;phys.polarization", ""),
-    "pol_xel": ("obscore:Char.PolarizationAxis.numBins", "meta.number", ""),
-    "s_dec": ("obscore:Char.SpatialAxis.Coverage.Location.Coord.Position2D.Value2.C2", "pos.eq.dec", "deg"),
-    "s_fov": ("obscore:Char.SpatialAxis.Coverage.Bounds.Extent.diameter", "phys.angSize;instr.fov", "deg"),
-    "s_ra": ("obscore:Char.SpatialAxis.Coverage.Location.Coord.Position2D.Value2.C1", "pos.eq.ra", "deg"),
-    "s_region": ("obscore:Char.SpatialAxis.Coverage.Support.Area", "pos.outline;obs.field", ""),
-    "s_resolution": ("obscore:Char.SpatialAxis.Resolution.Refval.value", "pos.angResolution", "arcsec"),
-    "s_xel1": ("obscore:Char.SpatialAxis.numBins1", "meta.number", ""),
-    "s_xel2": ("obscore:Char.SpatialAxis.numBins2", "meta.number", ""),
-    "t_exptime": ("obscore:Char.TimeAxis.Coverage.Support.Extent", "time.duration;obs.exposure", "s"),
-    "t_max": ("obscore:Char.TimeAxis.Coverage.Bounds.Limits.StopTime", "time.end;obs.exposure", "d"),
-    "t_min": ("obscore:Char.TimeAxis.Coverage.Bounds.Limits.StartTime", "time.start;obs.exposure", "d"),
-    "t_resolution": ("obscore:Char.TimeAxis.Resolution.Refval.value", "time.resolution", "s"),
-    "t_xel": ("obscore:Char.TimeAxis.numBins", "meta.number", ""),
-    "target_name": ("obscore:Target.Name", "meta.id;src", ""),
-}
-
-
-# Column types that are not strings ('char'). Types follow MAST's TAP_SCHEMA where known.
-_TYPES: dict[str, str] = {
-    **dict.fromkeys(["id", "observationTID", "planeTID", "artifactTID", "objID", "contentLength"], "long"),
-    **dict.fromkeys(["access_estsize", "s_xel1", "s_xel2", "t_xel", "em_xel", "pol_xel"], "long"),
-    **dict.fromkeys(["sequenceNumber", "calibrationLevel", "calib_level", "nObs", "maxLevel"], "int"),
-    **dict.fromkeys(["statusCode", "productTypeID", "posDimension1", "posDimension2"], "int"),
-    **dict.fromkeys(["trgMoving", "trgStandard", "envPhotometric", "posTimeDependant"], "boolean"),
-}
-_DOUBLES = [
-    "s_ra",
-    "s_dec",
-    "s_fov",
-    "s_resolution",
-    "t_min",
-    "t_max",
-    "t_exptime",
-    "t_resolution",
-    "em_min",
-    "em_max",
-    "em_res_power",
-    "trgposRA",
-    "trgPosDec",
-    "trgposEquinox",
-    "trgRedshift",
-    "timMin",
-    "timMax",
-    "timExposure",
-    "enrMin",
-    "enrMax",
-    "midExpDate",
-    "tlsGeoLocationX",
-    "tlsGeoLocationY",
-    "tlsGeoLocationZ",
-]
-_TYPES.update(dict.fromkeys(_DOUBLES, "double"))
-
-
-def column_type(name: str) -> str:
-    return _TYPES.get(name, "char")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1194,12 +928,3 @@ def _by_uri(files: Iterable[ArchiveFile]) -> dict[str, ArchiveFile]:
         found[entry.uri] = entry
         found.setdefault(unquote(entry.uri), entry)
     return found
-
-
-# Columns worth an index in the TAP database: join keys and the filters the notebook uses.
-INDEXED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "dbo.caomobservation": ("observationID", "observationTID", "sequenceNumber"),
-    "dbo.caomplane": ("planeTID", "observationTID"),
-    "dbo.caomartifact": ("planeTID", "productFileName"),
-    "ivoa.obscore": ("obs_id", "obs_collection"),
-}
