@@ -3,6 +3,7 @@ the archive's truth."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -249,3 +250,27 @@ class SilentServer:
 def lock_files(out_dir: Path) -> list[Path]:
     """Run locks left under an output folder (none once a run has ended gracefully)."""
     return list(out_dir.rglob("run.lock")) if out_dir.exists() else []
+
+
+class FakeClock:
+    """An `engine.models.Clock` whose time moves only when a test moves it or something sleeps.
+
+    `now` is the monotonic reading (tests may add to it); `time()` is `epoch + now`; every sleep is
+    recorded in `sleeps` and yields to the event loop once, as a real sleep would.
+    """
+
+    def __init__(self, now: float = 0.0, *, epoch: float = 0.0) -> None:
+        self.now = now
+        self.epoch = epoch
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.epoch + self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)

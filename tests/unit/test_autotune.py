@@ -17,23 +17,9 @@ import pytest
 
 from engine.fetch.autotune import DEFAULT_MAX_CONNECTIONS, ConcurrencyTuner, TunerSettings
 from engine.fetch.throttle import AdaptiveLimiter
+from tests.helpers import FakeClock
 
 MB = 1e6
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 @dataclass

@@ -13,23 +13,7 @@ from engine.fetch.bandwidth import TokenBucket
 from engine.fetch.retry import RETRY_AFTER_CEILING, backoff_wait, is_retryable, parse_retry_after
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.settings import FetchSettings
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
+from tests.helpers import FakeClock
 
 
 def test_limiter_halves_on_overload_and_recovers_one_step_per_round() -> None:

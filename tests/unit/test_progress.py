@@ -15,20 +15,7 @@ from engine.progress import (
     free_space_verdict,
     human_seconds,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
+from tests.helpers import FakeClock
 
 
 class FakeLimiter:
@@ -46,7 +33,7 @@ def verified(nbytes: int = 1000, attempts: int = 1) -> FileResult:
 
 
 def test_a_line_before_planning_ends_shows_no_total_but_the_count_so_far():
-    clock = FakeClock()
+    clock = FakeClock(now=100.0)
     progress = Progress(bar=False, clock=clock)
     progress.planned_items(120, 10**6)
     progress.file_done(verified())
@@ -57,7 +44,7 @@ def test_a_line_before_planning_ends_shows_no_total_but_the_count_so_far():
 
 
 def test_once_planning_ends_the_line_has_the_total_bytes_and_an_eta():
-    clock = FakeClock()
+    clock = FakeClock(now=100.0)
     progress = Progress(bar=False, clock=clock)
     progress.planned_items(10, 10_000)
     progress.plan_complete()
@@ -71,7 +58,7 @@ def test_once_planning_ends_the_line_has_the_total_bytes_and_an_eta():
 
 
 def test_retries_are_counted_from_attempts_and_shown_and_summarised(caplog):
-    progress = Progress(bar=False, clock=FakeClock())
+    progress = Progress(bar=False, clock=FakeClock(now=100.0))
     progress.plan_complete()
     with caplog.at_level(logging.DEBUG, logger="tessmirror"):
         progress.file_done(verified(attempts=3))
@@ -83,7 +70,7 @@ def test_retries_are_counted_from_attempts_and_shown_and_summarised(caplog):
 
 
 def test_the_connection_limit_shows_only_while_the_overload_policy_has_cut_it():
-    progress = Progress(bar=False, clock=FakeClock())
+    progress = Progress(bar=False, clock=FakeClock(now=100.0))
     limiter = FakeLimiter(16, 16)
     progress.attach_limiter(limiter)
     assert "limit" not in progress.line()
@@ -93,7 +80,7 @@ def test_the_connection_limit_shows_only_while_the_overload_policy_has_cut_it():
 
 
 def test_the_mean_rate_is_over_the_whole_run():
-    clock = FakeClock()
+    clock = FakeClock(now=100.0)
     progress = Progress(bar=False, clock=clock)
     progress.file_done(verified(2_000_000))
     clock.now += 4
@@ -104,7 +91,7 @@ def test_the_mean_rate_is_over_the_whole_run():
 
 def test_the_bar_says_planning_until_the_total_is_known_then_gets_the_total():
     stream = io.StringIO()
-    progress = Progress(bar=True, stream=stream, clock=FakeClock())
+    progress = Progress(bar=True, stream=stream, clock=FakeClock(now=100.0))
     progress.planned_items(7, 0)
     assert progress._bar is not None and progress._bar.total is None
     assert f"{PLANNING} 7 found" in progress._bar.desc
