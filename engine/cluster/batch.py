@@ -1,0 +1,390 @@
+"""One batch of files, run on a Dask worker: the existing session, Downloader and checks, in an event
+loop of the batch's own, writing in place under the shared output folder.
+
+A batch returns compact results (one tuple per file it finished; the driver holds the PlanItems) and
+never writes the manifest: the driver records what comes back through the same code path as a local
+run. A file the batch did not finish (the run was stopped) is simply absent: still pending.
+
+Politeness across the cluster (see `engine.cluster.driver`):
+
+- the batch holds one lease of the run's `distributed.Semaphore` (``jobs`` leases) while it works,
+  so at most ``jobs`` batches run at once whatever the number of workers, each with at most
+  ``job_concurrency`` connections (its own aiohttp session and AIMD limiter);
+- a 429/503 with Retry-After seen here is published to the run's pause `distributed.Variable`
+  (absolute wall-clock time), and every batch polls it each `POLL_SECONDS`: the whole cluster waits,
+  not only the worker that was told;
+- the run's stop `Variable` ends the batch early (the driver was interrupted).
+
+Files already at their place with their declared size and md5 (a batch rerun after its worker was
+killed, which had finished some of them) are checked in place and reported as adopted, not fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from engine.cluster.parts import ClusterPartFile, host_name
+from engine.exceptions import IntegrityError, LocalError, TessMirrorError, UnsafePathError
+from engine.fetch.throttle import AdaptiveLimiter
+from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
+from engine.redact import redact
+from engine.settings import FetchSettings, VerifySettings
+
+log = logging.getLogger("tessmirror")
+POLL_SECONDS = 1.0  # how often a batch reads the run's pause and stop variables
+# One FileResult without its item: what travels back to the driver per file.
+Compact = tuple[int, str, str, int, str, int, bool, str, int, float, float, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """Everything a worker needs for one batch (pickled to it; about 200 bytes per file)."""
+
+    run_id: str
+    number: int
+    out_dir: str
+    fetch: FetchSettings  # `concurrency` is the job's: connections of this batch
+    verify: VerifySettings
+    fsync: bool
+    items: tuple[tuple[PlanItem, str], ...]  # (item, relpath under out_dir)
+    token_env: str | None = None
+    token_digest: str = ""  # sha256 of the driver's token ("" when it has none): never the token
+    token_hosts: tuple[str, ...] = ()
+    pause_name: str = ""  # distributed.Variable names; "" outside Dask (tests)
+    stop_name: str = ""
+    semaphore_name: str = ""
+    jobs: int = 1
+
+
+@dataclass(slots=True)
+class BatchReport:
+    """What a batch sends back: its results, who ran it, and a fatal error if it had to stop."""
+
+    number: int
+    host: str
+    pid: int
+    results: list[Compact] = field(default_factory=list)
+    fatal: tuple[str, str, str] | None = None  # (kind, message, hint): a LocalError or a ConfigError
+    stopped: bool = False
+    overloads: int = 0  # 429/503 answers this batch met
+    decreases: int = 0
+    taken_over: int = 0  # parts of gone writers continued
+    seconds: float = 0.0
+
+
+def pack(index: int, result: FileResult) -> Compact:
+    """A FileResult as a tuple without its item (the driver has it, by `index`)."""
+    return (
+        index,
+        str(result.status),
+        result.path,
+        result.nbytes,
+        result.md5,
+        int(result.level) if result.level is not None else -1,
+        result.checksum_declared,
+        result.error,
+        result.attempts,
+        result.elapsed,
+        result.finished_at,
+        result.origin,
+        result.source,
+        result.note,
+    )
+
+
+def unpack(item: PlanItem, packed: Compact) -> FileResult:
+    """The FileResult `pack` made, with its item back."""
+    (_, status, path, nbytes, md5, level, declared, error, attempts, elapsed, finished, origin, src, note) = (
+        packed
+    )
+    return FileResult(
+        item,
+        FileStatus(status),
+        path=path,
+        nbytes=nbytes,
+        md5=md5,
+        level=VerifyLevel(level) if level >= 0 else None,
+        checksum_declared=declared,
+        error=error,
+        attempts=attempts,
+        elapsed=elapsed,
+        finished_at=finished,
+        origin=origin,
+        source=src,
+        note=note,
+    )
+
+
+def token_digest(token: str | None) -> str:
+    return hashlib.sha256(token.encode()).hexdigest() if token else ""
+
+
+class SharedLimiter(AdaptiveLimiter):
+    """The batch's AIMD limiter, whose Retry-After pauses are shared with the whole cluster.
+
+    `on_overload` also records the pause's end (wall clock) for the batch to publish; `pause_until`
+    applies a pause another worker published.
+    """
+
+    def __init__(self, initial: int) -> None:
+        super().__init__(initial)
+        self.publish_until = 0.0  # wall-clock end of the latest pause seen here, to publish
+
+    def on_overload(self, retry_after: float | None = None) -> None:
+        super().on_overload(retry_after)
+        if retry_after is not None and retry_after > 0:
+            self.publish_until = max(self.publish_until, time.time() + retry_after)
+
+    def pause_until(self, wall: float) -> None:
+        """Hold new requests until the wall-clock time `wall` (a pause published by any worker)."""
+        remaining = wall - time.time()
+        if remaining > 0:
+            # The base class keeps its pause on the monotonic clock; extend it, never shorten it.
+            self._paused_until = max(self._paused_until, self._clock.monotonic() + remaining)
+
+
+class Control:
+    """The run's pause and stop variables, read and written from the batch (blocking calls: run
+    them in a thread). Without Dask (names "") nothing is shared."""
+
+    def __init__(self, spec: BatchSpec) -> None:
+        self._pause: Any = None
+        self._stop: Any = None
+        if spec.pause_name:
+            from distributed import Variable
+
+            self._pause = Variable(spec.pause_name)
+            self._stop = Variable(spec.stop_name)
+
+    def read(self) -> tuple[float, bool]:
+        """(the published pause's end, whether the run asked to stop)."""
+        if self._pause is None:
+            return 0.0, False
+        pause = self._pause.get(timeout=5)
+        stop = self._stop.get(timeout=5)
+        return float(pause or 0.0), bool(stop)
+
+    def publish(self, until: float) -> None:
+        """Extend the published pause to `until` (never shorten one another worker published)."""
+        if self._pause is None:
+            return
+        current = float(self._pause.get(timeout=5) or 0.0)
+        if until > current:
+            self._pause.set(until)
+
+
+def run_batch(spec: BatchSpec) -> BatchReport:
+    """Download one batch on this worker and return its compact report (the Dask task).
+
+    Holds one lease of the run's semaphore while it works (see the module docstring).
+    """
+    started = time.monotonic()
+    report = BatchReport(spec.number, host_name(), os.getpid())
+    lease = None
+    if spec.semaphore_name:
+        from distributed import Semaphore
+
+        lease = Semaphore(max_leases=spec.jobs, name=spec.semaphore_name)
+        lease.acquire()
+    try:
+        control = Control(spec)
+        from engine.aio import new_event_loop
+
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(_run(spec, report, control))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+    finally:
+        if lease is not None:
+            with contextlib.suppress(Exception):  # the scheduler may be gone (the driver was killed)
+                lease.release()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _run(spec: BatchSpec, report: BatchReport, control: Control) -> None:
+    from engine.fetch.bandwidth import TokenBucket
+    from engine.fetch.download import Downloader
+    from engine.fetch.session import open_session, read_token
+
+    try:
+        token = read_token(spec.token_env)
+    except TessMirrorError as err:
+        report.fatal = ("config", err.message, err.hint or "")
+        return
+    if token_digest(token) != spec.token_digest:
+        where = f"${spec.token_env}" if spec.token_env else "the token variable"
+        report.fatal = (
+            "config",
+            f"the worker on {report.host} does not have the driver's archive token in {where}",
+            f"export {spec.token_env or 'MAST_API_TOKEN'} where the workers start (sbatch passes the "
+            "environment on by default)",
+        )
+        return
+    fetch = spec.fetch
+    limiter = SharedLimiter(max(fetch.connections, 1))
+    verify_pool = ThreadPoolExecutor(max(spec.verify.workers, 1), thread_name_prefix="verify")
+    parts: list[ClusterPartFile] = []
+
+    def part_file(path: Path, **kwargs: Any) -> ClusterPartFile:
+        part = ClusterPartFile(path, **kwargs)
+        parts.append(part)  # kept only to count the parts continued (a flag each)
+        return part
+
+    try:
+        async with open_session(fetch, token=token, token_hosts=spec.token_hosts) as session:
+            downloader = Downloader(
+                session,
+                fetch,
+                spec.verify,
+                throttle=limiter,
+                bandwidth=TokenBucket(fetch.bandwidth_limit) if fetch.bandwidth_limit else None,
+                executor=verify_pool,
+                fsync=spec.fsync,
+                part_file=part_file,
+            )
+            try:
+                await _download_all(spec, report, control, downloader, limiter, verify_pool)
+            finally:
+                downloader.close()
+    finally:
+        verify_pool.shutdown(wait=False, cancel_futures=True)
+        report.overloads = limiter.overload_events
+        report.decreases = limiter.decreases
+        report.taken_over = sum(1 for part in parts if part.taken_over)
+
+
+async def _download_all(
+    spec: BatchSpec,
+    report: BatchReport,
+    control: Control,
+    downloader: Any,
+    limiter: SharedLimiter,
+    pool: ThreadPoolExecutor,
+) -> None:
+    out_dir = Path(spec.out_dir)
+    pending = iter(enumerate(spec.items))
+    level = VerifyLevel.parse(spec.verify.level)
+
+    async def worker() -> None:
+        for index, (item, relpath) in pending:
+            result = await _one(out_dir, item, relpath, level, downloader, pool)
+            report.results.append(pack(index, result))
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(max(spec.fetch.connections, 1))]
+    watcher = asyncio.ensure_future(_watch(control, limiter, report))
+    try:
+        running = set(workers)
+        while running:
+            done, _ = await asyncio.wait({*running, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                watcher.result()  # the run asked to stop: end here, the rest stays pending
+                report.stopped = True
+                break
+            for task in done & running:
+                running.discard(task)
+                task.result()  # a LocalError: below
+    except LocalError as err:
+        report.fatal = ("local", err.message, err.hint or "")
+    finally:
+        for task in (*workers, watcher):
+            task.cancel()
+        await asyncio.gather(*workers, watcher, return_exceptions=True)
+        if limiter.publish_until:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(control.publish, limiter.publish_until)
+
+
+async def _watch(control: Control, limiter: SharedLimiter, report: BatchReport) -> None:
+    """Apply pauses other workers published, publish ours; return when the run asks to stop."""
+    published = 0.0
+    while True:
+        if limiter.publish_until > published:
+            published = limiter.publish_until
+            with contextlib.suppress(Exception):  # advisory: the local limiter pauses anyway
+                await asyncio.to_thread(control.publish, published)
+        try:
+            until, stop = await asyncio.to_thread(control.read)
+        except Exception as err:  # the scheduler is busy or gone: keep going on the local limits
+            log.debug("batch %d: cannot read the run's control variables: %s", report.number, err)
+            until, stop = 0.0, False
+        if stop:
+            return
+        limiter.pause_until(until)
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _one(
+    out_dir: Path,
+    item: PlanItem,
+    relpath: str,
+    level: VerifyLevel,
+    downloader: Any,
+    pool: ThreadPoolExecutor,
+) -> FileResult:
+    """One file: checked in place if a writer already finished it, else downloaded."""
+    from engine.layout import resolve_within
+
+    try:
+        dest = resolve_within(out_dir, relpath)
+    except UnsafePathError as err:
+        return FileResult(item, FileStatus.FAILED, path=relpath, error=redact(str(err)))
+    try:
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(pool, _already_there, item, relpath, dest, level)
+        if found is not None:
+            return found
+        result: FileResult = await downloader.fetch(item, dest, relpath)
+        if result.status is FileStatus.VERIFIED and not result.origin:
+            result = replace(result, origin="downloaded")
+        return result
+    except (LocalError, asyncio.CancelledError):
+        raise
+    except Exception as err:  # a bug must cost one file, not the batch
+        log.debug("internal error while fetching %s", item.filename, exc_info=True)
+        return FileResult(item, FileStatus.FAILED, path=relpath, error=redact(f"internal error: {err}"))
+
+
+def _already_there(item: PlanItem, relpath: str, dest: Path, level: VerifyLevel) -> FileResult | None:
+    """A file another writer of this batch already put in place (its worker was killed before the
+    batch returned), verified as `item`; None when it must be downloaded."""
+    from engine.verify.file import check_file
+
+    if item.size < 0 or not item.md5:
+        return None  # nothing declared to prove it is this item's bytes
+    try:
+        info = os.lstat(dest)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size != item.size:
+        return None
+    level = max(level, VerifyLevel.CHECKSUM)
+    try:
+        digest = check_file(dest, size=item.size, md5=item.md5, level=level)
+    except (IntegrityError, OSError):
+        return None  # not the declared bytes: the download replaces it
+    return FileResult(
+        item,
+        FileStatus.VERIFIED,
+        path=relpath,
+        nbytes=info.st_size,
+        md5=digest,
+        level=level,
+        checksum_declared=True,
+        origin="adopted",
+    )
+
+
+__all__ = ["BatchReport", "BatchSpec", "Compact", "SharedLimiter", "pack", "run_batch", "unpack"]

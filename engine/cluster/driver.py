@@ -1,0 +1,426 @@
+"""The driver side of a Dask run: start or join the cluster, batch the queue, record what returns.
+
+    run's queue ──▶ prep tasks (supersede/adopt, as in-process) ──▶ batches of ~200 files / ~1 GB
+        ──▶ client.submit(run_batch, resources={"MAST": 1}) ── at most 2 x jobs in flight ──▶
+        collector ──▶ MirrorRun.finish_job (the manifest's one writer, as for a local result)
+
+A partial batch goes out at once when the queue runs dry and a job would otherwise idle, so a slow
+planner (TAP) never starves the workers; a fast one fills whole batches. Memory is bounded by the
+batches in flight (2 x jobs x batch size), not by the plan.
+
+Imports Dask at module level: only `engine.cluster.executors` imports this module, once a Dask mode
+was chosen and found installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distributed import Client, Variable
+
+from engine.cluster import ClusterSpec
+from engine.cluster.batch import BatchReport, BatchSpec, run_batch, token_digest, unpack
+from engine.exceptions import ConfigError, LocalError, TessMirrorError
+from engine.fetch.session import DEFAULT_TOKEN_HOSTS, read_token
+from engine.models import FileResult, FileStatus, PlanItem
+from engine.redact import redact
+
+if TYPE_CHECKING:
+    from engine.cluster.executors import RunHooks
+    from engine.fetch.download import Downloader
+    from engine.manifest import ManifestWriter
+    from engine.settings import Settings
+
+log = logging.getLogger("tessmirror")
+RESOURCE = "MAST"  # every worker has MAST=1 and every batch asks for 1: one batch per worker at a time
+WORKERS_TIMEOUT = 60.0  # seconds to wait for a worker of an existing scheduler (tcp://)
+_DASK_LOG_LEVEL = logging.CRITICAL  # Dask's own chatter (worker restarts, closed comms) stays out
+
+
+@dataclass(slots=True)
+class _Batch:
+    number: int
+    items: list[tuple[PlanItem, str, bool]]  # (item, relpath, changed)
+
+
+def runner_scheduler_file(state_dir: Path) -> Path:
+    """Where the ranks of one `slurm-runner` allocation meet: per job and per requeue, so a stale file
+    of an earlier attempt is never read."""
+    job = os.environ.get("SLURM_JOB_ID", "0")
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return state_dir / f"dask-scheduler-{job}-{restart}.json"
+
+
+def _runner_class() -> Any:
+    """dask_jobqueue's SLURMRunner, imported without letting it replace our SIGINT handler (its
+    module installs ``sys.exit`` on import; our handler stops the run gracefully instead)."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        from dask_jobqueue.slurm import SLURMRunner
+    finally:
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread: nothing was changed
+            signal.signal(signal.SIGINT, before)
+    return SLURMRunner
+
+
+def _runner_options(spec: ClusterSpec, settings: Settings) -> dict[str, Any]:
+    return {
+        "scheduler_file": str(runner_scheduler_file(settings.state_dir)),
+        "scheduler_options": {"dashboard_address": None},
+        "worker_options": {"resources": {RESOURCE: 1}, "nthreads": 1},
+    }
+
+
+def serve_runner_role(spec: ClusterSpec, settings: Settings) -> int | None:
+    """In a `slurm-runner` allocation, every rank runs the same command. Rank 1 is the driver: None
+    (go on and run). Rank 0 serves the scheduler and the others a worker, until the driver ends the
+    cluster: then 0 (the rank's exit code). Never takes a lock or plans."""
+    rank = os.environ.get("SLURM_PROCID")
+    if rank is None or not os.environ.get("SLURM_JOB_ID"):
+        raise ConfigError(
+            "cluster.mode",
+            "slurm-runner runs inside a Slurm allocation, and SLURM_PROCID/SLURM_JOB_ID are not set",
+            hint="start it with srun inside sbatch -N K (one task per node, at least 3 tasks), or use "
+            "--cluster slurm",
+        )
+    if rank == "1":
+        return None
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    runner_class = _runner_class()
+    # SLURMRunner ends a scheduler's or worker's role by sending SIGINT to its own process; here that
+    # is the end of this rank (our handler would treat it as a user's Ctrl-C).
+    signal.signal(signal.SIGINT, _end_role)
+    try:
+        with runner_class(**_runner_options(spec, settings)):
+            pass
+    except SystemExit:
+        pass
+    return 0
+
+
+def _end_role(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+class DaskExecutor:
+    """Runs a mirror's downloads as batches on a Dask cluster (module docstring)."""
+
+    def __init__(self, spec: ClusterSpec, settings: Settings) -> None:
+        self.name = spec.mode
+        self.spec = spec
+        self.settings = settings
+        self.run_id = uuid.uuid4().hex[:12]
+        self.client: Any = None
+        self.cluster: Any = None
+        self.runner: Any = None
+        self._token = read_token(settings.fetch.token_env)
+        self._preps = max(settings.verify.workers, 2)
+        self._slots = asyncio.Semaphore(2 * spec.jobs)
+        self._batch: list[tuple[PlanItem, str, bool]] = []
+        self._batch_bytes = 0
+        self._numbers = 0
+        self._outstanding = 0
+        self._preps_left = self._preps
+        self._done: asyncio.Queue[tuple[_Batch, BatchReport | BaseException] | None] = asyncio.Queue()
+        self._futures: set[Any] = set()
+        self._waiters: set[asyncio.Task] = set()
+        self.names = {
+            "pause": f"tessmirror-{self.run_id}-pause",
+            "stop": f"tessmirror-{self.run_id}-stop",
+            "semaphore": f"tessmirror-{self.run_id}-jobs",
+        }
+        # What the batches have told (for the summary and the tests).
+        self.batches = 0
+        self.overloads = 0
+        self.taken_over = 0
+        self.batch_seconds = 0.0
+        self.hosts: set[tuple[str, int]] = set()
+
+    def consumers(self, requested: int) -> int:
+        return self._preps  # the driver's prep tasks; the downloads run in the batches
+
+    # -- starting and stopping -----------------------------------------------------------------
+    async def start(self) -> None:
+        spec = self.spec
+        for name in ("distributed", "distributed.nanny", "distributed.worker", "distributed.scheduler"):
+            logging.getLogger(name).setLevel(_DASK_LOG_LEVEL)
+        log.info("%s", spec.describe())
+        try:
+            await self._open()
+        except TessMirrorError:
+            await self.close()
+            raise
+        except (OSError, RuntimeError, ValueError, TimeoutError) as err:
+            await self.close()
+            raise LocalError(
+                f"cannot start the {spec.mode} cluster: {redact(str(err) or type(err).__name__)}",
+                hint="check the --cluster options (and, for Slurm, that sbatch works here)",
+            ) from None
+        await Variable(self.names["pause"], client=self.client).set(0.0)
+        await Variable(self.names["stop"], client=self.client).set(False)
+
+    async def _open(self) -> None:
+        spec = self.spec
+        mode = spec.mode
+        if mode == "local":
+            from distributed import LocalCluster
+
+            self.cluster = await LocalCluster(
+                n_workers=spec.jobs,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                resources={RESOURCE: 1},
+                silence_logs=_DASK_LOG_LEVEL,
+                asynchronous=True,
+            )
+            self.client = await Client(self.cluster, asynchronous=True)
+        elif mode == "slurm":
+            from dask_jobqueue import SLURMCluster
+
+            self.cluster = await SLURMCluster(**self._slurm_options(), asynchronous=True)
+            self.cluster.adapt(minimum_jobs=spec.jobs, maximum_jobs=spec.jobs)
+            self.client = await Client(self.cluster, asynchronous=True)
+            log.info("cluster: %d Slurm jobs submitted; batches wait until their workers start", spec.jobs)
+        elif mode == "slurm-runner":
+            self.runner = await _runner_class()(**_runner_options(spec, self.settings), asynchronous=True)
+            self.client = await Client(self.runner, asynchronous=True)
+        else:
+            self.client = await asyncio.wait_for(Client(spec.address, asynchronous=True), WORKERS_TIMEOUT)
+            await self._check_workers()
+
+    def _slurm_options(self) -> dict[str, Any]:
+        spec = self.spec
+        extra_args = ["--resources", f"{RESOURCE}=1"]
+        lifetime = _lifetime(spec.walltime)
+        if lifetime:  # leave before the time limit: the batch goes elsewhere, never killed mid-write
+            extra_args += ["--lifetime", lifetime, "--lifetime-stagger", "2m"]
+        options: dict[str, Any] = {
+            "cores": spec.job_cores,
+            "processes": 1,
+            "memory": spec.job_memory,
+            "job_name": "tessmirror",
+            "worker_extra_args": extra_args,
+            "job_extra_directives": list(spec.job_extra),
+            "scheduler_options": {"dashboard_address": None},
+            "log_directory": str(self.settings.state_dir / "dask-logs"),
+            "silence_logs": "critical",
+        }
+        for key in ("queue", "account", "walltime"):
+            value = getattr(spec, key)
+            if value:
+                options[key] = value
+        return options
+
+    async def _check_workers(self) -> None:
+        """An existing scheduler must have workers with the MAST resource, or batches never start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WORKERS_TIMEOUT
+        while True:
+            info = await self.client.scheduler.identity()
+            workers = info.get("workers", {}).values()
+            if any(RESOURCE in (w.get("resources") or {}) for w in workers):
+                return
+            if loop.time() > deadline:
+                raise ConfigError(
+                    "cluster.mode",
+                    f"no worker of {self.spec.address} has the {RESOURCE} resource",
+                    hint=f"start workers with `dask worker {self.spec.address} --nthreads 1 "
+                    f"--resources {RESOURCE}=1`",
+                )
+            await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        """Ask running batches to stop, drop what is queued, and stop what `start` started."""
+        client, self.client = self.client, None
+        for task in self._waiters:
+            task.cancel()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(Variable(self.names["stop"], client=client).set(True), 5)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.cancel(list(self._futures)), 10)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 15)
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(cluster.close(), 30)
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(runner.close(), 30)
+
+    # -- the pipeline's side ---------------------------------------------------------------------
+    def workers(
+        self,
+        run: RunHooks,
+        queue: asyncio.Queue,
+        downloader: Downloader,
+        writer: ManifestWriter,
+        count: int,
+    ) -> list[Coroutine[Any, Any, None]]:
+        return [*(self._prep(run, queue, writer) for _ in range(self._preps)), self._collect(run, writer)]
+
+    async def _prep(self, run: RunHooks, queue: asyncio.Queue, writer: ManifestWriter) -> None:
+        """Take jobs; do the driver's steps; add what must be downloaded to the current batch."""
+        try:
+            while True:
+                job = await queue.get()
+                if not isinstance(job, tuple):  # the producer's sentinel
+                    break
+                item, relpath, dest, changed = job
+                result = await run.prepare_job(item, relpath, dest, changed)
+                if result is not None:
+                    await run.finish_job(writer, result, changed=changed)
+                    continue
+                self._batch.append((item, relpath, changed))
+                self._batch_bytes += max(item.size, item.est_kb * 1024, 0)
+                full = len(self._batch) >= self.spec.batch_files or self._batch_bytes >= self.spec.batch_bytes
+                idle = queue.empty() and self._outstanding < self.spec.jobs
+                if full or idle:
+                    await self._submit()
+        finally:
+            self._preps_left -= 1
+        if self._preps_left == 0:
+            await self._submit()
+            await self._done.put(None)  # no more batches: the collector ends when the last is in
+
+    async def _submit(self) -> None:
+        if not self._batch:
+            return
+        items, self._batch, self._batch_bytes = self._batch, [], 0  # taken before any await
+        self._numbers += 1
+        batch = _Batch(self._numbers, items)
+        await self._slots.acquire()
+        self._outstanding += 1
+        try:
+            future = self.client.submit(
+                run_batch,
+                self._spec_for(batch),
+                resources={RESOURCE: 1},
+                pure=False,
+                key=f"tessmirror-batch-{self.run_id}-{batch.number}",
+            )
+        except BaseException:
+            self._outstanding -= 1
+            self._slots.release()
+            raise
+        self._futures.add(future)
+        waiter = asyncio.ensure_future(self._await(future, batch))
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)
+
+    def _spec_for(self, batch: _Batch) -> BatchSpec:
+        settings, spec = self.settings, self.spec
+        fetch = replace(
+            settings.fetch,
+            concurrency=spec.job_concurrency,
+            per_host=min(settings.fetch.per_host or spec.job_concurrency, spec.job_concurrency),
+            # A whole-run bandwidth cap is shared evenly by the jobs.
+            bandwidth_limit=(settings.fetch.bandwidth_limit / spec.jobs)
+            if settings.fetch.bandwidth_limit
+            else None,
+        )
+        hosts = {*DEFAULT_TOKEN_HOSTS}
+        from urllib.parse import urlsplit
+
+        hosts.add(urlsplit(settings.tap.url).hostname or "")
+        return BatchSpec(
+            run_id=self.run_id,
+            number=batch.number,
+            out_dir=str(Path(settings.output.out_dir).resolve()),
+            fetch=fetch,
+            verify=settings.verify,
+            fsync=settings.output.fsync,
+            items=tuple((item, relpath) for item, relpath, _changed in batch.items),
+            token_env=settings.fetch.token_env,
+            token_digest=token_digest(self._token),
+            token_hosts=tuple(sorted(h for h in hosts if h)),
+            pause_name=self.names["pause"],
+            stop_name=self.names["stop"],
+            semaphore_name=self.names["semaphore"],
+            jobs=spec.jobs,
+        )
+
+    async def _await(self, future: Any, batch: _Batch) -> None:
+        try:
+            outcome: BatchReport | BaseException = await future
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the batch's worker died too often (KilledWorker), or a bug
+            outcome = err
+        finally:
+            self._futures.discard(future)
+        await self._done.put((batch, outcome))
+
+    async def _collect(self, run: RunHooks, writer: ManifestWriter) -> None:
+        """Record every batch's results as they return, through the run's one recording path."""
+        closed = False
+        while not (closed and self._outstanding == 0):
+            entry = await self._done.get()
+            if entry is None:
+                closed = True
+                continue
+            batch, outcome = entry
+            self._outstanding -= 1
+            self._slots.release()
+            if isinstance(outcome, BaseException):
+                reason = redact(f"the batch failed on the cluster: {type(outcome).__name__}: {outcome}")[:300]
+                log.warning("batch %d: %s", batch.number, reason)
+                for item, relpath, changed in batch.items:
+                    failed = FileResult(item, FileStatus.FAILED, path=relpath, error=reason)
+                    await run.finish_job(writer, failed, changed=changed)
+                continue
+            await self._record(run, writer, batch, outcome)
+
+    async def _record(
+        self, run: RunHooks, writer: ManifestWriter, batch: _Batch, report: BatchReport
+    ) -> None:
+        self.batches += 1
+        self.overloads += report.overloads
+        self.taken_over += report.taken_over
+        self.batch_seconds += report.seconds
+        self.hosts.add((report.host, report.pid))
+        log.debug(
+            "batch %d: %d of %d files on %s (pid %d) in %.1f s",
+            batch.number,
+            len(report.results),
+            len(batch.items),
+            report.host,
+            report.pid,
+            report.seconds,
+        )
+        for packed in report.results:
+            item, _relpath, changed = batch.items[packed[0]]
+            await run.finish_job(writer, unpack(item, packed), changed=changed)
+        if report.fatal is not None:
+            kind, message, hint = report.fatal
+            if kind == "config":
+                raise ConfigError("fetch.token_env", message, hint=hint or None)
+            raise LocalError(f"on {report.host}: {message}", hint=hint or None)
+
+
+def _lifetime(walltime: str | None) -> str | None:
+    """A worker's --lifetime: five minutes before the job's time limit (None when unknown or short)."""
+    if not walltime:
+        return None
+    days, _, clock = walltime.rpartition("-")
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    total = (int(days) if days else 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+    if total < 900:
+        return None
+    return f"{(total - 300) // 60}m"
+
+
+__all__ = ["RESOURCE", "DaskExecutor", "runner_scheduler_file", "serve_runner_role"]

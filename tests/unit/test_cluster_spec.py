@@ -1,0 +1,93 @@
+"""--cluster values, the executor registry, and Dask staying out of `import engine`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.cluster import ClusterSpec, check_memory, check_walltime, parse_mode, require_extra
+from engine.cluster.executors import EXECUTORS, InProcessExecutor, build_executor
+from engine.exceptions import ConfigError
+from engine.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, ("inprocess", "")),
+        ("", ("inprocess", "")),
+        ("local", ("local", "")),
+        ("SLURM", ("slurm", "")),
+        ("slurm-runner", ("slurm-runner", "")),
+        ("tcp://10.0.0.5:8786", ("tcp", "tcp://10.0.0.5:8786")),
+        ("tcp://login1.cluster.example.org:8786", ("tcp", "tcp://login1.cluster.example.org:8786")),
+    ],
+)
+def test_cluster_values_parse(text: str | None, expected: tuple[str, str]) -> None:
+    assert parse_mode(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["kubernetes", "tcp://host", "tcp://host:0", "tcp://host:99999", "http://h:1", 3]
+)
+def test_a_bad_cluster_value_names_the_key_and_the_choices(text: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_mode(text, key="--cluster")
+    assert "--cluster" in str(caught.value) and "slurm-runner" in str(caught.value)
+
+
+def test_walltime_and_memory_are_checked() -> None:
+    assert check_walltime("04:00:00") == "04:00:00"
+    assert check_walltime("1-12:00:00") == "1-12:00:00"
+    assert check_walltime(None) is None
+    with pytest.raises(ConfigError, match=r"cluster.walltime: '4h' is not HH:MM:SS"):
+        check_walltime("4h")
+    assert check_memory("2GB") == "2GB"
+    with pytest.raises(ConfigError, match=r"cluster\.job_memory"):
+        check_memory("lots")
+
+
+def test_the_global_connection_count_is_jobs_times_job_concurrency() -> None:
+    spec = ClusterSpec(mode="local", jobs=3, job_concurrency=4)
+    assert spec.connections == 12
+    assert "3 jobs x 4 connections = at most 12 connections" in spec.describe()
+
+
+def test_without_the_extra_a_cluster_is_one_line_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("distributed", "dask_jobqueue") else real(name, *a),
+    )
+    with pytest.raises(ConfigError) as caught:
+        require_extra("local")
+    message = str(caught.value)
+    assert "pip install 'tessmirror[cluster]'" in message and "\n" not in message
+    with pytest.raises(ConfigError, match=r"tessmirror\[cluster\]"):
+        build_executor(ClusterSpec(mode="slurm"), Settings())
+    require_extra("inprocess")  # today's pipeline needs nothing
+
+
+def test_the_registry_names_every_mode_and_inprocess_is_todays_pipeline() -> None:
+    assert set(EXECUTORS) == {"inprocess", "local", "slurm", "slurm-runner", "tcp"}
+    settings = Settings()
+    executor = build_executor(ClusterSpec(), settings)
+    assert isinstance(executor, InProcessExecutor)
+    assert executor.consumers(5) == 5
+
+
+def test_import_engine_does_not_import_dask() -> None:
+    code = (
+        "import sys, engine, engine.cluster, engine.cluster.executors, engine.cluster.parts, engine.manager\n"
+        "engine.mirror\n"
+        "roots = ('dask', 'distributed', 'dask_jobqueue')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in roots)\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
