@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -485,6 +485,51 @@ class _Builder:
             obs_release_date="2019-01-01 00:00:00",
         )
 
+    def plane(
+        self, *, obs_tid: int, product_id: str, level: int, product_type: str, collection: str, **extra: Any
+    ) -> int:
+        """Add one dbo.caomplane row of observation `obs_tid`; returns its planeTID."""
+        plane_tid = self.tid()
+        self.planes.add(
+            id=plane_tid,
+            planeTID=plane_tid,
+            observationTID=obs_tid,
+            observationUUID=f"{obs_tid:032x}",
+            productID=product_id,
+            calibrationLevel=level,
+            dataProductType=product_type,
+            collection=collection,
+            statusCode=0,
+            **extra,
+        )
+        return plane_tid
+
+    def planes_with_files(
+        self,
+        *,
+        obs_tid: int,
+        obs_id: str,
+        collection: str,
+        uri_prefix: str,
+        files: Iterable[tuple[fitsgen.FileIdentity, str]],
+        obscore_row: Callable[..., None],
+    ) -> None:
+        """A plane with one file for each (identity, archive path), then the observation's ObsCore
+        rows: one per file, or the first file's only, as `Shape.obscore_per_product` says."""
+        rows = []
+        for identity, path in files:
+            size = self.plane_with_file(
+                obs_tid=obs_tid,
+                obs_id=obs_id,
+                collection=collection,
+                identity=identity,
+                uri_prefix=uri_prefix,
+                path=path,
+            )
+            rows.append((self.url(uri_prefix + identity.name, path), round(size / 1024)))
+        for url, est_kb in rows if self.shape.obscore_per_product else rows[:1]:
+            obscore_row(url=url, est_kb=est_kb)
+
     def plane_with_file(
         self,
         *,
@@ -502,17 +547,12 @@ class _Builder:
         """
         name = identity.name if name is None else name
         image = identity.product in ffigen.FFI_PRODUCTS
-        plane_tid = self.tid()
-        self.planes.add(
-            id=plane_tid,
-            planeTID=plane_tid,
-            observationTID=obs_tid,
-            observationUUID=f"{obs_tid:032x}",
-            productID=f"{obs_id}_{identity.product}",
-            calibrationLevel=(2 if identity.product == "ffic" else 1) if image else 3,
-            dataProductType="image" if image else "timeseries",
+        plane_tid = self.plane(
+            obs_tid=obs_tid,
+            product_id=f"{obs_id}_{identity.product}",
+            level=(2 if identity.product == "ffic" else 1) if image else 3,
+            product_type="image" if image else "timeseries",
             collection=collection,
-            statusCode=0,
         )
         if image:
             size = ffigen.ffi_size(identity.product, self.shape.ffi_dims)
@@ -647,125 +687,92 @@ class _Builder:
         )
         if not self.shape.ffi_files:
             obscore_row(url=None, est_kb=None)
-            plane_tid = self.tid()
-            self.planes.add(
-                id=plane_tid,
-                planeTID=plane_tid,
-                observationTID=tid,
-                observationUUID=f"{tid:032x}",
-                productID=obs_id,
-                calibrationLevel=2,
-                dataProductType="image",
+            self.plane(
+                obs_tid=tid,
+                product_id=obs_id,
+                level=2,
+                product_type="image",
                 collection="TESS",
                 posBoundsSTCS=region,
-                statusCode=0,
             )
             return
-        urls = []
-        for product in ffigen.FFI_PRODUCTS:
+        files = []
+        for product in ffigen.FFI_PRODUCTS:  # the calibrated image first: the ObsCore row when only one
             file_name = f"{obs_id}_{product}.fits"
             # tic carries the exposure number into the file's EXPOSURE header (there is no target).
             identity = fitsgen.FileIdentity(file_name, product, index, sector, camera, ccd, ra, dec)
-            path = ffi_path(sector, camera, ccd, stamp, file_name)
-            size = self.plane_with_file(
-                obs_tid=tid,
-                obs_id=obs_id,
-                collection="TESS",
-                identity=identity,
-                uri_prefix=TESS_URI_PREFIX,
-                path=path,
-            )
-            urls.append((self.url(TESS_URI_PREFIX + file_name, path), round(size / 1024)))
-        if self.shape.obscore_per_product:
-            for url, est_kb in urls:
-                obscore_row(url=url, est_kb=est_kb)
-        else:
-            obscore_row(url=urls[0][0], est_kb=urls[0][1])  # the calibrated image
-
-    def light_curve(self, target: Target, key: CcdKey) -> None:
-        sector, camera, ccd = key
-        obs_id = lc_obs_id(sector, target.tic)
-        name = str(target.tic)
-        tid = self.observation(
-            obs_id=obs_id,
-            collection="TESS",
-            trg_type="OBJECT",
-            sector=sector,
-            name=name,
-            ra=target.ra,
-            dec=target.dec,
-        )
-        rows = []
-        for product, file_name in (
-            ("lc", f"{obs_id}_lc.fits"),
-            ("tp", f"{obs_id}_tp.fits"),
-            ("dvt", dvt_name(sector, target.tic)),
-        ):
-            identity = fitsgen.FileIdentity(
-                file_name, product, target.tic, sector, camera, ccd, target.ra, target.dec, target.tessmag
-            )
-            path = tid_path(sector, target.tic, file_name)
-            size = self.plane_with_file(
-                obs_tid=tid,
-                obs_id=obs_id,
-                collection="TESS",
-                identity=identity,
-                uri_prefix=TESS_URI_PREFIX,
-                path=path,
-            )
-            rows.append((self.url(TESS_URI_PREFIX + file_name, path), round(size / 1024)))
-        for url, est_kb in rows if self.shape.obscore_per_product else rows[:1]:
-            self.obscore_row(
-                obs_id=obs_id,
-                collection="TESS",
-                product_type="timeseries",
-                name=name,
-                ra=target.ra,
-                dec=target.dec,
-                region=_small_region(target.ra, target.dec),
-                sector=sector,
-                url=url,
-                est_kb=est_kb,
-                tid=tid,
-            )
-
-    def hlsp(self, target: Target, key: CcdKey) -> None:
-        sector, camera, ccd = key
-        obs_id = hlsp_obs_id(sector, target.tic)
-        name = str(target.tic)
-        tid = self.observation(
-            obs_id=obs_id,
-            collection="HLSP",
-            trg_type="OBJECT",
-            sector=sector,
-            name=name,
-            ra=target.ra,
-            dec=target.dec,
-        )
-        identity = fitsgen.FileIdentity(
-            f"{obs_id}.fits", "llc", target.tic, sector, camera, ccd, target.ra, target.dec, target.tessmag
-        )
-        path = hlsp_path(sector, target.tic, identity.name)
-        llc_size = self.plane_with_file(
+            files.append((identity, ffi_path(sector, camera, ccd, stamp, file_name)))
+        self.planes_with_files(
             obs_tid=tid,
             obs_id=obs_id,
-            collection="HLSP",
-            identity=identity,
-            uri_prefix=HLSP_URI_PREFIX,
-            path=path,
+            collection="TESS",
+            uri_prefix=TESS_URI_PREFIX,
+            files=files,
+            obscore_row=obscore_row,
         )
-        self.obscore_row(
+
+    def light_curve(self, target: Target, key: CcdKey) -> None:
+        """The target's 2-minute TESS observation in this sector: light curve, target pixels, DV."""
+        sector = key[0]
+        obs_id = lc_obs_id(sector, target.tic)
+        dvt = dvt_name(sector, target.tic)
+        names = (("lc", f"{obs_id}_lc.fits"), ("tp", f"{obs_id}_tp.fits"), ("dvt", dvt))
+        files = [(product, name, tid_path(sector, target.tic, name)) for product, name in names]
+        self._target_observation(target, key, obs_id, "TESS", TESS_URI_PREFIX, files)
+
+    def hlsp(self, target: Target, key: CcdKey) -> None:
+        """The target's QLP light curve in this sector (collection HLSP, one `_llc.fits` file)."""
+        sector = key[0]
+        obs_id = hlsp_obs_id(sector, target.tic)
+        name = f"{obs_id}.fits"
+        files = [("llc", name, hlsp_path(sector, target.tic, name))]
+        self._target_observation(target, key, obs_id, "HLSP", HLSP_URI_PREFIX, files)
+
+    def _target_observation(
+        self,
+        target: Target,
+        key: CcdKey,
+        obs_id: str,
+        collection: str,
+        uri_prefix: str,
+        files: Sequence[tuple[str, str, str]],
+    ) -> None:
+        """One observation of `target`: a plane with one file per (product, file name, archive path),
+        and its ObsCore rows (one per product, or the first product's only, as `Shape` says)."""
+        sector, camera, ccd = key
+        name = str(target.tic)
+        position = (target.ra, target.dec, target.tessmag)
+        tid = self.observation(
             obs_id=obs_id,
-            collection="HLSP",
+            collection=collection,
+            trg_type="OBJECT",
+            sector=sector,
+            name=name,
+            ra=target.ra,
+            dec=target.dec,
+        )
+        obscore_row = functools.partial(
+            self.obscore_row,
+            obs_id=obs_id,
+            collection=collection,
             product_type="timeseries",
             name=name,
             ra=target.ra,
             dec=target.dec,
             region=_small_region(target.ra, target.dec),
             sector=sector,
-            url=self.url(HLSP_URI_PREFIX + identity.name, path),
-            est_kb=round(llc_size / 1024),
             tid=tid,
+        )
+        self.planes_with_files(
+            obs_tid=tid,
+            obs_id=obs_id,
+            collection=collection,
+            uri_prefix=uri_prefix,
+            files=[
+                (fitsgen.FileIdentity(file, product, target.tic, sector, camera, ccd, *position), path)
+                for product, file, path in files
+            ],
+            obscore_row=obscore_row,
         )
 
 
