@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import logging
 import os
 import re
@@ -60,14 +59,13 @@ from yarl import URL
 from engine.exceptions import (
     ChecksumMismatchError,
     ConnectionLostError,
-    DiskFullError,
     HTTPStatusError,
     IdleTimeoutError,
     IntegrityError,
     LocalError,
-    PermissionDeniedError,
     TransferError,
     UnsafePathError,
+    local_error_from_oserror,
 )
 from engine.fetch.autotune import RateMeter
 from engine.fetch.bandwidth import TokenBucket
@@ -89,8 +87,7 @@ __all__ = ["Downloader", "PartFile"]
 # A part left by an earlier process is kept for a resume only for files at least this large: below
 # it, restarting costs less than writing the validator beside every part (one small file per file).
 RESUME_MIN_BYTES = 1024 * 1024
-_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-_NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+_LOCAL_HINT = "check the output folder's file system, then run again; the manifest resumes the run"
 
 # Block writes and md5 updates run here. Module-wide so that every Downloader shares a few threads;
 # the threads start lazily and Python joins them at exit.
@@ -106,18 +103,9 @@ def _root_of(dest: Path, relpath: str) -> Path:
 
 
 def local_error(exc: OSError, path: Path) -> LocalError:
-    """Translate a filesystem error into the run-stopping LocalError it means."""
-    if exc.errno in _DISK_FULL:
-        return DiskFullError(
-            f"no space left on device while writing {path}; free space or choose another --out", path=path
-        )
-    if exc.errno in _NO_PERMISSION:
-        return PermissionDeniedError(
-            f"permission denied while writing {path} ({exc.strerror})",
-            path=path,
-            hint="make the output folder writable or choose another --out",
-        )
-    return LocalError(f"cannot write {path}: {exc.strerror or exc}", path=path)
+    """The run-stopping LocalError a filesystem error under --out means (the project's one table:
+    a full disk or quota is DiskFullError, EACCES/EPERM/EROFS PermissionDeniedError)."""
+    return local_error_from_oserror(exc, path, "write", hint=_LOCAL_HINT)
 
 
 @dataclass(slots=True)

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from engine.exceptions import TransferError, UnsafePathError
+from engine.exceptions import DestinationBusyError, UnsafePathError
 
 try:
     import fcntl
@@ -204,9 +204,9 @@ def _locked(fd: int, path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        error = TransferError(f"{path.name}: another download is writing this file right now; skipped")
-        error.retryable = False
-        raise error from None
+        raise DestinationBusyError(
+            f"{path.name}: another download is writing this file right now; skipped"
+        ) from None
     except OSError as err:
         if err.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
             os.close(fd)

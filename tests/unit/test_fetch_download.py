@@ -483,7 +483,7 @@ def test_disk_full_stops_the_run_with_the_path(tmp_path: Path) -> None:
         archive.files["n_lc.fits"] = FITS_BYTES
         dest = tmp_path / "n_lc.fits"
         with pytest.raises(
-            DiskFullError, match=r"no space left on device while writing .*n_lc\.fits\.part"
+            DiskFullError, match=r"no space left on the device to write .*n_lc\.fits\.part"
         ) as info:
             await downloader.fetch(item_for(archive, "n_lc.fits", FITS_BYTES), dest, "n_lc.fits")
         assert info.value.path == dest.with_name("n_lc.fits.part")

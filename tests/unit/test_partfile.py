@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.exceptions import TransferError, UnsafePathError
+from engine.exceptions import DestinationBusyError, TransferError, UnsafePathError
 from engine.fetch.partfile import DirCache, PartFile, open_under, walk
 
 DATA = b"SIMPLE  =                    T" + b"\0" * 2850
@@ -352,9 +352,9 @@ def test_a_second_writer_on_the_same_part_is_refused_and_the_first_untouched(wor
     first.open()
     first.write(DATA)
     second, _ = part_for(world["out"], "s0001/a_lc.fits")
-    with pytest.raises(TransferError, match="another download is writing this file") as info:
+    with pytest.raises(DestinationBusyError, match="another download is writing this file") as info:
         second.open()
-    assert not info.value.retryable
+    assert isinstance(info.value, TransferError) and not info.value.retryable
     second.discard()  # what the Downloader does on a failure: the first writer's part stays
     assert dest.with_name("a_lc.fits.part").exists()
     first.commit(dest, fsync=False)
