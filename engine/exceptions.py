@@ -47,6 +47,10 @@ import contextlib
 import errno
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:  # typing.Unpack is 3.11+; the annotations are never evaluated at run time
+    from typing_extensions import Unpack
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
@@ -214,15 +218,28 @@ _OSERROR_TABLE: dict[int, tuple[type[LocalError], str, str]] = {
 }
 
 
+class OsErrorOptions(TypedDict, total=False):
+    """How `local_error_from_oserror` and `os_errors` word an error; every key is optional.
+
+    default
+        The class for an errno the table does not know (`LocalError`; e.g. `ManifestError`).
+    hint
+        The hint for such an errno; the table's own hints are used for the errnos it knows.
+    key
+        The setting that chose the path (e.g. ``"output.out_dir"``), named after the path.
+    permission_hint
+        Replaces the table's hint for a PermissionDeniedError: who should run the command differs
+        between a reader (``tessmirror verify``) and a writer, a full disk's fix does not.
+    """
+
+    default: type[LocalError]
+    hint: str | None
+    key: str | None
+    permission_hint: str | None
+
+
 def local_error_from_oserror(
-    err: OSError,
-    path: object,
-    doing: str,
-    *,
-    default: type[LocalError] = LocalError,
-    hint: str | None = None,
-    key: str | None = None,
-    permission_hint: str | None = None,
+    err: OSError, path: object, doing: str, **options: Unpack[OsErrorOptions]
 ) -> LocalError:
     """Translate an OSError met while `doing` something to `path` into the LocalError it means.
 
@@ -234,44 +251,31 @@ def local_error_from_oserror(
         The file or directory being worked on; named in the message and kept as ``.path``.
     doing
         A verb phrase that fits "cannot {doing} {path}", e.g. "write", "create", "read".
-    default
-        The class for an errno the table does not know (e.g. `ManifestError` for the manifest).
-    hint
-        The hint for such an errno; the table's own hints are used for the errnos it knows.
-    key
-        The setting that chose `path` (e.g. ``"output.out_dir"``), named after the path when given.
-    permission_hint
-        Replaces the table's hint for a PermissionDeniedError: who should run the command differs
-        between a reader (``tessmirror verify``) and a writer, a full disk's fix does not.
+    **options
+        `OsErrorOptions`: the class and hint for an unknown errno, the setting's key, the hint for
+        a permission error.
 
     Returns
     -------
     LocalError
-        A DiskFullError, PermissionDeniedError or `default`; raise it ``from err``.
+        A DiskFullError, PermissionDeniedError or ``options["default"]``; raise it ``from err``.
     """
     shown = str(path) if isinstance(path, (str, Path)) else repr(path)
-    if key:
-        shown = f"{shown} ({key})"
+    if options.get("key"):
+        shown = f"{shown} ({options['key']})"
     known = _OSERROR_TABLE.get(err.errno or -1)
     if known is not None:
         cls, template, table_hint = known
-        if permission_hint is not None and cls is PermissionDeniedError:
-            table_hint = permission_hint
-        return cls(template.format(doing=doing, path=shown), path=path, hint=table_hint)
+        permission_hint = options.get("permission_hint") if cls is PermissionDeniedError else None
+        hint = table_hint if permission_hint is None else permission_hint
+        return cls(template.format(doing=doing, path=shown), path=path, hint=hint)
     reason = err.strerror or str(err) or type(err).__name__
-    return default(f"cannot {doing} {shown}: {reason}", path=path, hint=hint)
+    default = options.get("default", LocalError)
+    return default(f"cannot {doing} {shown}: {reason}", path=path, hint=options.get("hint"))
 
 
 @contextlib.contextmanager
-def os_errors(
-    path: object,
-    doing: str,
-    *,
-    default: type[LocalError] = LocalError,
-    hint: str | None = None,
-    key: str | None = None,
-    permission_hint: str | None = None,
-) -> Iterator[None]:
+def os_errors(path: object, doing: str, **options: Unpack[OsErrorOptions]) -> Iterator[None]:
     """Raise any OSError of the block as the LocalError `local_error_from_oserror` makes of it.
 
     The OSError stays attached as ``__cause__``. Other exceptions pass through untouched, and so
@@ -279,7 +283,7 @@ def os_errors(
 
     Parameters
     ----------
-    path, doing, default, hint, key, permission_hint
+    path, doing, **options
         As for `local_error_from_oserror`.
 
     Examples
@@ -290,6 +294,4 @@ def os_errors(
     try:
         yield
     except OSError as err:
-        raise local_error_from_oserror(
-            err, path, doing, default=default, hint=hint, key=key, permission_hint=permission_hint
-        ) from err
+        raise local_error_from_oserror(err, path, doing, **options) from err
