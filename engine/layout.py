@@ -24,6 +24,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from engine.exceptions import ConfigError, UnsafePathError
 from engine.models import PlanItem
 
+# tessmirror's own folder under --out (manifest, plan, lock; `engine.lock` holds the same name): no
+# layout may put an archive file there, so a file of that name is refused, whatever its case.
+STATE_DIR_NAME = ".tessmirror"
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux, macOS, and Lustre/NFS servers
 _SHOWN_CHARS = 80  # how much of a hostile name an error message repeats
 
@@ -214,14 +217,20 @@ def relpath_for(item: PlanItem, layout: str) -> str:
     """The POSIX path, relative to the output folder, where `item` is stored under `layout`.
 
     The file name and obs_id are checked here, once, for every layout (UnsafePathError); the
-    strategy registered in `LAYOUTS` places the checked name. An unknown layout is a ConfigError.
+    strategy registered in `LAYOUTS` places the checked name, and a path that would land in the
+    state folder is refused. An unknown layout is a ConfigError.
     """
     strategy = check_layout(layout)
     filename = safe_filename(item.filename)
     check_obs_id(item.obs_id)
     if filename != item.filename:  # NFC-normalised: the strategy sees only the checked name
         item = dataclasses.replace(item, filename=filename)
-    return strategy(item)
+    relpath = strategy(item)
+    if relpath.partition("/")[0].casefold() == STATE_DIR_NAME:
+        # A flat layout would put the file where the state folder is: refused by name here rather
+        # than by the writer, whose message would suggest removing that folder.
+        raise _refuse(item.filename, "the name of tessmirror's state folder under --out")
+    return relpath
 
 
 def within(root: Path, relpath: str) -> Path:

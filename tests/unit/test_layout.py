@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from engine import lock
 from engine.exceptions import ConfigError, UnsafePathError
 from engine.layout import (
     LAYOUTS,
+    STATE_DIR_NAME,
     check_layout,
     layout_names,
     relpath_for,
@@ -273,3 +275,17 @@ def test_flat_by_sector_refuses_a_sectorless_file_named_like_a_sector_folder(nam
     with pytest.raises(UnsafePathError, match="sector folder"):
         relpath_for(item(name), "flat-by-sector")
     assert relpath_for(item(name, sector=3), "flat-by-sector") == f"s0003/{name}"
+
+
+@pytest.mark.parametrize("name", [STATE_DIR_NAME, ".TessMirror"])
+def test_a_file_named_like_the_state_folder_is_refused_where_it_would_land_in_it(name: str) -> None:
+    for layout in ("flat", "flat-by-sector"):
+        with pytest.raises(UnsafePathError, match="state folder"):
+            relpath_for(item(name), layout)
+    # Layouts that put every file in a folder keep it (it is an ordinary name inside misc/).
+    assert relpath_for(item(name), "sector") == f"misc/{name}"
+    assert relpath_for(item(name), "mast") == f"misc/{name}"
+
+
+def test_the_state_folder_name_is_the_one_the_run_uses() -> None:
+    assert STATE_DIR_NAME == lock.STATE_DIR_NAME
