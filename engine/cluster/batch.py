@@ -139,11 +139,13 @@ class SharedLimiter(AdaptiveLimiter):
     def __init__(self, initial: int) -> None:
         super().__init__(initial)
         self.publish_until = 0.0  # wall-clock end of the latest pause seen here, to publish
+        self.told = asyncio.Event()  # set by a new pause: the watcher publishes it at once
 
     def on_overload(self, retry_after: float | None = None) -> None:
         super().on_overload(retry_after)
         if retry_after is not None and retry_after > 0:
             self.publish_until = max(self.publish_until, time.time() + retry_after)
+            self.told.set()
 
     def pause_until(self, wall: float) -> None:
         """Hold new requests until the wall-clock time `wall` (a pause published by any worker)."""
@@ -323,7 +325,9 @@ async def _watch(control: Control, limiter: SharedLimiter, report: BatchReport) 
         if stop:
             return
         limiter.pause_until(until)
-        await asyncio.sleep(POLL_SECONDS)
+        limiter.told.clear()
+        with contextlib.suppress(TimeoutError):  # a pause seen here wakes the watcher at once
+            await asyncio.wait_for(limiter.told.wait(), POLL_SECONDS)
 
 
 async def _one(

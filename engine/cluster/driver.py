@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask
+from dask.utils import parse_timedelta
 from distributed import Client, Variable
 
 from engine.cluster import ClusterSpec
@@ -44,12 +46,21 @@ log = logging.getLogger("tessmirror")
 RESOURCE = "MAST"  # every worker has MAST=1 and every batch asks for 1: one batch per worker at a time
 WORKERS_TIMEOUT = 60.0  # seconds to wait for a worker of an existing scheduler (tcp://)
 _DASK_LOG_LEVEL = logging.CRITICAL  # Dask's own chatter (worker restarts, closed comms) stays out
+_DASK_LOGGERS = ("distributed", "dask", "dask_jobqueue", "tornado")
 
 
 @dataclass(slots=True)
 class _Batch:
     number: int
     items: list[tuple[PlanItem, str, bool]]  # (item, relpath, changed)
+
+
+def quiet_dask_logs() -> None:
+    """Keep Dask's own log lines (worker restarts, closed comms on shut-down, with their tracebacks)
+    out of the run's log: what matters reaches it as tessmirror's own lines."""
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] in _DASK_LOGGERS]
+    for name in {*_DASK_LOGGERS, *names}:
+        logging.getLogger(name).setLevel(_DASK_LOG_LEVEL)
 
 
 def runner_scheduler_file(state_dir: Path) -> Path:
@@ -96,6 +107,9 @@ def serve_runner_role(spec: ClusterSpec, settings: Settings) -> int | None:
         return None
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     runner_class = _runner_class()
+    quiet_dask_logs()
+    role = "the Dask scheduler" if rank == "0" else "a Dask worker"
+    log.info("slurm-runner: rank %s serves %s until the driver (rank 1) ends the run", rank, role)
     # SLURMRunner ends a scheduler's or worker's role by sending SIGINT to its own process; here that
     # is the end of this rank (our handler would treat it as a user's Ctrl-C).
     signal.signal(signal.SIGINT, _end_role)
@@ -151,8 +165,7 @@ class DaskExecutor:
     # -- starting and stopping -----------------------------------------------------------------
     async def start(self) -> None:
         spec = self.spec
-        for name in ("distributed", "distributed.nanny", "distributed.worker", "distributed.scheduler"):
-            logging.getLogger(name).setLevel(_DASK_LOG_LEVEL)
+        quiet_dask_logs()
         log.info("%s", spec.describe())
         try:
             await self._open()
@@ -167,10 +180,20 @@ class DaskExecutor:
             ) from None
         await Variable(self.names["pause"], client=self.client).set(0.0)
         await Variable(self.names["stop"], client=self.client).set(False)
+        # The jobs semaphore, registered first here (the scheduler keeps the first registration):
+        # a killed worker's lease is freed after half of Dask's lease timeout (15 s by default), and
+        # live workers refresh theirs every fifth of it.
+        timeout = parse_timedelta(dask.config.get("distributed.scheduler.locks.lease-timeout"), "s")
+        await self.client.scheduler.semaphore_register(
+            name=self.names["semaphore"], max_leases=spec.jobs, lease_timeout=max(timeout / 2, 5.0)
+        )
 
     async def _open(self) -> None:
         spec = self.spec
         mode = spec.mode
+        if mode in ("local", "slurm"):
+            # The scheduler runs in this process: look for the leases of killed workers every 3 s.
+            dask.config.set({"distributed.scheduler.locks.lease-validation-interval": "3s"})
         if mode == "local":
             from distributed import LocalCluster
 

@@ -53,13 +53,20 @@ def part_suffix(host: str | None = None, pid: int | None = None) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs here. A zombie does not: a worker whose driver was killed is reparented,
+    and where nobody reaps it (pid 1 of many containers) it stays a zombie that writes nothing."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process: alive
-    return True
+        pass  # someone else's process: alive, unless it is a zombie
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here (or it vanished just now): assume alive, never take a live part
+    state = stat_line.rpartition(")")[2].split()[:1]
+    return state not in (["Z"], ["X"])
 
 
 def _unlocked(dir_fd: int, name: str) -> bool | None:

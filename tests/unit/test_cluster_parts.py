@@ -118,3 +118,22 @@ def test_only_one_gone_part_is_continued_and_the_others_are_removed(tmp_path: Pa
         assert other_file.exists()  # another file's part is not ours to judge
     finally:
         part.discard()
+
+
+def test_a_zombie_writer_is_gone(tmp_path: Path) -> None:
+    """A worker whose driver was killed is reparented; where nobody reaps it, it stays a zombie."""
+    folder = tmp_path / "d"
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat_file = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat_file.read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.02)
+        _plant(folder, f"x.fits.part.{host_name()}.{child.pid}", b"H" * 10)
+        part = ClusterPartFile(folder / "x.fits.part", root=tmp_path)
+        part.open()
+        part.discard()
+        assert part.taken_over
+    finally:
+        child.wait()
