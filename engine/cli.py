@@ -274,6 +274,11 @@ def _add_input(p: argparse.ArgumentParser) -> None:
 
 
 def _add_download(p: argparse.ArgumentParser) -> None:
+    # The registries are imported here, not at the top: the CLI's first lines and its signal
+    # handlers come before any import that is not needed to start.
+    from engine.layout import layout_names
+    from engine.models import VerifyLevel
+
     _add_out(p)
     g = p.add_argument_group("download (also [fetch], [verify], [output], [run] in the config file)")
     g.add_argument(
@@ -314,13 +319,13 @@ def _add_download(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--verify",
         dest="verify.level",
-        choices=("size", "checksum", "fits"),
+        choices=VerifyLevel.names(),
         help="verification level (default fits)",
     )
     g.add_argument(
         "--layout",
         dest="output.layout",
-        choices=("mast", "sector", "flat"),
+        choices=layout_names(),
         help="directory layout (default mast)",
     )
     g.add_argument(
@@ -449,6 +454,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.models import VerifyLevel
+
     parser = _Parser(
         prog="tessmirror",
         description="Verified, resumable bulk downloads of TESS products from MAST.",
@@ -502,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--level",
         dest="verify.level",
-        choices=("size", "checksum", "fits"),
+        choices=VerifyLevel.names(),
         help="how deep to check (default fits)",
     )
     p.add_argument("--repair", action="store_true", help="move bad files aside and download them again")

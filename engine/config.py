@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from engine.exceptions import ConfigError
+from engine.layout import check_layout
 from engine.models import VerifyLevel, is_number
 from engine.settings import (
     AUTO,
@@ -37,7 +38,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SECTOR_MIN, SECTOR_MAX = 1, 200
-LAYOUTS = ("mast", "sector", "flat")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # One entry per TOML table: the Settings field name -> its dataclass.
@@ -473,12 +473,7 @@ def _validate(settings: Settings, *, require_selection: bool) -> None:
         raise ConfigError("fetch.bandwidth_limit", "must be positive bytes/s", hint="omit it for no cap")
     _at_least("verify.workers", settings.verify.workers, 1)
     _at_least("run.progress_interval", run.progress_interval, 0)
-    if settings.output.layout not in LAYOUTS:
-        raise ConfigError(
-            "output.layout",
-            f"unknown layout {settings.output.layout!r}",
-            hint=f"use one of: {', '.join(LAYOUTS)}",
-        )
+    check_layout(settings.output.layout)
     if run.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(
             "run.log_level", f"unknown level {run.log_level!r}", hint=f"use one of: {', '.join(LOG_LEVELS)}"

@@ -63,6 +63,7 @@ from engine.exceptions import (
     TessMirrorError,
     UnsafePathError,
     local_error_from_oserror,
+    os_errors,
 )
 from engine.fetch.autotune import DEFAULT_START, ConcurrencyTuner, TunerSettings, TuneStep
 from engine.fetch.bandwidth import TokenBucket
@@ -1193,25 +1194,12 @@ def _free_bytes(path: Path) -> int:
 
 def _prepare_dir(path: Path, key: str) -> None:
     """Create a directory and prove it is writable, with a message that names it."""
-    try:
+    fix = "choose a directory you can write to, or fix its permissions"
+    with os_errors(path, "write to", default=PermissionDeniedError, hint=fix, key=key, permission_hint=fix):
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".tessmirror-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-    except PermissionError as err:
-        raise PermissionDeniedError(
-            f"cannot write to {path} ({key}): {err.strerror}",
-            path=path,
-            hint="choose a directory you can write to, or fix its permissions",
-        ) from None
-    except OSError as err:
-        if err.errno == 30:  # EROFS
-            raise PermissionDeniedError(
-                f"{path} ({key}) is on a read-only filesystem", path=path, hint="choose a writable directory"
-            ) from None
-        if err.errno == 28:  # ENOSPC
-            raise DiskFullError(f"no space left on the device holding {path} ({key})", path=path) from None
-        raise PermissionDeniedError(f"cannot use {path} ({key}): {err}", path=path) from None
 
 
 def summarize(outcome: RunOutcome) -> Iterable[str]:
