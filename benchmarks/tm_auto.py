@@ -24,7 +24,9 @@ from engine.config import load_settings
 from engine.exceptions import TessMirrorError
 from engine.fetch.autotune import DEFAULT_MAX_CONNECTIONS, ConcurrencyTuner
 from engine.fetch.download import Downloader
+from engine.layout import layout_names
 from engine.manager import MirrorRun, summarize
+from engine.models import VerifyLevel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, required=True, help="an ECSV plan or a URL list")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
-    parser.add_argument("--verify", default="checksum", choices=("size", "checksum", "fits"))
-    parser.add_argument("--layout", default="flat", choices=("mast", "sector", "flat"))
+    parser.add_argument("--verify", default="checksum", choices=VerifyLevel.names())
+    parser.add_argument("--layout", default="flat", choices=layout_names())
     parser.add_argument("--no-fsync", action="store_true")
     ns = parser.parse_args(argv)
     try:

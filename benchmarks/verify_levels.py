@@ -60,9 +60,10 @@ def _full_light_curve(directory: Path) -> tuple[Path, PlanItem]:
 
 def _stream(item: PlanItem, level: VerifyLevel, blocks: list[memoryview]) -> None:
     check = StreamCheck(item, level)
+    check.expect_total(item.size)
     for block in blocks:
         check.feed(block)
-    check.finish(item.size)
+    check.finish()
 
 
 def _timed(fn: Callable[[], None], repeat: int) -> tuple[float, float]:

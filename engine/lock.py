@@ -61,12 +61,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.exceptions import RunLockedError, local_error_from_oserror
+from engine.layout import STATE_DIR_NAME  # the default state directory under --out
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 SHARED_DIR_NAME = "run.lock.d"  # one entry per shared holder (a shard at work)
-STATE_DIR_NAME = ".tessmirror"  # the default state directory under --out
+
 # Linux's PID_MAX_LIMIT (2**22); other systems' pids are smaller. Above it a pid is not a pid.
 PID_MAX = 4_194_304
 # The Slurm variables a lock records: the job (and array task) it belongs to, and its restart count.

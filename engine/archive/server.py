@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine.archive.catalog import INDEXED_COLUMNS, OBSCORE_META, Catalog, Shape, build_catalog
+from engine.archive.catalog import Catalog, Shape, build_catalog
+from engine.archive.columns import INDEXED_COLUMNS, OBSCORE_META
 from engine.archive.faults import FaultPlan
 from engine.archive.ffigen import ffi_dims
 from engine.archive.files import FileServer, FileStore, RequestRecord, S3Shape

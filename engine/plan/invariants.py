@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from engine.exceptions import UnsafePathError
-from engine.layout import relpath_for
+from engine.layout import check_layout, relpath_for
 from engine.models import PlanItem
 from engine.plan.table import filename_from_url
 from engine.redact import redact
@@ -91,7 +91,7 @@ class PlanGuard:
     """
 
     def __init__(self, layout: str, *, recent_urls: int = RECENT_URLS) -> None:
-        relpath_for(PlanItem(url="", filename="x"), layout)  # an unknown layout fails now, by name
+        check_layout(layout)  # an unknown layout fails now, by name
         self.layout = layout
         self.planned = 0
         self.merged = 0
