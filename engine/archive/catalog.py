@@ -44,8 +44,6 @@ from engine.archive.columns import (
 )
 
 # Re-exported for server.py, which declares them to TAP clients; they live in columns.py.
-from engine.archive.columns import INDEXED_COLUMNS as INDEXED_COLUMNS
-from engine.archive.columns import OBSCORE_META as OBSCORE_META
 from engine.archive.footprints import (
     CcdKey,
     Vertex,

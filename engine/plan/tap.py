@@ -279,11 +279,6 @@ class TapClient:
             self._columns[table] = names
         return self._columns[table]
 
-    async def has_columns(self, table: str, columns: set[str]) -> bool:
-        """True when `table` exists and has every one of `columns` (compared case-insensitively)."""
-        present = await self.columns(table)
-        return present is not None and {c.lower() for c in columns} <= present
-
     def close(self) -> None:
         """Cancel every call in flight and stop this client's threads without waiting for them.
 

@@ -110,8 +110,6 @@ def test_hardlimit_and_columns() -> None:
             assert await tap.hardlimit() == 9
             assert await tap.columns("ivoa.things") == {"obs_id", "n"}
             assert await tap.columns("dbo.caomartifact") is None
-            assert await tap.has_columns("ivoa.things", {"OBS_ID"})
-            assert not await tap.has_columns("ivoa.things", {"obs_id", "size"})
 
     asyncio.run(main())
 
