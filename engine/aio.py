@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-log = logging.getLogger("tessmirror")
+log = logging.getLogger(__name__)
 
 
 def quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -133,7 +133,7 @@ def _drain(sock: object) -> None:
             pass
 
 
-log = logging.getLogger("tessmirror")
+log = logging.getLogger(__name__)
 
 DEMO_OUT = "tessmirror-demo"
 # A fixed port keeps the archive's URLs the same from one demo to the next, so a second

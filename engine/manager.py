@@ -96,7 +96,7 @@ if TYPE_CHECKING:  # planning's imports (astropy.table, pyvo) cost a second: onl
 
     from engine.plan.planner import Planner
 
-log = logging.getLogger("tessmirror")
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 PLAN_FILE = "plan.ecsv"

@@ -19,7 +19,7 @@ from typing import Protocol, TextIO
 
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock
 
-log = logging.getLogger("tessmirror")
+log = logging.getLogger(__name__)
 
 PLANNING = "planning…"
 REDRAW_SECONDS = 0.5

@@ -67,7 +67,7 @@ from engine.redact import redact
 if TYPE_CHECKING:  # numpy and matplotlib are imported where the report is built, not at CLI start
     import numpy as np
 
-log = logging.getLogger("tessmirror")
+log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"  # under the state directory, so `verify` never sees it as an unexpected file
 HTML_NAME = "report.html"

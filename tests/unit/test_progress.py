@@ -60,7 +60,7 @@ def test_once_planning_ends_the_line_has_the_total_bytes_and_an_eta():
 def test_retries_are_counted_from_attempts_and_shown_and_summarised(caplog):
     progress = Progress(bar=False, clock=FakeClock(now=100.0))
     progress.plan_complete()
-    with caplog.at_level(logging.DEBUG, logger="tessmirror"):
+    with caplog.at_level(logging.DEBUG, logger="engine.progress"):
         progress.file_done(verified(attempts=3))
         progress.file_done(verified(attempts=1))
     assert progress.retries == 2 and progress.files_retried == 1
