@@ -409,6 +409,24 @@ _SPECIAL = {
 
 
 # -- whole-settings validation ------------------------------------------------------------------------
+def validate_settings(settings: Settings, *, require_selection: bool = False) -> None:
+    """Check a whole Settings, however it was made (the loader, the Python API, by hand).
+
+    Parameters
+    ----------
+    settings : Settings
+        Checked in place; a few values are normalized (the log level's case, the shard's form).
+    require_selection : bool
+        Also refuse settings that select nothing to mirror.
+
+    Raises
+    ------
+    engine.exceptions.ConfigError
+        The first bad value, naming its key and the fix.
+    """
+    _validate(settings, require_selection=require_selection)
+
+
 def _validate(settings: Settings, *, require_selection: bool) -> None:
     tap, fetch, run = settings.tap, settings.fetch, settings.run
     parts = urlsplit(tap.url)

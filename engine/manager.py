@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from engine.config import validate_settings
 from engine.exceptions import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -475,6 +476,9 @@ class MirrorRun:
         adopt_from: Iterable[Path] = (),
         adopt_link: bool = False,
     ) -> None:
+        # Settings built in Python (the API, a notebook) never passed the loader: check them here,
+        # so a bad value is the same one-line ConfigError however it arrived.
+        validate_settings(settings)
         self.settings = settings
         self.source = source
         self.clock = clock or SystemClock()

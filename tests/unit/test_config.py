@@ -389,3 +389,22 @@ def test_a_bad_run_shard_names_the_key(tmp_path: Path, value: str) -> None:
     assert err.key == "run.shard" and str(err).startswith("run.shard:")
     err = config_error(None, {**SELECTED, "run.shard": value})
     assert err.key == "run.shard"
+
+
+def test_settings_built_in_python_are_validated_when_a_run_is_made(tmp_path: Path) -> None:
+    """The API and MirrorRun take Settings that never passed the loader; the same checks apply."""
+    from engine.manager import MirrorRun
+    from engine.settings import Settings
+
+    settings = Settings()
+    settings.output.out_dir = tmp_path
+    settings.fetch.concurrency = 0
+    with pytest.raises(ConfigError) as caught:
+        MirrorRun(settings)
+    assert caught.value.key == "fetch.concurrency" and "0 is outside 1..256" in str(caught.value)
+
+    settings.fetch.concurrency = 8
+    settings.output.layout = "tree"
+    with pytest.raises(ConfigError) as caught:
+        MirrorRun(settings)
+    assert caught.value.key == "output.layout"
