@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--commit", default="", help="measure this commit (a clean git archive); default: the tree"
     )
+    parser.add_argument(
+        "--baseline", default="", help="also measure this commit, interleaved run by run (before/after)"
+    )
     parser.add_argument("--levels", default="size,checksum,fits", help="verify levels (default all three)")
     parser.add_argument("--fsync", default="on,off", help="on, off or on,off (default)")
     parser.add_argument("--runs", type=int, default=1, help="repeats of each run; the median is shown")
@@ -200,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     engine, engine_note = (REPO, "the working tree")
     if ns.commit:
         engine, engine_note = export_commit(ns.commit, work / "engine-tree")
+    trees = [("", engine)]
+    if ns.baseline:
+        base_tree, base_note = export_commit(ns.baseline, work / "baseline-tree")
+        trees = [(f"[{base_note}] ", base_tree), (f"[{engine_note}] ", engine)]
     base_url = f"http://127.0.0.1:{HARNESS.port}/{setup.kind}"
     print(f"files: {nfiles} x {setup.kind} FITS in {HARNESS.docroot / setup.kind}", flush=True)
     started = time.monotonic()
@@ -214,32 +221,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for level in levels:
-            startup = run_one(
-                tessmirror_cmd(engine, one, Path("@OUT@"), conns, level, True),
-                files[:1],
-                work,
-                f"one-{level}",
-            )
-            for fsync in fsyncs:
-                runs = []
-                for r in range(ns.runs):
-                    label = f"{level}-{'fsync' if fsync else 'nofsync'}-{r}"
-                    runs.append(
-                        run_one(
-                            tessmirror_cmd(engine, plan, Path("@OUT@"), conns, level, fsync),
-                            files,
-                            work,
-                            label,
-                        )
-                    )
-                runs.sort(key=lambda row: row["cpu_s"])  # the median run by CPU
-                row = dict(runs[len(runs) // 2])
-                row.update(
-                    tool=f"tessmirror c={conns} {level}" + ("" if fsync else " no-fsync"),
-                    startup_cpu_s=startup["cpu_s"],
-                    cpu_runs=[round(x["cpu_s"], 2) for x in runs],
+            startups = {
+                tag: run_one(
+                    tessmirror_cmd(tree, one, Path("@OUT@"), conns, level, True),
+                    files[:1],
+                    work,
+                    f"one-{level}{'-base' if tree != engine else ''}",
                 )
-                rows.append(row)
+                for tag, tree in trees
+            }
+            for fsync in fsyncs:
+                runs: dict[str, list[dict]] = {tag: [] for tag, _ in trees}
+                for r in range(ns.runs):
+                    for tag, tree in trees:  # interleaved: a change in the box's load hits both alike
+                        base = "-base" if tree != engine else ""
+                        label = f"{level}-{'fsync' if fsync else 'nofsync'}-{r}{base}"
+                        cmd = tessmirror_cmd(tree, plan, Path("@OUT@"), conns, level, fsync)
+                        runs[tag].append(run_one(cmd, files, work, label))
+                for tag, _ in trees:
+                    mine = sorted(runs[tag], key=lambda row: row["cpu_s"])  # the median run by CPU
+                    row = dict(mine[len(mine) // 2])
+                    row.update(
+                        tool=f"{tag}tessmirror c={conns} {level}" + ("" if fsync else " no-fsync"),
+                        startup_cpu_s=startups[tag]["cpu_s"],
+                        cpu_runs=[round(x["cpu_s"], 2) for x in runs[tag]],
+                    )
+                    rows.append(row)
         if ns.peers:
             cfg = work / "curl.cfg"
             cfg.write_text("".join(f'url = "{base_url}/{n}"\n' for n, _, _ in files))

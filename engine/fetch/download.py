@@ -96,6 +96,11 @@ _IO_POOL = concurrent.futures.ThreadPoolExecutor(
 )
 
 
+def _resumable(item: PlanItem) -> bool:
+    """A part of this file left by an earlier run may be continued (see `RESUME_MIN_BYTES`)."""
+    return max(item.size, item.est_kb * 1024) >= RESUME_MIN_BYTES
+
+
 def _root_of(dest: Path, relpath: str) -> Path:
     """The output folder: `dest` without the directories `relpath` adds (dest = root/relpath)."""
     depth = relpath.count("/")
@@ -118,7 +123,8 @@ class _Transfer:
     buffer: bytearray
     dest: Path
     view: memoryview = field(init=False)
-    committed: bool = False  # verified and renamed to `dest` (done in the FITS check's thread hop)
+    committed: bool = False  # verified and renamed to `dest` (done in the last block's thread hop)
+    opened: bool = False  # the part is open (a file that cannot be resumed opens it with its first block)
     validator: str | None = None  # ETag or Last-Modified, for If-Range
     restart: bool = False  # the bytes so far are unusable: start the next try from zero
     route: Route = field(default_factory=Route)  # which source served it, and any fallback
@@ -129,11 +135,24 @@ class _Transfer:
         self.view = memoryview(self.buffer)
 
 
-def _absorb_block(check: StreamCheck, part: PartFile, block: bytes | memoryview) -> None:
+def _open_part(t: _Transfer) -> None:
+    """Open the part if it is not open yet (in an I/O thread). A file too small to be resumed from an
+    earlier run opens it here, with its first block, instead of in a thread hop of its own; bytes an
+    earlier run left are dropped, as `Downloader._take_over` drops them for such a file."""
+    if t.opened:
+        return
+    t.part.open()
+    t.opened = True
+    if t.part.kept:
+        t.part.truncate()  # also removes a stored validator: it vouched for the bytes just dropped
+
+
+def _absorb_block(t: _Transfer, block: bytes | memoryview) -> None:
     """Hash, count and write one block (runs in an I/O thread; check first, so a refused block is not
     written)."""
-    check.feed(block)
-    part.write(block)
+    _open_part(t)
+    t.check.feed(block)
+    t.part.write(block)
 
 
 def _describe(exc: BaseException, limit: int = 160) -> str:
@@ -207,14 +226,19 @@ class Downloader:
             est_tolerance=self._settings.est_size_tolerance,
             max_file_size=self._settings.max_file_size,
         )
-        transfer = _Transfer(item, part, check, bytearray(self._settings.chunk_size), dest)
+        # A small file needs no block buffer larger than itself (the cap is its exact size or less).
+        capacity = max(min(self._settings.chunk_size, check.limit), 1)
+        transfer = _Transfer(item, part, check, bytearray(capacity), dest)
         attempts = 0
         try:
             try:
                 part.resume = True
-                await self._io(part.path, part.open)
-                if part.kept:
-                    await self._take_over(transfer)
+                if _resumable(item):
+                    await self._io(part.path, part.open)
+                    transfer.opened = True
+                    if part.kept:
+                        await self._take_over(transfer)
+                # else: the part is opened in the thread hop of the first block (`_open_part`)
                 async for attempt in retrying(
                     self._settings, self._clock, before_sleep=self._log_retry(item)
                 ):
@@ -263,8 +287,7 @@ class Downloader:
         MB/s, see docs/CLOUD.md). Anything else, or bytes that already break the checks: from zero.
         """
         part, check = t.part, t.check
-        worth = max(t.item.size, t.item.est_kb * 1024) >= RESUME_MIN_BYTES
-        if part.kept_validator and check.checksum_declared and worth:
+        if part.kept_validator and check.checksum_declared and _resumable(t.item):
             try:
                 await self._io(part.path, part.replay, check.feed, len(t.buffer))
             except IntegrityError:
@@ -296,41 +319,42 @@ class Downloader:
         try:
             headers = await self._resume_headers(t)
             if self._throttle is None:
-                await self._request(t, headers)
+                tail = await self._request(t, headers)
             else:
                 async with self._throttle.slot():
-                    await self._request(t, headers)
-            nbytes, md5 = t.check.finish()
-            if t.etag_md5 and md5 and md5 != t.etag_md5:
-                raise ChecksumMismatchError(
-                    f"{t.item.filename}: md5 {md5} does not match the ETag {t.etag_md5} the bucket sent",
-                    hint="the copy was corrupted in transit; it will be fetched again",
-                )
-            if self._level >= VerifyLevel.FITS and is_fits_item(t.item):
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, self._verify_and_commit, t)
-            return nbytes, md5
+                    tail = await self._request(t, headers)
+            if self._meter is not None and tail:
+                self._meter.add_bytes(tail)
+            # The last block, the size/md5 rules, the FITS check, fsync and rename: one thread hop,
+            # so a mirror of small files pays one hop a file (the FITS check's pool when it runs).
+            fits = self._level >= VerifyLevel.FITS and is_fits_item(t.item)
+            pool = self._executor if fits and self._executor is not None else _IO_POOL
+            return await self._io(t.part.path, self._finish, t, tail, fits, pool=pool)
         except IntegrityError:
             t.restart = True  # a fresh copy may be right; these bytes are not
             raise
 
-    def _verify_and_commit(self, t: _Transfer) -> None:
-        """The FITS check, then (only if it passed) fsync and rename, in one thread hop: a mirror of
-        small files pays per hop, not per byte.
+    def _finish(self, t: _Transfer, tail: int, fits: bool) -> tuple[int, str]:
+        """Absorb the last `tail` bytes of the buffer, apply the whole-body rules, check the FITS
+        structure, then (only if all passed) fsync and rename. Runs in a thread.
 
         verify_fits reads the part through its folder's descriptor (`PartFile.read_path`), so a
         folder swapped for a symlink meanwhile cannot make it read other bytes than ours.
         """
-        try:
-            reading = t.part.read_path()
-        except OSError as exc:
-            raise local_error(exc, t.part.path) from exc
-        verify_fits(reading)
-        try:
-            t.part.commit(t.dest, fsync=self._fsync)
-        except OSError as exc:
-            raise local_error(exc, t.part.path) from exc
+        _open_part(t)  # an empty body still leaves an (empty) part to check and rename
+        if tail:
+            _absorb_block(t, t.view[:tail])
+        nbytes, md5 = t.check.finish()
+        if t.etag_md5 and md5 and md5 != t.etag_md5:
+            raise ChecksumMismatchError(
+                f"{t.item.filename}: md5 {md5} does not match the ETag {t.etag_md5} the bucket sent",
+                hint="the copy was corrupted in transit; it will be fetched again",
+            )
+        if fits:
+            verify_fits(t.part.read_path())
+        t.part.commit(t.dest, fsync=self._fsync)
         t.committed = True
+        return nbytes, md5
 
     def _warn_if_off_estimate(self, check: StreamCheck) -> None:
         """A verified file whose size is far from its estimate: a warning, once per Downloader (the
@@ -351,7 +375,8 @@ class Downloader:
         )
 
     async def _restart(self, t: _Transfer) -> None:
-        await self._io(t.part.path, t.part.truncate)  # also drops a stored validator
+        if t.opened:
+            await self._io(t.part.path, t.part.truncate)  # also drops a stored validator
         t.saved_validator = None
         t.check.reset()
         t.restart = False
@@ -370,7 +395,8 @@ class Downloader:
         await self._restart(t)
         return {}
 
-    async def _request(self, t: _Transfer, headers: dict[str, str]) -> None:
+    async def _request(self, t: _Transfer, headers: dict[str, str]) -> int:
+        """One request; returns how many bytes of the body's end still wait in the buffer."""
         idle = self._settings.idle_timeout
         source = self.sources.for_item(t.item)
         try:
@@ -387,11 +413,12 @@ class Downloader:
             if self._meter is not None:
                 self._meter.add_first_byte(self._clock.monotonic() - sent)
             try:
-                await self._receive(t, reply)
+                tail = await self._receive(t, reply)
             except BaseException:
                 reply.response.close()  # drop the connection: an unread or hostile body must not be reused
                 raise
             reply.response.release()
+            return tail
         except ResumeRefusedError:
             t.restart = True
             raise
@@ -411,7 +438,7 @@ class Downloader:
         except aiohttp.ClientError as exc:
             raise ConnectionLostError(f"HTTP client error: {_describe(exc)}") from None
 
-    async def _receive(self, t: _Transfer, reply: Reply) -> None:
+    async def _receive(self, t: _Transfer, reply: Reply) -> int:
         if reply.restart and t.check.nbytes:  # the server ignored Range or If-Range failed
             await self._restart(t)
         t.validator = reply.validator or t.validator
@@ -419,15 +446,19 @@ class Downloader:
         t.check.expect_total(reply.total)
         if t.validator != t.saved_validator and self._worth_keeping(t, reply.total):
             # Beside the part before any body byte: a later run may continue only bytes it vouches for.
+            await self._io(t.part.path, _open_part, t)
             await self._io(t.part.path, t.part.save_validator, t.validator)
             t.saved_validator = t.validator
-        await self._stream(t, reply.response)
+        tail = await self._stream(t, reply.response)
         expected = t.item.size if t.item.size >= 0 else reply.total
-        if expected is not None and t.check.nbytes < expected:
+        if expected is not None and t.check.nbytes + tail < expected:
             # A clean end before the announced length: resumable, like a reset.
+            if tail:
+                await self._absorb(t, t.view[:tail])
             raise ConnectionLostError(f"the body ended after {t.check.nbytes} of {expected} bytes")
         if self._throttle is not None:
             self._throttle.on_success()
+        return tail
 
     def _worth_keeping(self, t: _Transfer, total: int | None) -> bool:
         """Store the validator for a later run only where a resume could happen and pays."""
@@ -436,7 +467,9 @@ class Downloader:
         return max(t.item.size, total or 0, t.item.est_kb * 1024) >= RESUME_MIN_BYTES
 
     # -- the hot loop ------------------------------------------------------------------------------
-    async def _stream(self, t: _Transfer, response: aiohttp.ClientResponse) -> None:
+    async def _stream(self, t: _Transfer, response: aiohttp.ClientResponse) -> int:
+        """Copy the body into the block buffer, handing each full block to an I/O thread. Returns
+        how many bytes of the last block are still in the buffer (`_finish` takes them)."""
         check, view, bandwidth = t.check, t.view, self._bandwidth
         capacity = len(view)
         limit = check.limit
@@ -465,21 +498,22 @@ class Downloader:
             if filled:  # the bytes before the break are good: keep them for the resume
                 await self._absorb(t, view[:filled])
             raise
-        if filled:
-            await self._absorb(t, view[:filled])
+        return filled
 
     async def _absorb(self, t: _Transfer, block: bytes | memoryview) -> None:
         if self._meter is not None:
             self._meter.add_bytes(len(block))
-        await self._io(t.part.path, _absorb_block, t.check, t.part, block)
+        await self._io(t.part.path, _absorb_block, t, block)
 
-    async def _io(self, path: Path, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking file work in the I/O pool; translate OSError into LocalError.
+    async def _io(
+        self, path: Path, fn: Callable[..., T], *args: Any, pool: concurrent.futures.Executor = _IO_POOL
+    ) -> T:
+        """Run blocking file work in `pool` (the I/O pool); translate OSError into LocalError.
 
         On cancellation, a block already being written is waited for (briefly) so that no thread is
         still writing into the file descriptor when `fetch` closes it.
         """
-        job = _IO_POOL.submit(fn, *args)
+        job = pool.submit(fn, *args)
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:

@@ -22,6 +22,7 @@ import ipaddress
 import os
 import ssl
 import unicodedata
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -176,6 +177,20 @@ def read_token(env_name: str | None, environ: Mapping[str, str] | None = None) -
     return token
 
 
+def env_has_proxy_or_netrc() -> bool:
+    """Whether the environment names a proxy (``*_PROXY``) or a netrc file exists (``NETRC``, else
+    ``~/.netrc``): what aiohttp's ``trust_env`` would look up for every request."""
+    if urllib.request.getproxies():
+        return True
+    path = os.environ.get("NETRC")
+    if path is None:
+        try:
+            path = str(Path.home() / ".netrc")
+        except RuntimeError:  # no home directory to look in
+            return False
+    return os.path.exists(path)
+
+
 def open_session(
     settings: FetchSettings, *, token: str | None = None, token_hosts: Iterable[str] | None = None
 ) -> aiohttp.ClientSession:
@@ -211,6 +226,8 @@ def open_session(
         middlewares=middlewares,
         raise_for_status=False,
         # HTTP(S)_PROXY and NO_PROXY, as requests honours them for planning (and ~/.netrc, whose
-        # Authorization the token middleware replaces or removes per host).
-        trust_env=True,
+        # Authorization the token middleware replaces or removes per host). Only when there is
+        # something to trust: aiohttp re-reads both in two thread hops per request, which cost a
+        # mirror of small files more than its FITS checks.
+        trust_env=env_has_proxy_or_netrc(),
     )

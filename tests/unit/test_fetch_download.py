@@ -19,7 +19,7 @@ from astropy.io import fits
 from yarl import URL
 
 from engine.exceptions import DiskFullError, PermissionDeniedError, UnsafeRedirectError
-from engine.fetch.download import Downloader, PartFile
+from engine.fetch.download import RESUME_MIN_BYTES, Downloader, PartFile
 from engine.fetch.http import redirect_target as _redirect_target
 from engine.fetch.session import open_session
 from engine.fetch.throttle import AdaptiveLimiter
@@ -497,9 +497,23 @@ def test_read_only_output_is_a_permission_error(tmp_path: Path) -> None:
         archive.files["o_lc.fits"] = FITS_BYTES
         with pytest.raises(PermissionDeniedError, match=r"o_lc\.fits\.part"):
             await downloader.fetch(item_for(archive, "o_lc.fits", FITS_BYTES), tmp_path / "o_lc.fits", "o")
-        assert archive.seen == []
+        assert not (tmp_path / "o_lc.fits").exists()
 
     run(scenario, part_file=ReadOnly)
+
+
+def test_a_resumable_file_opens_its_part_before_any_request(tmp_path: Path) -> None:
+    """A file large enough to be resumed from an earlier run opens its part (where a kept part and its
+    validator are found) before the request; a small one opens it with its first block instead."""
+    big = FITS_BYTES * (RESUME_MIN_BYTES // len(FITS_BYTES) + 1)
+
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["p_lc.fits"] = big
+        with pytest.raises(PermissionDeniedError, match=r"p_lc\.fits\.part"):
+            await downloader.fetch(item_for(archive, "p_lc.fits", big), tmp_path / "p_lc.fits", "p")
+        assert archive.seen == []
+
+    run(scenario, part_file=ReadOnly, level=VerifyLevel.CHECKSUM)
 
 
 def test_cancellation_propagates_and_leaves_nothing_at_dest(tmp_path: Path) -> None:
@@ -662,7 +676,7 @@ def test_a_planted_part_symlink_is_not_written_through(tmp_path: Path) -> None:
     assert victim.read_bytes() == b"precious"
 
 
-def test_a_folder_symlinked_outside_is_a_one_line_failure_before_any_request(tmp_path: Path) -> None:
+def test_a_folder_symlinked_outside_is_a_one_line_failure_and_nothing_lands_there(tmp_path: Path) -> None:
     sentinel = tmp_path / "sentinel"
     sentinel.mkdir()
     out = tmp_path / "out"
@@ -676,6 +690,26 @@ def test_a_folder_symlinked_outside_is_a_one_line_failure_before_any_request(tmp
         assert result.status is FileStatus.FAILED
         assert "it is a symlink" in result.error and "\n" not in result.error
         assert "never writes through a symlink" in result.error  # the hint: what to fix
+        # A small file opens its part with its first block, so its one request has been made.
+        assert len(archive.seen) <= 1
+
+    run(scenario)
+    assert list(sentinel.iterdir()) == []
+
+
+def test_a_folder_symlinked_outside_fails_a_resumable_file_before_any_request(tmp_path: Path) -> None:
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s0001").symlink_to(sentinel)
+
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["z_lc.fits"] = BIG_BYTES
+        dest = out / "s0001" / "z_lc.fits"
+        result = await downloader.fetch(item_for(archive, "z_lc.fits", BIG_BYTES), dest, "s0001/z_lc.fits")
+        assert result.status is FileStatus.FAILED
+        assert "it is a symlink" in result.error and "\n" not in result.error
         assert archive.seen == []
 
     run(scenario)
@@ -683,11 +717,13 @@ def test_a_folder_symlinked_outside_is_a_one_line_failure_before_any_request(tmp
 
 
 def test_two_downloads_to_one_destination_never_interleave(tmp_path: Path) -> None:
+    """A resumable file holds its locked part from before its request: a second writer is refused."""
+
     async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
-        archive.files["d_lc.fits"] = FITS_BYTES
+        archive.files["d_lc.fits"] = BIG_BYTES
         archive.script["d_lc.fits"] = [Behaviour(stall_after=16384, stall_seconds=2)]
         dest = tmp_path / "s0001" / "d_lc.fits"
-        item = item_for(archive, "d_lc.fits", FITS_BYTES)
+        item = item_for(archive, "d_lc.fits", BIG_BYTES)
         first = asyncio.create_task(downloader.fetch(item, dest, "s0001/d_lc.fits"))
         while not archive.seen:  # the first download holds its .part
             await asyncio.sleep(0.01)
@@ -696,7 +732,28 @@ def test_two_downloads_to_one_destination_never_interleave(tmp_path: Path) -> No
         assert "another download is writing this file" in second.error
         result = await first
         assert result.status is FileStatus.VERIFIED, result.error
+        assert dest.read_bytes() == BIG_BYTES
+
+    run(scenario)
+
+
+def test_two_downloads_of_a_small_file_to_one_destination_leave_it_whole(tmp_path: Path) -> None:
+    """A small file takes its part's lock only in the one thread hop that writes, checks and renames
+    it, so two writers take turns: each renames a whole, verified copy, never a mix."""
+
+    async def scenario(archive: TinyArchive, downloader: Downloader, clock: FakeClock) -> None:
+        archive.files["e_lc.fits"] = FITS_BYTES
+        archive.script["e_lc.fits"] = [Behaviour(stall_after=4096, stall_seconds=1)]
+        dest = tmp_path / "s0001" / "e_lc.fits"
+        item = item_for(archive, "e_lc.fits", FITS_BYTES)
+        results = await asyncio.gather(*(downloader.fetch(item, dest, "s0001/e_lc.fits") for _ in range(2)))
+        for result in results:
+            assert result.status in (FileStatus.VERIFIED, FileStatus.FAILED)
+            if result.status is FileStatus.FAILED:
+                assert "another download is writing this file" in result.error
+        assert FileStatus.VERIFIED in {result.status for result in results}
         assert dest.read_bytes() == FITS_BYTES
+        assert not dest.with_name("e_lc.fits.part").exists()
 
     run(scenario)
 
