@@ -142,18 +142,6 @@ DEMO_PORT = 27301  # below the ephemeral range (32768-60999), so no client socke
 
 
 # -- flag parsing -------------------------------------------------------------------------------
-def _int_list(key: str) -> Callable[[str], list[int]]:
-    def parse(text: str) -> list[int]:
-        if text.strip().lower() == "all":
-            return []
-        try:
-            return [int(part) for part in text.replace(" ", "").split(",") if part]
-        except ValueError:
-            raise ConfigError(key, f"expected numbers like 1,2,3 or 'all', got {text!r}") from None
-
-    return parse
-
-
 def _str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -168,6 +156,19 @@ def _bytes_rate(text: str) -> float:
         return float(t)
     except ValueError:
         raise ConfigError("fetch.bandwidth_limit", f"expected a rate like 5M or 500k, got {text!r}") from None
+
+
+def _default(key: str) -> str:
+    """The schema's default for `key` ("fetch.retries"), as help shows it: never restated by hand."""
+    import enum
+
+    from engine.settings import Settings
+
+    section, name = key.split(".")
+    value = getattr(getattr(Settings(), section), name)
+    if isinstance(value, enum.Enum):
+        return value.name.lower()  # as the flag takes it: VerifyLevel.FITS -> fits
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _lazy_parser(name: str) -> Callable[[str], object]:
@@ -187,16 +188,14 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--camera",
         dest="selection.cameras",
-        type=_int_list("selection.cameras"),
         metavar="LIST",
-        help="camera(s) of the footprint, e.g. 1 or 1,2 or all (default: all)",
+        help="camera(s) of the footprint, e.g. 1 or 1,2 or 1-3 or all (default: all)",
     )
     g.add_argument(
         "--ccd",
         dest="selection.ccds",
-        type=_int_list("selection.ccds"),
         metavar="LIST",
-        help="CCD(s) of the footprint, e.g. 2 or 1,2 or all (default: all)",
+        help="CCD(s) of the footprint, e.g. 2 or 1,2 or 1-3 or all (default: all)",
     )
     g.add_argument(
         "--polygon",
@@ -320,27 +319,27 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         "--verify",
         dest="verify.level",
         choices=VerifyLevel.names(),
-        help="verification level (default fits)",
+        help=f"verification level (default {_default('verify.level')})",
     )
     g.add_argument(
         "--layout",
         dest="output.layout",
         choices=layout_names(),
-        help="directory layout (default mast)",
+        help=f"directory layout (default {_default('output.layout')})",
     )
     g.add_argument(
         "--retries",
         dest="fetch.retries",
         type=int,
         metavar="N",
-        help="tries per file beyond the first (default 8)",
+        help=f"tries per file beyond the first (default {_default('fetch.retries')})",
     )
     g.add_argument(
         "--idle-timeout",
         dest="fetch.idle_timeout",
         type=float,
         metavar="SECONDS",
-        help="end a try after this long without a byte (default 60)",
+        help=f"end a try after this long without a byte (default {_default('fetch.idle_timeout')})",
     )
     g.add_argument(
         "--bandwidth",
@@ -353,7 +352,7 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         "--token-env",
         dest="fetch.token_env",
         metavar="VAR",
-        help="environment variable holding an archive token (default MAST_API_TOKEN)",
+        help=f"environment variable holding an archive token (default {_default('fetch.token_env')})",
     )
     g.add_argument(
         "--force", dest="run.force", action="store_const", const=True, help="skip the free-space preflight"
@@ -391,7 +390,8 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         dest="run.progress_interval",
         type=float,
         metavar="SECONDS",
-        help="seconds between progress lines when not on a terminal (default 30)",
+        help="seconds between progress lines when not on a terminal "
+        f"(default {_default('run.progress_interval')})",
     )
 
 
@@ -410,7 +410,7 @@ def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
         "--log-level",
         dest="run.log_level",
         metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+        help=f"DEBUG, INFO, WARNING or ERROR (default {_default('run.log_level')})",
         **default,
     )
     p.add_argument(
@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="run.progress_interval",
         type=float,
         metavar="SECONDS",
-        help="seconds between 'planning… N files found so far' lines (default 30)",
+        help="seconds between 'planning… N files found so far' lines "
+        f"(default {_default('run.progress_interval')})",
     )
 
     p = sub.add_parser("run", parents=[common], help="plan, then download into --out")
@@ -510,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--level",
         dest="verify.level",
         choices=VerifyLevel.names(),
-        help="how deep to check (default fits)",
+        help=f"how deep to check (default {_default('verify.level')})",
     )
     p.add_argument("--repair", action="store_true", help="move bad files aside and download them again")
     g = p.add_argument_group("downloads of --repair")
@@ -520,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="fetch.retries",
         type=int,
         metavar="N",
-        help="tries per file beyond the first (default 8)",
+        help=f"tries per file beyond the first (default {_default('fetch.retries')})",
     )
     g.add_argument(
         "--token-env",
@@ -772,14 +773,14 @@ def _add_concurrency(group) -> None:
         dest="fetch.concurrency",
         metavar="N|auto",
         help="downloads in flight: a number fixes it; auto measures the path and settles on what it "
-        "needs, at most --max-connections (default 8)",
+        f"needs, at most --max-connections (default {_default('fetch.concurrency')})",
     )
     group.add_argument(
         "--max-connections",
         dest="fetch.max_connections",
         type=int,
         metavar="N",
-        help="the politeness cap of --concurrency auto (default 32)",
+        help=f"the politeness cap of --concurrency auto (default {_default('fetch.max_connections')})",
     )
 
 

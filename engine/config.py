@@ -343,6 +343,8 @@ def _sector(key: str, raw: Any) -> int | None:
 
 
 def _detectors(key: str, raw: Any) -> list[int]:
+    if isinstance(raw, str) and raw.strip().lower() == "all":
+        return []  # every camera / CCD, as when none is given
     what = "camera" if key.endswith("cameras") else "CCD"
     return _int_list(key, raw, low=1, high=4, what=what)
 

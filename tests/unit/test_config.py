@@ -408,3 +408,35 @@ def test_settings_built_in_python_are_validated_when_a_run_is_made(tmp_path: Pat
     with pytest.raises(ConfigError) as caught:
         MirrorRun(settings)
     assert caught.value.key == "output.layout"
+
+
+@pytest.mark.parametrize(
+    ("flags", "cameras", "ccds"),
+    [
+        (["--camera", "1-3", "--ccd", "all"], [1, 2, 3], []),
+        (["--camera", "2,4", "--ccd", "1-2"], [2, 4], [1, 2]),
+    ],
+)
+def test_the_cli_reads_cameras_and_ccds_as_the_config_does_ranges_included(
+    flags: list[str], cameras: list[int], ccds: list[int]
+) -> None:
+    from engine.cli import _settings, parse_args
+
+    ns = parse_args(["plan", "--sector", "1", *flags])
+    sel = _settings(ns, out=False).selection
+    assert (sel.cameras, sel.ccds) == (cameras, ccds)
+
+
+def test_help_texts_state_the_schemas_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """A default lives in the schema only: the CLI's help reads it from there."""
+    from engine.cli import parse_args
+    from engine.settings import Settings
+
+    with pytest.raises(SystemExit):
+        parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = Settings()
+    assert f"tries per file beyond the first (default {defaults.fetch.retries})" in text
+    assert f"the politeness cap of --concurrency auto (default {defaults.fetch.max_connections})" in text
+    assert f"verification level (default {defaults.verify.level.name.lower()})" in text
+    assert f"directory layout (default {defaults.output.layout})" in text
