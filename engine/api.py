@@ -547,8 +547,7 @@ def retry(
 
 def _plan_items_for(settings: Settings, urls: list[str], rows: Table) -> list[PlanItem]:
     """The saved plan's rows for `urls` (with their declared size and md5), else bare items."""
-    from engine.manager import PLAN_FILE
-    from engine.plan.table import SAVED_PLAN_HINT, iter_plan
+    from engine.plan.table import PLAN_FILE, SAVED_PLAN_HINT, iter_plan
     from engine.redact import redact
 
     wanted = set(urls)

@@ -1006,10 +1006,10 @@ def cmd_status(ns: argparse.Namespace) -> int:
     for status, n in sorted(counts.items()):
         print(f"{status:<11} {n}")
     print(f"bytes       {human_bytes(nbytes)} verified")
-    plan = settings.state_dir / "plan.ecsv"
-    if plan.exists():
-        from engine.plan.table import SAVED_PLAN_HINT, iter_plan
+    from engine.plan.table import PLAN_FILE, SAVED_PLAN_HINT, iter_plan
 
+    plan = settings.state_dir / PLAN_FILE
+    if plan.exists():
         planned = sum(1 for _ in iter_plan(plan, key="plan", hint=SAVED_PLAN_HINT))
         print(f"planned     {planned} ({max(planned - counts.get('verified', 0), 0)} still to do)")
     withdrawn = settings.state_dir / "withdrawn.txt"
@@ -1036,7 +1036,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     from engine.manager import TablePlan
     from engine.manifest import Manifest
     from engine.mirrorcheck import check_mirror
-    from engine.plan.table import SAVED_PLAN_HINT, items_to_table, iter_plan
+    from engine.plan.table import PLAN_FILE, SAVED_PLAN_HINT, items_to_table, iter_plan
 
     settings = _settings(ns, selection=False)
     # verify (and --repair's downloads) work on the whole folder: a `[run] shard` of the config is not
@@ -1078,7 +1078,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
         return EXIT_OK
     # Download what is pending now; the saved plan knows each file's declared size and md5.
     pending = {e.url: e for e in manifest.load().values() if e.status != "verified"}
-    plan_path = settings.state_dir / "plan.ecsv"
+    plan_path = settings.state_dir / PLAN_FILE
     if plan_path.exists():
         items = [
             i for i in iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT) if redact(i.url) in pending

@@ -78,6 +78,7 @@ from engine.manifest import Manifest, ManifestWriter, RunLock, file_key, unpack_
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
 from engine.plan.invariants import GuardedPage, PlanGuard
 from engine.plan.table import (
+    PLAN_FILE,
     SAVED_PLAN_HINT,
     PlanTail,
     PlanWriter,
@@ -100,7 +101,6 @@ if TYPE_CHECKING:  # planning's imports (astropy.table, pyvo) cost a second: onl
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-PLAN_FILE = "plan.ecsv"
 _DROPS_LOGGED = 20  # dropped rows named in the log per page; the summary counts them all
 RESULT_COLUMNS = (
     "url", "filename", "obs_id", "product", "sector", "path", "status", "action", "nbytes", "md5", "error"

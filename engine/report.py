@@ -945,7 +945,9 @@ def build_report(
             hint="give the --out of an earlier `tessmirror run` (or its --state-dir)",
         )
     manifest = read_manifest(state_dir)
-    plan = read_plan(state_dir / "plan.ecsv", manifest)
+    from engine.plan.table import PLAN_FILE
+
+    plan = read_plan(state_dir / PLAN_FILE, manifest)
     report = Report(out_dir, state_dir, manifest, plan)
     if log_file is not None:
         report.events = read_log(log_file)

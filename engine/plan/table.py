@@ -47,6 +47,7 @@ INPUT_HINT = (
 # For the plan a run saved in its state directory: the fix is to plan again.
 SAVED_PLAN_HINT = "the saved plan is damaged; pass --refresh-plan to query TAP again (it replaces the file)"
 STDIN = "-"  # `--input -`: read the plan or URL list from standard input
+PLAN_FILE = "plan.ecsv"  # the saved plan, in the state folder
 _INT_COLUMNS = frozenset({"sector", "size", "est_kb"})
 _FLOAT_COLUMNS = frozenset({"s_ra", "s_dec"})
 _MD5 = re.compile(r"[0-9a-f]{32}")
