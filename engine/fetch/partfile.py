@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import stat
@@ -84,6 +85,12 @@ _HINT = (
     "tessmirror never writes through a symlink or into a non-directory under --out; "
     "replace it with a real directory (or point --out at the real location) and run again"
 )
+
+
+@functools.cache
+def _has_proc_fd() -> bool:
+    """Whether /proc/self/fd names descriptors as paths (Linux). Asked once, not with a stat per file."""
+    return _PROC_FD.is_dir()
 
 
 def _unsafe(where: Path, why: str) -> UnsafePathError:
@@ -474,7 +481,7 @@ class PartFile:
         """A path that reads this part through its folder's descriptor, whatever happened to the
         path under --out since (Linux: ``/proc/self/fd/<fd>/NAME``; its `.name` is the part's name,
         for messages). Elsewhere: the part's path, after `check_in_place`."""
-        if _PROC_FD.is_dir():
+        if _has_proc_fd():
             return _PROC_FD / str(self._dir_fd) / self.name
         self.check_in_place()
         return self.path

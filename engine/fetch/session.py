@@ -223,6 +223,10 @@ def open_session(
         # identity: the bytes on disk must be the bytes the archive's size and md5 describe.
         headers={"User-Agent": settings.user_agent, "Accept-Encoding": "identity"},
         auto_decompress=False,
+        # aiohttp pauses a connection once 2 x read_bufsize bytes wait unread; at its 64 KiB default a
+        # single 256 KiB socket read pauses and resumes the transport (two epoll_ctl calls) for every
+        # block. A block's worth keeps a fast transfer flowing; memory stays 2 blocks per connection.
+        read_bufsize=max(settings.chunk_size, 64 * 1024),
         middlewares=middlewares,
         raise_for_status=False,
         # HTTP(S)_PROXY and NO_PROXY, as requests honours them for planning (and ~/.netrc, whose
