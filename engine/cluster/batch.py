@@ -40,7 +40,7 @@ from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
 from engine.redact import redact
 from engine.settings import FetchSettings, VerifySettings
 
-log = logging.getLogger("tessmirror")
+log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a batch reads the run's pause and stop variables
 # One FileResult without its item: what travels back to the driver per file.
 Compact = tuple[int, str, str, int, str, int, bool, str, int, float, float, str, str, str]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask
+import distributed
 from dask.utils import parse_timedelta
 from distributed import Client, Variable
 
@@ -42,8 +43,9 @@ if TYPE_CHECKING:
     from engine.manifest import ManifestWriter
     from engine.settings import Settings
 
-log = logging.getLogger("tessmirror")
+log = logging.getLogger(__name__)
 RESOURCE = "MAST"  # every worker has MAST=1 and every batch asks for 1: one batch per worker at a time
+STOP_GRACE = 2.0  # seconds for running batches to notice a stop and return, when the run is interrupted
 WORKERS_TIMEOUT = 60.0  # seconds to wait for a worker of an existing scheduler (tcp://)
 _DASK_LOG_LEVEL = logging.CRITICAL  # Dask's own chatter (worker restarts, closed comms) stays out
 _DASK_LOGGERS = ("distributed", "dask", "dask_jobqueue", "tornado")
@@ -266,13 +268,19 @@ class DaskExecutor:
     async def close(self) -> None:
         """Ask running batches to stop, drop what is queued, and stop what `start` started."""
         client, self.client = self.client, None
+        futures = list(self._futures)  # before the waiters' cancellation forgets them
         for task in self._waiters:
             task.cancel()
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(Variable(self.names["stop"], client=client).set(True), 5)
+            if futures:
+                # Batches see the stop within a poll (1 s) and return what they finished; a worker
+                # still inside a task would hold its shut-down for seconds.
+                with contextlib.suppress(Exception):
+                    await distributed.wait(futures, timeout=STOP_GRACE)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.cancel(list(self._futures)), 10)
+                await asyncio.wait_for(client.cancel(futures), 10)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 15)
         cluster, self.cluster = self.cluster, None
@@ -316,7 +324,13 @@ class DaskExecutor:
         finally:
             self._preps_left -= 1
         if self._preps_left == 0:
-            await self._submit()
+            # The plan's last files: spread over the free places in flight, not one batch for one
+            # worker (a small plan would otherwise run on a single worker).
+            items, self._batch, self._batch_bytes = self._batch, [], 0
+            parts = max(1, min(len(items), 2 * self.spec.jobs - self._outstanding))
+            for part in range(parts):
+                self._batch = items[part::parts]
+                await self._submit()
             await self._done.put(None)  # no more batches: the collector ends when the last is in
 
     async def _submit(self) -> None:
@@ -412,6 +426,10 @@ class DaskExecutor:
     ) -> None:
         self.batches += 1
         self.overloads += report.overloads
+        limiter = getattr(run.progress, "limiter", None)
+        if limiter is not None:  # the summary's "429/503 answers" count the workers' too
+            limiter.overload_events += report.overloads
+            limiter.decreases += report.decreases
         self.taken_over += report.taken_over
         self.batch_seconds += report.seconds
         self.hosts.add((report.host, report.pid))
