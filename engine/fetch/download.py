@@ -8,6 +8,13 @@ the overhead small, and nothing is allocated per chunk except the chunk aiohttp 
 2 cores (24 x 2 MB from a local server, 8 at once): threads ~200 MB/s, the same work inline on the
 loop ~188 MB/s; threads also keep a slow filesystem (NFS, Lustre) from freezing the event loop.
 
+Thread hops per file: the last block, the whole-body rules (`StreamCheck.finish`), the FITS check,
+fsync and rename share one hop (`Downloader._finish`). A file too small to be resumed from an
+earlier run (under `RESUME_MIN_BYTES`) opens its part in the hop of its first block, not in a hop of
+its own, so a file of one block (up to `fetch.chunk_size`) costs one hop in all (it was 3-4: open,
+block, check, commit): its part is created, locked, written, checked and renamed in one go. A larger
+file opens (and locks) its part before its request, to find a part an earlier run left.
+
 Resuming: one `StreamCheck` (with its running md5) and one open `.part` live across all the tries of
 one `fetch` call, so a try that breaks mid-body resumes with ``Range: bytes=<have>-`` and
 ``If-Range: <ETag or Last-Modified>`` without re-reading anything. Without a validator a resume is
@@ -27,8 +34,9 @@ answers: `engine.fetch.http`; the bucket and its fallback: `engine.fetch.s3`) an
 single-part ETag) is checked against the whole file after the stream checks.
 
 Verification happens before the rename: size/md5/sniff while streaming (engine.verify.stream), then
-FITS structure and HDU checksums in `executor` (engine.verify.fits). A failure there is an
-`IntegrityError`: retried from zero. Only a verified file is fsynced and renamed to `dest`.
+FITS structure and HDU checksums in `executor` (engine.verify.fits), in the same hop as the last
+block and the rename. A failure there is an `IntegrityError`: retried from zero. Only a verified
+file is fsynced and renamed to `dest`.
 
 Every write under the output folder goes through `engine.fetch.partfile.PartFile` (directory
 descriptors, O_NOFOLLOW, rename relative to the folder's descriptor): a symlink planted under --out is
