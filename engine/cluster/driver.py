@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -123,6 +124,17 @@ def serve_runner_role(spec: ClusterSpec, settings: Settings) -> int | None:
     return 0
 
 
+async def _end_runner(scheduler_file: Path) -> None:
+    """Terminate the scheduler named in `scheduler_file` (its workers then end too)."""
+    from distributed.core import rpc
+
+    while not scheduler_file.exists():  # the scheduler rank starts beside this one
+        await asyncio.sleep(0.5)
+    address = json.loads(scheduler_file.read_text())["address"]
+    async with rpc(address) as scheduler:
+        await scheduler.terminate()
+
+
 def _end_role(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -148,6 +160,7 @@ class DaskExecutor:
         self._preps_left = self._preps
         self._done: asyncio.Queue[tuple[_Batch, BatchReport | BaseException] | None] = asyncio.Queue()
         self._futures: set[Any] = set()
+        self._joined = False  # slurm-runner: this driver reached the allocation's scheduler
         self._waiters: set[asyncio.Task] = set()
         self.names = {
             "pause": f"tessmirror-{self.run_id}-pause",
@@ -218,6 +231,7 @@ class DaskExecutor:
             self.client = await Client(self.cluster, asynchronous=True)
             log.info("cluster: %d Slurm jobs submitted; batches wait until their workers start", spec.jobs)
         elif mode == "slurm-runner":
+            self._joined = True
             self.runner = await _runner_class()(**_runner_options(spec, self.settings), asynchronous=True)
             self.client = await Client(self.runner, asynchronous=True)
         else:
@@ -266,7 +280,13 @@ class DaskExecutor:
             await asyncio.sleep(1.0)
 
     async def close(self) -> None:
-        """Ask running batches to stop, drop what is queued, and stop what `start` started."""
+        """Ask running batches to stop, drop what is queued, and stop what `start` started. In a
+        `slurm-runner` allocation whose driver stopped before it joined (another run held the lock),
+        the scheduler is ended all the same: the other ranks would wait for it until the time limit."""
+        if self.spec.mode == "slurm-runner" and not self._joined:
+            self._joined = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_end_runner(runner_scheduler_file(self.settings.state_dir)), 60)
         client, self.client = self.client, None
         futures = list(self._futures)  # before the waiters' cancellation forgets them
         for task in self._waiters:
