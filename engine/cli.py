@@ -393,6 +393,52 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         help="seconds between progress lines when not on a terminal "
         f"(default {_default('run.progress_interval')})",
     )
+    _add_cluster(p)
+
+
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "cluster (also [cluster] in the config file; needs pip install 'tessmirror[cluster]')"
+    )
+    g.add_argument(
+        "--cluster",
+        dest="cluster.mode",
+        metavar="WHERE",
+        help="spread the downloads over Dask workers: local (processes on this machine), slurm (one "
+        "Slurm job per worker), slurm-runner (inside one sbatch -N K allocation, under srun) or "
+        "tcp://HOST:PORT (an existing scheduler whose workers have --resources MAST=1); default: "
+        "in this process",
+    )
+    g.add_argument(
+        "--jobs",
+        dest="cluster.jobs",
+        type=int,
+        metavar="N",
+        help=f"workers (Slurm jobs), each running one batch at a time (default {_default('cluster.jobs')})",
+    )
+    g.add_argument(
+        "--job-concurrency",
+        dest="cluster.job_concurrency",
+        type=int,
+        metavar="C",
+        help="connections per worker; the archive sees at most N x C (default: --concurrency, 8 under auto)",
+    )
+    g.add_argument("--queue", dest="cluster.queue", metavar="Q", help="Slurm partition of the worker jobs")
+    g.add_argument("--account", dest="cluster.account", metavar="A", help="Slurm account of the worker jobs")
+    g.add_argument(
+        "--walltime",
+        dest="cluster.walltime",
+        metavar="HH:MM:SS",
+        help="time limit of each Slurm worker job (default: dask-jobqueue's, 00:30:00); workers leave "
+        "five minutes before it and are replaced",
+    )
+    g.add_argument(
+        "--job-extra",
+        dest="cluster.job_extra",
+        action="append",
+        metavar="OPTION",
+        help="one more #SBATCH option for the worker jobs, written --job-extra=--qos=debug (repeatable)",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -948,6 +994,14 @@ def _run_mirror(
     from engine.manager import MirrorRun, summarize
     from engine.progress import Progress
 
+    if settings.cluster.mode == "slurm-runner":
+        from engine.cluster import spec_from_settings
+        from engine.cluster.driver import serve_runner_role
+
+        # Every rank of the allocation runs this command: rank 1 drives, the others serve Dask.
+        role_exit = serve_runner_role(spec_from_settings(settings), settings)
+        if role_exit is not None:
+            return role_exit
     _banner(command, settings)
     quiet = bool(_LOUDNESS.get("quiet"))
     progress = Progress(interval=settings.run.progress_interval, bar=False if quiet else None)

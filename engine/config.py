@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from engine.cluster import check_job_extra
+from engine.cluster import validate_settings as validate_cluster
 from engine.exceptions import ConfigError
 from engine.layout import check_layout
 from engine.models import VerifyLevel, is_number
@@ -407,6 +409,7 @@ _SPECIAL = {
     "selection.polygon": _polygon,
     "selection.cone": _cone,
     "selection.products": _products,
+    "cluster.job_extra": check_job_extra,
 }
 
 
@@ -504,6 +507,7 @@ def _validate(settings: Settings, *, require_selection: bool) -> None:
 
         shard = parse_shard(run.shard, "run.shard")
         run.shard = str(shard) if shard is not None else None
+    validate_cluster(settings)  # [cluster]: names the key; --cluster without the extra is one line
     _validate_selection(settings, require_selection=require_selection)
 
 

@@ -51,6 +51,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from engine.cluster import spec_from_settings
+from engine.cluster.executors import Executor, build_executor
 from engine.config import validate_settings
 from engine.exceptions import (
     EXIT_INTERRUPTED,
@@ -508,6 +510,9 @@ class MirrorRun:
         # `--shard K/N` (engine.shard): only the files this shard owns are downloaded.
         self.shard = parse_shard(settings.run.shard)
         self._lock: RunLock | None = None
+        # Where the downloads run: in this process (today's pipeline) or on a Dask cluster
+        # (engine/cluster/executors.py). Dask is imported only when a cluster was asked for.
+        self.downloads: Executor = build_executor(spec_from_settings(settings), settings)
 
     # -- entry --------------------------------------------------------------------------------
     async def run(self) -> RunOutcome:
@@ -525,6 +530,10 @@ class MirrorRun:
             if resource is None:
                 raise
             raise resource from None
+        finally:
+            # Also when the run stopped before its downloads started (another run held the lock):
+            # a slurm-runner allocation's other ranks wait for this driver to end them.
+            await _finish(self.downloads.close())
 
     async def _run(self) -> RunOutcome:
         settings = self.settings
@@ -564,6 +573,7 @@ class MirrorRun:
             executor = ThreadPoolExecutor(max(settings.verify.workers, 1), thread_name_prefix="verify")
             self._executor = executor
             try:
+                await self.downloads.start()  # a Dask cluster starts (or is joined) here
                 # The token goes to MAST's host and to the TAP service's host, never to a third party.
                 token_hosts = {*DEFAULT_TOKEN_HOSTS, urlsplit(settings.tap.url).hostname or ""}
                 session = self.session_factory(settings.fetch, token=token, token_hosts=token_hosts)
@@ -571,7 +581,9 @@ class MirrorRun:
                     throttle = AdaptiveLimiter(settings.fetch.connections, clock=self.clock)
                     # The bar shows the limit when 429/503 cut it (and always under auto).
                     self.progress.attach_limiter(throttle, auto=settings.fetch.auto_concurrency)
-                    self._tuner = self._make_tuner(throttle)
+                    # The tuner measures this process's downloads; on a cluster there are none here.
+                    inprocess = self.downloads.name == "inprocess"
+                    self._tuner = self._make_tuner(throttle) if inprocess else None
                     extra = {"meter": self._tuner} if self._tuner is not None else {}
                     downloader = self.downloader_factory(
                         session,
@@ -596,6 +608,7 @@ class MirrorRun:
             finally:
                 # Shielded: a second cancellation (a notebook's second interrupt) must not cut the
                 # manifest's last batch short.
+                await _finish(self.downloads.close())
                 await _finish(writer.close())
                 executor.shutdown(wait=False, cancel_futures=True)
                 self.progress.close()
@@ -690,11 +703,13 @@ class MirrorRun:
             # A few workers more than the cap, so that work waits at the limiter whenever there is
             # work: the tuner counts only windows in which the limit, not the plan, was the bound.
             n_workers += max(2, n_workers // 4)
+        # The executor says how many tasks take jobs from the queue (a cluster: its batching tasks).
+        n_workers = self.downloads.consumers(n_workers)
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * n_workers)
         producer = asyncio.create_task(self._produce(source, done, queue, writer, n_workers), name="plan")
         workers = [
-            asyncio.create_task(self._work(queue, downloader, writer), name=f"worker-{i}")
-            for i in range(n_workers)
+            asyncio.create_task(work, name=f"worker-{i}")
+            for i, work in enumerate(self.downloads.workers(self, queue, downloader, writer, n_workers))
         ]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         ticker = asyncio.create_task(self._tick(), name="progress")
@@ -918,17 +933,11 @@ class MirrorRun:
                 return
             item, relpath, dest, changed = job
             try:
-                result = None
-                if changed:
-                    await self._off_loop(self._supersede, item, relpath, dest)
-                else:
-                    result = await self._off_loop(self._adopt, item, relpath, dest)
+                result = await self.prepare_job(item, relpath, dest, changed)
                 if result is None:
                     result = await downloader.fetch(item, dest, relpath)
                     if result.status is FileStatus.VERIFIED and not result.origin:
                         result.origin = "downloaded"
-                if changed and result.status is FileStatus.VERIFIED:
-                    self.outcome.changed += 1
             except (LocalError, asyncio.CancelledError):
                 raise
             except Exception as err:  # a bug must cost one file, not the night's run
@@ -939,7 +948,21 @@ class MirrorRun:
                 result = FileResult(
                     item, FileStatus.FAILED, path=relpath, error=redact(f"internal error: {err}")
                 )
-            await self._record(writer, result)
+            await self.finish_job(writer, result, changed=changed)
+
+    async def prepare_job(self, item: PlanItem, relpath: str, dest: Path, changed: bool) -> FileResult | None:
+        """The driver's steps before a download, for every executor: keep the old copy of a changed
+        file, or adopt a file already on disk (its result; None when it must be downloaded)."""
+        if changed:
+            await self._off_loop(self._supersede, item, relpath, dest)
+            return None
+        return await self._off_loop(self._adopt, item, relpath, dest)
+
+    async def finish_job(self, writer: ManifestWriter, result: FileResult, *, changed: bool) -> None:
+        """Record one file's result, wherever it was downloaded: the manifest's one writer."""
+        if changed and result.status is FileStatus.VERIFIED:
+            self.outcome.changed += 1
+        await self._record(writer, result)
 
     async def _off_loop(self, func: Callable[..., _T], *args: object) -> _T:
         """Run file-system work (stat, hashing, linking) in the verify pool, off the event loop."""

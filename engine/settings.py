@@ -136,6 +136,25 @@ class RunSettings:
 
 
 @dataclass(slots=True)
+class ClusterSettings:
+    """`tessmirror run --cluster ...`: where the downloads run (engine/cluster). The driver plans,
+    holds the lock and writes the manifest; `jobs` workers each run one batch at a time with
+    `job_concurrency` connections, so the archive sees at most jobs x job_concurrency."""
+
+    mode: str | None = None  # None: in this process; "local", "slurm", "slurm-runner" or "tcp://HOST:PORT"
+    jobs: int = 2  # Dask workers (Slurm jobs under slurm); each runs one batch at a time
+    job_concurrency: int | None = None  # connections per job; None: fetch.concurrency (8 under auto)
+    queue: str | None = None  # Slurm partition (--partition) of the worker jobs
+    account: str | None = None  # Slurm account (--account) of the worker jobs
+    walltime: str | None = None  # HH:MM:SS time limit of each worker job (dask-jobqueue's default: 30 min)
+    job_extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--qos=debug"]
+    job_cores: int = 2  # --cpus-per-task of a worker job (checksums and FITS checks use them)
+    job_memory: str = "2GB"  # memory of a worker job (sbatch --mem)
+    batch_files: int = 200  # files per batch (a batch is one Dask task)
+    batch_bytes: int = 1_000_000_000  # declared bytes per batch, whichever limit comes first
+
+
+@dataclass(slots=True)
 class Settings:
     tap: TapSettings = field(default_factory=TapSettings)
     selection: Selection = field(default_factory=Selection)
@@ -143,6 +162,7 @@ class Settings:
     fetch: FetchSettings = field(default_factory=FetchSettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
     run: RunSettings = field(default_factory=RunSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def state_dir(self) -> Path:

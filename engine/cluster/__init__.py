@@ -16,11 +16,15 @@ cluster was asked for. Without the ``cluster`` extra, asking for one is a one-li
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from engine.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
 
 # `--cluster` values, besides a scheduler address (tcp://HOST:PORT).
 CLUSTER_MODES = ("local", "slurm", "slurm-runner")
@@ -30,6 +34,8 @@ BATCH_BYTES = 1_000_000_000  # declared bytes per batch: a 35 MB FFI batch stays
 _ADDRESS_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 _WALLTIME_RE = re.compile(r"^(\d{1,3}-)?\d{1,4}:[0-5]\d:[0-5]\d$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+JOBS_MAX = 10_000  # more jobs than this is a typo
+JOB_CONCURRENCY_DEFAULT = 8  # per job, when --concurrency is auto (the tuner runs in-process only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +113,91 @@ def check_memory(text: object, key: str = "cluster.job_memory") -> str:
     return text.strip()
 
 
+def check_job_extra(key: str, raw: Any) -> list[str]:
+    """`cluster.job_extra`: sbatch directives (``--qos=debug``), a TOML list or repeated flags."""
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(key, f"expected a list of sbatch options, got {str(raw)[:60]!r}", hint=_EXTRA_HINT)
+    for value in values:
+        if not value.startswith("-") or any(c in value for c in "\n\r\0"):
+            raise ConfigError(key, f"{value[:60]!r} is not an sbatch option", hint=_EXTRA_HINT)
+    return list(values)
+
+
+_EXTRA_HINT = 'e.g. --job-extra=--qos=debug, or job_extra = ["--qos=debug"] in [cluster]'
+
+
+def spec_from_settings(settings: Settings) -> ClusterSpec:
+    """The validated `[cluster]` table (and the flags) as a ClusterSpec."""
+    cluster = settings.cluster
+    mode, address = parse_mode(cluster.mode)
+    fetch = settings.fetch
+    default = fetch.concurrency if isinstance(fetch.concurrency, int) else JOB_CONCURRENCY_DEFAULT
+    return ClusterSpec(
+        mode=mode,
+        address=address,
+        jobs=cluster.jobs,
+        job_concurrency=cluster.job_concurrency or default,
+        queue=cluster.queue,
+        account=cluster.account,
+        walltime=cluster.walltime,
+        job_extra=tuple(cluster.job_extra),
+        job_cores=cluster.job_cores,
+        job_memory=cluster.job_memory,
+        batch_files=cluster.batch_files,
+        batch_bytes=cluster.batch_bytes,
+    )
+
+
+def validate_settings(settings: Settings) -> None:
+    """Check the `[cluster]` table; ConfigError naming the key. Also refuses a cluster beside
+    `--shard` (two ways to split one run) and a missing extra (one line naming the fix)."""
+    from engine.settings import CONCURRENCY_MAX
+
+    cluster = settings.cluster
+    mode, _ = parse_mode(cluster.mode)
+    if not 1 <= cluster.jobs <= JOBS_MAX:
+        raise ConfigError("cluster.jobs", f"{cluster.jobs} is outside 1..{JOBS_MAX}", hint="e.g. --jobs 4")
+    if cluster.job_concurrency is not None and not 1 <= cluster.job_concurrency <= CONCURRENCY_MAX:
+        raise ConfigError(
+            "cluster.job_concurrency",
+            f"{cluster.job_concurrency} is outside 1..{CONCURRENCY_MAX}",
+            hint="connections per job; the archive sees jobs x job-concurrency in all, e.g. 4 x 8",
+        )
+    cluster.walltime = check_walltime(cluster.walltime)
+    cluster.job_memory = check_memory(cluster.job_memory)
+    if cluster.job_cores < 1:
+        raise ConfigError("cluster.job_cores", f"{cluster.job_cores} must be at least 1", hint="e.g. 2")
+    if cluster.batch_files < 1:
+        raise ConfigError("cluster.batch_files", f"{cluster.batch_files} must be at least 1", hint="e.g. 200")
+    if cluster.batch_bytes < 1:
+        raise ConfigError("cluster.batch_bytes", f"{cluster.batch_bytes} must be positive", hint="e.g. 1e9")
+    if mode == "inprocess":
+        return
+    if settings.run.shard is not None:
+        raise ConfigError(
+            "run.shard",
+            f"--shard and --cluster {cluster.mode} are two ways to split one run; choose one",
+            hint="--cluster spreads one run over a Dask cluster; --shard K/N is for plain job arrays",
+        )
+    require_extra(mode)
+
+
+def _importable(name: str) -> bool:
+    """Whether `name` imports (a half-installed package fails here, not later with a traceback)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 def require_extra(mode: str, key: str = "cluster.mode") -> None:
     """Raise a one-line ConfigError (exit 2) naming the fix when `mode` needs a package that is missing."""
     if mode == "inprocess":
         return
     needed = ["distributed"] + (["dask_jobqueue"] if mode.startswith("slurm") else [])
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    missing = [name for name in needed if not _importable(name)]
     if missing:
         shown = "dask-jobqueue" if missing == ["dask_jobqueue"] else "Dask (dask[distributed])"
         raise ConfigError(key, f"--cluster {mode} needs {shown}, which is not installed: {INSTALL_HINT}")
@@ -123,9 +208,13 @@ __all__ = [
     "BATCH_FILES",
     "CLUSTER_MODES",
     "INSTALL_HINT",
+    "JOBS_MAX",
     "ClusterSpec",
+    "check_job_extra",
     "check_memory",
     "check_walltime",
     "parse_mode",
     "require_extra",
+    "spec_from_settings",
+    "validate_settings",
 ]

@@ -56,14 +56,8 @@ def test_the_global_connection_count_is_jobs_times_job_concurrency() -> None:
 
 
 def test_without_the_extra_a_cluster_is_one_line_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name in ("distributed", "dask_jobqueue") else real(name, *a),
-    )
+    for name in ("distributed", "dask_jobqueue"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
     with pytest.raises(ConfigError) as caught:
         require_extra("local")
     message = str(caught.value)
@@ -91,3 +85,49 @@ def test_import_engine_does_not_import_dask() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# -- the [cluster] table ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("jobs = 0", "cluster.jobs"),
+        ("job_concurrency = 0", "cluster.job_concurrency"),
+        ('walltime = "4 hours"', "cluster.walltime"),
+        ('job_memory = "lots"', "cluster.job_memory"),
+        ('job_extra = ["qos=debug"]', "cluster.job_extra"),
+        ("batch_files = 0", "cluster.batch_files"),
+        ('mode = "kubernetes"', "cluster.mode"),
+        ("jobz = 2", "cluster.jobz"),
+    ],
+)
+def test_a_bad_cluster_key_is_named(tmp_path, table: str, key: str) -> None:
+    from engine.config import load_settings
+
+    path = tmp_path / "c.toml"
+    path.write_text(f"[selection]\nsector = 1\n[cluster]\n{table}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value).startswith(key)
+
+
+def test_the_cluster_table_and_flags_make_the_spec(tmp_path) -> None:
+    from engine.cluster import spec_from_settings
+    from engine.config import load_settings
+
+    path = tmp_path / "c.toml"
+    path.write_text('[selection]\nsector = 1\n[cluster]\nmode = "local"\njobs = 3\njob_extra = ["--qos=x"]\n')
+    settings = load_settings(path, {"cluster.job_concurrency": 4, "fetch.concurrency": "auto"})
+    spec = spec_from_settings(settings)
+    assert (spec.mode, spec.jobs, spec.job_concurrency, spec.job_extra) == ("local", 3, 4, ("--qos=x",))
+    settings = load_settings(path, {"fetch.concurrency": "auto"})
+    assert spec_from_settings(settings).job_concurrency == 8  # auto tunes in-process runs only
+    settings = load_settings(path, {"fetch.concurrency": 5})
+    assert spec_from_settings(settings).job_concurrency == 5
+
+
+def test_a_cluster_and_a_shard_are_refused_together(tmp_path) -> None:
+    from engine.config import load_settings
+
+    with pytest.raises(ConfigError, match=r"^run\.shard: --shard and --cluster local"):
+        load_settings(None, {"selection.sector": 1, "cluster.mode": "local", "run.shard": "0/2"})
