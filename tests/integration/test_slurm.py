@@ -30,8 +30,10 @@ from engine.shard import shard_of
 from tests.helpers import (
     assert_mirror_matches_truth,
     assert_verified_records_are_good,
+    cli_command,
     lock_files,
     run_cli,
+    spawn_cli,
     wait_until,
 )
 from tests.integration.test_shards import plan_keys, plan_once, shard_manifest
@@ -177,3 +179,104 @@ def test_a_four_task_sbatch_array_of_shards_mirrors_the_plan_exactly_once(
     verify = run_cli("verify", "--out", out, "--level", "checksum")
     assert verify.returncode == EXIT_OK, verify.stderr[-2000:]
     assert f"ok          {len(keys)}" in verify.stderr + verify.stdout
+
+
+# -- Dask on Slurm: `--cluster slurm` (dask-jobqueue's SLURMCluster) and `--cluster slurm-runner` -------
+DASK_JOBS = 2
+# dask-jobqueue's scheduler and workers on the loopback interface: the test's cluster reaches nothing
+# but 127.0.0.1 (on a real cluster the site's interface, e.g. ib0, goes here).
+LOOPBACK = {"DASK_JOBQUEUE__SLURM__INTERFACE": "lo"}
+
+
+def jobs_writing_to(folder: Path) -> dict[str, str]:
+    """Job id -> state of every job the controller remembers whose output goes under `folder`."""
+    proc = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    jobs: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        stdout = re.search(r"\bStdOut=(\S+)", line)
+        if stdout and stdout.group(1).startswith(str(folder)):
+            jobs[re.search(r"\bJobId=(\d+)", line).group(1)] = re.search(r"\bJobState=(\S+)", line).group(1)
+    return jobs
+
+
+def batches_run(log: str) -> list[tuple[int, str, int]]:
+    """(files done, host, pid) of every batch the driver recorded (its DEBUG lines, with -v)."""
+    found = re.findall(r"batch \d+: (\d+) of \d+ files on (\S+) \(pid (\d+)\)", log)
+    return [(int(done), host, int(pid)) for done, host, pid in found]
+
+
+def assert_mirrored_once(arch, out: Path, keys: set[str]) -> None:
+    """The manifest verifies every planned file; the archive served each file exactly once."""
+    assert set(Manifest(out / ".tessmirror").verified()) == keys
+    gets = Counter(r.name for r in arch.request_log if r.method == "GET" and r.status in (200, 206))
+    names = {key.split("/", 1)[1] for key in keys}
+    assert set(gets) == names
+    assert max(gets.values()) == 1, f"fetched twice: {[n for n, c in gets.items() if c > 1][:5]}"
+    assert_mirror_matches_truth(out, arch, names)
+    assert assert_verified_records_are_good(out, arch) == len(keys)
+    assert not lock_files(out), "the driver released its lock"
+    assert not [p for p in out.rglob("*.part*") if ".tessmirror" not in p.parts], "a part file left behind"
+    status = run_cli("status", "--out", out)
+    assert status.returncode == EXIT_OK, status.stderr[-2000:]
+    assert f"verified    {len(keys)}" in status.stdout
+
+
+def test_cluster_slurm_downloads_in_two_slurm_jobs_and_mirrors_every_file_once(
+    slurm, archive, tmp_path: Path
+) -> None:
+    """`run --cluster slurm --jobs 2`: dask-jobqueue submits two worker jobs with sbatch (each asks
+    for --mem: the node's RealMemory must cover it), the batches run in them, the driver alone writes
+    the manifest, and the jobs leave the queue when the run ends."""
+    arch = archive(sectors=(1,), targets=32)
+    keys = plan_keys(plan_once(arch, tmp_path / "expected"))
+    out = tmp_path / "mirror"
+    driver = spawn_cli(
+        "run", "-v", "--tap-url", arch.tap_url, "--sector", 1, "--out", out,
+        "--cluster", "slurm", "--jobs", DASK_JOBS, "--job-concurrency", 2, "--walltime", "00:10:00",
+        env=LOOPBACK,
+    )  # fmt: skip
+    try:
+        _stdout, stderr = driver.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    assert driver.returncode == EXIT_OK, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert f"{DASK_JOBS} jobs x 2 connections = at most 4 connections" in stderr
+    # Every file came back from a batch that ran in a worker, never in the driver's process.
+    batches = batches_run(stderr)
+    assert sum(done for done, _host, _pid in batches) == len(keys), stderr[-3000:]
+    assert driver.pid not in {pid for _done, _host, pid in batches}
+    jobs = jobs_writing_to(out)
+    assert len(jobs) == DASK_JOBS, f"expected {DASK_JOBS} worker jobs, the controller knows {jobs}"
+    assert wait_until(lambda: not any(in_queue(j) for j in jobs), timeout=60, interval=0.5), (
+        f"worker jobs still queued after the run: {jobs_writing_to(out)}"
+    )
+    assert_mirrored_once(arch, out, keys)
+    assert not (out / ".tessmirror" / "manifest.d").exists(), "the driver is the only manifest writer"
+
+
+def test_cluster_slurm_runner_under_srun_mirrors_every_file_once(slurm, archive, tmp_path: Path) -> None:
+    """`srun --overcommit -n 4 tessmirror run --cluster slurm-runner`: rank 0 serves the scheduler,
+    rank 1 drives the run, ranks 2 and 3 are its workers; srun exits 0 and nothing prints a traceback."""
+    arch = archive(sectors=(1,), targets=32)
+    keys = plan_keys(plan_once(arch, tmp_path / "expected"))
+    out = tmp_path / "mirror"
+    command = [
+        "srun", "--overcommit", "-n", "4", "--time", "00:10:00", "--job-name", "tessmirror-runner",
+        *cli_command("run", "-v", "--tap-url", arch.tap_url, "--sector", 1, "--out", out,
+                     "--cluster", "slurm-runner", "--job-concurrency", 2),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=JOB_TIMEOUT, cwd=ROOT, stdin=subprocess.DEVNULL
+    )
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_OK, both[-3000:]
+    assert "Traceback" not in both, both[-3000:]
+    # Rank 0 served the scheduler, ranks 2 and 3 the workers, and the batches ran on the workers.
+    assert "rank 0 serves the Dask scheduler" in both
+    assert "rank 2 serves a Dask worker" in both and "rank 3 serves a Dask worker" in both
+    assert sum(done for done, _host, _pid in batches_run(both)) == len(keys), both[-3000:]
+    assert_mirrored_once(arch, out, keys)
