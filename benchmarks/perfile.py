@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         tool=f"{tag}tessmirror c={conns} {level}" + ("" if fsync else " no-fsync"),
                         startup_cpu_s=startups[tag]["cpu_s"],
                         cpu_runs=[round(x["cpu_s"], 2) for x in runs[tag]],
+                        mb_runs=[round(x["bytes"] / x["wall_s"] / 1e6, 1) for x in runs[tag]],
                     )
                     rows.append(row)
         if ns.peers:
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("| " + " | ".join(cells) + " |")
     print("CPU s of each run: " + "; ".join(f"{row['tool']}: {row['cpu_runs']}" for row in rows))
+    print("MB/s of each run: " + "; ".join(f"{row['tool']}: {row.get('mb_runs', '-')}" for row in rows))
     (work / "results.json").write_text(json.dumps({"rows": rows, "engine": engine_note}, indent=1))
     if any(row["bad"] or row["exit"] for row in rows):
         print("some run missed files or failed; see the logs under", work / "logs")
