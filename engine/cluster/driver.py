@@ -331,27 +331,38 @@ class DaskExecutor:
                 if not isinstance(job, tuple):  # the producer's sentinel
                     break
                 item, relpath, dest, changed = job
-                result = await run.prepare_job(item, relpath, dest, changed)
+                try:
+                    result = await run.prepare_job(item, relpath, dest, changed)
+                except (LocalError, asyncio.CancelledError):
+                    raise
+                except Exception as err:  # a bug must cost one file, not the run (as in-process)
+                    log.debug("internal error before fetching %s", item.filename, exc_info=True)
+                    reason = redact(f"internal error: {err}")
+                    result = FileResult(item, FileStatus.FAILED, path=relpath, error=reason)
                 if result is not None:
                     await run.finish_job(writer, result, changed=changed)
                     continue
                 self._batch.append((item, relpath, changed))
                 self._batch_bytes += max(item.size, item.est_kb * 1024, 0)
                 full = len(self._batch) >= self.spec.batch_files or self._batch_bytes >= self.spec.batch_bytes
-                idle = queue.empty() and self._outstanding < self.spec.jobs
-                if full or idle:
+                if full:
                     await self._submit()
+                elif queue.empty() and self._outstanding < self.spec.jobs:
+                    await self._spread()  # a job would idle: send what there is now
         finally:
             self._preps_left -= 1
         if self._preps_left == 0:
-            # The plan's last files: spread over the free places in flight, not one batch for one
-            # worker (a small plan would otherwise run on a single worker).
-            items, self._batch, self._batch_bytes = self._batch, [], 0
-            parts = max(1, min(len(items), 2 * self.spec.jobs - self._outstanding))
-            for part in range(parts):
-                self._batch = items[part::parts]
-                await self._submit()
+            await self._spread()  # the plan's last files
             await self._done.put(None)  # no more batches: the collector ends when the last is in
+
+    async def _spread(self) -> None:
+        """Send the current partial batch split over the free places in flight, so that a small
+        plan (or the end of a large one) runs on every job, not as one batch on one worker."""
+        items, self._batch, self._batch_bytes = self._batch, [], 0
+        parts = max(1, min(len(items), 2 * self.spec.jobs - self._outstanding))
+        for part in range(parts):
+            self._batch = items[part::parts]
+            await self._submit()
 
     async def _submit(self) -> None:
         if not self._batch:
