@@ -36,8 +36,15 @@ wait_for() {
     done
 }
 
-# True when the pid file names a live process.
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# `alive PIDFILE NAME`: true when the pid file names a running NAME process. A zombie (a killed daemon
+# that an init without a reaper keeps in the table) or a recycled pid does not count.
+alive() {
+    local pid
+    pid="$(cat "$1" 2>/dev/null)" || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    case "$(cat "/proc/$pid/comm" 2>/dev/null)" in "$2" | "$2-wlm") ;; *) return 1 ;; esac
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]
+}
 
 [ "$(id -u)" -eq 0 ] || die "needs root (it installs packages and starts system daemons)"
 start=$SECONDS
@@ -89,7 +96,7 @@ chown munge:munge /etc/munge/munge.key
 chmod 400 /etc/munge/munge.key
 install -d -o munge -g munge -m 755 /run/munge
 install -d -o munge -g munge -m 700 /var/lib/munge /var/log/munge
-if ! alive /run/munge/munged.pid; then
+if ! alive /run/munge/munged.pid munged; then
     say "starting munged as the munge user"
     rm -f /run/munge/munged.pid
     # Forks into the background once its socket is ready.
@@ -140,7 +147,7 @@ EOF
 )"
 install -d -m 755 /etc/slurm /var/log/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
 if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$wanted" ]; then
-    if alive /run/slurmctld.pid || alive /run/slurmd.pid; then
+    if alive /run/slurmctld.pid slurmctld || alive /run/slurmd.pid slurmd; then
         say "slurm.conf changed: restarting the daemons"
         bash "$(dirname "$0")/teardown.sh" --keep-munge
     fi
@@ -149,13 +156,13 @@ if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$wanted" ]; then
 fi
 
 # -- 4. the daemons ----------------------------------------------------------------------------------
-if ! alive /run/slurmctld.pid; then
+if ! alive /run/slurmctld.pid slurmctld; then
     say "starting slurmctld"
     rm -f /run/slurmctld.pid
     slurmctld || die "slurmctld did not start"
 fi
 wait_for "$TIMEOUT" "slurmctld to answer" scontrol ping
-if ! alive /run/slurmd.pid; then
+if ! alive /run/slurmd.pid slurmd; then
     say "starting slurmd"
     rm -f /run/slurmd.pid
     slurmd || die "slurmd did not start"

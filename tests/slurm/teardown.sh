@@ -25,14 +25,21 @@ say() { echo "slurm-teardown: $*"; }
     exit 1
 }
 
+# `alive PID NAME`: true while PID is a running NAME process (a zombie or a recycled pid does not count).
+alive() {
+    case "$(cat "/proc/$1/comm" 2>/dev/null)" in "$2" | "$2-wlm") ;; *) return 1 ;; esac
+    [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
 # `stop NAME PIDFILE`: SIGTERM, wait up to 30 s for the process to go, then SIGKILL; remove the pid file.
 stop() {
     local name="$1" pidfile="$2" pid
-    if [ -s "$pidfile" ] && pid="$(cat "$pidfile")" && kill -0 "$pid" 2>/dev/null; then
+    pid="$(cat "$pidfile" 2>/dev/null)" || pid=""
+    if [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid" "$name"; then
         kill -TERM "$pid" 2>/dev/null || true
         local deadline=$((SECONDS + 30))
-        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
-        if kill -0 "$pid" 2>/dev/null; then
+        while alive "$pid" "$name" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+        if alive "$pid" "$name"; then
             say "$name (pid $pid) ignored SIGTERM for 30s: SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
@@ -43,7 +50,7 @@ stop() {
 }
 
 # Jobs first, while the controller still answers: their processes would outlive slurmd otherwise.
-if command -v scancel >/dev/null && [ -s /run/slurmctld.pid ] && kill -0 "$(cat /run/slurmctld.pid)" 2>/dev/null; then
+if command -v scancel >/dev/null && alive "$(cat /run/slurmctld.pid 2>/dev/null)" slurmctld; then
     timeout 20 scancel --full --signal=KILL --user=root >/dev/null 2>&1 || true
     timeout 20 scancel --user=root >/dev/null 2>&1 || true
 fi
