@@ -131,7 +131,9 @@ class ClusterPartFile(PartFile):
         """Rename the first part of this file whose writer is gone to our own name (with its
         validator sidecar), so `open` continues it; remove the other gone writers' parts."""
         try:
-            dir_fd = walk(self.root, self.dirs, create=False)
+            # The Downloader's folder cache when there is one: no walk from the root per file.
+            cache = self._cache
+            dir_fd = cache.open(self.root, self.dirs) if cache else walk(self.root, self.dirs, create=False)
         except (FileNotFoundError, NotADirectoryError):
             return  # the folder does not exist yet: nothing to take over
         try:

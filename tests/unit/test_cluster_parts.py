@@ -137,3 +137,20 @@ def test_a_zombie_writer_is_gone(tmp_path: Path) -> None:
         assert part.taken_over
     finally:
         child.wait()
+
+
+def test_the_downloaders_folder_cache_is_used_to_find_gone_parts(tmp_path: Path) -> None:
+    from engine.fetch.partfile import DirCache
+
+    folder = tmp_path / "a" / "b"
+    _plant(folder, f"x.fits.part.{host_name()}.{_dead_pid()}", b"I" * 10, validator='"v"')
+    cache = DirCache()
+    try:
+        part = ClusterPartFile(folder / "x.fits.part", root=tmp_path, cache=cache)
+        part.resume = True
+        part.open()
+        assert part.taken_over and part.kept == 10
+        part.discard()
+        assert list(folder.iterdir()) == []
+    finally:
+        cache.close()
