@@ -340,3 +340,63 @@ def test_a_cluster_without_dask_installed_is_one_line_naming_the_fix(tmp_path: P
     assert lines[-1].startswith("tessmirror: error: cluster.mode: --cluster local needs Dask"), lines
     assert "pip install 'tessmirror[cluster]'" in lines[-1]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+# -- an existing scheduler ------------------------------------------------------------------------------
+@contextmanager
+def dask_scheduler_with_workers(tmp_path: Path, workers: int) -> Iterator[str]:
+    """`dask scheduler` and `dask worker --resources MAST=1` processes on 127.0.0.1; yields the
+    scheduler's tcp:// address. Every process is stopped afterwards."""
+    import subprocess
+    import sys
+
+    scheduler_file = tmp_path / "scheduler.json"
+    quiet = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+            env=quiet, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]  # fmt: skip
+    try:
+        assert wait_until(scheduler_file.exists, timeout=60), "the scheduler did not start"
+        for _ in range(workers):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                     str(scheduler_file), "--host", "127.0.0.1", "--nthreads", "1", "--resources", "MAST=1",
+                     "--no-dashboard", "--no-nanny"],
+                    env=quiet, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        address = json.loads(scheduler_file.read_text())["address"]
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except Exception:
+                proc.kill()
+                proc.wait()
+
+
+def test_an_existing_scheduler_runs_at_most_jobs_batches_whatever_its_worker_count(tmp_path: Path) -> None:
+    """`--cluster tcp://...` with 2 MAST workers but --jobs 1: the run's semaphore lets one batch at a
+    time work, so the archive sees at most 1 x job-concurrency connections."""
+    config = cluster_config(tmp_path, batch_files=4)
+    with (
+        dask_scheduler_with_workers(tmp_path, workers=2) as address,
+        counting_server(small_fits(), delay=0.3) as (base, census),
+    ):
+        args = fetch_args(base, tmp_path, 24, config, jobs=1, per_job=3)
+        args[args.index("local")] = address
+        result = run_cli(*args, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    no_traceback(result.stderr)
+    assert f"cluster {address}: 1 jobs x 3 connections = at most 3 connections" in result.stderr
+    print(f"peak connections {census.most_in_flight} with 2 workers, cap 1 x 3 = 3")
+    assert census.most_in_flight == 3
+    assert len(list((tmp_path / "out").rglob("*.fits"))) == 24
