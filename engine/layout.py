@@ -77,7 +77,9 @@ def safe_filename(name: str) -> str:
     if ":" in normal:
         # `C:x` is drive-relative on Windows; `a:b` is an NTFS alternate data stream.
         raise _refuse(name, "contains ':' (a drive or stream name on Windows)")
-    for char in normal:
+    # Printable ASCII holds none of the forbidden categories: the per-character look (a third of a
+    # million-file resume's CPU) is for names that are not plain.
+    for char in normal if not (normal.isascii() and normal.isprintable()) else ():
         if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
             raise _refuse(name, f"contains the control or invisible character U+{ord(char):04X}")
     encoded = _ENCODED_CONTROL.search(normal)

@@ -20,8 +20,9 @@ older one is named by its destination. Digest collisions are negligible (1 in 10
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -43,6 +44,10 @@ _FIELD = (1 << 40) - 1  # sizes and estimates are packed in 40 bits each (up to 
 _MIB = 1024 * 1024
 
 
+# White space (re's \s is str.isspace, Unicode included) and control characters.
+_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
 def url_problem(item: PlanItem) -> tuple[str, str] | None:
     """Why `item` cannot be downloaded as planned: (reason key, detail), or None when its URL is usable
     and names `item.filename`. Pure: used by the guard and by tests."""
@@ -58,7 +63,7 @@ def url_problem(item: PlanItem) -> tuple[str, str] | None:
     if scheme not in ("http", "https"):
         shown = f"{scheme}:" if scheme else "no scheme"
         return BAD_SCHEME, f"the URL {redact(url)!r} has {shown}; only http(s) is downloaded"
-    if not host or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+    if not host or _BAD_URL_CHAR.search(url):
         return BAD_URL, f"the URL {redact(url)!r} has no host or has white space or control characters"
     named = filename_from_url(url)
     if _nfc(named) != _nfc(item.filename):
@@ -99,7 +104,10 @@ class PlanGuard:
         self.unsafe = 0
         self.dropped: Counter[str] = Counter()
         self._declared: dict[int, int] = {}  # digest of relpath -> packed (md5, size, estimate)
-        self._recent: dict[int, str] = {}  # digest of relpath -> first URL, for the newest ones only
+        # Digest of relpath -> first URL, for the newest ones only. An OrderedDict, because deleting
+        # a plain dict's first key leaves a run of dead slots that every later `next(iter())` walks:
+        # the guard took 45% of a million-file resume that way.
+        self._recent: OrderedDict[int, str] = OrderedDict()
         self._recent_cap = max(0, recent_urls)
 
     def admit(self, page: list[PlanItem]) -> GuardedPage:
@@ -193,7 +201,7 @@ class PlanGuard:
         if not self._recent_cap:
             return
         if len(self._recent) >= self._recent_cap:
-            del self._recent[next(iter(self._recent))]  # the oldest (dicts keep insertion order)
+            self._recent.popitem(last=False)  # the oldest
         self._recent[key] = url
 
 
