@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.archive import FaultPlan
 from engine.exceptions import EXIT_OK
 from engine.manifest import Manifest
 from engine.shard import shard_of
@@ -32,11 +34,13 @@ from tests.helpers import (
     assert_verified_records_are_good,
     cli_command,
     lock_files,
+    manifest_lines,
     run_cli,
     spawn_cli,
     wait_until,
 )
-from tests.integration.test_shards import plan_keys, plan_once, shard_manifest
+from tests.integration.test_shards import doc_block, plan_keys, plan_once, shard_manifest
+from tests.integration.test_slurm_recipe import fake_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +52,9 @@ REQUIRED = bool(os.environ.get("CI") or os.environ.get("TESSMIRROR_REQUIRE_SLURM
 SHARDS = 4
 # Generous: four Python processes start on 2 shared cores; a healthy array finishes in seconds.
 JOB_TIMEOUT = 240.0
+# Each response capped at 30 kB/s: a task needs several seconds for its 55 kB files, so task 0 is still
+# running when it is signalled after its first file, however slowly squeue answers.
+SLOW = "bandwidth=30000"
 
 
 def unavailable(reason: str) -> None:
@@ -179,6 +186,117 @@ def test_a_four_task_sbatch_array_of_shards_mirrors_the_plan_exactly_once(
     verify = run_cli("verify", "--out", out, "--level", "checksum")
     assert verify.returncode == EXIT_OK, verify.stderr[-2000:]
     assert f"ok          {len(keys)}" in verify.stderr + verify.stdout
+
+
+def array_tasks(job: str) -> dict[int, dict[str, str]]:
+    """Array task id -> its JobState, ExitCode and Restarts, as the controller reports them."""
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"scontrol show job {job}: {proc.stderr.strip()}"
+    tasks: dict[int, dict[str, str]] = {}
+    for line in proc.stdout.splitlines():
+        fields = dict(re.findall(r"\b(ArrayTaskId|JobState|ExitCode|Restarts)=(\S+)", line))
+        if "ArrayTaskId" in fields:
+            tasks[int(fields.pop("ArrayTaskId"))] = fields
+    return tasks
+
+
+def running_tasks(job: str) -> int:
+    """How many tasks of the array run now (`squeue`)."""
+    squeue = ["squeue", "-h", "-j", job, "-t", "RUNNING", "-o", "%i"]
+    proc = subprocess.run(squeue, capture_output=True, text=True, timeout=30)
+    return len(proc.stdout.split()) if proc.returncode == 0 else 0
+
+
+def batch_shell_pid(task: str) -> int:
+    """The pid of a running task's batch shell on this node."""
+    raw = subprocess.run(["squeue", "-h", "-j", task, "-o", "%A"], capture_output=True, text=True, timeout=30)
+    assert raw.returncode == 0 and raw.stdout.strip(), f"squeue -j {task}: {raw.stderr.strip()}"
+    pids = subprocess.run(
+        ["scontrol", "listpids", raw.stdout.strip()], capture_output=True, text=True, timeout=30
+    )
+    assert pids.returncode == 0, f"scontrol listpids: {pids.stderr.strip()}"
+    for row in pids.stdout.splitlines()[1:]:
+        pid, _job, step, local_id, *_ = [*row.split(), "", "", ""]
+        if step == "batch" and local_id == "0":
+            return int(pid)
+    raise AssertionError(f"no batch shell for {task}: {pids.stdout}")
+
+
+def test_the_array_recipe_of_the_docs_runs_under_sbatch_and_a_signalled_task_requeues_itself(
+    slurm, archive, tmp_path: Path
+) -> None:
+    """docs/HPC.md's array script, word for word, submitted with sbatch: 8 tasks, at most 4 running
+    at once (`%4`). Task 0 gets SIGTERM in its batch shell only (`scancel --batch`, what
+    `--signal=B:TERM` does), forwards it, sees tessmirror exit 130 and requeues itself with the real
+    `scontrol requeue`; its second run finishes the share."""
+    arch = archive(sectors=(1,), targets=48, focus=(1, 1, 2), faults=FaultPlan.from_spec(SLOW))
+    env, _ = fake_cluster(tmp_path, arch.tap_url)
+    (tmp_path / "bin" / "scontrol").unlink()  # this time Slurm's own scontrol requeues the task
+    out = tmp_path / "scratch" / "tess" / "s1"
+    planned = subprocess.run(
+        ["bash", "-c", doc_block("slurm-array-plan")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert planned.returncode == EXIT_OK, planned.stderr[-2000:]
+    keys = plan_keys(out / ".tessmirror" / "plan.ecsv")
+    script = tmp_path / "tess-s1-array.sbatch"
+    script.write_text(doc_block("slurm-array-recipe"))
+    logs = tmp_path / "logs"  # sbatch's default slurm-%A_%a.out lands in the submitting folder
+    logs.mkdir()
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", str(script)], env=env, cwd=logs, capture_output=True, text=True, timeout=60
+    )
+    assert submitted.returncode == 0, f"sbatch refused the docs' script: {submitted.stderr.strip()}"
+    job = submitted.stdout.strip().split(";")[0]
+    most_running = 0
+
+    def progressed() -> bool:
+        nonlocal most_running
+        most_running = max(most_running, running_tasks(job))
+        return manifest_lines(shard_manifest(out, 0, 8)) >= 1 or not in_queue(f"{job}_0")
+
+    try:
+        assert wait_until(progressed, timeout=JOB_TIMEOUT, interval=0.2), "task 0 recorded no file"
+        assert in_queue(f"{job}_0"), "task 0 ended before Slurm's signal"
+        # Slurm's --signal=B:TERM: SIGTERM to the batch shell alone, never to tessmirror. Sent to the
+        # shell's pid (`scontrol listpids`: the batch step's task 0) rather than with `scancel --batch`,
+        # which retries for up to a minute when the controller is busy and would then signal the task's
+        # next run as well.
+        os.kill(batch_shell_pid(f"{job}_0"), signal.SIGTERM)
+
+        def finished() -> bool:
+            nonlocal most_running
+            most_running = max(most_running, running_tasks(job))
+            return not in_queue(job)
+
+        # Generous: the requeued task waits out the credential lifetime (15 s here) before it restarts.
+        left = wait_until(finished, timeout=JOB_TIMEOUT, interval=0.5)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    task_logs = {p.name: p.read_text(errors="replace") for p in sorted(logs.iterdir())}
+    assert left, f"array {job} still queued after {JOB_TIMEOUT:.0f}s: {task_logs}"
+    tasks = array_tasks(job)
+    assert {k: (t["JobState"], t["ExitCode"]) for k, t in tasks.items()} == dict.fromkeys(
+        range(8), ("COMPLETED", "0:0")
+    ), task_logs
+    assert tasks[0]["Restarts"] == "1", f"task 0 was not requeued: {tasks[0]}"
+    assert all(tasks[k]["Restarts"] == "0" for k in range(1, 8)), "only the signalled task requeued"
+    assert 1 <= most_running <= 4, f"{most_running} tasks ran at once under %4"
+    assert not [name for name, text in task_logs.items() if "Traceback" in text], task_logs
+    # The requeued run (its log replaces the first run's) resumed: it skipped what the first verified.
+    rerun = task_logs[f"slurm-{job}_0.out"]
+    assert "tessmirror shard 0 exited with 0" in rerun, rerun[-2000:]
+    skipped = re.search(r"^skipped\s+(\d+)\s+\(verified by an earlier run", rerun, re.MULTILINE)
+    assert skipped and int(skipped.group(1)) >= 1, rerun[-2000:]
+
+    union: set[str] = set()
+    for k in range(8):
+        manifest = Manifest(out / ".tessmirror", shard=f"shard-{k}-of-8")
+        union |= {e.key for e in manifest._records(manifest.path) if e.status == "verified"}
+    assert union == keys
+    assert set(Manifest(out / ".tessmirror").verified()) == keys
+    assert_mirror_matches_truth(out, arch, {key.split("/", 1)[1] for key in keys})
+    assert not lock_files(out), "every task released its locks"
+    assert not list((out / ".tessmirror" / "run.lock.d").iterdir())
 
 
 # -- Dask on Slurm: `--cluster slurm` (dask-jobqueue's SLURMCluster) and `--cluster slurm-runner` -------

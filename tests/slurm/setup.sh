@@ -109,7 +109,8 @@ wait_for "$TIMEOUT" "munge to encode and decode a credential" bash -c 'munge -n 
 # file says whatever the hardware, so a 1-core runner does not drain it. Memory is not a consumable
 # resource (CR_CPU), but RealMemory must cover a job's --mem (dask-jobqueue always sends one), or the
 # job is refused. FORCE:4 lets four jobs share each CPU, so 4 array tasks and a few Dask workers run at
-# once on 2 cores. No accounting: no slurmdbd, no sacct.
+# once on 2 cores. No accounting: no slurmdbd, no sacct. cred_expire=15 and a scheduling pass every
+# 2 s: a requeued job starts again after about 17 s instead of 120 s (a test requeues an array task).
 wanted="$(
     cat <<EOF
 # Written by tessmirror's tests/slurm/setup.sh: a one-node Slurm for the test suite.
@@ -117,6 +118,7 @@ ClusterName=tessmirror-ci
 SlurmctldHost=${NODE}(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=15
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -125,6 +127,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
