@@ -1,10 +1,12 @@
-"""A real Slurm on this machine: the job array of docs/HPC.md submitted with `sbatch`, not imitated.
+"""A real Slurm on this machine: tessmirror's job arrays and Dask modes under `sbatch` and `srun`.
 
 tests/slurm/setup.sh installs Debian's slurmctld, slurmd, slurm-client and munge, and starts a one-node
 cluster (this host, reached on 127.0.0.1, 2 CPUs, `OverSubscribe=FORCE:4`). The jobs run as root on
-this node, so they reach the test's local archive on 127.0.0.1. The tests wait on what Slurm shows
-(`squeue` until the job has left the queue, then `scontrol show job` for each task's exit code; there
-is no accounting, hence no `sacct`), never on a fixed sleep.
+this node, so they reach the test's local archive on 127.0.0.1. The tests: a 4-task `sbatch --array`
+of `fetch --shard K/4`; docs/HPC.md's array script word for word, one task signalled and requeued;
+`run --cluster slurm` (dask-jobqueue's worker jobs); `run --cluster slurm-runner` under `srun`. They
+wait on what Slurm shows (`squeue` until the job has left the queue, then `scontrol show job` for each
+task's state and exit code; there is no accounting, hence no `sacct`), never on a fixed sleep.
 
 Outside CI, the tests skip (with the reason) where Slurm cannot run: not root, or setup.sh failed
 (no apt). Under CI (`CI` or `TESSMIRROR_REQUIRE_SLURM` set, as `.ci/run` does) they fail instead.
