@@ -9,6 +9,8 @@ import pytest
 from engine.exceptions import ConfigError
 from engine.models import PlanItem
 from engine.plan.invariants import BAD_SCHEME, BAD_URL, MISMATCH, NO_URL, PlanGuard, url_problem
+from engine.plan.table import filename_from_url
+from engine.redact import redact
 
 LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"
 TP = LC.replace("_lc", "_tp")
@@ -190,3 +192,41 @@ def test_memory_per_destination_is_a_digest_not_an_item() -> None:
     tracemalloc.stop()
     assert guard.planned == 50_000
     assert used / 50_000 < 200  # bytes per destination: a digest and a packed int, not the item
+
+
+def _reference_url_problem(item: PlanItem) -> tuple[str, str] | None:
+    """url_problem without its fast path: urlsplit and parse_qs decide everything."""
+    from engine.plan import invariants
+
+    url = item.url.strip()
+    if not url:
+        return invariants.NO_URL, "the row has no URL"
+    problem = invariants._slow_url_problem(url)
+    if problem is not None:
+        return problem
+    named = filename_from_url(url)
+    if invariants._nfc(named) != invariants._nfc(item.filename):
+        return invariants.MISMATCH, f"the URL {redact(url)!r} names {named!r}, not {item.filename!r}"
+    return None
+
+
+def test_the_fast_path_for_plain_urls_answers_as_urlsplit_and_parse_qs_do() -> None:
+    """200,000 random URLs, most of them plain, many with one character urlsplit, unquote or
+    parse_qs treat specially: the guard's answer is the reference's, for every one."""
+    import random
+
+    rng = random.Random(20261128)
+    plain = "abcXYZ0189._~-!$'()*,;=:/"
+    special = "%+&#@[]? \t\n\x00\x7f\u00a0\u2028éURI=uri"
+    heads = ["https://mast.stsci.edu", "http://127.0.0.1:8080", "HTTPS://Host.Example.org", "ftp://h", "https://",
+             "https://h:99999", "s3://bucket", "https://user@h", "https://[::1]"]  # fmt: skip
+    for _ in range(200_000):
+        body = "".join(
+            rng.choice(plain if rng.random() < 0.93 else special) for _ in range(rng.randint(0, 24))
+        )
+        query = rng.choice(["", "?uri=mast:TESS/product/", "?uri=", "?URI=x/", "?a=1&uri=", "?uri=a%2Fb/"])
+        name = "".join(rng.choice(plain) for _ in range(rng.randint(1, 8)))
+        url = f"{rng.choice(heads)}/{body}{query}{name}"
+        filename = name if rng.random() < 0.7 else filename_from_url(url)
+        item = PlanItem(url=url, filename=filename)
+        assert url_problem(item) == _reference_url_problem(item), url
