@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 RESOURCE = "MAST"  # every worker has MAST=1 and every batch asks for 1: one batch per worker at a time
 STOP_GRACE = 2.0  # seconds for running batches to notice a stop and return, when the run is interrupted
 WORKERS_TIMEOUT = 60.0  # seconds to wait for a worker of an existing scheduler (tcp://)
+RUNNER_DEATH_TIMEOUT = 60  # seconds a slurm-runner worker waits for a scheduler it cannot reach
 _DASK_LOG_LEVEL = logging.CRITICAL  # Dask's own chatter (worker restarts, closed comms) stays out
 _DASK_LOGGERS = ("distributed", "dask", "dask_jobqueue", "tornado")
 
@@ -90,7 +91,13 @@ def _runner_options(spec: ClusterSpec, settings: Settings) -> dict[str, Any]:
     return {
         "scheduler_file": str(runner_scheduler_file(settings.state_dir)),
         "scheduler_options": {"dashboard_address": None},
-        "worker_options": {"resources": {RESOURCE: 1}, "nthreads": 1},
+        # A worker that cannot reach the scheduler for a minute ends (its rank exits): the driver
+        # may have ended the scheduler before this worker ever joined.
+        "worker_options": {
+            "resources": {RESOURCE: 1},
+            "nthreads": 1,
+            "death_timeout": RUNNER_DEATH_TIMEOUT,
+        },
     }
 
 
@@ -121,17 +128,36 @@ def serve_runner_role(spec: ClusterSpec, settings: Settings) -> int | None:
             pass
     except SystemExit:
         pass
+    except (TimeoutError, asyncio.TimeoutError) as err:
+        # The driver ended the scheduler (its run stopped early) before this worker joined.
+        log.info("slurm-runner: rank %s found no scheduler to join (%s); the run has ended", rank, err)
+    except Exception as err:
+        raise LocalError(
+            f"slurm-runner rank {rank} could not serve {role}: {type(err).__name__}: {redact(str(err))}",
+            hint="the driver's output (rank 1) says how the run ended",
+        ) from None
     return 0
+
+
+async def _scheduler_address(scheduler_file: Path) -> str:
+    """The address in `scheduler_file`, once the scheduler rank (started beside this one) has written
+    it whole: the scheduler writes it in place, so a reader may meet it empty or half written."""
+    while True:
+        try:
+            address = json.loads(scheduler_file.read_text())["address"]
+        except (OSError, ValueError, KeyError, TypeError):
+            await asyncio.sleep(0.2)
+            continue
+        if isinstance(address, str) and address:
+            return address
+        await asyncio.sleep(0.2)
 
 
 async def _end_runner(scheduler_file: Path) -> None:
     """Terminate the scheduler named in `scheduler_file` (its workers then end too)."""
     from distributed.core import rpc
 
-    while not scheduler_file.exists():  # the scheduler rank starts beside this one
-        await asyncio.sleep(0.5)
-    address = json.loads(scheduler_file.read_text())["address"]
-    async with rpc(address) as scheduler:
+    async with rpc(await _scheduler_address(scheduler_file)) as scheduler:
         await scheduler.terminate()
 
 
@@ -232,6 +258,8 @@ class DaskExecutor:
             log.info("cluster: %d Slurm jobs submitted; batches wait until their workers start", spec.jobs)
         elif mode == "slurm-runner":
             self._joined = True
+            # SLURMRunner reads the scheduler file as soon as it exists, which may be mid-write.
+            await asyncio.wait_for(_scheduler_address(runner_scheduler_file(self.settings.state_dir)), 300)
             self.runner = await _runner_class()(**_runner_options(spec, self.settings), asynchronous=True)
             self.client = await Client(self.runner, asynchronous=True)
         else:
