@@ -72,7 +72,8 @@ def url_problem(item: PlanItem) -> tuple[str, str] | None:
         if problem is not None:
             return problem
         named = filename_from_url(url)
-    if _nfc(named) != _nfc(item.filename):
+    # Equal strings are equal in NFC: normalising is only for names that differ.
+    if named != item.filename and _nfc(named) != _nfc(item.filename):
         return MISMATCH, f"the URL {redact(url)!r} names {named!r}, not {item.filename!r}"
     return None
 
@@ -246,7 +247,11 @@ def _pack(item: PlanItem) -> int:
         md5_bits = (1 << 64) | int(md5[:16], 16) if len(md5) == 32 else 0
     except ValueError:
         md5_bits = 0
-    return (md5_bits << 80) | (_field(item.size) << 40) | _field(item.est_kb)
+    # A plan's own ints in range take the short way; anything else is `_field`'s.
+    size, est_kb = item.size, item.est_kb
+    size_bits = size + 1 if type(size) is int and 0 <= size < _FIELD - 1 else _field(size)
+    est_bits = est_kb + 1 if type(est_kb) is int and 0 <= est_kb < _FIELD - 1 else _field(est_kb)
+    return (md5_bits << 80) | (size_bits << 40) | est_bits
 
 
 def _unpack(packed: int) -> tuple[int, int, int]:

@@ -1,0 +1,363 @@
+"""The resume scan's fast paths answer exactly as the general code they bypass.
+
+Each test feeds thousands of random inputs (mostly plain, many with one character that the fast path
+must leave to the general path) to the fast path and to a reference: the general code, or the code
+as it was before the fast path, and compares every answer, errors included.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import re
+import unicodedata
+import zlib
+from pathlib import Path
+
+import pytest
+
+from engine import layout
+from engine.exceptions import ConfigError, UnsafePathError
+from engine.manifest import Manifest, _legacy_key, _loads, _payload_of, encode_entry, pack_record
+from engine.models import PLAN_COLUMNS, PlanItem
+from engine.plan import invariants
+from engine.plan.table import PlanWriter, _columns, _row_item, iter_input, iter_plan
+
+NAME_CHARS = "abcXYZ019._-"
+ODD_CHARS = ".:/\\%% \t\n\x00\x1b\x7f\u00a0\u200béÅ\u0301+~'\"," + "CONPRNAUXNULCOM1LPT9"
+
+
+def _answer(call, *args):  # any callable: its result, or its error's type and text
+    try:
+        return "ok", call(*args)
+    except (UnsafePathError, ConfigError) as err:
+        return type(err).__name__, str(err)
+
+
+def _random_name(rng: random.Random) -> str:
+    odd = rng.random() < 0.35
+    length = rng.choice([rng.randint(0, 12), rng.randint(50, 60), rng.randint(250, 258)])
+    text = "".join(rng.choice(ODD_CHARS if odd and rng.random() < 0.1 else NAME_CHARS) for _ in range(length))
+    if rng.random() < 0.05:
+        text = rng.choice(["con", "NUL", "Com1", "lpt9", "aux", "prn"]) + rng.choice(
+            ["", ".fits", ".x.y", "x"]
+        )
+    return text
+
+
+def test_safe_filename_answers_for_plain_names_as_its_general_path_does() -> None:
+    rng = random.Random(1128)
+    for _ in range(60_000):
+        name = _random_name(rng)
+        assert _answer(layout.safe_filename, name) == _answer(layout._checked_filename, name), repr(name)
+
+
+def _reference_check_obs_id(obs_id: str) -> None:
+    """check_obs_id before its fast path."""
+    if not isinstance(obs_id, str):
+        raise UnsafePathError(f"unsafe obs_id from the archive: {layout._shown(obs_id)} (not a string)")
+    bad = re.search(r"[/\\\x00-\x1f\x7f]|\.\.", obs_id)
+    if bad or len(obs_id) > layout.MAX_OBS_ID_CHARS:
+        why = f"contains {bad.group()!r}" if bad else f"longer than {layout.MAX_OBS_ID_CHARS} characters"
+        raise UnsafePathError(
+            f"unsafe obs_id from the archive: {layout._shown(obs_id)} ({why})",
+            hint="the file was skipped; report the obs_id to the archive",
+        )
+
+
+def test_check_obs_id_answers_for_plain_obs_ids_as_before_its_fast_path() -> None:
+    rng = random.Random(2811)
+    for _ in range(60_000):
+        obs_id = _random_name(rng)
+        assert _answer(layout.check_obs_id, obs_id) == _answer(_reference_check_obs_id, obs_id), repr(obs_id)
+
+
+def _reference_mast(item: PlanItem) -> str:
+    """The mast layout before the TIC was matched in four parts."""
+    try:
+        sector = int(item.sector)
+    except (TypeError, ValueError):
+        sector = -1
+    if not 0 <= sector <= 9999:
+        found = re.search(r"-s(\d{4})-", item.filename)
+        sector = int(found.group(1)) if found else -1
+    if sector < 0:
+        return f"misc/{item.filename}"
+    tic = re.search(r"-(\d{16})-", item.filename)
+    if tic is None:
+        return f"s{sector:04d}/{item.filename}"
+    d = tic.group(1)
+    return f"tid/s{sector:04d}/{d[0:4]}/{d[4:8]}/{d[8:12]}/{d[12:16]}/{item.filename}"
+
+
+def test_the_mast_layout_places_every_name_as_before() -> None:
+    rng = random.Random(11)
+    digits = "0123456789\u0663"  # an Arabic-Indic digit is a \d too
+    for _ in range(30_000):
+        tic = "".join(rng.choice(digits if rng.random() < 0.98 else "x-") for _ in range(rng.randint(14, 18)))
+        sector = "".join(rng.choice("0123456789") for _ in range(rng.choice([3, 4, 4, 4, 5])))
+        name = f"tess2018206045859-s{sector}-{tic}-0120-s_lc.fits"
+        if rng.random() < 0.2:
+            name = name.replace("-", rng.choice(["", "_", "--"]), rng.randint(0, 3))
+        value = rng.choice([rng.randint(-3, 10_002), -1, "7", "x", None, True, 3.9])
+        item = PlanItem(url="u", filename=name, sector=value)  # type: ignore[arg-type]
+        assert layout._mast(item) == _reference_mast(item), (name, value)
+
+
+def _reference_pack(item: PlanItem) -> int:
+    """The guard's `_pack` before ints took a short way."""
+    md5 = item.md5.lower() if isinstance(item.md5, str) else ""
+    try:
+        md5_bits = (1 << 64) | int(md5[:16], 16) if len(md5) == 32 else 0
+    except ValueError:
+        md5_bits = 0
+    return (md5_bits << 80) | (invariants._field(item.size) << 40) | invariants._field(item.est_kb)
+
+
+def test_the_guards_packed_declaration_is_as_before_for_any_value() -> None:
+    rng = random.Random(5)
+    big = (1 << 40) - 1
+    values = [
+        -2,
+        -1,
+        0,
+        1,
+        big - 3,
+        big - 2,
+        big - 1,
+        big,
+        big + 1,
+        1 << 70,
+        True,
+        False,
+        "12",
+        "x",
+        None,
+        2.5,
+    ]
+    md5s = ["", "0" * 32, "A" * 32, "g" * 32, "0x" + "1" * 30, "İ" * 16, " " + "1" * 31, "1" * 31, 7]
+    for _ in range(20_000):
+        item = PlanItem(
+            url="u",
+            filename="f",
+            size=rng.choice([*values, rng.randint(0, 10**12)]),  # type: ignore[arg-type]
+            est_kb=rng.choice([*values, rng.randint(0, 10**9)]),  # type: ignore[arg-type]
+            md5=rng.choice([*md5s, f"{rng.getrandbits(128):032x}"]),  # type: ignore[arg-type]
+        )
+        assert invariants._pack(item) == _reference_pack(item), item
+
+
+def test_url_problem_compares_names_in_nfc_only_when_they_differ() -> None:
+    decomposed = unicodedata.normalize("NFD", "é.fits")
+    assert invariants.url_problem(PlanItem(url=f"https://h/p/{decomposed}", filename="é.fits")) is None
+    assert invariants.url_problem(PlanItem(url="https://h/p/a.fits", filename="a.fits")) is None
+    problem = invariants.url_problem(PlanItem(url="https://h/p/a.fits", filename="b.fits"))
+    assert problem is not None and problem[0] == invariants.MISMATCH
+
+
+# -- the plan reader --------------------------------------------------------------------------------
+CELL_CHARS = "abcXYZ019._-:/?="
+ODD_CELL_CHARS = '",\r\n\x00 \\\t\u00e9'
+
+
+def _random_cell(rng: random.Random, kind: str) -> object:
+    if kind in ("i", "f") and rng.random() < 0.9:
+        if kind == "i":
+            return rng.choice([rng.randint(-5, 10**10), -1, 0])
+        return rng.choice([math.nan, 263.75, -64.25, 0.0, float("inf"), 1e-300])
+    odd = rng.random() < 0.15
+    return "".join(
+        rng.choice(ODD_CELL_CHARS if odd and rng.random() < 0.2 else CELL_CHARS)
+        for _ in range(rng.randint(0, 12))
+    )
+
+
+def _random_plan_text(rng: random.Random, rows: int) -> str:
+    """Rows as PlanWriter writes them, and some as another writer or a hand edit might."""
+    out = io.StringIO()
+    quoted = csv.writer(out, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+    kinds = [kind for _name, _index, kind in _columns(list(PLAN_COLUMNS))]
+    for _ in range(rows):
+        cells = [_random_cell(rng, kind) for kind in kinds]
+        roll = rng.random()
+        if roll < 0.8:
+            quoted.writerow(cells)
+        elif roll < 0.85:
+            csv.writer(out, lineterminator=rng.choice(["\n", "\r\n", "\r"])).writerow(
+                cells
+            )  # minimal quoting
+        elif roll < 0.9:
+            quoted.writerow(cells[: rng.randint(0, 10)] + (["extra"] if rng.random() < 0.5 else []))
+        elif roll < 0.95:
+            line = io.StringIO()
+            csv.writer(line, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n").writerow(cells)
+            text = line.getvalue()
+            cut = rng.randint(0, len(text))
+            out.write(text[:cut] + rng.choice(['"', ",", "", "x", "\n", '""', " "]) + text[cut:])
+        else:
+            quoted.writerow([*cells[:4], rng.choice(["1.5", "x", "", " 7"]), *cells[5:]])
+    return out.getvalue()
+
+
+def _reference_rows(path: Path) -> list[object]:
+    """iter_plan before its fast path: every data row through csv.reader and `_row_item`."""
+    answers: list[object] = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        lines = iter(handle)
+        for line in lines:
+            if not line.startswith("#"):
+                break
+        rows = csv.reader([line, *lines], delimiter=",")
+        columns = _columns(next(rows))
+        try:
+            for number, row in enumerate(rows, start=1):
+                answers.append(_row_item(row, columns, path, number, "input", "hint"))
+        except ConfigError as err:
+            answers.append(str(err))
+        except csv.Error as err:
+            answers.append(f"csv: {err}")
+    return answers
+
+
+def _fast_rows(path: Path) -> list[object]:
+    answers: list[object] = []
+    try:
+        for item in iter_plan(path, key="input", hint="hint"):
+            answers.append(item)
+    except ConfigError as err:
+        text = str(err)
+        answers.append(f"csv: {text.split(': ', 2)[-1]}" if "cannot read the plan" in text else text)
+    return answers
+
+
+def _header(path: Path) -> str:
+    writer = PlanWriter(path)
+    writer.commit()
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_plan_readers_fast_path_reads_every_row_as_csv_reader_does(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    header = _header(tmp_path / "empty.ecsv")
+    path = tmp_path / "plan.ecsv"
+    path.write_text(header + _random_plan_text(rng, 400), encoding="utf-8", newline="")
+    reference, fast = _reference_rows(path), _fast_rows(path)
+    assert len(fast) == len(reference)
+    for mine, theirs in zip(fast, reference, strict=True):
+        if isinstance(theirs, str) and theirs.startswith("csv: "):
+            assert isinstance(mine, str) and mine.startswith("csv: ")  # the same csv.Error, reworded
+        else:
+            assert mine == theirs
+
+
+def test_a_field_past_csvs_size_limit_still_fails_the_plan(tmp_path: Path) -> None:
+    header = _header(tmp_path / "empty.ecsv")
+    path = tmp_path / "plan.ecsv"
+    url = "https://h/" + "a" * csv.field_size_limit() + "/x.fits"
+    row = f'"{url}","x.fits","","",-1,-1,-1,"","",nan,nan\n'
+    path.write_text(header + row, encoding="utf-8")
+    with pytest.raises(ConfigError, match="field larger than field limit"):
+        list(iter_plan(path))
+
+
+def test_a_plan_given_as_input_reads_through_the_same_fast_path(tmp_path: Path) -> None:
+    rng = random.Random(99)
+    header = _header(tmp_path / "empty.ecsv")
+    path = tmp_path / "plan.ecsv"
+    rows = [
+        PlanItem(url=f"https://h/p/{n}.fits", filename=f"{n}.fits", sector=n, size=n * 10, md5=f"{n:032x}")
+        for n in range(rng.randint(50, 90))
+    ]
+    writer = PlanWriter(path)
+    writer.write(rows)
+    writer.commit()
+    assert header.splitlines()[-1] == path.read_text().splitlines()[len(header.splitlines()) - 1]
+    assert list(iter_input(path)) == rows == list(iter_plan(path))
+
+
+def test_the_fast_path_builds_plan_items_in_plan_column_order() -> None:
+    assert PLAN_COLUMNS == (
+        "url", "filename", "obs_id", "product", "sector", "size", "est_kb", "md5", "target_name",
+        "s_ra", "s_dec",
+    )  # fmt: skip
+
+
+# -- the manifest's resume scan -------------------------------------------------------------------
+def _reference_verified(path: Path) -> tuple[dict[str, int], int]:
+    """Manifest.verified() of one file before its loop was written out: (found, skipped lines)."""
+    found: dict[str, int] = {}
+    skipped = 0
+    for line in path.read_bytes().split(b"\n"):
+        if not line:
+            continue
+        payload = _payload_of(line)
+        if payload is None:
+            skipped += 1
+            continue
+        try:
+            rec = _loads(payload)
+            url = rec["url"]
+            key = rec.get("key") or _legacy_key(rec, url)
+            if rec.get("status") == "verified":
+                found[key] = pack_record(int(rec.get("nbytes", 0)), rec.get("md5", "") or "")
+            else:
+                found.pop(key, None)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            skipped += 1
+    return found, skipped
+
+
+def _framed(record: object) -> bytes:
+    payload = json.dumps(record, separators=(",", ":")).encode()
+    return b'{"crc":"%08x","rec":%s}\n' % (zlib.crc32(payload), payload)
+
+
+def test_the_resume_scan_of_one_manifest_answers_as_before(tmp_path: Path) -> None:
+    from engine.manifest import ManifestEntry
+
+    rng = random.Random(3)
+    lines: list[bytes] = []
+    for n in range(5_000):
+        key = f"obs{rng.randint(0, 300)}/f{rng.randint(0, 3)}.fits"
+        roll = rng.random()
+        if roll < 0.6:
+            entry = ManifestEntry(
+                url=f"https://h/{n}",
+                path=f"p/{n}",
+                status=rng.choice(["verified", "verified", "failed", "pending"]),
+                nbytes=rng.choice([0, -5, 2039040, 10**13]),
+                md5=rng.choice(["", "0" * 32, f"{rng.getrandbits(128):032x}", "Z" * 32, "abc"]),
+                key=key,
+            )
+            lines.append(encode_entry(entry))
+        elif roll < 0.75:  # written by other versions or by hand
+            record = {
+                "url": rng.choice([f"https://h/{n}", "", 5]),
+                "status": "verified",
+                "obs_id": "o",
+                "path": rng.choice(["", f"s/{n}.fits"]),
+                "key": rng.choice([key, "", None, 7]),
+                "nbytes": rng.choice([1, "12", "x", None, 2.5]),
+                "md5": rng.choice(["", None, 3, "1" * 32]),
+            }
+            lines.append(_framed({k: v for k, v in record.items() if rng.random() < 0.9}))
+        elif roll < 0.85:
+            lines.append(_framed(rng.choice([[1, 2], "text", None, {"status": "verified"}])))
+        else:  # torn, garbled or blank
+            line = encode_entry(ManifestEntry(url=f"https://h/{n}", status="verified", key=key))
+            cut = rng.randint(0, len(line) - 1)
+            lines.append(
+                rng.choice([line[:cut] + b"\n", line[:cut] + b"X" + line[cut + 1 :], b"\n", b"{}\n"])
+            )
+    state = tmp_path / ".tessmirror"
+    state.mkdir()
+    manifest_path = state / "manifest.jsonl"
+    manifest_path.write_bytes(b"".join(lines) + b'{"crc":"0000')  # a torn last line too
+    manifest = Manifest(state)
+    found, skipped = _reference_verified(manifest_path)
+    assert manifest.verified() == found
+    assert manifest.skipped_lines == skipped and skipped > 0 and found
