@@ -150,6 +150,12 @@ def test_the_guards_packed_declaration_is_as_before_for_any_value() -> None:
         assert invariants._pack(item) == _reference_pack(item), item
 
 
+def test_the_guard_keys_each_destination_by_a_64_bit_digest() -> None:
+    digests = {invariants._digest(f"tid/s0001/{n:016d}.fits") for n in range(100_000)}
+    assert len(digests) == 100_000 and all(-(1 << 63) <= d < (1 << 64) for d in digests)
+    assert invariants._blake2b_digest("a/b.fits") != invariants._blake2b_digest("a/c.fits")
+
+
 def test_url_problem_compares_names_in_nfc_only_when_they_differ() -> None:
     decomposed = unicodedata.normalize("NFD", "é.fits")
     assert invariants.url_problem(PlanItem(url=f"https://h/p/{decomposed}", filename="é.fits")) is None
@@ -280,6 +286,9 @@ def test_a_plan_given_as_input_reads_through_the_same_fast_path(tmp_path: Path) 
 
 
 def test_the_fast_path_builds_plan_items_in_plan_column_order() -> None:
+    # It sets PlanItem's slots directly: a __post_init__ (a check) would be skipped, and a new field
+    # would be left unset. Either change must come with a change of `_standard_rows`.
+    assert not hasattr(PlanItem, "__post_init__")
     assert PLAN_COLUMNS == (
         "url", "filename", "obs_id", "product", "sector", "size", "est_kb", "md5", "target_name",
         "s_ra", "s_dec",
