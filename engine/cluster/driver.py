@@ -186,6 +186,8 @@ class DaskExecutor:
         self._preps_left = self._preps
         self._done: asyncio.Queue[tuple[_Batch, BatchReport | BaseException] | None] = asyncio.Queue()
         self._futures: set[Any] = set()
+        self._batch_of: dict[str, _Batch] = {}  # future key -> its batch, until recorded
+        self._hooks: tuple[RunHooks | None, ManifestWriter | None] = (None, None)
         self._joined = False  # slurm-runner: this driver reached the allocation's scheduler
         self._waiters: set[asyncio.Task] = set()
         self.names = {
@@ -327,6 +329,7 @@ class DaskExecutor:
                 # still inside a task would hold its shut-down for seconds.
                 with contextlib.suppress(Exception):
                     await distributed.wait(futures, timeout=STOP_GRACE)
+            await self._record_late(futures)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.cancel(futures), 10)
             with contextlib.suppress(Exception):
@@ -340,6 +343,27 @@ class DaskExecutor:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(runner.close(), 30)
 
+    async def _record_late(self, futures: list[Any]) -> None:
+        """Record what the batches finished before a stop (the collector was cancelled with the
+        pipeline; the manifest's writer is still open): those files are not fetched again."""
+        run, writer = self._hooks
+        if run is None or writer is None:
+            return
+        late: list[tuple[_Batch, BatchReport | BaseException]] = []
+        while not self._done.empty():
+            entry = self._done.get_nowait()
+            if entry is not None:
+                late.append(entry)
+        for future in futures:
+            batch = self._batch_of.get(future.key)
+            if batch is not None and future.status == "finished":
+                with contextlib.suppress(Exception):
+                    late.append((batch, await asyncio.wait_for(future.result(), 5)))
+        for batch, outcome in late:
+            if isinstance(outcome, BatchReport):
+                with contextlib.suppress(Exception):  # a batch's fatal error: the run is over anyway
+                    await self._record(run, writer, batch, outcome)
+
     # -- the pipeline's side ---------------------------------------------------------------------
     def workers(
         self,
@@ -349,6 +373,7 @@ class DaskExecutor:
         writer: ManifestWriter,
         count: int,
     ) -> list[Coroutine[Any, Any, None]]:
+        self._hooks = (run, writer)
         return [*(self._prep(run, queue, writer) for _ in range(self._preps)), self._collect(run, writer)]
 
     async def _prep(self, run: RunHooks, queue: asyncio.Queue, writer: ManifestWriter) -> None:
@@ -413,6 +438,7 @@ class DaskExecutor:
             self._slots.release()
             raise
         self._futures.add(future)
+        self._batch_of[future.key] = batch
         waiter = asyncio.ensure_future(self._await(future, batch))
         self._waiters.add(waiter)
         waiter.add_done_callback(self._waiters.discard)
@@ -471,6 +497,7 @@ class DaskExecutor:
             batch, outcome = entry
             self._outstanding -= 1
             self._slots.release()
+            self._batch_of.pop(f"tessmirror-batch-{self.run_id}-{batch.number}", None)
             if isinstance(outcome, BaseException):
                 reason = redact(f"the batch failed on the cluster: {type(outcome).__name__}: {outcome}")[:300]
                 log.warning("batch %d: %s", batch.number, reason)
