@@ -381,3 +381,13 @@ def test_unpack_record_spells_the_md5_as_before() -> None:
         packed = pack_record(nbytes, rng.choice([md5, md5.upper(), "", "x" * 32]))
         expected = f"{(packed >> 1) & ((1 << 128) - 1):032x}" if packed & 1 else ""
         assert unpack_record(packed) == (packed >> 129, expected)
+
+
+def test_only_a_dot_casefolds_to_a_leading_dot_so_relpath_for_may_skip_the_casefold() -> None:
+    import sys
+
+    leading = [c for c in range(sys.maxunicode + 1) if chr(c).casefold()[:1] in (".", "") and c != 0x2E]
+    assert leading == []
+    item = PlanItem(url="u", filename=".TessMirror", sector=-1)
+    with pytest.raises(UnsafePathError, match="state folder"):
+        layout.relpath_for(item, "flat")
