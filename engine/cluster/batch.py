@@ -42,6 +42,8 @@ from engine.settings import FetchSettings, VerifySettings
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a batch reads the run's pause and stop variables
+LEASE_POLL_SECONDS = 5.0  # a batch waiting for a lease looks at the stop variable this often
+DRIVER_LOST_SECONDS = 60.0  # a batch that cannot reach the scheduler this long ends (driver gone)
 # One FileResult without its item: what travels back to the driver per file.
 Compact = tuple[int, str, str, int, str, int, bool, str, int, float, float, str, str, str]
 
@@ -192,14 +194,12 @@ def run_batch(spec: BatchSpec) -> BatchReport:
     """
     started = time.monotonic()
     report = BatchReport(spec.number, host_name(), os.getpid())
-    lease = None
-    if spec.semaphore_name:
-        from distributed import Semaphore
-
-        lease = Semaphore(max_leases=spec.jobs, name=spec.semaphore_name)
-        lease.acquire()
+    control = Control(spec)
+    lease = _lease(spec)
+    if lease is not None and not _acquire(lease, control, report):
+        report.stopped = True  # the run stopped (or its driver is gone) before a lease came
+        return report
     try:
-        control = Control(spec)
         from engine.aio import new_event_loop
 
         loop = new_event_loop()
@@ -214,6 +214,41 @@ def run_batch(spec: BatchSpec) -> BatchReport:
                 lease.release()
     report.seconds = time.monotonic() - started
     return report
+
+
+_LEASES: dict[str, Any] = {}  # one Semaphore per run in this worker process (each has a refresh timer)
+
+
+def _lease(spec: BatchSpec) -> Any:
+    """The run's jobs semaphore, made once per worker process and reused by its batches."""
+    if not spec.semaphore_name:
+        return None
+    lease = _LEASES.get(spec.semaphore_name)
+    if lease is None:
+        from distributed import Semaphore
+
+        lease = _LEASES[spec.semaphore_name] = Semaphore(max_leases=spec.jobs, name=spec.semaphore_name)
+    return lease
+
+
+def _acquire(lease: Any, control: Control, report: BatchReport) -> bool:
+    """Wait for a lease, but not past a stop of the run or the loss of its driver (every wait is
+    bounded: a worker whose driver was killed must not wait for ever, and never ends otherwise)."""
+    lost_since: float | None = None
+    while True:
+        try:
+            if lease.acquire(timeout=LEASE_POLL_SECONDS):
+                return True
+            _until, stop = control.read()
+            lost_since = None
+        except Exception as err:
+            log.debug("batch %d: waiting for a lease: %s", report.number, err)
+            stop = False
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > DRIVER_LOST_SECONDS:
+                return False
+        if stop:
+            return False
 
 
 async def _run(spec: BatchSpec, report: BatchReport, control: Control) -> None:
@@ -312,6 +347,7 @@ async def _download_all(
 async def _watch(control: Control, limiter: SharedLimiter, report: BatchReport) -> None:
     """Apply pauses other workers published, publish ours; return when the run asks to stop."""
     published = 0.0
+    lost_since: float | None = None
     while True:
         if limiter.publish_until > published:
             published = limiter.publish_until
@@ -319,14 +355,19 @@ async def _watch(control: Control, limiter: SharedLimiter, report: BatchReport) 
                 await asyncio.to_thread(control.publish, published)
         try:
             until, stop = await asyncio.to_thread(control.read)
+            lost_since = None
         except Exception as err:  # the scheduler is busy or gone: keep going on the local limits
             log.debug("batch %d: cannot read the run's control variables: %s", report.number, err)
             until, stop = 0.0, False
+            lost_since = lost_since or time.monotonic()
+            # So long without the scheduler: the driver is gone; nobody would record this batch.
+            stop = time.monotonic() - lost_since > DRIVER_LOST_SECONDS
         if stop:
             return
         limiter.pause_until(until)
         limiter.told.clear()
-        with contextlib.suppress(TimeoutError):  # a pause seen here wakes the watcher at once
+        # A pause seen here wakes the watcher at once (asyncio's TimeoutError is the builtin from 3.11).
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await asyncio.wait_for(limiter.told.wait(), POLL_SECONDS)
 
 
