@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +57,10 @@ from engine.redact import redact
 from engine.verify.fits import FITS_BLOCK
 
 log = logging.getLogger(__name__)
+# A download in progress or interrupted: `NAME.part`, `NAME.meta.part`, and the cluster executor's
+# per-writer `NAME.part.<host>.<pid>` (engine/cluster/parts.py). Never reported as unexpected, never
+# quarantined: the next run continues them.
+_PART_NAME = re.compile(r"\.part(?:\.[^/]+\.[0-9]+)?$")
 
 QUARANTINE_DIR = "quarantine"
 _READER_HINT = "run verify as a user who can read the whole mirror"
@@ -215,7 +220,7 @@ def _iter_files(root: Path, skip_dirs: set[tuple[int, int]]) -> Iterator[tuple[s
                             stat = dirent.stat(follow_symlinks=False)
                             if (stat.st_dev, stat.st_ino) not in skip_dirs:
                                 stack.append((Path(dirent.path), rel + "/"))
-                        elif not dirent.name.endswith(".part"):  # a download in progress or interrupted
+                        elif not _PART_NAME.search(dirent.name):  # a download in progress or interrupted
                             yield rel, Path(dirent.path)
             except FileNotFoundError:
                 continue  # removed while we walked

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,7 +73,8 @@ def mirrored_files(out_dir: Path) -> dict[str, Path]:
     """File name -> path for every finished file under out_dir (state dir and .part files excluded)."""
     found: dict[str, Path] = {}
     for path in out_dir.rglob("*"):
-        if path.is_file() and ".tessmirror" not in path.parts and not path.name.endswith(".part"):
+        # NAME.part, and the cluster executor's NAME.part.<host>.<pid>
+        if path.is_file() and ".tessmirror" not in path.parts and not re.search(r"\.part(\.|$)", path.name):
             found[path.name] = path
     return found
 

@@ -87,17 +87,30 @@ def _runner_class() -> Any:
     return SLURMRunner
 
 
+# The scheduler's HTTP server (dashboard, metrics) is never wanted: with `dashboard_address=None`
+# Dask still opens it on port 8787 of the scheduler's own address, all interfaces for a runner.
+# Loopback and a free port keep it off the network and keep two runs on one node apart.
+DASHBOARD = "127.0.0.1:0"
+
+
 def _runner_options(spec: ClusterSpec, settings: Settings) -> dict[str, Any]:
-    return {
-        "scheduler_file": str(runner_scheduler_file(settings.state_dir)),
-        "scheduler_options": {"dashboard_address": None},
+    scheduler: dict[str, Any] = {"dashboard_address": DASHBOARD}
+    worker: dict[str, Any] = {
+        "resources": {RESOURCE: 1},
+        "nthreads": 1,
         # A worker that cannot reach the scheduler for a minute ends (its rank exits): the driver
         # may have ended the scheduler before this worker ever joined.
-        "worker_options": {
-            "resources": {RESOURCE: 1},
-            "nthreads": 1,
-            "death_timeout": RUNNER_DEATH_TIMEOUT,
-        },
+        "death_timeout": RUNNER_DEATH_TIMEOUT,
+    }
+    # The network the allocation talks over (ib0 at a site, lo in the tests): the same setting
+    # `--cluster slurm` honours through dask-jobqueue (DASK_JOBQUEUE__SLURM__INTERFACE).
+    interface = dask.config.get("jobqueue.slurm.interface", default=None)
+    if interface:
+        scheduler["interface"] = worker["interface"] = interface
+    return {
+        "scheduler_file": str(runner_scheduler_file(settings.state_dir)),
+        "scheduler_options": scheduler,
+        "worker_options": worker,
     }
 
 
@@ -245,7 +258,7 @@ class DaskExecutor:
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                dashboard_address=DASHBOARD,
                 resources={RESOURCE: 1},
                 silence_logs=_DASK_LOG_LEVEL,
                 asynchronous=True,
@@ -261,7 +274,10 @@ class DaskExecutor:
         elif mode == "slurm-runner":
             self._joined = True
             # SLURMRunner reads the scheduler file as soon as it exists, which may be mid-write.
-            await asyncio.wait_for(_scheduler_address(runner_scheduler_file(self.settings.state_dir)), 300)
+            address = await asyncio.wait_for(
+                _scheduler_address(runner_scheduler_file(self.settings.state_dir)), 300
+            )
+            log.info("slurm-runner: joining the scheduler at %s", address)
             self.runner = await _runner_class()(**_runner_options(spec, self.settings), asynchronous=True)
             self.client = await Client(self.runner, asynchronous=True)
         else:
@@ -281,7 +297,7 @@ class DaskExecutor:
             "job_name": "tessmirror",
             "worker_extra_args": extra_args,
             "job_extra_directives": list(spec.job_extra),
-            "scheduler_options": {"dashboard_address": None},
+            "scheduler_options": {"dashboard_address": DASHBOARD},
             "log_directory": str(self.settings.state_dir / "dask-logs"),
             "silence_logs": "critical",
         }

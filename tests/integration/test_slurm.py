@@ -390,11 +390,20 @@ def test_cluster_slurm_runner_under_srun_mirrors_every_file_once(slurm, archive,
                      "--cluster", "slurm-runner", "--job-concurrency", 2),
     ]  # fmt: skip
     proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=JOB_TIMEOUT, cwd=ROOT, stdin=subprocess.DEVNULL
+        command,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **LOOPBACK},
     )
     both = proc.stdout + proc.stderr
     assert proc.returncode == EXIT_OK, both[-3000:]
     assert "Traceback" not in both, both[-3000:]
+    # The allocation talked over loopback only: the scheduler the ranks shared was on 127.0.0.1.
+    addresses = set(re.findall(r"tcp://([^:/\s]+):", both))
+    assert addresses == {"127.0.0.1"}, (addresses, both[-3000:])
     # Rank 0 served the scheduler, ranks 2 and 3 the workers, and the batches ran on the workers.
     assert "rank 0 serves the Dask scheduler" in both
     assert "rank 2 serves a Dask worker" in both and "rank 3 serves a Dask worker" in both

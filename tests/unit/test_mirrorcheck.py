@@ -421,3 +421,19 @@ def test_a_folder_the_walk_cannot_list_stops_verify_with_a_local_error_naming_it
         check_mirror(out, manifest, level=VerifyLevel.SIZE)
     assert str(broken) in str(info.value) and "cannot list" in str(info.value)
     assert "Input/output error" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x_lc.fits.part", "x_lc.fits.meta.part", "x_lc.fits.part.node01.12345", "x_lc.fits.part.n1.site.org.7"],
+)
+def test_parts_of_any_writer_are_neither_unexpected_nor_quarantined(tmp_path: Path, name: str) -> None:
+    """A download in progress or interrupted, a plain run's or a cluster worker's (NAME.part.<host>.<pid>),
+    is the next run's to continue: verify does not report it, --repair does not move it."""
+    out, manifest, _ = build_mirror(tmp_path)
+    part = out / NAMES["good"]
+    part = part.with_name(name)
+    part.write_bytes(b"in progress")
+    report = check_mirror(out, manifest, level=VerifyLevel.SIZE, repair=True)
+    assert report.problems == [] and report.intact
+    assert part.read_bytes() == b"in progress"
