@@ -377,7 +377,7 @@ class Manifest:
     def iter_records(self) -> Iterator[ManifestEntry]:
         """Every whole record, file by file in `paths()` order (older ones included), streaming in
         bounded memory. With shards, the last record of a key in this stream is not necessarily its
-        truth: use `load`, `verified` or `iter_latest` for that."""
+        truth: use `load` or `verified` for that."""
         for _number, entry in self.iter_sourced():
             yield entry
 
@@ -537,28 +537,6 @@ class Manifest:
         log.info("manifest %s upgraded to file keys (%d records)", main, count)
         return count
 
-    def iter_latest(self) -> Iterator[ManifestEntry]:
-        """The last record of every file (key), streamed in two passes.
-
-        The first pass keeps only key -> (file, index, time) of its winning record, so memory is a
-        fraction of `load()`'s for huge manifests. Records appended between the passes are ignored.
-        """
-        last: dict[str, tuple[int, int, float]] = {}
-        with _no_gc():
-            for number, path in enumerate(self.paths()):
-                mine: dict[str, tuple[int, int, float]] = {}
-                for index, entry in enumerate(self._records(path)):
-                    mine[entry.key] = (number, index, entry.time)
-                for key, word in mine.items():
-                    current = last.get(key)
-                    if current is None or word[2] >= current[2]:
-                        last[key] = word
-        for number, path in enumerate(self.paths()):
-            for index, entry in enumerate(self._records(path)):
-                winner = last.get(entry.key)
-                if winner is not None and winner[0] == number and winner[1] == index:
-                    yield entry
-
     # -- writing (synchronous; for `verify --repair`, not for the run) ------------------------------
     def append_entries(self, entries: Iterable[ManifestEntry], *, fsync: bool = True) -> int:
         """Append records now, in one write. The caller must hold the RunLock. Returns the count."""
@@ -691,7 +669,8 @@ class ManifestWriter:
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=4 * self.batch)
         self._buffer: list[bytes] = []  # encoded lines taken from the queue, not yet written
         # Taking the buffer and writing it happen under one lock, so batches reach the file in order
-        # even when flush_now() (signal path) races the writer thread. Re-entrant for signal handlers.
+        # even when close()'s flush_now() races the writer thread. Re-entrant: flush_now holds it
+        # around _write_buffer, which takes it too.
         self._io_lock = threading.RLock()
         self._handle: BinaryIO | None = None
         self._task: asyncio.Task | None = None
@@ -821,7 +800,7 @@ class ManifestWriter:
                 return
 
     def flush_now(self) -> None:
-        """Write and fsync everything queued, synchronously (for signal handlers and shutdown)."""
+        """Write and fsync everything queued, synchronously (at shutdown)."""
         try:
             # Under the lock: a batch being written in a thread must not see the buffer change under it.
             with self._io_lock:

@@ -111,12 +111,6 @@ def test_torn_last_line_is_ignored_and_a_new_writer_appends_cleanly(tmp_path: Pa
     assert manifest.path.read_bytes().endswith(b"\n")
 
 
-def test_iter_latest_streams_the_last_record_of_each_url(tmp_path: Path) -> None:
-    manifest = Manifest(tmp_path)
-    write_lines(manifest, entry(1), entry(2), entry(1, status="pending"), entry(3), entry(2, attempts=9))
-    assert list(manifest.iter_latest()) == [entry(1, status="pending"), entry(3), entry(2, attempts=9)]
-
-
 def test_a_line_missing_only_its_newline_is_still_whole(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path)
     write_lines(manifest, entry(1), tail=encode_entry(entry(2)).rstrip(b"\n"))
@@ -576,7 +570,6 @@ def test_every_reader_reads_the_main_file_and_every_shard_file(tmp_path: Path) -
     manifest = Manifest(state)
     assert set(manifest.load()) == {"obs1/f1.fits", "obs2/f2.fits", "obs3/f3.fits", "obs4/f4.fits"}
     assert set(manifest.verified()) == {"obs1/f1.fits", "obs2/f2.fits", "obs3/f3.fits"}
-    assert {e.key for e in manifest.iter_latest()} == set(manifest.load())
 
 
 def test_where_two_files_disagree_the_later_time_wins(tmp_path: Path) -> None:
@@ -591,7 +584,6 @@ def test_where_two_files_disagree_the_later_time_wins(tmp_path: Path) -> None:
     assert loaded["obs1/f1.fits"].status == "pending"
     assert loaded["obs2/f2.fits"].time == 3000.0
     assert set(manifest.verified()) == {"obs2/f2.fits"}
-    assert {(e.key, e.time) for e in manifest.iter_latest()} == {(k, e.time) for k, e in loaded.items()}
 
 
 def test_within_one_file_the_last_line_wins_whatever_its_time(tmp_path: Path) -> None:
