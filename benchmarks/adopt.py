@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.manager import MirrorRun, TablePlan
+from engine.manager import MirrorRun
 from engine.manifest import Manifest
 from engine.mirrorcheck import check_mirror
 from engine.models import PlanItem, VerifyLevel
+from engine.plan.sources import TablePlan
 from engine.plan.table import items_to_table
 from engine.progress import Progress
 from engine.settings import Settings

@@ -37,8 +37,9 @@ from astropy.table import Table
 
 from engine.aio import new_event_loop
 from engine.config import load_settings
-from engine.manager import MirrorRun, PlanSource, RunOutcome, TablePlan, plan_source_for
+from engine.manager import MirrorRun, RunOutcome
 from engine.models import PlanItem
+from engine.plan.sources import PlanSource, TablePlan, plan_source_for
 from engine.progress import PlanSummary, Progress
 from engine.settings import Settings
 
@@ -351,7 +352,7 @@ async def mirror_async(
     settings
         Ready-made Settings instead of `config` and the keywords.
     plan_source
-        Advanced: a plan source (e.g. `engine.manager.TablePlan(table)`) instead of planning.
+        Advanced: a plan source (e.g. `engine.plan.sources.TablePlan(table)`) instead of planning.
     progress
         True: a `tqdm.auto` bar; False: none; None: a bar in a notebook or on a terminal; or a
         `engine.progress.Progress` of your own.

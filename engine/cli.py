@@ -853,7 +853,7 @@ async def _plan_pages(settings, on_page: Callable[[list], None]) -> str:
     line (rows merged and dropped, and why). A signal cancels planning cleanly."""
     import asyncio
 
-    from engine.manager import plan_source_for
+    from engine.plan.sources import plan_source_for
 
     task = asyncio.current_task()
     assert task is not None
@@ -1087,9 +1087,9 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     mirror is whole afterwards, including when the only problems were unexpected files (they are in
     the quarantine now), and 1 when a download failed.
     """
-    from engine.manager import TablePlan
     from engine.manifest import Manifest
     from engine.mirrorcheck import check_mirror
+    from engine.plan.sources import TablePlan
     from engine.plan.table import PLAN_FILE, SAVED_PLAN_HINT, items_to_table, iter_plan
 
     settings = _settings(ns, selection=False)

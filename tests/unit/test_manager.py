@@ -24,17 +24,10 @@ from engine.exceptions import (
     DiskFullError,
     TapJobError,
 )
-from engine.manager import (
-    ItemsPlan,
-    MirrorRun,
-    ResourceExhaustedError,
-    TablePlan,
-    TapPlan,
-    selection_fingerprint,
-    summarize,
-)
+from engine.manager import MirrorRun, ResourceExhaustedError, summarize
 from engine.manifest import Manifest, RunLock, file_key
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
+from engine.plan.sources import ItemsPlan, TablePlan, TapPlan, selection_fingerprint
 from engine.plan.table import PlanWriter, items_to_table, iter_plan, plan_meta
 from engine.progress import Progress
 from engine.settings import Settings
@@ -636,9 +629,9 @@ def test_a_url_keyed_manifest_is_upgraded_under_the_lock_before_any_download(con
 
 
 def test_the_plan_header_gets_the_footprints_of_the_chosen_detectors(tmp_path):
-    from engine.manager import footprints_meta
     from engine.plan.adql import Region
     from engine.plan.planner import Detector
+    from engine.plan.sources import footprints_meta
     from engine.report import footprints_from_meta
 
     settings = make_settings(tmp_path)
