@@ -158,9 +158,11 @@ def test_the_guard_keys_each_destination_by_a_64_bit_digest() -> None:
 
 def test_url_problem_compares_names_in_nfc_only_when_they_differ() -> None:
     decomposed = unicodedata.normalize("NFD", "é.fits")
-    assert invariants.url_problem(PlanItem(url=f"https://h/p/{decomposed}", filename="é.fits")) is None
-    assert invariants.url_problem(PlanItem(url="https://h/p/a.fits", filename="a.fits")) is None
-    problem = invariants.url_problem(PlanItem(url="https://h/p/a.fits", filename="b.fits"))
+    assert (
+        invariants.url_problem(PlanItem(url=f"https://example.org/p/{decomposed}", filename="é.fits")) is None
+    )
+    assert invariants.url_problem(PlanItem(url="https://example.org/p/a.fits", filename="a.fits")) is None
+    problem = invariants.url_problem(PlanItem(url="https://example.org/p/a.fits", filename="b.fits"))
     assert problem is not None and problem[0] == invariants.MISMATCH
 
 
@@ -263,7 +265,7 @@ def test_the_plan_readers_fast_path_reads_every_row_as_csv_reader_does(tmp_path:
 def test_a_field_past_csvs_size_limit_still_fails_the_plan(tmp_path: Path) -> None:
     header = _header(tmp_path / "empty.ecsv")
     path = tmp_path / "plan.ecsv"
-    url = "https://h/" + "a" * csv.field_size_limit() + "/x.fits"
+    url = "https://example.org/" + "a" * csv.field_size_limit() + "/x.fits"
     row = f'"{url}","x.fits","","",-1,-1,-1,"","",nan,nan\n'
     path.write_text(header + row, encoding="utf-8")
     with pytest.raises(ConfigError, match="field larger than field limit"):
@@ -275,7 +277,13 @@ def test_a_plan_given_as_input_reads_through_the_same_fast_path(tmp_path: Path) 
     header = _header(tmp_path / "empty.ecsv")
     path = tmp_path / "plan.ecsv"
     rows = [
-        PlanItem(url=f"https://h/p/{n}.fits", filename=f"{n}.fits", sector=n, size=n * 10, md5=f"{n:032x}")
+        PlanItem(
+            url=f"https://example.org/p/{n}.fits",
+            filename=f"{n}.fits",
+            sector=n,
+            size=n * 10,
+            md5=f"{n:032x}",
+        )
         for n in range(rng.randint(50, 90))
     ]
     writer = PlanWriter(path)
@@ -335,7 +343,7 @@ def test_the_resume_scan_of_one_manifest_answers_as_before(tmp_path: Path) -> No
         roll = rng.random()
         if roll < 0.6:
             entry = ManifestEntry(
-                url=f"https://h/{n}",
+                url=f"https://example.org/{n}",
                 path=f"p/{n}",
                 status=rng.choice(["verified", "verified", "failed", "pending"]),
                 nbytes=rng.choice([0, -5, 2039040, 10**13]),
@@ -345,7 +353,7 @@ def test_the_resume_scan_of_one_manifest_answers_as_before(tmp_path: Path) -> No
             lines.append(encode_entry(entry))
         elif roll < 0.75:  # written by other versions or by hand
             record = {
-                "url": rng.choice([f"https://h/{n}", "", 5]),
+                "url": rng.choice([f"https://example.org/{n}", "", 5]),
                 "status": "verified",
                 "obs_id": "o",
                 "path": rng.choice(["", f"s/{n}.fits"]),
@@ -357,7 +365,7 @@ def test_the_resume_scan_of_one_manifest_answers_as_before(tmp_path: Path) -> No
         elif roll < 0.85:
             lines.append(_framed(rng.choice([[1, 2], "text", None, {"status": "verified"}])))
         else:  # torn, garbled or blank
-            line = encode_entry(ManifestEntry(url=f"https://h/{n}", status="verified", key=key))
+            line = encode_entry(ManifestEntry(url=f"https://example.org/{n}", status="verified", key=key))
             cut = rng.randint(0, len(line) - 1)
             lines.append(
                 rng.choice([line[:cut] + b"\n", line[:cut] + b"X" + line[cut + 1 :], b"\n", b"{}\n"])
