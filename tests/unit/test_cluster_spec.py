@@ -30,7 +30,15 @@ def test_cluster_values_parse(text: str | None, expected: tuple[str, str]) -> No
 
 
 @pytest.mark.parametrize(
-    "text", ["kubernetes", "tcp://host", "tcp://host:0", "tcp://host:99999", "http://h:1", 3]
+    "text",
+    [
+        "kubernetes",
+        "tcp://example.org",
+        "tcp://example.org:0",
+        "tcp://example.org:99999",
+        "http://example.org:1",
+        3,
+    ],
 )
 def test_a_bad_cluster_value_names_the_key_and_the_choices(text: object) -> None:
     with pytest.raises(ConfigError) as caught:
