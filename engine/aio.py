@@ -8,6 +8,8 @@ import sys
 import threading
 from typing import Any
 
+from engine.redact import describe_error, redact
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ def quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, 
         if err is None:
             log.warning("%s", message)
         else:
-            log.warning("%s: %s", message, type(err).__name__ + (f": {err}" if str(err) else ""))
+            log.warning("%s: %s", message, describe_error(err))
             log.debug("traceback of the error above", exc_info=err)
     except MemoryError:
         pass  # nothing can be logged; the run stops with its one-line error once memory is back
@@ -48,9 +50,8 @@ def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     """An exception in a finalizer (`__del__`, a generator closed late): one line, never a traceback."""
     err = unraisable.exc_value
     try:
-        log.warning(
-            "ignored in %r: %s", unraisable.object, type(err).__name__ + (f": {err}" if str(err) else "")
-        )
+        shown = describe_error(err) if err is not None else "?"
+        log.warning("ignored in %s: %s", redact(repr(unraisable.object))[:200], shown)
         log.debug("traceback of the error above", exc_info=err)
     except MemoryError:
         pass
@@ -63,9 +64,8 @@ def _quiet_thread_error(args: threading.ExceptHookArgs) -> None:
     err = args.exc_value
     name = args.thread.name if args.thread is not None else "?"
     try:
-        log.warning(
-            "thread %s stopped: %s", name, args.exc_type.__name__ + (f": {err}" if err and str(err) else "")
-        )
+        shown = describe_error(err) if err is not None else args.exc_type.__name__
+        log.warning("thread %s stopped: %s", name, shown)
         log.debug("traceback of the error above", exc_info=err)
     except MemoryError:
         pass

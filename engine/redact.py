@@ -35,6 +35,17 @@ def redact(text: object) -> str:
     return s
 
 
+def describe_error(err: BaseException, limit: int = 200) -> str:
+    """One bounded, redacted line naming an exception: its type and the first line of its message.
+
+    Parsers quote what they choked on and some messages run over many lines; a log line or a manifest
+    record gets the first line, at most `limit` characters, never a token.
+    """
+    text = str(err).splitlines()[0] if str(err) else ""
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return redact(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = redact(record.getMessage())

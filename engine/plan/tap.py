@@ -46,7 +46,7 @@ from pyvo.utils.http import create_session
 
 from engine.exceptions import TapJobError, TapTimeoutError, TapUnavailableError, TessMirrorError
 from engine.plan.adql import columns_query
-from engine.redact import redact
+from engine.redact import describe_error, redact
 from engine.settings import MAST_TAP_URL, TapSettings
 
 try:  # pyvo >= 1.8.1 raises this for HTTP 429, with the server's Retry-After
@@ -396,7 +396,7 @@ class TapClient:
             raise _Transient(
                 TapUnavailableError(
                     f"{self._where()} is not a TAP service or sent a broken answer: "
-                    f"bad /capabilities ({_describe(err)})",
+                    f"bad /capabilities ({describe_error(err)})",
                     hint=URL_HINT,
                 ),
                 max_tries=GARBLED_CAPABILITIES_TRIES,
@@ -469,7 +469,7 @@ class TapClient:
                 if failures > POLL_FAILURES_ALLOWED:
                     raise _Transient(
                         TapUnavailableError(
-                            f"{self._where()} stopped answering about its job: {_describe(err)}",
+                            f"{self._where()} stopped answering about its job: {describe_error(err)}",
                             hint=URL_HINT,
                         )
                     ) from None
@@ -488,13 +488,13 @@ class TapClient:
         except requests.RequestException:
             raise
         except Exception as err:  # urllib3/http.client errors that requests does not wrap
-            raise ValueError(_describe(err)) from None
+            raise ValueError(describe_error(err)) from None
         if response.status_code >= 400:
             raise requests.HTTPError(f"HTTP {response.status_code} from the job's status", response=response)
         try:
             info = uws.parse_job(io.BytesIO(response.content))
         except Exception as err:  # HTML or garbage instead of a UWS document
-            raise ValueError(f"the job status is not a UWS document ({_describe(err)})") from None
+            raise ValueError(f"the job status is not a UWS document ({describe_error(err)})") from None
         return str(info.phase or "UNKNOWN").upper()
 
     def _fetch(self, job: Any, maxrec: int | None) -> Table:
@@ -551,7 +551,7 @@ class TapClient:
             )
         return _Transient(
             TapUnavailableError(
-                f"{self._where()} sent a broken answer while {doing}: {_describe(err)}", hint=BUSY_HINT
+                f"{self._where()} sent a broken answer while {doing}: {describe_error(err)}", hint=BUSY_HINT
             )
         )
 
@@ -645,13 +645,6 @@ def _is_timeout(err: BaseException | None) -> bool:
             return True
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False
-
-
-def _describe(err: BaseException, limit: int = 200) -> str:
-    """One bounded line naming an exception (parsers quote what they choked on; keep it short)."""
-    text = str(err).splitlines()[0] if str(err) else ""
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return redact(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _sleep_unless(cancel: threading.Event, seconds: float) -> None:
