@@ -66,6 +66,7 @@ class BatchSpec:
     stop_name: str = ""
     semaphore_name: str = ""
     jobs: int = 1
+    log_level: int = logging.WARNING  # the driver's level for `engine`: its records are forwarded to it
 
 
 @dataclass(slots=True)
@@ -194,10 +195,13 @@ def run_batch(spec: BatchSpec) -> BatchReport:
     """
     started = time.monotonic()
     report = BatchReport(spec.number, host_name(), os.getpid())
+    _log_like_the_driver(spec.log_level)
+    log.debug("batch %d: %d files, on %s (pid %d)", spec.number, len(spec.items), report.host, report.pid)
     control = Control(spec)
     lease = _lease(spec)
     if lease is not None and not _acquire(lease, control, report):
         report.stopped = True  # the run stopped (or its driver is gone) before a lease came
+        log.info("batch %d: stopped before it started (the run stopped or its driver is gone)", spec.number)
         return report
     try:
         from engine.aio import new_event_loop
@@ -213,7 +217,24 @@ def run_batch(spec: BatchSpec) -> BatchReport:
             with contextlib.suppress(Exception):  # the scheduler may be gone (the driver was killed)
                 lease.release()
     report.seconds = time.monotonic() - started
+    log.debug(
+        "batch %d: %d of %d files done in %.1f s%s",
+        spec.number,
+        len(report.results),
+        len(spec.items),
+        report.seconds,
+        f", {report.taken_over} parts of gone writers continued" if report.taken_over else "",
+    )
     return report
+
+
+def _log_like_the_driver(level: int) -> None:
+    """Handle `engine` records at the driver's level in this worker process: the driver forwards them
+    (`Client.forward_logging`) into its own log. Not propagated to the worker's root logger, whose
+    last-resort handler would print the warnings a second time on the worker's stderr."""
+    engine_log = logging.getLogger("engine")
+    engine_log.setLevel(level)
+    engine_log.propagate = False
 
 
 _LEASES: dict[str, Any] = {}  # one Semaphore per run in this worker process (each has a refresh timer)
@@ -235,10 +256,17 @@ def _acquire(lease: Any, control: Control, report: BatchReport) -> bool:
     """Wait for a lease, but not past a stop of the run or the loss of its driver (every wait is
     bounded: a worker whose driver was killed must not wait for ever, and never ends otherwise)."""
     lost_since: float | None = None
+    waited = time.monotonic()
     while True:
         try:
             if lease.acquire(timeout=LEASE_POLL_SECONDS):
                 return True
+            log.debug(
+                "batch %d: waiting for one of the run's %d leases (%.0f s so far)",
+                report.number,
+                lease.max_leases,
+                time.monotonic() - waited,
+            )
             _until, stop = control.read()
             lost_since = None
         except Exception as err:

@@ -67,6 +67,11 @@ def quiet_dask_logs() -> None:
         logging.getLogger(name).setLevel(_DASK_LOG_LEVEL)
 
 
+def _engine_level() -> int:
+    """The level this run logs `engine` at (INFO; DEBUG with -v, WARNING with -q)."""
+    return logging.getLogger("engine").getEffectiveLevel()
+
+
 def runner_scheduler_file(state_dir: Path) -> Path:
     """Where the ranks of one `slurm-runner` allocation meet: per job and per requeue, so a stale file
     of an earlier attempt is never read."""
@@ -243,6 +248,9 @@ class DaskExecutor:
         await self.client.scheduler.semaphore_register(
             name=self.names["semaphore"], max_leases=spec.jobs, lease_timeout=max(timeout / 2, 5.0)
         )
+        # The workers' own lines (a part continued, a batch waiting for a lease, and with -v each retry)
+        # join this log, at this log's level: a batch is otherwise silent until it returns.
+        await self.client.forward_logging("engine", level=_engine_level())
 
     async def _open(self) -> None:
         spec = self.spec
@@ -415,7 +423,7 @@ class DaskExecutor:
                 self._batch_bytes += max(item.size, item.est_kb * 1024, 0)
                 full = len(self._batch) >= self.spec.batch_files or self._batch_bytes >= self.spec.batch_bytes
                 if full:
-                    await self._submit()
+                    await self._submit(self._take_batch())
                 elif queue.empty() and self._outstanding < self.spec.jobs:
                     await self._spread()  # a job would idle: send what there is now
         finally:
@@ -427,16 +435,19 @@ class DaskExecutor:
     async def _spread(self) -> None:
         """Send the current partial batch split over the free places in flight, so that a small
         plan (or the end of a large one) runs on every job, not as one batch on one worker."""
-        items, self._batch, self._batch_bytes = self._batch, [], 0
+        items = self._take_batch()
         parts = max(1, min(len(items), 2 * self.spec.jobs - self._outstanding))
         for part in range(parts):
-            self._batch = items[part::parts]
-            await self._submit()
+            await self._submit(items[part::parts])
 
-    async def _submit(self) -> None:
-        if not self._batch:
+    def _take_batch(self) -> list[tuple[PlanItem, str, bool]]:
+        """The current batch, taken before any await: other prep tasks go on filling a new one."""
+        items, self._batch, self._batch_bytes = self._batch, [], 0
+        return items
+
+    async def _submit(self, items: list[tuple[PlanItem, str, bool]]) -> None:
+        if not items:
             return
-        items, self._batch, self._batch_bytes = self._batch, [], 0  # taken before any await
         self._numbers += 1
         batch = _Batch(self._numbers, items)
         await self._slots.acquire()
@@ -489,6 +500,7 @@ class DaskExecutor:
             stop_name=self.names["stop"],
             semaphore_name=self.names["semaphore"],
             jobs=spec.jobs,
+            log_level=_engine_level(),
         )
 
     async def _await(self, future: Any, batch: _Batch) -> None:

@@ -111,7 +111,9 @@ def test_a_worker_killed_mid_batch_has_its_batch_rescheduled_and_nothing_is_lost
     names = lc_names_in_footprint(arch, 1, 1, 2)
     out = tmp_path / "out"
     config = cluster_config(tmp_path, batch_files=3)
-    cli = WatchedCli(*run_args(arch, out, config))
+    # -v: the workers' lines (each try, each lease wait, each part continued) join the driver's log, so
+    # a failure here shows what the rescheduled batch was doing.
+    cli = WatchedCli(*run_args(arch, out, config, "-v"))
 
     def a_part() -> Path | None:
         """A worker's part with bytes in it: its validator is stored, so it can be continued."""
@@ -128,7 +130,14 @@ def test_a_worker_killed_mid_batch_has_its_batch_rescheduled_and_nothing_is_lost
     victim = int(PART_RE.search(part.name)["pid"])  # type: ignore[index]
     assert victim != cli.proc.pid  # a worker, not the driver
     os.kill(victim, signal.SIGKILL)
-    code, _ = cli.finish(timeout=240)
+    killed_at = time.time()
+    if not wait_until(lambda: cli.proc.poll() is not None, timeout=240):
+        story = what_happened_since(arch, killed_at, victim)  # while the driver's workers are its own
+        try:
+            cli.finish(timeout=1)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{story}") from None
+    code, _ = cli.finish(timeout=30)
     assert code == 0, cli.stderr[-3000:]
     no_traceback(cli.stderr, cli.stdout)
     assert_mirror_matches_truth(out, arch, names)
@@ -142,6 +151,20 @@ def test_a_worker_killed_mid_batch_has_its_batch_rescheduled_and_nothing_is_lost
     )
     assert 1 <= len(twice) <= 3  # the killed batch's files at most (batch_files = 3)
     assert part.name.split(".part.")[0] in resumed  # the part we saw was continued, not restarted
+
+
+def what_happened_since(archive, since: float, victim: int) -> str:
+    """For a failure message: the file requests the archive saw after `since`, and the processes."""
+    import psutil
+
+    lines = [f"the worker killed: pid {victim}; file requests since the kill:"]
+    for r in archive.request_log:
+        if r.time >= since:
+            lines.append(f"  +{r.time - since:6.1f} s {r.method} {r.name} {r.status} {r.range!r} {r.fault}")
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"  process {proc.pid} {proc.status()}: {' '.join(proc.cmdline())[:160]}")
+    return "\n".join(lines)
 
 
 # -- the driver killed, then resumed --------------------------------------------------------------
