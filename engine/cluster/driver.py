@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -36,7 +37,7 @@ from engine.cluster.batch import BatchReport, BatchSpec, run_batch, token_digest
 from engine.exceptions import ConfigError, LocalError, TessMirrorError
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, read_token
 from engine.models import FileResult, FileStatus, PlanItem
-from engine.redact import redact
+from engine.redact import describe_error, redact
 
 if TYPE_CHECKING:
     from engine.cluster.executors import RunHooks
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
     from engine.settings import Settings
 
 log = logging.getLogger(__name__)
+HEALTH_SECONDS = 30.0  # with batches out and none back, look at the cluster this often
+NO_WORKERS_WARN = 30.0  # batches out and no worker this long: say so (every HEALTH_SECONDS)
+NO_WORKERS_GIVE_UP = 300.0  # a local cluster without a worker this long cannot recover: end the run
 RESOURCE = "MAST"  # every worker has MAST=1 and every batch asks for 1: one batch per worker at a time
 STOP_GRACE = 2.0  # seconds for running batches to notice a stop and return, when the run is interrupted
 WORKERS_TIMEOUT = 60.0  # seconds to wait for a worker of an existing scheduler (tcp://)
@@ -57,6 +61,7 @@ _DASK_LOGGERS = ("distributed", "dask", "dask_jobqueue", "tornado")
 class _Batch:
     number: int
     items: list[tuple[PlanItem, str, bool]]  # (item, relpath, changed)
+    submitted: float = 0.0  # time.monotonic() when it was sent
 
 
 def quiet_dask_logs() -> None:
@@ -207,6 +212,8 @@ class DaskExecutor:
         self._batch_of: dict[str, _Batch] = {}  # future key -> its batch, until recorded
         self._hooks: tuple[RunHooks | None, ManifestWriter | None] = (None, None)
         self._joined = False  # slurm-runner: this driver reached the allocation's scheduler
+        self._no_workers_since: float | None = None  # monotonic time the cluster was last seen empty
+        self._noted_queue = 0.0  # when the driver last said the Slurm jobs seem queued
         self._waiters: set[asyncio.Task] = set()
         self.names = {
             "pause": f"tessmirror-{self.run_id}-pause",
@@ -451,6 +458,7 @@ class DaskExecutor:
         self._numbers += 1
         batch = _Batch(self._numbers, items)
         await self._slots.acquire()
+        batch.submitted = time.monotonic()
         self._outstanding += 1
         try:
             future = self.client.submit(
@@ -518,7 +526,7 @@ class DaskExecutor:
         """Record every batch's results as they return, through the run's one recording path."""
         closed = False
         while not (closed and self._outstanding == 0):
-            entry = await self._done.get()
+            entry = await self._next_outcome()
             if entry is None:
                 closed = True
                 continue
@@ -534,6 +542,56 @@ class DaskExecutor:
                     await run.finish_job(writer, failed, changed=changed)
                 continue
             await self._record(run, writer, batch, outcome)
+
+    async def _next_outcome(self) -> tuple[_Batch, BatchReport | BaseException] | None:
+        """The next batch back; while none comes, a look at the cluster every `HEALTH_SECONDS`."""
+        while True:
+            try:
+                return await asyncio.wait_for(self._done.get(), HEALTH_SECONDS)
+            except (TimeoutError, asyncio.TimeoutError):  # the same class from 3.11 on
+                await self._check_health()
+
+    async def _check_health(self) -> None:
+        """A run whose batches wait on a cluster without workers would wait in silence for ever (all
+        of them gone: out of memory, killed, their jobs ended). Say so; a local cluster that has had
+        no worker for `NO_WORKERS_GIVE_UP` cannot get one back, so the run ends there."""
+        if self.client is None or not self._batch_of:
+            return
+        try:
+            info = await asyncio.wait_for(self.client.scheduler.identity(n_workers=-1), 10)
+        except Exception as err:  # the scheduler is busy: look again next time
+            log.debug("cluster: cannot read the scheduler's state: %s", describe_error(err))
+            return
+        workers = len(info.get("workers") or {})
+        now = time.monotonic()
+        oldest = min(batch.submitted for batch in self._batch_of.values())
+        log.debug(
+            "cluster: %d workers; %d batches out, the oldest sent %.0f s ago",
+            workers,
+            len(self._batch_of),
+            now - oldest,
+        )
+        if workers:
+            self._no_workers_since = None
+            return
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+        alone = now - self._no_workers_since
+        if self.spec.mode == "local" and alone >= NO_WORKERS_GIVE_UP:
+            raise LocalError(
+                f"the local cluster has had no worker for {alone:.0f} s; {len(self._batch_of)} batches "
+                "were still to run",
+                hint="its worker processes died (out of memory?); run again (finished files are kept), "
+                "with fewer --jobs or --job-concurrency",
+            )
+        if alone < NO_WORKERS_WARN:
+            return
+        if self.spec.mode == "slurm":  # workers come when Slurm starts their jobs: that may take hours
+            if now - self._noted_queue >= 10 * HEALTH_SECONDS:
+                self._noted_queue = now
+                log.info("cluster: no Dask worker yet after %.0f s: the Slurm jobs are still queued?", alone)
+            return
+        log.warning("cluster: no Dask worker for %.0f s; %d batches wait for one", alone, len(self._batch_of))
 
     async def _record(
         self, run: RunHooks, writer: ManifestWriter, batch: _Batch, report: BatchReport

@@ -366,39 +366,53 @@ def test_a_cluster_without_dask_installed_is_one_line_naming_the_fix(tmp_path: P
 
 
 # -- an existing scheduler ------------------------------------------------------------------------------
+@dataclass
+class DaskProcesses:
+    """A `dask scheduler` and its `dask worker --resources MAST=1` processes on 127.0.0.1."""
+
+    address: str
+    scheduler_file: Path
+    workers: list = field(default_factory=list)  # subprocess.Popen of each worker started
+
+    def add_worker(self) -> None:
+        import subprocess
+        import sys
+
+        self.workers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                 str(self.scheduler_file), "--host", "127.0.0.1", "--nthreads", "1", "--resources", "MAST=1",
+                 "--no-dashboard", "--no-nanny"],
+                env={**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+
+
 @contextmanager
-def dask_scheduler_with_workers(tmp_path: Path, workers: int) -> Iterator[str]:
-    """`dask scheduler` and `dask worker --resources MAST=1` processes on 127.0.0.1; yields the
-    scheduler's tcp:// address. Every process is stopped afterwards."""
+def dask_scheduler_with_workers(tmp_path: Path, workers: int) -> Iterator[DaskProcesses]:
+    """`dask scheduler` and `workers` workers on 127.0.0.1. Every process is stopped afterwards."""
     import subprocess
     import sys
 
     scheduler_file = tmp_path / "scheduler.json"
-    quiet = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-            env=quiet, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-    ]  # fmt: skip
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+        env={**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    dask = DaskProcesses("", scheduler_file)
     try:
         assert wait_until(scheduler_file.exists, timeout=60), "the scheduler did not start"
         for _ in range(workers):
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                     str(scheduler_file), "--host", "127.0.0.1", "--nthreads", "1", "--resources", "MAST=1",
-                     "--no-dashboard", "--no-nanny"],
-                    env=quiet, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )
-            )  # fmt: skip
-        address = json.loads(scheduler_file.read_text())["address"]
-        yield address
+            dask.add_worker()
+        dask.address = json.loads(scheduler_file.read_text())["address"]
+        yield dask
     finally:
-        for proc in reversed(procs):
+        for proc in [*reversed(dask.workers), scheduler]:
             proc.terminate()
-        for proc in procs:
+        for proc in [*dask.workers, scheduler]:
             try:
                 proc.wait(timeout=30)
             except Exception:
@@ -411,9 +425,10 @@ def test_an_existing_scheduler_runs_at_most_jobs_batches_whatever_its_worker_cou
     time work, so the archive sees at most 1 x job-concurrency connections."""
     config = cluster_config(tmp_path, batch_files=4)
     with (
-        dask_scheduler_with_workers(tmp_path, workers=2) as address,
+        dask_scheduler_with_workers(tmp_path, workers=2) as dask,
         counting_server(small_fits(), delay=0.3) as (base, census),
     ):
+        address = dask.address
         args = fetch_args(base, tmp_path, 24, config, jobs=1, per_job=3)
         args[args.index("local")] = address
         result = run_cli(*args, timeout=240)
@@ -423,3 +438,30 @@ def test_an_existing_scheduler_runs_at_most_jobs_batches_whatever_its_worker_cou
     print(f"peak connections {census.most_in_flight} with 2 workers, cap 1 x 3 = 3")
     assert census.most_in_flight == 3
     assert len(list((tmp_path / "out").rglob("*.fits"))) == 24
+
+
+def test_a_run_whose_only_worker_died_says_so_and_goes_on_when_a_worker_joins(tmp_path: Path) -> None:
+    """`--cluster tcp://...` whose one worker is killed mid-run: the driver does not wait in silence
+    (a warning names the empty cluster), and a worker started later finishes every file."""
+    config = cluster_config(tmp_path, batch_files=4)
+    with (
+        dask_scheduler_with_workers(tmp_path, workers=1) as dask,
+        counting_server(small_fits(), delay=1.0) as (base, census),
+    ):
+        args = fetch_args(base, tmp_path, 16, config, jobs=1, per_job=2)
+        args[args.index("local")] = dask.address
+        cli = WatchedCli(*args)
+        assert wait_until(lambda: census.arrivals or cli.proc.poll() is not None, timeout=120)
+        assert cli.proc.poll() is None, cli.stderr[-3000:]
+        dask.workers[0].kill()
+        said = "no Dask worker for"
+        assert wait_until(lambda: said in cli.stderr or cli.proc.poll() is not None, timeout=150)
+        assert cli.proc.poll() is None, cli.stderr[-3000:]
+        dask.add_worker()
+        code, _ = cli.finish(timeout=240)
+    assert code == 0, cli.stderr[-3000:]
+    no_traceback(cli.stderr)
+    warning = next(line for line in cli.stderr.splitlines() if "no Dask worker for" in line)
+    print(warning)
+    assert "WARNING" in warning and "batches wait for one" in warning
+    assert len(list((tmp_path / "out").rglob("*.fits"))) == 16
