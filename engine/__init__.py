@@ -12,29 +12,14 @@ subclasses, each with an exit code and a hint) are here too. Everything is loade
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_API = ("mirror", "mirror_async", "plan", "plan_async", "retry", "Results", "build_settings")
-_EXCEPTIONS = (
-    "TessMirrorError",
-    "ConfigError",
-    "UsageError",
-    "ArchiveError",
-    "LocalError",
-    "DiskFullError",
-    "PermissionDeniedError",
-    "UnsafePathError",
-    "EmptySelectionError",
-    "TapUnavailableError",
-    "TapJobError",
-    "TapTimeoutError",
-    "IncompletePlanError",
-    "RunLockedError",
-)
+# The one list of public names (kept literal: ruff, mypy and IDEs read it without running this).
 __all__ = [  # noqa: RUF022 - grouped: the API, the schema, the exceptions
     "__version__",
     "mirror",
@@ -60,6 +45,8 @@ __all__ = [  # noqa: RUF022 - grouped: the API, the schema, the exceptions
     "IncompletePlanError",
     "RunLockedError",
 ]
+# Where a public name is looked for, lightest module first: an exception never loads the API.
+_HOMES = ("engine.exceptions", "engine.settings", "engine.api")
 
 if TYPE_CHECKING:
     from engine.api import Results, build_settings, mirror, mirror_async, plan, plan_async, retry
@@ -102,18 +89,11 @@ sys.modules[__name__].__class__ = _Package
 def __getattr__(name: str) -> Any:
     # PEP 562: the API module pulls in aiohttp, astropy and the manager, which `tessmirror --help`
     # never needs; the exceptions and the settings schema are light but loaded on demand alike.
-    if name in _API:
-        from engine import api
-
-        return getattr(api, name)
-    if name in _EXCEPTIONS:
-        from engine import exceptions
-
-        return getattr(exceptions, name)
-    if name == "Settings":
-        from engine.settings import Settings
-
-        return Settings
+    if name in __all__:
+        for home in _HOMES:
+            module = importlib.import_module(home)
+            if hasattr(module, name):
+                return getattr(module, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 

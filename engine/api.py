@@ -26,12 +26,14 @@ manifest, releases the lock, and then raises KeyboardInterrupt; cancelling the t
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import re
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypedDict, TypeVar, get_args, get_type_hints
 
 from astropy.table import Table
 
@@ -43,39 +45,172 @@ from engine.plan.sources import PlanSource, TablePlan, plan_source_for
 from engine.progress import PlanSummary, Progress
 from engine.settings import Settings
 
+# PEP 692's Unpack is in typing from 3.11; on 3.10 only the type checker needs it (the annotations
+# are strings there), so typing_extensions, which mypy always knows, is never imported at run time.
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 T = TypeVar("T")
 
+
+# The keywords shared by the entry points, each declared once: its Python name (the CLI flag's),
+# its type, and (in Annotated) the configuration key it sets. `KEYWORDS` is read from these.
+class PlanOptions(TypedDict, total=False):
+    """The keywords of `plan`, `mirror` and `build_settings` that say what to plan.
+
+    Each is a CLI flag under its Python name; None (or leaving it out) means "not given", so the
+    configuration file or the default holds. Strings are read as on the command line
+    (`sectors="1-3"`, `products="lc,tp"`). Give one selection: `sector`, `polygon`, `cone` or
+    `targets_file` (or, to `mirror`, `urls_file`).
+
+    Parameters
+    ----------
+    tap_url : str
+        The CAOM TAP service to plan with (`tap.url`).
+    sector : int
+        The FFI footprint's sector (1..200), with `camera` and `ccd`.
+    camera, cameras : int or sequence of int
+        The footprint's cameras (1..4); `camera` wins when both are given.
+    ccd, ccds : int or sequence of int
+        The footprint's CCDs (1..4); `ccd` wins when both are given.
+    polygon : str or sequence of float
+        A sky polygon instead: `[ra1, dec1, ra2, dec2, ...]` in degrees, or MAST's "POLYGON ..." form.
+    cone : str or sequence of float
+        A cone instead: `[ra, dec, radius]` in degrees.
+    targets_file : str or Path
+        A file of TIC ids or target names, one a line.
+    sectors : str or sequence of int
+        Which sectors' products, e.g. `[1, 2, 3]` or `"1,5-9"`; "all" by default.
+    products : str or sequence of str
+        Product types (`lc`, `tp`, `dvt`, `dvr`, `dvm`, `dvs`, `fast-lc`, `fast-tp`, `ffic`, `ffir`).
+    footprint : str
+        "middle" or "composite": how a camera/CCD's footprint is taken from its FFI observations.
+    collection : str
+        The ObsCore `obs_collection` ("TESS").
+    layout : str
+        The folder layout of the mirror: "mast", "sector" or "flat".
+    """
+
+    tap_url: Annotated[str | None, "tap.url"]
+    sector: Annotated[int | None, "selection.sector"]
+    camera: Annotated[int | Sequence[int] | None, "selection.cameras"]
+    cameras: Annotated[int | Sequence[int] | None, "selection.cameras"]
+    ccd: Annotated[int | Sequence[int] | None, "selection.ccds"]
+    ccds: Annotated[int | Sequence[int] | None, "selection.ccds"]
+    polygon: Annotated[str | Sequence[float] | None, "selection.polygon"]
+    cone: Annotated[str | Sequence[float] | None, "selection.cone"]
+    targets_file: Annotated[str | Path | None, "selection.targets_file"]
+    sectors: Annotated[str | Sequence[int] | None, "selection.sectors"]
+    products: Annotated[str | Sequence[str] | None, "selection.products"]
+    footprint: Annotated[str | None, "selection.footprint"]
+    collection: Annotated[str | None, "selection.collection"]
+    layout: Annotated[str | None, "output.layout"]
+
+
+class FetchOptions(TypedDict, total=False):
+    """The keywords of `mirror`, `retry` and `build_settings` that say how to download.
+
+    None (or leaving it out) means "not given", as for `PlanOptions`.
+
+    Parameters
+    ----------
+    concurrency : int or str
+        Downloads in flight (1..256), or "auto" to measure the path.
+    per_host : int
+        Connections per host; by default the same as `concurrency`.
+    retries : int
+        Tries per file beyond the first.
+    idle_timeout : float
+        Seconds without a byte before a download is retried.
+    bandwidth_limit : float
+        Bytes per second for the whole run.
+    source : str
+        Where file bytes come from: "mast", "s3" or "auto".
+    token_env : str
+        The environment variable holding a MAST token.
+    verify : str
+        How hard each file is checked: "size", "checksum" or "fits".
+    """
+
+    concurrency: Annotated[int | str | None, "fetch.concurrency"]
+    per_host: Annotated[int | None, "fetch.per_host"]
+    retries: Annotated[int | None, "fetch.retries"]
+    idle_timeout: Annotated[float | None, "fetch.idle_timeout"]
+    bandwidth_limit: Annotated[float | None, "fetch.bandwidth_limit"]
+    source: Annotated[str | None, "fetch.source"]
+    token_env: Annotated[str | None, "fetch.token_env"]
+    verify: Annotated[str | None, "verify.level"]
+
+
+class MirrorOptions(PlanOptions, FetchOptions, total=False):
+    """The keywords of `mirror` and `build_settings`: `PlanOptions`, `FetchOptions` and these.
+
+    Parameters
+    ----------
+    urls_file : str or Path
+        A file of URLs, one a line, or a saved plan (ECSV), instead of a selection: no planning.
+    out_dir : str or Path
+        Where the files go.
+    state_dir : str or Path
+        The manifest, lock and saved plan; `<out_dir>/.tessmirror` by default.
+    force : bool
+        Skip the free-space check before downloading.
+    recheck : bool
+        Check again the files the manifest says are done.
+    refresh_plan : bool
+        Query TAP again even when a saved plan exists.
+    """
+
+    urls_file: Annotated[str | Path | None, "selection.urls_file"]
+    out_dir: Annotated[str | Path | None, "output.out_dir"]
+    state_dir: Annotated[str | Path | None, "output.state_dir"]
+    force: Annotated[bool | None, "run.force"]
+    recheck: Annotated[bool | None, "run.recheck"]
+    refresh_plan: Annotated[bool | None, "run.refresh_plan"]
+
+
+def _config_keys(options: type) -> dict[str, str]:
+    """Keyword -> dotted configuration key, from the `Annotated` metadata of `options`' fields."""
+    hints = get_type_hints(options, include_extras=True)
+    return {name: get_args(hint)[1] for name, hint in hints.items()}
+
+
 # Friendly keyword names -> dotted configuration keys (the same names as the CLI flags).
-KEYWORDS: dict[str, str] = {
-    "tap_url": "tap.url",
-    "sector": "selection.sector",
-    "camera": "selection.cameras",
-    "cameras": "selection.cameras",
-    "ccd": "selection.ccds",
-    "ccds": "selection.ccds",
-    "polygon": "selection.polygon",
-    "cone": "selection.cone",
-    "targets_file": "selection.targets_file",
-    "urls_file": "selection.urls_file",
-    "sectors": "selection.sectors",
-    "products": "selection.products",
-    "footprint": "selection.footprint",
-    "collection": "selection.collection",
-    "out_dir": "output.out_dir",
-    "layout": "output.layout",
-    "state_dir": "output.state_dir",
-    "concurrency": "fetch.concurrency",
-    "per_host": "fetch.per_host",
-    "retries": "fetch.retries",
-    "idle_timeout": "fetch.idle_timeout",
-    "bandwidth_limit": "fetch.bandwidth_limit",
-    "source": "fetch.source",
-    "token_env": "fetch.token_env",
-    "verify": "verify.level",
-    "force": "run.force",
-    "recheck": "run.recheck",
-    "refresh_plan": "run.refresh_plan",
-}
+KEYWORDS: dict[str, str] = _config_keys(MirrorOptions)
+# `camera`/`ccd` win over `cameras`/`ccds` when both are given.
+_PREFERRED = ("camera", "ccd")
+
+
+def _check_keywords(
+    function: Callable[..., Any], options: Mapping[str, object], known: frozenset[str]
+) -> None:
+    """Refuse a keyword `function` does not take with Python's own TypeError, naming the likely fix.
+
+    `**options` takes any name at run time; without this a misspelling (`sectr=1`) would be
+    dropped silently, where explicit parameters refused it.
+    """
+    for name in options:
+        if name in known:
+            continue
+        parameters = inspect.signature(function).parameters.values()
+        names = known | {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
+        close = difflib.get_close_matches(name, sorted(names), n=1)
+        if name in KEYWORDS:  # a keyword of another entry point (`plan(out_dir=...)`)
+            hint = f"{name!r} is a keyword of mirror() and build_settings()"
+        elif close:
+            hint = f"did you mean {close[0]!r}?"
+        else:
+            hint = f"help({function.__name__}) lists the keywords"
+        raise TypeError(f"{function.__name__}() got an unexpected keyword argument {name!r}; {hint}")
+
+
+_PLAN_KEYWORDS = PlanOptions.__optional_keys__
+_FETCH_KEYWORDS = FetchOptions.__optional_keys__
+_MIRROR_KEYWORDS = MirrorOptions.__optional_keys__
+
+
 # The results table's columns, in order.
 RESULT_COLUMNS = (
     "path",
@@ -123,35 +258,8 @@ class Results(Table):
 def build_settings(
     config: str | Path | None = None,
     *,
-    tap_url: str | None = None,
-    sector: int | None = None,
-    camera: int | Sequence[int] | None = None,
-    cameras: int | Sequence[int] | None = None,
-    ccd: int | Sequence[int] | None = None,
-    ccds: int | Sequence[int] | None = None,
-    polygon: str | Sequence[float] | None = None,
-    cone: str | Sequence[float] | None = None,
-    targets_file: str | Path | None = None,
-    urls_file: str | Path | None = None,
-    sectors: str | Sequence[int] | None = None,
-    products: str | Sequence[str] | None = None,
-    footprint: str | None = None,
-    collection: str | None = None,
-    out_dir: str | Path | None = None,
-    layout: str | None = None,
-    state_dir: str | Path | None = None,
-    concurrency: int | str | None = None,
-    per_host: int | None = None,
-    retries: int | None = None,
-    idle_timeout: float | None = None,
-    bandwidth_limit: float | None = None,
-    source: str | None = None,
-    token_env: str | None = None,
-    verify: str | None = None,
-    force: bool | None = None,
-    recheck: bool | None = None,
-    refresh_plan: bool | None = None,
     require_selection: bool = True,
+    **options: Unpack[MirrorOptions],
 ) -> Settings:
     """Settings from a TOML file and keyword arguments (keywords win), validated.
 
@@ -159,13 +267,11 @@ def build_settings(
     ----------
     config
         A TOML file as `config.example.toml` documents; None: the defaults.
-    tap_url, sector, camera, ccd, polygon, cone, targets_file, urls_file, sectors, products, \
-footprint, collection, out_dir, layout, state_dir, concurrency, per_host, retries, idle_timeout, \
-bandwidth_limit, source, token_env, verify, force, recheck, refresh_plan
-        The CLI's flags under their Python names (`camera`/`cameras` and `ccd`/`ccds` are the same);
-        None means "not given". Strings are read as on the command line (`sectors="1-3"`).
     require_selection
         Refuse settings that select nothing (False for a mirror that only needs `out_dir`).
+    **options
+        The CLI's flags under their Python names: every keyword of `MirrorOptions` (which gathers
+        `PlanOptions` and `FetchOptions`); None means "not given".
 
     Returns
     -------
@@ -175,37 +281,14 @@ bandwidth_limit, source, token_env, verify, force, recheck, refresh_plan
     ------
     engine.exceptions.ConfigError
         A bad value, naming its key and the fix.
+    TypeError
+        A keyword that is none of the above, naming the nearest one that is.
     """
-    given = {
-        "tap_url": tap_url,
-        "sector": sector,
-        "camera": camera if camera is not None else cameras,
-        "ccd": ccd if ccd is not None else ccds,
-        "polygon": polygon,
-        "cone": cone,
-        "targets_file": targets_file,
-        "urls_file": urls_file,
-        "sectors": sectors,
-        "products": products,
-        "footprint": footprint,
-        "collection": collection,
-        "out_dir": out_dir,
-        "layout": layout,
-        "state_dir": state_dir,
-        "concurrency": concurrency,
-        "per_host": per_host,
-        "retries": retries,
-        "idle_timeout": idle_timeout,
-        "bandwidth_limit": bandwidth_limit,
-        "source": source,
-        "token_env": token_env,
-        "verify": verify,
-        "force": force,
-        "recheck": recheck,
-        "refresh_plan": refresh_plan,
-    }
+    _check_keywords(build_settings, options, _MIRROR_KEYWORDS)
+    # The singular forms last, so that `camera` wins over `cameras` whatever the order given.
+    given = sorted(options.items(), key=lambda item: item[0] in _PREFERRED)
     overrides: dict[str, object] = {}
-    for name, value in given.items():
+    for name, value in given:
         if value is None:
             continue
         key = KEYWORDS[name]
@@ -317,31 +400,9 @@ async def mirror_async(
     settings: Settings | None = None,
     plan_source: PlanSource | None = None,
     progress: bool | Progress | None = None,
-    tap_url: str | None = None,
-    sector: int | None = None,
-    camera: int | Sequence[int] | None = None,
-    ccd: int | Sequence[int] | None = None,
-    polygon: str | Sequence[float] | None = None,
-    cone: str | Sequence[float] | None = None,
-    targets_file: str | Path | None = None,
-    urls_file: str | Path | None = None,
-    sectors: str | Sequence[int] | None = None,
-    products: str | Sequence[str] | None = None,
-    out_dir: str | Path | None = None,
-    layout: str | None = None,
-    state_dir: str | Path | None = None,
-    concurrency: int | str | None = None,
-    per_host: int | None = None,
-    retries: int | None = None,
-    idle_timeout: float | None = None,
-    bandwidth_limit: float | None = None,
-    source: str | None = None,
-    verify: str | None = None,
-    force: bool | None = None,
-    recheck: bool | None = None,
-    refresh_plan: bool | None = None,
     adopt_from: Sequence[str | Path] = (),
     adopt_link: bool = False,
+    **options: Unpack[MirrorOptions],
 ) -> Results:
     """Plan and download in the running event loop; returns the results table.
 
@@ -356,10 +417,6 @@ async def mirror_async(
     progress
         True: a `tqdm.auto` bar; False: none; None: a bar in a notebook or on a terminal; or a
         `engine.progress.Progress` of your own.
-    tap_url, sector, camera, ccd, polygon, cone, targets_file, urls_file, sectors, products, \
-out_dir, layout, state_dir, concurrency, per_host, retries, idle_timeout, bandwidth_limit, source, \
-verify, force, recheck, refresh_plan
-        As the CLI's flags (see `build_settings`); e.g. `sector=1, camera=1, ccd=2, out_dir="s1"`.
     adopt_from
         Folders to look in for each planned file before downloading it (a lightkurve/astroquery
         cache `mastDownload/TESS/<obs_id>/<file>`, a flat folder, another mirror), as
@@ -368,6 +425,9 @@ verify, force, recheck, refresh_plan
     adopt_link
         As `--link`: hard-link found files instead of copying them (whoever can write the source
         tree can then change the mirror's copy; `tessmirror verify` catches that).
+    **options
+        The CLI's flags: the keywords of `MirrorOptions` (selection, output, fetch), e.g.
+        `sector=1, camera=1, ccd=2, out_dir="s1"`.
 
     Returns
     -------
@@ -378,35 +438,12 @@ verify, force, recheck, refresh_plan
     ------
     engine.exceptions.TessMirrorError
         For a problem with the whole run (bad input, the archive, this machine).
+    TypeError
+        An unknown keyword, naming the nearest known one.
     """
+    _check_keywords(mirror_async, options, _MIRROR_KEYWORDS)
     if settings is None:
-        settings = build_settings(
-            config,
-            tap_url=tap_url,
-            sector=sector,
-            camera=camera,
-            ccd=ccd,
-            polygon=polygon,
-            cone=cone,
-            targets_file=targets_file,
-            urls_file=urls_file,
-            sectors=sectors,
-            products=products,
-            out_dir=out_dir,
-            layout=layout,
-            state_dir=state_dir,
-            concurrency=concurrency,
-            per_host=per_host,
-            retries=retries,
-            idle_timeout=idle_timeout,
-            bandwidth_limit=bandwidth_limit,
-            source=source,
-            verify=verify,
-            force=force,
-            recheck=recheck,
-            refresh_plan=refresh_plan,
-            require_selection=plan_source is None,
-        )
+        settings = build_settings(config, require_selection=plan_source is None, **options)
     return await _run(
         settings, plan_source, _progress(progress, settings), adopt_from=adopt_from, adopt_link=adopt_link
     )
@@ -417,31 +454,9 @@ def mirror(
     *,
     settings: Settings | None = None,
     progress: bool | Progress | None = None,
-    tap_url: str | None = None,
-    sector: int | None = None,
-    camera: int | Sequence[int] | None = None,
-    ccd: int | Sequence[int] | None = None,
-    polygon: str | Sequence[float] | None = None,
-    cone: str | Sequence[float] | None = None,
-    targets_file: str | Path | None = None,
-    urls_file: str | Path | None = None,
-    sectors: str | Sequence[int] | None = None,
-    products: str | Sequence[str] | None = None,
-    out_dir: str | Path | None = None,
-    layout: str | None = None,
-    state_dir: str | Path | None = None,
-    concurrency: int | str | None = None,
-    per_host: int | None = None,
-    retries: int | None = None,
-    idle_timeout: float | None = None,
-    bandwidth_limit: float | None = None,
-    source: str | None = None,
-    verify: str | None = None,
-    force: bool | None = None,
-    recheck: bool | None = None,
-    refresh_plan: bool | None = None,
     adopt_from: Sequence[str | Path] = (),
     adopt_link: bool = False,
+    **options: Unpack[MirrorOptions],
 ) -> Results:
     """Plan and download, blocking until the run ends; works inside a running loop (Jupyter) too.
 
@@ -450,10 +465,10 @@ def mirror(
 
     Parameters
     ----------
-    config, settings, progress, tap_url, sector, camera, ccd, polygon, cone, targets_file, \
-urls_file, sectors, products, out_dir, layout, state_dir, concurrency, per_host, retries, \
-idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan, adopt_from, adopt_link
+    config, settings, progress, adopt_from, adopt_link
         As for `mirror_async`.
+    **options
+        The CLI's flags: the keywords of `MirrorOptions`, as for `mirror_async`.
 
     Returns
     -------
@@ -462,41 +477,20 @@ idle_timeout, bandwidth_limit, source, verify, force, recheck, refresh_plan, ado
 
     Raises
     ------
-    engine.exceptions.TessMirrorError
-        For a problem with the whole run (bad input, the archive, this machine).
+    engine.exceptions.TessMirrorError, TypeError
+        As for `mirror_async`.
     KeyboardInterrupt
         After an interrupt stopped the run cleanly; call again to resume.
     """
+    _check_keywords(mirror, options, _MIRROR_KEYWORDS)
     return run_in_thread(
         lambda: mirror_async(
             config,
             settings=settings,
             progress=progress,
-            tap_url=tap_url,
-            sector=sector,
-            camera=camera,
-            ccd=ccd,
-            polygon=polygon,
-            cone=cone,
-            targets_file=targets_file,
-            urls_file=urls_file,
-            sectors=sectors,
-            products=products,
-            out_dir=out_dir,
-            layout=layout,
-            state_dir=state_dir,
-            concurrency=concurrency,
-            per_host=per_host,
-            retries=retries,
-            idle_timeout=idle_timeout,
-            bandwidth_limit=bandwidth_limit,
-            source=source,
-            verify=verify,
-            force=force,
-            recheck=recheck,
-            refresh_plan=refresh_plan,
             adopt_from=adopt_from,
             adopt_link=adopt_link,
+            **options,
         )
     )
 
@@ -507,8 +501,7 @@ def retry(
     settings: Settings | None = None,
     config: str | Path | None = None,
     progress: bool | Progress | None = None,
-    concurrency: int | str | None = None,
-    retries: int | None = None,
+    **options: Unpack[FetchOptions],
 ) -> Results:
     """Download again just the failed rows of `results` (as parfive's `Downloader.retry`).
 
@@ -518,22 +511,26 @@ def retry(
         What `mirror` returned; `results.meta["out_dir"]` says where the mirror is.
     settings, config
         The run's settings or configuration file, if it was not the defaults (layout, state_dir).
-    progress, concurrency, retries
+    progress
         As for `mirror`.
+    **options
+        How to download: the keywords of `FetchOptions` (`concurrency`, `retries`, ...).
 
     Returns
     -------
     Results
         `results` with every retried row replaced by its new outcome, and the counts recomputed.
+
+    Raises
+    ------
+    engine.exceptions.TessMirrorError, TypeError
+        As for `mirror_async`: a problem with the whole run, or an unknown keyword.
     """
+    _check_keywords(retry, options, _FETCH_KEYWORDS)
     failed = results.errors
     if settings is None:
         settings = build_settings(
-            config,
-            out_dir=results.meta.get("out_dir"),
-            concurrency=concurrency,
-            retries=retries,
-            require_selection=False,
+            config, out_dir=results.meta.get("out_dir"), require_selection=False, **options
         )
     if not len(failed):
         return results
@@ -604,36 +601,28 @@ async def plan_async(
     config: str | Path | None = None,
     *,
     settings: Settings | None = None,
-    tap_url: str | None = None,
-    sector: int | None = None,
-    camera: int | Sequence[int] | None = None,
-    ccd: int | Sequence[int] | None = None,
-    polygon: str | Sequence[float] | None = None,
-    cone: str | Sequence[float] | None = None,
-    targets_file: str | Path | None = None,
-    sectors: str | Sequence[int] | None = None,
-    products: str | Sequence[str] | None = None,
-    footprint: str | None = None,
-    collection: str | None = None,
-    layout: str | None = None,
+    **options: Unpack[PlanOptions],
 ) -> Table:
-    """The plan, as an astropy Table, without downloading anything (see `plan`)."""
+    """The coroutine form of `plan`: the plan as an astropy Table, in the running event loop.
+
+    Parameters
+    ----------
+    config, settings, **options
+        As for `plan` (what to plan: the keywords of `PlanOptions`).
+
+    Returns
+    -------
+    astropy.table.Table
+        The plan, as `plan` describes it.
+
+    Raises
+    ------
+    engine.exceptions.TessMirrorError, TypeError
+        As for `plan`.
+    """
+    _check_keywords(plan_async, options, _PLAN_KEYWORDS)
     if settings is None:
-        settings = build_settings(
-            config,
-            tap_url=tap_url,
-            sector=sector,
-            camera=camera,
-            ccd=ccd,
-            polygon=polygon,
-            cone=cone,
-            targets_file=targets_file,
-            sectors=sectors,
-            products=products,
-            footprint=footprint,
-            collection=collection,
-            layout=layout,
-        )
+        settings = build_settings(config, **options)
     from engine.plan.table import items_to_table
 
     items: list[PlanItem] = []
@@ -662,26 +651,16 @@ def plan(
     config: str | Path | None = None,
     *,
     settings: Settings | None = None,
-    tap_url: str | None = None,
-    sector: int | None = None,
-    camera: int | Sequence[int] | None = None,
-    ccd: int | Sequence[int] | None = None,
-    polygon: str | Sequence[float] | None = None,
-    cone: str | Sequence[float] | None = None,
-    targets_file: str | Path | None = None,
-    sectors: str | Sequence[int] | None = None,
-    products: str | Sequence[str] | None = None,
-    footprint: str | None = None,
-    collection: str | None = None,
-    layout: str | None = None,
+    **options: Unpack[PlanOptions],
 ) -> Table:
     """Plan only: what `mirror` would download, as an astropy Table, without downloading anything.
 
     Parameters
     ----------
-    config, settings, tap_url, sector, camera, ccd, polygon, cone, targets_file, sectors, products, \
-footprint, collection, layout
-        As for `mirror` (see `build_settings`).
+    config, settings
+        As for `mirror_async`.
+    **options
+        What to plan: the keywords of `PlanOptions` (`sector`, `camera`, `ccd`, `products`, ...).
 
     Returns
     -------
@@ -695,25 +674,11 @@ footprint, collection, layout
     ------
     engine.exceptions.TessMirrorError
         Bad input (`ConfigError`) or an archive that failed (`ArchiveError`).
+    TypeError
+        An unknown keyword, naming the nearest known one.
     """
-    return run_in_thread(
-        lambda: plan_async(
-            config,
-            settings=settings,
-            tap_url=tap_url,
-            sector=sector,
-            camera=camera,
-            ccd=ccd,
-            polygon=polygon,
-            cone=cone,
-            targets_file=targets_file,
-            sectors=sectors,
-            products=products,
-            footprint=footprint,
-            collection=collection,
-            layout=layout,
-        )
-    )
+    _check_keywords(plan, options, _PLAN_KEYWORDS)
+    return run_in_thread(lambda: plan_async(config, settings=settings, **options))
 
 
 def run_in_thread(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -767,6 +732,9 @@ def run_in_thread(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 __all__ = [
+    "FetchOptions",
+    "MirrorOptions",
+    "PlanOptions",
     "Results",
     "build_settings",
     "mirror",
