@@ -46,6 +46,17 @@ if TYPE_CHECKING:
     from engine.settings import Settings
 
 log = logging.getLogger(__name__)
+# The schedulers this run starts (local, slurm, a slurm-runner's rank 0):
+# - look for the leases of killed workers every 3 s (a dead worker's batch slot comes back sooner);
+# - no work stealing. A batch is coarse (about 200 files, minutes of work) and the driver keeps only
+#   about 2 x jobs of them out, so moving queued batches between workers gains little, while each
+#   move is a two-step hand-over that races with a worker's death (a class of Dask bugs that leave
+#   a task "processing" nowhere), and a run must survive worker deaths. A worker that joins late
+#   gets the batches sent after it joined.
+SCHEDULER_CONFIG = {
+    "distributed.scheduler.locks.lease-validation-interval": "3s",
+    "distributed.scheduler.work-stealing": False,
+}
 HEALTH_SECONDS = 30.0  # with batches out and none back, look at the cluster this often
 NO_WORKERS_WARN = 30.0  # batches out and no worker this long: say so (every HEALTH_SECONDS)
 NO_WORKERS_GIVE_UP = 300.0  # a local cluster without a worker this long cannot recover: end the run
@@ -141,6 +152,8 @@ def serve_runner_role(spec: ClusterSpec, settings: Settings) -> int | None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     runner_class = _runner_class()
     quiet_dask_logs()
+    if rank == "0":
+        dask.config.set(SCHEDULER_CONFIG)
     role = "the Dask scheduler" if rank == "0" else "a Dask worker"
     log.info("slurm-runner: rank %s serves %s until the driver (rank 1) ends the run", rank, role)
     # SLURMRunner ends a scheduler's or worker's role by sending SIGINT to its own process; here that
@@ -264,7 +277,7 @@ class DaskExecutor:
         mode = spec.mode
         if mode in ("local", "slurm"):
             # The scheduler runs in this process: look for the leases of killed workers every 3 s.
-            dask.config.set({"distributed.scheduler.locks.lease-validation-interval": "3s"})
+            dask.config.set(SCHEDULER_CONFIG)
         if mode == "local":
             from distributed import LocalCluster
 
