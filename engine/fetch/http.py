@@ -4,7 +4,9 @@ The transfer shell (`engine.fetch.download`) owns the part file, the stream chec
 commit; it asks a *source* (`engine.fetch.sources`) to open the body of one try and gets back a
 `Reply`. This module holds what every source needs, below both, so nothing points back up into the
 shell (no import cycle): the status sets, `validator`, `redirect_target`, `Route` (a file's per-try
-routing state) and `HttpSource`, the plain http(s) source (MAST's Download API and any URL list).
+routing state), `Source` (the base every source subclasses: it owns `open`, a source writes `serve`)
+and `HttpSource`, the plain http(s) source (MAST's Download API and any URL list), whose `get` and
+`accept` other sources reuse.
 
 Status handling, as before the split:
 
@@ -19,9 +21,9 @@ Status handling, as before the split:
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import aiohttp
 from yarl import URL
@@ -83,10 +85,22 @@ class Route:
     fell_back: bool = False  # the chosen source refused this file once: use the fallback from now on
 
 
-class Source(Protocol):
-    """Opens the body of one try. `headers` carries Range/If-Range for a resume (else empty)."""
+@dataclass(slots=True)
+class Attempt:
+    """One try of one file as a source sees it: the arguments of `Source.open`, kept together so a
+    source can hand the try on unchanged (S3's fallback to MAST)."""
 
-    name: str
+    session: aiohttp.ClientSession
+    item: PlanItem
+    headers: dict[str, str]  # Range/If-Range for a resume, else empty
+    resumed_from: int  # the byte the body must start at (0 without a resume)
+    route: Route
+
+
+class Source(ABC):
+    """A byte source: the shell calls `open` for each try; a source implements `serve`."""
+
+    name: str  # what `Route.source` records for files this source served
 
     async def open(
         self,
@@ -96,10 +110,16 @@ class Source(Protocol):
         *,
         resumed_from: int,
         route: Route,
-    ) -> Reply: ...
+    ) -> Reply:
+        """Open the body of one try. `headers` carries Range/If-Range for a resume (else empty)."""
+        return await self.serve(Attempt(session, item, headers, resumed_from, route))
+
+    @abstractmethod
+    async def serve(self, attempt: Attempt) -> Reply:
+        """Answer one try with an accepted `Reply` (or raise); set `attempt.route.source`."""
 
 
-class HttpSource:
+class HttpSource(Source):
     """Plain http(s): GET the item's URL, follow (and vet) redirects ourselves, judge the status.
 
     Parameters
@@ -117,19 +137,11 @@ class HttpSource:
         self.name = name
         self._clock = clock or SystemClock()
 
-    async def open(
-        self,
-        session: aiohttp.ClientSession,
-        item: PlanItem,
-        headers: dict[str, str],
-        *,
-        resumed_from: int,
-        route: Route,
-    ) -> Reply:
+    async def serve(self, attempt: Attempt) -> Reply:
         """GET `item.url` and accept its answer (see the module docstring)."""
-        response = await self.get(session, item.url, headers)
-        reply = self.accept(response, resumed_from)
-        route.source = self.name
+        response = await self.get(attempt.session, attempt.item.url, attempt.headers)
+        reply = self.accept(response, attempt.resumed_from)
+        attempt.route.source = self.name
         return reply
 
     async def get(

@@ -34,7 +34,7 @@ import aiohttp
 from yarl import URL
 
 from engine.exceptions import ConfigError, HTTPStatusError
-from engine.fetch.http import HttpSource, Reply, Route
+from engine.fetch.http import Attempt, HttpSource, Reply, Source
 from engine.models import PlanItem
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ async def _error_code(response: aiohttp.ClientResponse) -> str:
     return match.group(1).decode("ascii") if match else ""
 
 
-class S3Source:
+class S3Source(Source):
     """Files from the bucket at `endpoint`; MAST (`fallback`) for those without a key or refused.
 
     Parameters
@@ -151,7 +151,8 @@ class S3Source:
     endpoint
         `fetch.s3_endpoint` (see `bucket_base`).
     http
-        The HTTP mechanics (redirects, statuses) for the bucket's requests.
+        The HTTP mechanics for the bucket's requests: its `get` (redirects vetted per hop, run
+        anonymously) and `accept` (statuses, Range), so neither is written twice.
     fallback
         The source for files that are not in the bucket (MAST's Download API).
     """
@@ -168,22 +169,15 @@ class S3Source:
         """The object's URL (each key segment percent-encoded where needed)."""
         return f"{self.base}/{'/'.join(_quote(part) for part in key.split('/'))}"
 
-    async def open(
-        self,
-        session: aiohttp.ClientSession,
-        item: PlanItem,
-        headers: dict[str, str],
-        *,
-        resumed_from: int,
-        route: Route,
-    ) -> Reply:
+    async def serve(self, attempt: Attempt) -> Reply:
         """GET the object (anonymously); on a 403/404 fall back to MAST for this file, once."""
+        item, route = attempt.item, attempt.route
         key = None if route.fell_back else object_key(item)
         if key is None:
             if not route.fell_back and not route.note:
                 route.note = "not in the bucket's layout; fetched from MAST"
-            return await self._from_mast(session, item, headers, resumed_from, route)
-        response = await self._http.get(session, self.url_for(key), headers, anonymous=True)
+            return await self._fallback.serve(attempt)
+        response = await self._http.get(attempt.session, self.url_for(key), attempt.headers, anonymous=True)
         if response.status in FALLBACK_STATUSES:
             status = response.status
             code = await _error_code(response)
@@ -193,21 +187,11 @@ class S3Source:
             route.note = f"S3 answered {status} {code or ''}".rstrip() + "; fetched from MAST"
             self.fallbacks += 1
             log.info("%s: %s", item.filename or key, route.note)
-            return await self._from_mast(session, item, headers, resumed_from, route)
-        reply = self._http.accept(response, resumed_from)
+            return await self._fallback.serve(attempt)
+        reply = self._http.accept(response, attempt.resumed_from)
         reply.md5 = etag_md5(response.headers.get("ETag"))
         route.source = self.name
         return reply
-
-    async def _from_mast(
-        self,
-        session: aiohttp.ClientSession,
-        item: PlanItem,
-        headers: dict[str, str],
-        resumed_from: int,
-        route: Route,
-    ) -> Reply:
-        return await self._fallback.open(session, item, headers, resumed_from=resumed_from, route=route)
 
 
 def _quote(segment: str) -> str:
