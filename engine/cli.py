@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from engine import __version__
+from engine.archive.cli_options import Flag, add_flags
 from engine.exceptions import (
     EXIT_INTERNAL,
     EXIT_LOCAL,
@@ -180,306 +181,280 @@ def _lazy_parser(name: str) -> Callable[[str], object]:
     return parse
 
 
-def _add_selection(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("selection (also [selection] in the config file); choose one of the first five")
-    g.add_argument(
-        "--sector", dest="selection.sector", type=int, metavar="N", help="the FFI footprint's sector (1-200)"
-    )
-    g.add_argument(
-        "--camera",
-        dest="selection.cameras",
-        metavar="LIST",
-        help="camera(s) of the footprint, e.g. 1 or 1,2 or 1-3 or all (default: all)",
-    )
-    g.add_argument(
-        "--ccd",
-        dest="selection.ccds",
-        metavar="LIST",
-        help="CCD(s) of the footprint, e.g. 2 or 1,2 or 1-3 or all (default: all)",
-    )
-    g.add_argument(
-        "--polygon",
-        dest="selection.polygon",
-        type=_lazy_parser("parse_polygon"),
-        metavar="'RA DEC RA DEC ...'",
-        help="a sky polygon in degrees (at least 3 vertices), instead of a footprint",
-    )
-    g.add_argument(
-        "--cone",
-        dest="selection.cone",
-        type=_lazy_parser("parse_cone"),
-        metavar="'RA DEC RADIUS'",
-        help="a cone in degrees, instead of a footprint",
-    )
-    g.add_argument(
-        "--targets",
-        dest="selection.targets_file",
-        type=Path,
-        metavar="FILE",
-        help="file of TIC ids, one a line",
-    )
-    g.add_argument(
-        "--sectors",
-        dest="selection.sectors",
-        type=_lazy_parser("parse_sectors"),
-        metavar="LIST",
-        help="keep products of these sectors only: all (default) or e.g. 1,2,5-9 (the footprint is --sector)",
-    )
-    g.add_argument(
-        "--products",
-        dest="selection.products",
-        type=_str_list,
-        metavar="LIST",
-        help="product types, e.g. lc,tp,dvt or ffic (default: lc)",
-    )
-    g.add_argument(
-        "--footprint",
-        dest="selection.footprint",
-        choices=("middle", "composite"),
-        help="each CCD's footprint from its middle exposure (default) or first+middle+last",
-    )
-    g.add_argument(
-        "--collection",
-        dest="selection.collection",
-        metavar="NAME",
-        help="obs_collection: TESS (default) or HLSP (TESS-SPOC and QLP light curves)",
-    )
-    g.add_argument("--tap-url", dest="tap.url", metavar="URL", help="TAP base URL (default: MAST's CAOM TAP)")
+@dataclasses.dataclass(frozen=True)
+class _Flag(Flag):
+    """A `Flag` that may read the settings schema and a registry when the parser is built.
+
+    `shows_default`: the help ends "(default X)", X the schema's default at the flag's `dest`, so a
+    default lives in one place. `choices_from`: the registry that names the accepted values; called
+    only when the parser is built, because the CLI's first lines come before any heavy import.
+    """
+
+    shows_default: bool = False
+    choices_from: Callable[[], Sequence[str]] | None = None
+
+    def help_text(self) -> str:
+        """The help, with the schema's default when `shows_default`."""
+        if not self.shows_default:
+            return self.help
+        return f"{self.help} (default {_default(self.options['dest'])})"
+
+    def add(self, parser: argparse._ActionsContainer, **overrides: Any) -> argparse.Action:
+        """Add this flag to `parser`, its choices read from the registry now."""
+        if self.choices_from is not None:
+            overrides = {"choices": self.choices_from(), **overrides}
+        return super().add(parser, **overrides)
 
 
-def _add_out(p: argparse.ArgumentParser, *, what: str = "output directory") -> None:
-    # Not required by argparse: `out_dir` in the --config file satisfies it (checked in `_settings`).
-    p.add_argument(
-        "--out", dest="output.out_dir", type=Path, metavar="DIR", help=f"{what} (or out_dir in [output])"
-    )
-    p.add_argument(
-        "--state-dir",
-        dest="output.state_dir",
-        type=Path,
-        metavar="DIR",
-        help="manifest and saved plan (default: DIR/.tessmirror)",
-    )
+def _flag(
+    *names: str,
+    help: str,
+    shows_default: bool = False,
+    choices_from: Callable[[], Sequence[str]] | None = None,
+    **options: Any,
+) -> _Flag:
+    """A `_Flag` from `add_argument`'s arguments (see `_Flag` for the two extra keywords)."""
+    return _Flag(names, help, options, shows_default, choices_from)
 
 
-def _add_input(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--input",
-        dest="selection.urls_file",
-        type=Path,
-        metavar="FILE",
-        help="a plan in any format `tessmirror plan` writes (ECSV, CSV, VOTable, URL list, aria2 input, "
-        "curl script such as MAST's tesscurl_*.sh), told from its content; - reads standard input",
-    )
-
-
-def _add_download(p: argparse.ArgumentParser) -> None:
-    # The registries are imported here, not at the top: the CLI's first lines and its signal
-    # handlers come before any import that is not needed to start.
-    from engine.layout import layout_names
+def _verify_levels() -> Sequence[str]:
     from engine.models import VerifyLevel
 
-    _add_out(p)
-    g = p.add_argument_group("download (also [fetch], [verify], [output], [run] in the config file)")
-    g.add_argument(
-        "--adopt-from",
-        dest="adopt_from",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="DIR",
+    return VerifyLevel.names()
+
+
+def _layouts() -> list[str]:
+    from engine.layout import layout_names
+
+    return list(layout_names())
+
+
+# Every flag below is written once; a command that words one differently adds a `variant` of it.
+# --config and the logging flags, accepted before the command and after it (see `_add_common`).
+_COMMON = (
+    _flag("--config", type=Path, metavar="FILE", help="TOML configuration file (see config.example.toml)"),
+    _flag(
+        "--log-level", dest="run.log_level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR",
+        shows_default=True,
+    ),
+    _flag(
+        "-q", "--quiet", action="store_true",
+        help="only warnings, errors and the summary; no progress bar",
+    ),
+    _flag("-v", "--verbose", action="store_true", help="DEBUG lines (each retry, each request's fate)"),
+    _flag(
+        "--log-file", type=Path, metavar="FILE",
+        help="also write the log here, at DEBUG level whatever the terminal shows",
+    ),
+)  # fmt: skip
+
+_SELECTION_TITLE = "selection (also [selection] in the config file); choose one of the first five"
+_SELECTION = (
+    _flag(
+        "--sector", dest="selection.sector", type=int, metavar="N",
+        help="the FFI footprint's sector (1-200)",
+    ),
+    _flag(
+        "--camera", dest="selection.cameras", metavar="LIST",
+        help="camera(s) of the footprint, e.g. 1 or 1,2 or 1-3 or all (default: all)",
+    ),
+    _flag(
+        "--ccd", dest="selection.ccds", metavar="LIST",
+        help="CCD(s) of the footprint, e.g. 2 or 1,2 or 1-3 or all (default: all)",
+    ),
+    _flag(
+        "--polygon", dest="selection.polygon", type=_lazy_parser("parse_polygon"),
+        metavar="'RA DEC RA DEC ...'",
+        help="a sky polygon in degrees (at least 3 vertices), instead of a footprint",
+    ),
+    _flag(
+        "--cone", dest="selection.cone", type=_lazy_parser("parse_cone"), metavar="'RA DEC RADIUS'",
+        help="a cone in degrees, instead of a footprint",
+    ),
+    _flag(
+        "--targets", dest="selection.targets_file", type=Path, metavar="FILE",
+        help="file of TIC ids, one a line",
+    ),
+    _flag(
+        "--sectors", dest="selection.sectors", type=_lazy_parser("parse_sectors"), metavar="LIST",
+        help="keep products of these sectors only: all (default) or e.g. 1,2,5-9 (the footprint is --sector)",
+    ),
+    _flag(
+        "--products", dest="selection.products", type=_str_list, metavar="LIST",
+        help="product types, e.g. lc,tp,dvt or ffic (default: lc)",
+    ),
+    _flag(
+        "--footprint", dest="selection.footprint", choices=("middle", "composite"),
+        help="each CCD's footprint from its middle exposure (default) or first+middle+last",
+    ),
+    _flag(
+        "--collection", dest="selection.collection", metavar="NAME",
+        help="obs_collection: TESS (default) or HLSP (TESS-SPOC and QLP light curves)",
+    ),
+    _flag("--tap-url", dest="tap.url", metavar="URL", help="TAP base URL (default: MAST's CAOM TAP)"),
+)  # fmt: skip
+
+# Not required by argparse: `out_dir` in the --config file satisfies it (checked in `_settings`).
+_OUT = _flag("--out", dest="output.out_dir", type=Path, metavar="DIR", help="output directory")
+_STATE_DIR = _flag(
+    "--state-dir", dest="output.state_dir", type=Path, metavar="DIR",
+    help="manifest and saved plan (default: DIR/.tessmirror)",
+)  # fmt: skip
+_INPUT = _flag(
+    "--input", dest="selection.urls_file", type=Path, metavar="FILE",
+    help="a plan in any format `tessmirror plan` writes (ECSV, CSV, VOTable, URL list, aria2 input, "
+    "curl script such as MAST's tesscurl_*.sh), told from its content; - reads standard input",
+)  # fmt: skip
+_CONCURRENCY = (
+    _flag(
+        "--concurrency", dest="fetch.concurrency", metavar="N|auto", shows_default=True,
+        help="downloads in flight: a number fixes it; auto measures the path and settles on what it "
+        "needs, at most --max-connections",
+    ),
+    _flag(
+        "--max-connections", dest="fetch.max_connections", type=int, metavar="N", shows_default=True,
+        help="the politeness cap of --concurrency auto",
+    ),
+)  # fmt: skip
+_SOURCE = _flag(
+    "--source", dest="fetch.source", choices=("mast", "s3", "auto"),
+    help="where file bytes come from: MAST (default), its public S3 copy, or S3 where it has the file",
+)  # fmt: skip
+_RETRIES = _flag(
+    "--retries", dest="fetch.retries", type=int, metavar="N", help="tries per file beyond the first",
+    shows_default=True,
+)  # fmt: skip
+_TOKEN_ENV = _flag(
+    "--token-env", dest="fetch.token_env", metavar="VAR", shows_default=True,
+    help="environment variable holding an archive token",
+)  # fmt: skip
+_NO_FSYNC = _flag(
+    "--no-fsync", dest="output.fsync", action="store_const", const=False,
+    help="do not fsync files and the manifest (faster; less safe on power loss)",
+)  # fmt: skip
+_PROGRESS_INTERVAL = _flag(
+    "--progress-interval", dest="run.progress_interval", type=float, metavar="SECONDS", shows_default=True,
+    help="seconds between progress lines when not on a terminal",
+)  # fmt: skip
+_VERIFY_LEVEL = _flag(
+    "--verify",
+    dest="verify.level",
+    choices_from=_verify_levels,
+    help="verification level",
+    shows_default=True,
+)
+
+_DOWNLOAD_TITLE = "download (also [fetch], [verify], [output], [run] in the config file)"
+_DOWNLOAD = (
+    _flag(
+        "--adopt-from", dest="adopt_from", action="append", type=Path, default=[], metavar="DIR",
         help="before downloading a file, look for it by name in DIR (a lightkurve/astroquery cache "
         "mastDownload/TESS/<obs_id>/<file>, a flat folder, another mirror); it is copied (a reflink where "
         "the file system can) into place and verified; DIR is never changed (repeatable)",
-    )
-    g.add_argument(
-        "--link",
-        dest="adopt_link",
-        action="store_true",
+    ),
+    _flag(
+        "--link", dest="adopt_link", action="store_true",
         help="with --adopt-from: hard-link found files instead of copying them (no extra space, but "
         "whoever can write DIR can later change the mirror's copy; verify catches it)",
-    )
-    _add_concurrency(g)
-    g.add_argument(
-        "--per-host",
-        dest="fetch.per_host",
-        type=int,
-        metavar="N",
+    ),
+    *_CONCURRENCY,
+    _flag(
+        "--per-host", dest="fetch.per_host", type=int, metavar="N",
         help="connections per host (default: same as --concurrency)",
-    )
-    g.add_argument(
-        "--source",
-        dest="fetch.source",
-        choices=("mast", "s3", "auto"),
-        help="where file bytes come from: MAST (default), its public S3 copy, or S3 where it has the file",
-    )
-    g.add_argument(
-        "--s3-endpoint", dest="fetch.s3_endpoint", metavar="URL", help="the public S3 bucket's HTTPS endpoint"
-    )
-    g.add_argument(
-        "--verify",
-        dest="verify.level",
-        choices=VerifyLevel.names(),
-        help=f"verification level (default {_default('verify.level')})",
-    )
-    g.add_argument(
-        "--layout",
-        dest="output.layout",
-        choices=layout_names(),
-        help=f"directory layout (default {_default('output.layout')})",
-    )
-    g.add_argument(
-        "--retries",
-        dest="fetch.retries",
-        type=int,
-        metavar="N",
-        help=f"tries per file beyond the first (default {_default('fetch.retries')})",
-    )
-    g.add_argument(
-        "--idle-timeout",
-        dest="fetch.idle_timeout",
-        type=float,
-        metavar="SECONDS",
-        help=f"end a try after this long without a byte (default {_default('fetch.idle_timeout')})",
-    )
-    g.add_argument(
-        "--bandwidth",
-        dest="fetch.bandwidth_limit",
-        type=_bytes_rate,
-        metavar="RATE",
+    ),
+    _SOURCE,
+    _flag(
+        "--s3-endpoint", dest="fetch.s3_endpoint", metavar="URL",
+        help="the public S3 bucket's HTTPS endpoint",
+    ),
+    _VERIFY_LEVEL,
+    _flag(
+        "--layout", dest="output.layout", choices_from=_layouts,
+        help="directory layout", shows_default=True,
+    ),
+    _RETRIES,
+    _flag(
+        "--idle-timeout", dest="fetch.idle_timeout", type=float, metavar="SECONDS", shows_default=True,
+        help="end a try after this long without a byte",
+    ),
+    _flag(
+        "--bandwidth", dest="fetch.bandwidth_limit", type=_bytes_rate, metavar="RATE",
         help="cap for the whole run in bytes/s, e.g. 20M (default: none)",
-    )
-    g.add_argument(
-        "--token-env",
-        dest="fetch.token_env",
-        metavar="VAR",
-        help=f"environment variable holding an archive token (default {_default('fetch.token_env')})",
-    )
-    g.add_argument(
-        "--force", dest="run.force", action="store_const", const=True, help="skip the free-space preflight"
-    )
-    g.add_argument(
-        "--shard",
-        dest="run.shard",
-        metavar="K/N",
+    ),
+    _TOKEN_ENV,
+    _flag(
+        "--force", dest="run.force", action="store_const", const=True,
+        help="skip the free-space preflight",
+    ),
+    _flag(
+        "--shard", dest="run.shard", metavar="K/N",
         help="download only shard K of N of the plan (0 <= K < N; a stable split by file, for job arrays: "
         "each shard has its own manifest and lock, see docs/HPC.md)",
-    )
-    g.add_argument(
-        "--recheck",
-        dest="run.recheck",
-        action="store_const",
-        const=True,
+    ),
+    _flag(
+        "--recheck", dest="run.recheck", action="store_const", const=True,
         help="stat files the manifest says are done",
-    )
-    g.add_argument(
-        "--refresh-plan",
-        dest="run.refresh_plan",
-        action="store_const",
-        const=True,
+    ),
+    _flag(
+        "--refresh-plan", dest="run.refresh_plan", action="store_const", const=True,
         help="query TAP again even if a saved plan exists",
-    )
-    g.add_argument(
-        "--no-fsync",
-        dest="output.fsync",
-        action="store_const",
-        const=False,
-        help="do not fsync files and the manifest (faster; less safe on power loss)",
-    )
-    g.add_argument(
-        "--progress-interval",
-        dest="run.progress_interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between progress lines when not on a terminal "
-        f"(default {_default('run.progress_interval')})",
-    )
-    _add_cluster(p)
+    ),
+    _NO_FSYNC,
+    _PROGRESS_INTERVAL,
+)  # fmt: skip
 
-
-def _add_cluster(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "cluster (also [cluster] in the config file; needs pip install 'tessmirror[cluster]')"
-    )
-    g.add_argument(
-        "--cluster",
-        dest="cluster.mode",
-        metavar="WHERE",
+_CLUSTER_TITLE = "cluster (also [cluster] in the config file; needs pip install 'tessmirror[cluster]')"
+_CLUSTER = (
+    _flag(
+        "--cluster", dest="cluster.mode", metavar="WHERE",
         help="spread the downloads over Dask workers: local (processes on this machine), slurm (one "
         "Slurm job per worker), slurm-runner (inside one sbatch -N K allocation, under srun) or "
         "tcp://HOST:PORT (an existing scheduler whose workers have --resources MAST=1); default: "
         "in this process",
-    )
-    g.add_argument(
-        "--jobs",
-        dest="cluster.jobs",
-        type=int,
-        metavar="N",
-        help=f"workers (Slurm jobs), each running one batch at a time (default {_default('cluster.jobs')})",
-    )
-    g.add_argument(
-        "--job-concurrency",
-        dest="cluster.job_concurrency",
-        type=int,
-        metavar="C",
+    ),
+    _flag(
+        "--jobs", dest="cluster.jobs", type=int, metavar="N", shows_default=True,
+        help="workers (Slurm jobs), each running one batch at a time",
+    ),
+    _flag(
+        "--job-concurrency", dest="cluster.job_concurrency", type=int, metavar="C",
         help="connections per worker; the archive sees at most N x C (default: --concurrency, 8 under auto)",
-    )
-    g.add_argument("--queue", dest="cluster.queue", metavar="Q", help="Slurm partition of the worker jobs")
-    g.add_argument("--account", dest="cluster.account", metavar="A", help="Slurm account of the worker jobs")
-    g.add_argument(
-        "--walltime",
-        dest="cluster.walltime",
-        metavar="HH:MM:SS",
+    ),
+    _flag("--queue", dest="cluster.queue", metavar="Q", help="Slurm partition of the worker jobs"),
+    _flag("--account", dest="cluster.account", metavar="A", help="Slurm account of the worker jobs"),
+    _flag(
+        "--walltime", dest="cluster.walltime", metavar="HH:MM:SS",
         help="time limit of each Slurm worker job (default: dask-jobqueue's, 00:30:00); workers leave "
         "five minutes before it and are replaced",
-    )
-    g.add_argument(
-        "--job-extra",
-        dest="cluster.job_extra",
-        action="append",
-        metavar="OPTION",
+    ),
+    _flag(
+        "--job-extra", dest="cluster.job_extra", action="append", metavar="OPTION",
         help="one more #SBATCH option for the worker jobs, written --job-extra=--qos=debug (repeatable)",
-    )
+    ),
+)  # fmt: skip
+
+
+def _add_group(p: argparse.ArgumentParser, title: str, flags: Sequence[Flag]) -> None:
+    add_flags(p.add_argument_group(title), flags)
+
+
+def _add_out(p: argparse.ArgumentParser, *, what: str = "output directory") -> None:
+    add_flags(p, (_OUT.variant(help=f"{what} (or out_dir in [output])"), _STATE_DIR))
+
+
+def _add_download(p: argparse.ArgumentParser) -> None:
+    """--out and the download and cluster groups: what `run` and `fetch` share."""
+    _add_out(p)
+    _add_group(p, _DOWNLOAD_TITLE, _DOWNLOAD)
+    _add_group(p, _CLUSTER_TITLE, _CLUSTER)
 
 
 def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
     """--config and the logging flags. Accepted before the command and after it: the subcommand's
     copies default to "not given" (SUPPRESS), so they never overwrite what came before the command."""
     default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
-    p.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="TOML configuration file (see config.example.toml)",
-        **default,
-    )
-    p.add_argument(
-        "--log-level",
-        dest="run.log_level",
-        metavar="LEVEL",
-        help=f"DEBUG, INFO, WARNING or ERROR (default {_default('run.log_level')})",
-        **default,
-    )
-    p.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="only warnings, errors and the summary; no progress bar",
-        **default,
-    )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="DEBUG lines (each retry, each request's fate)",
-        **default,
-    )
-    p.add_argument(
-        "--log-file",
-        type=Path,
-        metavar="FILE",
-        help="also write the log here, at DEBUG level whatever the terminal shows",
-        **default,
-    )
+    for each in _COMMON:
+        each.add(p, **default)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -500,8 +475,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.models import VerifyLevel
-
     parser = _Parser(
         prog="tessmirror",
         description="Verified, resumable bulk downloads of TESS products from MAST.",
@@ -515,37 +488,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("plan", parents=[common], help="print or export the inventory, with its size")
-    _add_selection(p)
-    p.add_argument(
-        "--format",
-        default="ecsv",
-        choices=("ecsv", "votable", "csv", "urls", "aria2", "curl"),
-        help="output format (default ecsv; aria2 and curl for other downloaders)",
-    )
-    p.add_argument(
-        "-o", "--output", type=Path, metavar="FILE", help="write the plan here instead of standard output"
-    )
-    p.add_argument(
-        "--progress-interval",
-        dest="run.progress_interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between 'planning… N files found so far' lines "
-        f"(default {_default('run.progress_interval')})",
-    )
+    _add_group(p, _SELECTION_TITLE, _SELECTION)
+    add_flags(
+        p,
+        (
+            _flag(
+                "--format", default="ecsv", choices=("ecsv", "votable", "csv", "urls", "aria2", "curl"),
+                help="output format (default ecsv; aria2 and curl for other downloaders)",
+            ),
+            _flag(
+                "-o", "--output", type=Path, metavar="FILE",
+                help="write the plan here instead of standard output",
+            ),
+            _PROGRESS_INTERVAL.variant(help="seconds between 'planning… N files found so far' lines"),
+        ),
+    )  # fmt: skip
 
     p = sub.add_parser("run", parents=[common], help="plan, then download into --out")
-    _add_selection(p)
-    _add_input(p)
+    _add_group(p, _SELECTION_TITLE, _SELECTION)
+    _INPUT.add(p)
     _add_download(p)
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
+    _flag(
+        "--dry-run", action="store_true",
         help="plan and print the summary and the free-space verdict; download nothing",
-    )
+    ).add(p)  # fmt: skip
 
     p = sub.add_parser("fetch", parents=[common], help="download a plan in any export format, or a URL list")
-    _add_input(p)
+    _INPUT.add(p)
     _add_download(p)
 
     p = sub.add_parser("status", parents=[common], help="report on a mirror from its manifest")
@@ -553,63 +522,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", parents=[common], help="re-check a mirror against its manifest")
     _add_out(p, what="the mirror's output directory")
-    p.add_argument(
-        "--level",
-        dest="verify.level",
-        choices=VerifyLevel.names(),
-        help=f"how deep to check (default {_default('verify.level')})",
+    _VERIFY_LEVEL.variant(names=("--level",), help="how deep to check").add(p)
+    _flag("--repair", action="store_true", help="move bad files aside and download them again").add(p)
+    repair = (
+        *_CONCURRENCY,
+        _RETRIES,
+        _TOKEN_ENV.variant(shows_default=False),
+        _NO_FSYNC.variant(help="do not fsync (less safe)"),
     )
-    p.add_argument("--repair", action="store_true", help="move bad files aside and download them again")
-    g = p.add_argument_group("downloads of --repair")
-    _add_concurrency(g)
-    g.add_argument(
-        "--retries",
-        dest="fetch.retries",
-        type=int,
-        metavar="N",
-        help=f"tries per file beyond the first (default {_default('fetch.retries')})",
-    )
-    g.add_argument(
-        "--token-env",
-        dest="fetch.token_env",
-        metavar="VAR",
-        help="environment variable holding an archive token",
-    )
-    g.add_argument(
-        "--no-fsync", dest="output.fsync", action="store_const", const=False, help="do not fsync (less safe)"
-    )
+    _add_group(p, "downloads of --repair", repair)
 
     p = sub.add_parser(
         "demo", parents=[common], help="start the local archive and mirror a footprint from it"
     )
-    p.add_argument(
-        "--out",
-        dest="output.out_dir",
-        type=Path,
-        default=Path(DEMO_OUT),
-        metavar="DIR",
-        help=f"output directory (default ./{DEMO_OUT})",
-    )
-    p.add_argument(
-        "--targets", type=int, default=300, metavar="N", help="synthetic TIC targets in the archive"
-    )
-    p.add_argument(
-        "--file-size", default="full", metavar="SIZE", help="full (about 2 MB), small, or a cadence count"
-    )
-    _add_concurrency(p)
-    p.add_argument(
-        "--source",
-        dest="fetch.source",
-        choices=("mast", "s3", "auto"),
-        help="mirror through the archive's Download API (default) or from its S3-shaped bucket",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=DEMO_PORT,
-        metavar="PORT",
-        help=f"archive port (default {DEMO_PORT}, or a free one if taken)",
-    )
+    _OUT.add(p, default=Path(DEMO_OUT), help=f"output directory (default ./{DEMO_OUT})")
+    add_flags(
+        p,
+        (
+            _flag(
+                "--targets", type=int, default=300, metavar="N",
+                help="synthetic TIC targets in the archive",
+            ),
+            _flag(
+                "--file-size", default="full", metavar="SIZE",
+                help="full (about 2 MB), small, or a cadence count",
+            ),
+            *_CONCURRENCY,
+            _SOURCE.variant(
+                help="mirror through the archive's Download API (default) or from its S3-shaped bucket",
+            ),
+            _flag(
+                "--port", type=int, default=DEMO_PORT, metavar="PORT",
+                help=f"archive port (default {DEMO_PORT}, or a free one if taken)",
+            ),
+        ),
+    )  # fmt: skip
 
     from engine.report import add_report_command
 
@@ -810,24 +757,6 @@ def _describe(settings) -> str:
         sectors = "all sectors" if sel.sectors is None else f"sectors {listed(sel.sectors)}"
         what = f"{region}: {','.join(sel.products)} from {sectors}, via {redact(settings.tap.url)}"
     return what
-
-
-def _add_concurrency(group) -> None:
-    """--concurrency N|auto and --max-connections N (the config validates both, naming the key)."""
-    group.add_argument(
-        "--concurrency",
-        dest="fetch.concurrency",
-        metavar="N|auto",
-        help="downloads in flight: a number fixes it; auto measures the path and settles on what it "
-        f"needs, at most --max-connections (default {_default('fetch.concurrency')})",
-    )
-    group.add_argument(
-        "--max-connections",
-        dest="fetch.max_connections",
-        type=int,
-        metavar="N",
-        help=f"the politeness cap of --concurrency auto (default {_default('fetch.max_connections')})",
-    )
 
 
 def _banner(command: str, settings, *, where: bool = True) -> None:

@@ -12,10 +12,11 @@ overrides that one knob (e.g. `--mast-like --exposures 1300 --no-redirect-s3`). 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.exceptions import ConfigError
 
@@ -91,159 +92,167 @@ def _file_size(flag: str) -> Callable[[str], str | int]:
     return parse
 
 
-def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every `archive serve` flag to `parser`."""
-    p = parser
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument(
-        "--port", type=_number("--port", int, 0, 65535, "a port"), default=0, help="0: a free port"
-    )
-    p.add_argument("--sectors", default="1-13", help="sectors to generate, e.g. 1-13 or 1,2,5")
-    p.add_argument(
-        "--targets",
-        type=_number("--targets", int, 0, 10_000_000, "a count"),
-        default=2000,
-        help="TIC targets",
-    )
-    p.add_argument(
-        "--file-size",
-        type=_file_size("--file-size"),
-        default="full",
-        help="full (about 2 MB), small, or cadences",
-    )
-    p.add_argument("--faults", default="", help="fault spec, e.g. '500=0.2,429=0.1:retry_after=2,seed=7'")
-    p.add_argument("--data-dir", type=Path, help="cache for generated files (default: a temporary folder)")
-    p.add_argument(
-        "--seed",
-        type=_number("--seed", int, 0, 2**31 - 1, "a whole number"),
-        default=0,
-        help="seed of the synthetic catalogue and of the faults (default 0)",
-    )
-    p.add_argument(
-        "--hard-limit", type=_number("--hard-limit", int, 1, 10_000_000, "a row count"), default=100_000,
-        help="TAP MAXREC hard limit (the default MAXREC is the smaller of 100,000 and this)",
-    )  # fmt: skip
-    p.add_argument("--focus", type=_focus, help="put every target in one footprint: SECTOR,CAMERA,CCD")
-    p.add_argument(
-        "--no-artifacts", action="store_true", help="serve no dbo.caomplane/caomartifact (ObsCore only)"
-    )
-    p.add_argument(
-        "--hostile-names", action="store_true", help="add rows with hostile file names (for testing)"
-    )
+_F = TypeVar("_F", bound="Flag")
 
-    shape = p.add_argument_group(
-        "MAST's shapes (docs/MAST_MODEL.md); unset flags keep the defaults or --mast-like's"
-    )
-    shape.add_argument(
-        "--mast-like", action="store_true",
-        help="MAST's shape: 300 FFI exposures a CCD with files, ObsCore rows per product, redirects to a "
-        "second host, 20%% chunked, 10%% NULL checksums, 5%% NULL lengths, 60 s sync timeout",
-    )  # fmt: skip
-    shape.add_argument(
-        "--exposures", dest="exposures_per_ccd", metavar="N",
-        type=_number("--exposures", int, 1, MAX_EXPOSURES, "a count"),
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag, written once: its names, its help and `add_argument`'s other keywords.
+
+    `add` puts it on a parser or an argument group; `variant` is the same flag with another name or
+    help text for another command (engine/cli.py builds the CLI's flags from this class too).
+    """
+
+    names: tuple[str, ...]
+    help: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def help_text(self) -> str:
+        """The help as `--help` shows it."""
+        return self.help
+
+    def add(self, parser: argparse._ActionsContainer, **overrides: Any) -> argparse.Action:
+        """Add this flag to `parser` (a parser or a group); `overrides` win over its keywords."""
+        return parser.add_argument(*self.names, **{"help": self.help_text(), **self.options, **overrides})
+
+    def variant(self: _F, **changes: Any) -> _F:
+        """This flag with some fields changed, e.g. `variant(help="...")` for another command."""
+        return dataclasses.replace(self, **changes)
+
+
+def flag(*names: str, help: str, **options: Any) -> Flag:
+    """A `Flag` from `add_argument`'s arguments: `flag("--seed", type=int, help="...")`."""
+    return Flag(names, help, options)
+
+
+def ranged(name: str, cast: Callable[[str], Any], low: float, high: float, what: str, **options: Any) -> Flag:
+    """A flag whose value is a number in [low, high]; a bad one is a ConfigError naming `name`."""
+    return flag(name, type=_number(name, cast, low, high, what), **options)
+
+
+def _fraction(name: str, dest: str, help: str) -> Flag:
+    """A shape flag that is a fraction of the files (0 to 1), into ArchiveOptions' `dest`."""
+    return ranged(name, float, 0, 1, "a fraction", dest=dest, metavar="F", help=help)
+
+
+def _seconds(name: str, low: float, help: str, **options: Any) -> Flag:
+    """A shape flag that is a duration in seconds, from `low` to a day."""
+    return ranged(name, float, low, 86_400, "seconds", metavar="S", help=help, **options)
+
+
+def add_flags(parser: argparse._ActionsContainer, flags: Iterable[Flag]) -> None:
+    """Add `flags` to `parser` (a parser or a group), in order: the order `--help` lists them."""
+    for each in flags:
+        each.add(parser)
+
+
+# The flags of `archive serve`, in the order `--help` lists them. Built at import: nothing here is heavy.
+_SERVE_FLAGS = (
+    flag("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
+    ranged("--port", int, 0, 65535, "a port", default=0, help="0: a free port"),
+    flag("--sectors", default="1-13", help="sectors to generate, e.g. 1-13 or 1,2,5"),
+    ranged("--targets", int, 0, 10_000_000, "a count", default=2000, help="TIC targets"),
+    flag(
+        "--file-size", type=_file_size("--file-size"), default="full",
+        help="full (about 2 MB), small, or cadences",
+    ),
+    flag("--faults", default="", help="fault spec, e.g. '500=0.2,429=0.1:retry_after=2,seed=7'"),
+    flag("--data-dir", type=Path, help="cache for generated files (default: a temporary folder)"),
+    ranged(
+        "--seed", int, 0, 2**31 - 1, "a whole number", default=0,
+        help="seed of the synthetic catalogue and of the faults (default 0)",
+    ),
+    ranged(
+        "--hard-limit", int, 1, 10_000_000, "a row count", default=100_000,
+        help="TAP MAXREC hard limit (the default MAXREC is the smaller of 100,000 and this)",
+    ),
+    flag("--focus", type=_focus, help="put every target in one footprint: SECTOR,CAMERA,CCD"),
+    flag("--no-artifacts", action="store_true", help="serve no dbo.caomplane/caomartifact (ObsCore only)"),
+    flag("--hostile-names", action="store_true", help="add rows with hostile file names (for testing)"),
+)  # fmt: skip
+
+_SHAPE_TITLE = "MAST's shapes (docs/MAST_MODEL.md); unset flags keep the defaults or --mast-like's"
+# The shape flags default to None ("not given"): --mast-like's values stand unless a flag overrides one.
+_MAST_LIKE = flag(
+    "--mast-like", action="store_true",
+    help="MAST's shape: 300 FFI exposures a CCD with files, ObsCore rows per product, redirects to a "
+    "second host, 20%% chunked, 10%% NULL checksums, 5%% NULL lengths, 60 s sync timeout",
+)  # fmt: skip
+_ON_OFF: dict[str, Any] = {"action": argparse.BooleanOptionalAction, "default": None}
+_SHAPE_FLAGS = (
+    ranged(
+        "--exposures", int, 1, MAX_EXPOSURES, "a count", dest="exposures_per_ccd", metavar="N",
         help=f"FFI observations per sector/camera/CCD (1-{MAX_EXPOSURES}; MAST: ~1,300 at 30 min)",
-    )  # fmt: skip
-    shape.add_argument(
-        "--ffi-files", action=argparse.BooleanOptionalAction, default=None,
-        help="give every FFI exposure its _ffic.fits and _ffir.fits files",
-    )  # fmt: skip
-    shape.add_argument(
+    ),
+    flag("--ffi-files", **_ON_OFF, help="give every FFI exposure its _ffic.fits and _ffir.fits files"),
+    flag(
         "--ffi-size", dest="ffi_file_size", type=_file_size("--ffi-size"),
         help="FFI size: small (17 KB), full (about 35 MB) or a side in pixels",
-    )  # fmt: skip
-    shape.add_argument(
-        "--obscore-per-product", action=argparse.BooleanOptionalAction, default=None,
+    ),
+    flag(
+        "--obscore-per-product", **_ON_OFF,
         help="one ivoa.obscore row per product file (lc, tp, dvt, ffic, ffir), same obs_id",
-    )  # fmt: skip
-    shape.add_argument(
-        "--url-form", choices=URL_FORMS, help="access_url form: uri (Download API) or path (/files/...)"
-    )
-    shape.add_argument(
-        "--redirect-s3", dest="redirect_to_s3", action=argparse.BooleanOptionalAction, default=None,
+    ),
+    flag("--url-form", choices=URL_FORMS, help="access_url form: uri (Download API) or path (/files/...)"),
+    flag(
+        "--redirect-s3", dest="redirect_to_s3", **_ON_OFF,
         help="the Download API answers 302 to a second host:port serving /stpubdata/tess/public/...",
-    )  # fmt: skip
-    shape.add_argument(
-        "--s3", action=argparse.BooleanOptionalAction, default=None,
+    ),
+    flag(
+        "--s3", **_ON_OFF,
         help="serve the S3-shaped bucket /stpubdata/tess/public/... on its own port (for --source s3), "
         "with S3's XML errors and MAST's path_lookup on the API host",
-    )  # fmt: skip
-    shape.add_argument(
-        "--s3-multipart", dest="s3_multipart_fraction", metavar="F",
-        type=_number("--s3-multipart", float, 0, 1, "a fraction"),
-        help="fraction of objects with a multipart ETag (<hex>-<parts>, not an md5)",
-    )  # fmt: skip
-    shape.add_argument(
-        "--s3-missing", dest="s3_missing_fraction", metavar="F",
-        type=_number("--s3-missing", float, 0, 1, "a fraction"),
-        help="fraction of files left out of the bucket (served by the Download API only)",
-    )  # fmt: skip
-    shape.add_argument(
-        "--s3-missing-names", dest="s3_missing_names", metavar="NAMES", type=_names,
+    ),
+    _fraction(
+        "--s3-multipart", "s3_multipart_fraction",
+        "fraction of objects with a multipart ETag (<hex>-<parts>, not an md5)",
+    ),
+    _fraction(
+        "--s3-missing", "s3_missing_fraction",
+        "fraction of files left out of the bucket (served by the Download API only)",
+    ),
+    flag(
+        "--s3-missing-names", metavar="NAMES", type=_names,
         help="comma-separated file names left out of the bucket",
-    )  # fmt: skip
-    shape.add_argument(
-        "--s3-missing-error", dest="s3_missing_error", choices=("NoSuchKey", "AccessDenied"),
+    ),
+    flag(
+        "--s3-missing-error", choices=("NoSuchKey", "AccessDenied"),
         help="what a key left out answers: NoSuchKey (404, the default) or AccessDenied (403)",
-    )  # fmt: skip
-    shape.add_argument(
-        "--path-lookup", dest="path_lookup", action=argparse.BooleanOptionalAction, default=None,
+    ),
+    flag(
+        "--path-lookup", **_ON_OFF,
         help="with --s3: serve MAST's /api/v0.1/path_lookup/ (default on; off answers 404)",
-    )  # fmt: skip
-    shape.add_argument(
-        "--path-lookup-disagrees", dest="path_lookup_disagrees", action="store_const", const=True,
+    ),
+    flag(
+        "--path-lookup-disagrees", action="store_const", const=True,
         help="path_lookup names other keys than the bucket's layout (clients must not trust theirs)",
-    )  # fmt: skip
-    shape.add_argument(
-        "--chunked", dest="chunked_fraction", metavar="F",
-        type=_number("--chunked", float, 0, 1, "a fraction"),
-        help="fraction of files sent without Content-Length (0-1)",
-    )  # fmt: skip
-    shape.add_argument(
-        "--null-checksums", dest="null_checksum_fraction", metavar="F",
-        type=_number("--null-checksums", float, 0, 1, "a fraction"), help="fraction of NULL contentChecksum",
-    )  # fmt: skip
-    shape.add_argument(
-        "--null-lengths", dest="null_length_fraction", metavar="F",
-        type=_number("--null-lengths", float, 0, 1, "a fraction"), help="fraction of NULL contentLength",
-    )  # fmt: skip
-    shape.add_argument(
-        "--sync-timeout", metavar="S", type=_number("--sync-timeout", float, 0.001, 86_400, "seconds"),
-        help="a sync TAP query running longer answers HTTP 504",
-    )  # fmt: skip
-    shape.add_argument(
-        "--async-abort", dest="async_abort_after", metavar="S",
-        type=_number("--async-abort", float, 0.001, 86_400, "seconds"),
-        help="an async TAP job running longer ends in ERROR",
-    )  # fmt: skip
-    shape.add_argument(
-        "--slow-join", metavar="S", type=_number("--slow-join", float, 0, 86_400, "seconds"),
-        help="seconds added to any query that joins dbo.caomartifact",
-    )  # fmt: skip
+    ),
+    _fraction("--chunked", "chunked_fraction", "fraction of files sent without Content-Length (0-1)"),
+    _fraction("--null-checksums", "null_checksum_fraction", "fraction of NULL contentChecksum"),
+    _fraction("--null-lengths", "null_length_fraction", "fraction of NULL contentLength"),
+    _seconds("--sync-timeout", 0.001, "a sync TAP query running longer answers HTTP 504"),
+    _seconds(
+        "--async-abort", 0.001, "an async TAP job running longer ends in ERROR", dest="async_abort_after"
+    ),
+    _seconds("--slow-join", 0, "seconds added to any query that joins dbo.caomartifact"),
+)  # fmt: skip
 
 
-# Namespace attribute -> ArchiveOptions field, for the shape flags (None: not given).
-_SHAPE_FIELDS = (
-    "exposures_per_ccd",
-    "ffi_files",
-    "ffi_file_size",
-    "obscore_per_product",
-    "url_form",
-    "redirect_to_s3",
-    "s3",
-    "s3_multipart_fraction",
-    "s3_missing_fraction",
-    "s3_missing_names",
-    "s3_missing_error",
-    "path_lookup",
-    "path_lookup_disagrees",
-    "chunked_fraction",
-    "null_checksum_fraction",
-    "null_length_fraction",
-    "sync_timeout",
-    "async_abort_after",
-    "slow_join",
-)
+def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every `archive serve` flag to `parser`."""
+    add_flags(parser, _SERVE_FLAGS)
+    shape = parser.add_argument_group(_SHAPE_TITLE)
+    add_flags(shape, (_MAST_LIKE, *_SHAPE_FLAGS))
+
+
+def _dest(each: Flag) -> str:
+    """The namespace attribute argparse gives `each`: its dest, else its long name."""
+    return str(each.options.get("dest") or each.names[-1].lstrip("-").replace("-", "_"))
+
+
+# Namespace attribute -> ArchiveOptions field of each shape flag (None: not given); read from the
+# flags themselves, so a new shape flag is one entry above.
+_SHAPE_FIELDS = tuple(_dest(each) for each in _SHAPE_FLAGS)
 
 
 def archive_options_from_args(ns: argparse.Namespace, **extra: Any) -> ArchiveOptions:
