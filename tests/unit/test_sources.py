@@ -18,7 +18,7 @@ from astropy.io import fits
 
 from engine.exceptions import ConfigError
 from engine.fetch.download import Downloader
-from engine.fetch.http import HttpSource
+from engine.fetch.http import Attempt, HttpSource, Reply, Route, Source
 from engine.fetch.s3 import S3Source, check_cloud_paths, key_for_name, lookup_url_for, settle_source
 from engine.fetch.session import open_session
 from engine.fetch.sources import build_sources
@@ -284,6 +284,28 @@ def test_the_registry_picks_a_source_per_choice_and_per_scheme() -> None:
     assert mast.for_item(PlanItem(url="ftp://example.org/x", filename="x")) is None
     with pytest.raises(ValueError, match=r"unknown fetch\.source"):
         build_sources(FetchSettings(source="gopher"))
+
+
+def test_a_new_source_writes_only_serve_and_open_hands_it_the_whole_try() -> None:
+    seen: list[Attempt] = []
+
+    class Recorder(Source):
+        name = "recorder"
+
+        async def serve(self, attempt: Attempt) -> Reply:
+            seen.append(attempt)
+            attempt.route.source = self.name
+            return Reply(response=None, total=7)  # type: ignore[arg-type]  # no body is read here
+
+    session, item, route = object(), PlanItem(url="http://example.org/x.fits", filename="x.fits"), Route()
+    headers = {"Range": "bytes=5-", "If-Range": '"v1"'}
+    reply = asyncio.run(Recorder().open(session, item, headers, resumed_from=5, route=route))  # type: ignore[arg-type]
+    assert reply.total == 7 and route.source == "recorder"
+    assert [(a.session, a.item, a.headers, a.resumed_from, a.route) for a in seen] == [
+        (session, item, headers, 5, route)
+    ]
+    with pytest.raises(TypeError, match="abstract"):
+        Source()  # type: ignore[abstract]  # a source without serve cannot be built
 
 
 def test_path_lookup_agreeing_with_the_computed_keys_passes(bucket: Bucket) -> None:
