@@ -33,7 +33,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypedDict, TypeVar, get_args, get_type_hints
+from typing import Annotated, Any, TypedDict, TypeVar, get_args, get_type_hints
 
 from astropy.table import Table
 
@@ -45,11 +45,11 @@ from engine.plan.sources import PlanSource, TablePlan, plan_source_for
 from engine.progress import PlanSummary, Progress
 from engine.settings import Settings
 
-# PEP 692's Unpack is in typing from 3.11; on 3.10 only the type checker needs it (the annotations
-# are strings there), so typing_extensions, which mypy always knows, is never imported at run time.
+# PEP 692's Unpack is in typing from 3.11; on 3.10 it comes from typing_extensions (a dependency
+# there), so typing.get_type_hints(mirror) works on every supported Python.
 if sys.version_info >= (3, 11):
     from typing import Unpack
-elif TYPE_CHECKING:
+else:
     from typing_extensions import Unpack
 
 T = TypeVar("T")
