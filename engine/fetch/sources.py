@@ -10,8 +10,8 @@ up per request. Two tables here:
   same way; they differ at plan time (`engine.fetch.s3.check_cloud_paths`): ``s3`` refuses to run on
   a path_lookup mismatch, ``auto`` falls back to ``mast`` for the whole run.
 
-Adding a source is one module with a class that has `open` (see `engine.fetch.http.Source`) plus one
-line in a table here.
+Adding a source is one module with a subclass of `engine.fetch.http.Source` that writes
+`serve(attempt)`, plus one line in a table here.
 """
 
 from __future__ import annotations
