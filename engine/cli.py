@@ -24,9 +24,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__
 from engine.archive.cli_options import Flag, add_flags
@@ -42,6 +42,8 @@ from engine.redact import RedactingFilter, redact
 
 if TYPE_CHECKING:
     import asyncio
+
+    from engine.progress import PlanSummary
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1` under pipefail
 
@@ -777,9 +779,10 @@ def _concurrency_text(fetch) -> str:
 
 
 # -- commands -----------------------------------------------------------------------------------
-async def _plan_pages(settings, on_page: Callable[[list], None]) -> str:
-    """Plan without saving or downloading, handing each page to `on_page`; returns the guard's summary
-    line (rows merged and dropped, and why). A signal cancels planning cleanly."""
+async def _plan_pages(settings, on_page: Callable[[list], Awaitable[None]]) -> str:
+    """Plan without saving or downloading, handing each page to `on_page` (awaited before the next
+    page is read); returns the guard's summary line (rows merged and dropped, and why). A signal
+    cancels planning cleanly."""
     import asyncio
 
     from engine.plan.sources import plan_source_for
@@ -790,7 +793,7 @@ async def _plan_pages(settings, on_page: Callable[[list], None]) -> str:
     found, last = 0, time.monotonic()
     with _GATE.deliver_to(asyncio.get_running_loop(), task.cancel):
         async for page in source.pages():
-            on_page(page)
+            await on_page(page)
             found += len(page)
             if time.monotonic() - last >= settings.run.progress_interval:
                 last = time.monotonic()
@@ -799,40 +802,83 @@ async def _plan_pages(settings, on_page: Callable[[list], None]) -> str:
     return guard.summary_line() if guard is not None else ""
 
 
+async def _export_plan(settings, fmt: str, output: str | None, summary: PlanSummary) -> str:
+    """Plan and write the export to `output` (standard output when None), page by page; returns the
+    guard's summary line.
+
+    Each page is formatted in memory on the loop (CPU only), then handed to the file with
+    `aiofiles`: a slow disk, a full pipe or a reader paused on `| less` blocks a thread, never the
+    event loop (the TAP client's timeouts and the signal gate run there). The file's writes and its
+    close share one thread, so they keep their order even when a signal cancels the planning midway.
+    votable is built whole at the end by astropy (CPU and I/O in one library call): a thread of its
+    own (`asyncio.to_thread`), as aiofiles wraps only file methods.
+    """
+    import asyncio
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import aiofiles
+    from aiofiles.threadpool.text import AsyncTextIOWrapper
+
+    from engine.plan.table import PlanExporter
+
+    one = ThreadPoolExecutor(1, thread_name_prefix="export")
+    try:
+        sink: AsyncTextIOWrapper
+        if output is None:
+            sink = AsyncTextIOWrapper(sys.stdout, loop=None, executor=one)
+        else:
+            try:
+                sink = await aiofiles.open(output, "w", encoding="utf-8", executor=one)
+            except OSError as err:
+                raise ConfigError(
+                    "-o/--output",
+                    f"cannot write {output}: {err.strerror}",
+                    hint="give a path in an existing, writable directory",
+                ) from None
+        try:
+            pending = io.StringIO()
+            exporter = PlanExporter(fmt, pending)
+
+            async def flush_pending() -> None:
+                text = pending.getvalue()
+                pending.seek(0)
+                pending.truncate()
+                if text:
+                    await sink.write(text)
+
+            await flush_pending()  # the header: written even if planning fails, as before
+
+            async def on_page(page: list) -> None:
+                try:
+                    exporter.write(page)
+                finally:  # the rows before a refused one reach the file, as they always did
+                    await flush_pending()
+                summary.add(page)
+
+            guard_line = await _plan_pages(settings, on_page)
+            await asyncio.to_thread(exporter.close)
+            await flush_pending()
+            await sink.flush()
+        finally:
+            if output is not None:
+                await sink.close()
+    finally:
+        one.shutdown(wait=False)
+    return guard_line
+
+
 def cmd_plan(ns: argparse.Namespace) -> int:
     """Print or export the inventory, page by page as TAP answers (bounded memory), then its summary
     (files, bytes, counts by product and sector, rows dropped and why) on standard error."""
-    from engine.plan.table import PlanExporter
     from engine.progress import PlanSummary
 
     settings = _settings(ns, out=False)
     _banner("plan", settings, where=False)
-    out: TextIO = sys.stdout
-    if ns.output:
-        try:
-            out = open(ns.output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-        except OSError as err:
-            raise ConfigError(
-                "-o/--output",
-                f"cannot write {ns.output}: {err.strerror}",
-                hint="give a path in an existing, writable directory",
-            ) from None
-    elif 1 in _CLOSED_AT_START:
+    if not ns.output and 1 in _CLOSED_AT_START:
         raise _closed_stdout("the plan")
-    exporter = PlanExporter(ns.format, out)
     summary = PlanSummary()
-
-    def on_page(page: list) -> None:
-        exporter.write(page)
-        summary.add(page)
-
-    try:
-        guard_line = _run_loop(_plan_pages(settings, on_page))
-        exporter.close()
-        out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    guard_line = _run_loop(_export_plan(settings, ns.format, ns.output or None, summary))
     if ns.output:
         log.info("wrote the plan of %d files to %s (%s)", summary.files, ns.output, ns.format)
     for line in summary.lines(guard_line=guard_line):
@@ -847,7 +893,11 @@ def _dry_run(settings) -> int:
     from engine.progress import PlanSummary, free_space_verdict
 
     summary = PlanSummary()
-    guard_line = _run_loop(_plan_pages(settings, summary.add))
+
+    async def add(page: list) -> None:
+        summary.add(page)
+
+    guard_line = _run_loop(_plan_pages(settings, add))
     for line in summary.lines(guard_line=guard_line):
         _say(line)
     out_dir = settings.output.out_dir

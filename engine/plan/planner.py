@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import aiofiles
 import numpy as np
 from astropy.table import Table
 
@@ -298,7 +299,7 @@ class Planner:
         self.artifacts = await self._probe_artifacts()
         scopes: Iterable[dict[str, Any]]
         if sel.targets_file is not None:
-            targets = _read_targets(sel.targets_file)
+            targets = await _read_targets(sel.targets_file)
             self._targets_wanted = set(targets)
             scopes = ({"targets": list(batch)} for batch in _batched(targets, TARGET_BATCH))
         elif sel.polygon is not None:
@@ -797,10 +798,15 @@ def _row_key(row: Any, artifacts: bool) -> tuple[str, str]:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _read_targets(path: Path) -> list[str]:
-    """Target names one a line, TIC ids normalised (`normalise_target`); '#' comments and blanks skipped."""
+async def _read_targets(path: Path) -> list[str]:
+    """Target names one a line, TIC ids normalised (`normalise_target`); '#' comments and blanks skipped.
+
+    Read with `aiofiles` (the planner runs on the event loop, and a targets file on a network file
+    system can take a while): the file's methods run in the loop's default pool, the parsing here.
+    """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        async with aiofiles.open(path, encoding="utf-8") as handle:
+            lines = (await handle.read()).splitlines()
     except OSError as err:
         raise ConfigError(
             "selection.targets_file",
