@@ -826,7 +826,7 @@ async def _export_plan(settings, fmt: str, output: str | None, summary: PlanSumm
     try:
         sink: AsyncTextIOWrapper
         if output is None:
-            sink = AsyncTextIOWrapper(sys.stdout, loop=None, executor=one)
+            sink = AsyncTextIOWrapper(sys.stdout, loop=asyncio.get_running_loop(), executor=one)
         else:
             try:
                 sink = await aiofiles.open(output, "w", encoding="utf-8", executor=one)
