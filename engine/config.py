@@ -12,7 +12,6 @@ import difflib
 import math
 import re
 import sys
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,25 +21,22 @@ from urllib.parse import urlsplit
 from engine.cluster import check_job_extra
 from engine.cluster import validate_settings as validate_cluster
 from engine.exceptions import ConfigError
-from engine.layout import check_layout
 from engine.models import VerifyLevel, is_number
-from engine.settings import (
-    AUTO,
-    CHUNK_SIZE_MAX,
-    CONCURRENCY_MAX,
-    FOOTPRINTS,
-    PRODUCT_SUFFIXES,
-    SOURCES,
-    Settings,
+from engine.settings import AUTO, S3_ENDPOINT, SOURCES, Settings
+from engine.validation import (
+    SECTOR_MAX,
+    SECTOR_MIN,
+    check_range,
+    hint_args,
+    parse_verify_level,
+    validate_cone,
+    validate_polygon,
 )
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-SECTOR_MIN, SECTOR_MAX = 1, 200
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # One entry per TOML table: the Settings field name -> its dataclass.
 SECTIONS: dict[str, type] = {
@@ -54,15 +50,8 @@ KEYS: dict[str, Any] = {
 }
 
 
-def _hint_args(hint: Any) -> tuple[Any, ...]:
-    """The member types of a union (`int | None` -> (int, NoneType)), or (hint,) for a plain type."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return typing.get_args(hint)
-    return (hint,)
-
-
 def _is_path_hint(hint: Any) -> bool:
-    return Path in _hint_args(hint)
+    return Path in hint_args(hint)
 
 
 # Keys holding paths: relative values are resolved against the config file's folder or the CWD.
@@ -98,27 +87,6 @@ def parse_polygon(text: str, *, key: str = "selection.polygon") -> list[float]:
     return validate_polygon(numbers, key=key)
 
 
-def validate_polygon(numbers: list[float], *, key: str = "selection.polygon") -> list[float]:
-    """Check a flat [ra1, dec1, ...] list and drop a closing vertex; raise ConfigError naming `key`."""
-    hint = "give at least 3 vertices as ra dec pairs in degrees, e.g. '10 -5 12 -5 11 -3'"
-    if any(not math.isfinite(v) for v in numbers):
-        raise ConfigError(key, "vertices must be finite numbers", hint=hint)
-    if len(numbers) % 2:
-        raise ConfigError(
-            key, f"odd count of numbers ({len(numbers)}); each vertex is an ra dec pair", hint=hint
-        )
-    if len(numbers) >= 4 and numbers[:2] == numbers[-2:]:
-        numbers = numbers[:-2]
-    if len(numbers) < 6:
-        raise ConfigError(key, f"a polygon needs at least 3 vertices, got {len(numbers) // 2}", hint=hint)
-    for ra, dec in zip(numbers[0::2], numbers[1::2], strict=True):
-        if abs(dec) > 90:
-            raise ConfigError(key, f"declination {dec} is outside -90..90", hint=hint)
-        if not -360 <= ra <= 360:
-            raise ConfigError(key, f"right ascension {ra} is outside 0..360", hint=hint)
-    return [float(v) for v in numbers]
-
-
 def parse_cone(text: str, *, key: str = "selection.cone") -> tuple[float, float, float]:
     """'ra dec radius' (degrees, space- or comma-separated) -> (ra, dec, radius)."""
     tokens = [tok for tok in re.split(r"[\s,]+", str(text).strip()) if tok]
@@ -131,20 +99,6 @@ def parse_cone(text: str, *, key: str = "selection.cone") -> tuple[float, float,
             key, f"expected 'ra dec radius' in degrees, got {text!r}", hint="e.g. --cone '330.3 -44.3 0.5'"
         )
     return validate_cone(numbers, key=key)
-
-
-def validate_cone(numbers: Any, *, key: str = "selection.cone") -> tuple[float, float, float]:
-    ra, dec, radius = (float(v) for v in numbers)
-    hint = "give ra dec radius in degrees, e.g. '330.3 -44.3 0.5'"
-    if not all(math.isfinite(v) for v in (ra, dec, radius)):
-        raise ConfigError(key, "values must be finite numbers", hint=hint)
-    if not -360 <= ra <= 360:
-        raise ConfigError(key, f"right ascension {ra} is outside 0..360", hint=hint)
-    if abs(dec) > 90:
-        raise ConfigError(key, f"declination {dec} is outside -90..90", hint=hint)
-    if not 0 < radius <= 180:
-        raise ConfigError(key, f"radius {radius} must be > 0 and <= 180 degrees", hint=hint)
-    return (ra, dec, radius)
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -237,7 +191,7 @@ def _convert(key: str, raw: Any, *, base: Path) -> Any:
     if special is not None:
         return special(key, raw)
     hint = KEYS[key]
-    members = _hint_args(hint)
+    members = hint_args(hint)
     if type(None) in members and (raw is None or (isinstance(raw, str) and raw.strip().lower() == "none")):
         return None
     target = next(m for m in members if m is not type(None))
@@ -259,10 +213,7 @@ def _convert(key: str, raw: Any, *, base: Path) -> Any:
             raise ConfigError(key, f"expected a string, got {raw!r}")
         return raw
     if target is VerifyLevel:
-        try:
-            return VerifyLevel.parse(raw)
-        except ValueError as err:
-            raise ConfigError(key, str(err), hint="use size, checksum or fits") from None
+        return parse_verify_level(key, raw)
     raise ConfigError(key, f"cannot read a value of type {target!r}")  # schema grew a type we do not know
 
 
@@ -301,7 +252,7 @@ def _int_list(key: str, raw: Any, *, low: int, high: int, what: str) -> list[int
         raise ConfigError(key, f"expected a list of integers, got {raw!r}")
     numbers = [_to_int(key, item) for item in raw]
     for number in numbers:
-        _check_range(key, number, low, high, what)
+        check_range(key, number, low, high, what)
     return sorted(set(numbers))
 
 
@@ -318,16 +269,9 @@ def _parse_int_ranges(text: str, *, key: str, low: int, high: int, what: str) ->
         if last < first:
             raise ConfigError(key, f"range {part!r} runs backwards", hint=example)
         for number in (first, last):
-            _check_range(key, number, low, high, what)
+            check_range(key, number, low, high, what)
         numbers.update(range(first, last + 1))
     return sorted(numbers)
-
-
-def _check_range(key: str, number: int, low: int, high: int, what: str) -> None:
-    if not low <= number <= high:
-        raise ConfigError(
-            key, f"{what} {number} is outside {low}..{high}", hint=f"give a {what} from {low} to {high}"
-        )
 
 
 def _sectors(key: str, raw: Any) -> list[int] | None:
@@ -340,7 +284,7 @@ def _sector(key: str, raw: Any) -> int | None:
     if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
         return None
     number = _to_int(key, raw)
-    _check_range(key, number, SECTOR_MIN, SECTOR_MAX, "sector")
+    check_range(key, number, SECTOR_MIN, SECTOR_MAX, "sector")
     return number
 
 
@@ -376,17 +320,7 @@ def _products(key: str, raw: Any) -> list[str]:
         raw = [part for part in re.split(r"[\s,]+", raw) if part]
     if not isinstance(raw, (list, tuple)) or not all(isinstance(p, str) for p in raw):
         raise ConfigError(key, f"expected a list of product names, got {raw!r}")
-    known = ", ".join(PRODUCT_SUFFIXES)
-    products: list[str] = []
-    for product in raw:
-        name = product.strip().lower()
-        if name not in PRODUCT_SUFFIXES:
-            raise ConfigError(key, f"unknown product type {product!r}", hint=f"use one or more of: {known}")
-        if name not in products:
-            products.append(name)
-    if not products:
-        raise ConfigError(key, "no product type given", hint=f"use one or more of: {known}")
-    return products
+    return list(raw)  # Selection checks the names and lower-cases them when it is built
 
 
 def _concurrency(key: str, raw: Any) -> int | str:
@@ -433,82 +367,30 @@ def validate_settings(settings: Settings, *, require_selection: bool = False) ->
 
 
 def _validate(settings: Settings, *, require_selection: bool) -> None:
-    tap, fetch, run = settings.tap, settings.fetch, settings.run
-    parts = urlsplit(tap.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            "tap.url",
-            f"{tap.url!r} is not an http(s) URL with a host",
-            hint="e.g. " + "https://host/path/caom",
-        )
-    _at_least("tap.page_size", tap.page_size, 1)
-    _at_least("tap.retries", tap.retries, 0)
-    for key in (
-        "tap.poll_timeout",
-        "tap.job_timeout",
-        "tap.request_timeout",
-        "fetch.connect_timeout",
-        "fetch.idle_timeout",
-    ):
-        value = _get(settings, key)
-        if value <= 0:
-            raise ConfigError(key, f"timeout {value} must be positive", hint="give seconds, e.g. 30")
-    if not fetch.auto_concurrency and not (
-        isinstance(fetch.concurrency, int) and 1 <= fetch.concurrency <= CONCURRENCY_MAX
-    ):
-        raise ConfigError(
-            "fetch.concurrency",
-            f"{fetch.concurrency!r} is outside 1..{CONCURRENCY_MAX}",
-            hint=f"a modest value such as 8-32 is polite to the archive, or {AUTO!r} to measure it",
-        )
-    if not 1 <= fetch.max_connections <= CONCURRENCY_MAX:
-        raise ConfigError(
-            "fetch.max_connections",
-            f"{fetch.max_connections} is outside 1..{CONCURRENCY_MAX}",
-            hint="the cap of --concurrency auto; 32 (the default) carries 1 Gbit/s at 4 MiB/s a connection",
-        )
-    _at_least("fetch.per_host", fetch.per_host, 1)
-    _at_least("fetch.chunk_size", fetch.chunk_size, 1024)
-    if fetch.chunk_size > CHUNK_SIZE_MAX:
-        raise ConfigError(
-            "fetch.chunk_size",
-            f"{fetch.chunk_size} is above the maximum {CHUNK_SIZE_MAX} (64 MiB)",
-            hint="the default 262144 (256 kB) is right for almost every link",
-        )
-    _at_least("fetch.max_file_size", fetch.max_file_size, 1)
+    # Each section checked itself when it was built; again here, because the sections are mutable
+    # (`settings.fetch.retries = -1` after construction) and normalize on the way (log level, shard).
+    tap, fetch = settings.tap, settings.fetch
+    tap.validate()
+    _check_http_url("tap.url", tap.url, example="https://host/path/caom")
+    settings.selection.validate()
+    settings.output.validate()
+    fetch.validate()
     if fetch.source not in SOURCES:
         raise ConfigError(
             "fetch.source", f"unknown source {fetch.source!r}", hint=f"use one of: {', '.join(SOURCES)}"
         )
-    endpoint = urlsplit(fetch.s3_endpoint)
-    if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
-        raise ConfigError(
-            "fetch.s3_endpoint",
-            f"{fetch.s3_endpoint!r} is not an http(s) URL with a host",
-            hint="e.g. https://stpubdata.s3.us-east-1.amazonaws.com",
-        )
-    _at_least("fetch.retries", fetch.retries, 0)
-    _at_least("fetch.max_redirects", fetch.max_redirects, 0)
-    _at_least("fetch.backoff_initial", fetch.backoff_initial, 0)
-    _at_least("fetch.backoff_max", fetch.backoff_max, fetch.backoff_initial)
-    _at_least("fetch.est_size_tolerance", fetch.est_size_tolerance, 0)
-    if fetch.bandwidth_limit is not None and fetch.bandwidth_limit <= 0:
-        raise ConfigError("fetch.bandwidth_limit", "must be positive bytes/s", hint="omit it for no cap")
-    _at_least("verify.workers", settings.verify.workers, 1)
-    _at_least("run.progress_interval", run.progress_interval, 0)
-    check_layout(settings.output.layout)
-    if run.log_level.upper() not in LOG_LEVELS:
-        raise ConfigError(
-            "run.log_level", f"unknown level {run.log_level!r}", hint=f"use one of: {', '.join(LOG_LEVELS)}"
-        )
-    run.log_level = run.log_level.upper()
-    if run.shard is not None:
-        from engine.shard import parse_shard
-
-        shard = parse_shard(run.shard, "run.shard")
-        run.shard = str(shard) if shard is not None else None
-    validate_cluster(settings)  # [cluster]: names the key; --cluster without the extra is one line
+    _check_http_url("fetch.s3_endpoint", fetch.s3_endpoint, example=S3_ENDPOINT)
+    settings.verify.validate()
+    settings.run.validate()
+    settings.cluster.validate()
+    validate_cluster(settings)  # [cluster] beside run.shard; --cluster without the extra is one line
     _validate_selection(settings, require_selection=require_selection)
+
+
+def _check_http_url(key: str, url: str, *, example: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"{url!r} is not an http(s) URL with a host", hint=f"e.g. {example}")
 
 
 def _validate_selection(settings: Settings, *, require_selection: bool) -> None:
@@ -519,14 +401,6 @@ def _validate_selection(settings: Settings, *, require_selection: bool) -> None:
             "cameras/CCDs choose a footprint, which needs a sector",
             hint="add --sector N (selection.sector)",
         )
-    if sel.footprint not in FOOTPRINTS:
-        raise ConfigError(
-            "selection.footprint",
-            f"unknown footprint {sel.footprint!r}",
-            hint=f"use one of: {', '.join(FOOTPRINTS)}",
-        )
-    if not sel.collection.strip():
-        raise ConfigError("selection.collection", "must not be empty", hint="use TESS")
     regions = {
         "selection.sector": ("--sector", sel.sector),
         "selection.polygon": ("--polygon", sel.polygon),
@@ -554,13 +428,3 @@ def _validate_selection(settings: Settings, *, require_selection: bool) -> None:
             "selection",
             "nothing selected; give --sector N (with --camera/--ccd), --polygon, --cone, or --input FILE",
         )
-
-
-def _get(settings: Settings, key: str) -> Any:
-    section, name = key.split(".", 1)
-    return getattr(getattr(settings, section), name)
-
-
-def _at_least(key: str, value: float | None, low: float) -> None:
-    if value is not None and value < low:
-        raise ConfigError(key, f"{value} is below the minimum {low}", hint=f"give a value >= {low}")

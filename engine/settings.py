@@ -1,15 +1,36 @@
 """The configuration schema: one dataclass per TOML table, with the defaults.
 
-`engine.config` reads TOML and CLI flags into these and validates them; everything else only reads
-them. Defaults are polite: modest concurrency, an idle timeout rather than a total one, full checks.
+Each section checks its own values when it is built (`__post_init__`, which calls its `validate()`):
+a bad value, from the TOML loader, the Python API or `dataclasses.replace`, raises `ConfigError`
+naming the dotted key and the fix. Checks that read two sections, or an http(s) URL that tests give
+as a placeholder, stay in `engine.config.validate_settings`, which also re-runs every section's
+`validate()` (the sections are mutable). Defaults are polite: modest concurrency, an idle timeout
+rather than a total one, full checks.
 """
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from engine.exceptions import ConfigError
+from engine.layout import check_layout
 from engine.models import VerifyLevel
+from engine.shard import parse_shard
+from engine.validation import (
+    LOG_LEVELS,
+    SECTOR_MAX,
+    SECTOR_MIN,
+    at_least,
+    check_range,
+    check_types,
+    positive_timeout,
+    validate_cone,
+    validate_polygon,
+)
 
 MAST_TAP_URL = "https://mast.stsci.edu/vo-tap/api/v0.1/caom"
 PRODUCT_SUFFIXES: dict[str, str] = {
@@ -37,6 +58,12 @@ AUTO = "auto"  # fetch.concurrency: measure the path instead of taking a number
 CONCURRENCY_MAX = 256  # fetch.concurrency and fetch.max_connections: 1..this
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A section's field name -> its resolved type hint (the annotations are strings here)."""
+    return typing.get_type_hints(cls)
+
+
 @dataclass(slots=True)
 class TapSettings:
     url: str = MAST_TAP_URL
@@ -48,6 +75,19 @@ class TapSettings:
     # Every HTTP request to the TAP service (capabilities, job submission, polls, results): no
     # answer within this many seconds (connect, or between bytes) ends that try.
     request_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError naming ``tap.<field>``. The URL's scheme and host are
+        checked by `engine.config.validate_settings` (tests build planners on placeholder URLs)."""
+        check_types("tap", self, _hints(TapSettings))
+        at_least("tap.page_size", self.page_size, 1)
+        at_least("tap.retries", self.retries, 0)
+        positive_timeout("tap.poll_timeout", self.poll_timeout)
+        positive_timeout("tap.job_timeout", self.job_timeout)
+        positive_timeout("tap.request_timeout", self.request_timeout)
 
 
 @dataclass(slots=True)
@@ -69,6 +109,52 @@ class Selection:
     # middle and last exposures' polygons, so pointing jitter loses no target near an edge.
     footprint: str = "middle"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError naming ``selection.<field>``. A closing polygon vertex is
+        dropped and product names are lower-cased, as the loader does. Which selections may be
+        combined (one region; cameras need a sector) is `engine.config.validate_settings`'s check."""
+        check_types("selection", self, _hints(Selection))
+        if self.sector is not None:
+            check_range("selection.sector", self.sector, SECTOR_MIN, SECTOR_MAX, "sector")
+        for sector in self.sectors or ():
+            check_range("selection.sectors", sector, SECTOR_MIN, SECTOR_MAX, "sector")
+        for camera in self.cameras:
+            check_range("selection.cameras", camera, 1, 4, "camera")
+        for ccd in self.ccds:
+            check_range("selection.ccds", ccd, 1, 4, "CCD")
+        if self.polygon is not None:
+            self.polygon = validate_polygon([float(v) for v in self.polygon], key="selection.polygon")
+        if self.cone is not None:
+            self.cone = validate_cone(self.cone, key="selection.cone")
+        known = ", ".join(PRODUCT_SUFFIXES)
+        products: list[str] = []
+        for product in self.products:
+            name = product.strip().lower()
+            if name not in PRODUCT_SUFFIXES:
+                raise ConfigError(
+                    "selection.products",
+                    f"unknown product type {product!r}",
+                    hint=f"use one or more of: {known}",
+                )
+            if name not in products:
+                products.append(name)
+        if not products:
+            raise ConfigError(
+                "selection.products", "no product type given", hint=f"use one or more of: {known}"
+            )
+        self.products = products
+        if self.footprint not in FOOTPRINTS:
+            raise ConfigError(
+                "selection.footprint",
+                f"unknown footprint {self.footprint!r}",
+                hint=f"use one of: {', '.join(FOOTPRINTS)}",
+            )
+        if not self.collection.strip():
+            raise ConfigError("selection.collection", "must not be empty", hint="use TESS")
+
 
 @dataclass(slots=True)
 class OutputSettings:
@@ -78,6 +164,14 @@ class OutputSettings:
     layout: str = "mast"
     state_dir: Path | None = None  # default: <out_dir>/.tessmirror
     fsync: bool = True  # fsync each file before its rename, and the manifest per batch
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError naming ``output.<field>``. A `str` path becomes a Path."""
+        check_types("output", self, _hints(OutputSettings))
+        check_layout(self.layout)
 
 
 @dataclass(slots=True)
@@ -108,6 +202,47 @@ class FetchSettings:
     s3_endpoint: str = S3_ENDPOINT  # the bucket's HTTPS endpoint (path-style: ENDPOINT/stpubdata/...)
     user_agent: str = "tessmirror/0.1 (+https://github.com/tessmirror)"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError naming ``fetch.<field>``. `source` and `s3_endpoint` are
+        checked by `engine.config.validate_settings` (the sources' own tests build unknown ones)."""
+        check_types("fetch", self, _hints(FetchSettings))
+        positive_timeout("fetch.connect_timeout", self.connect_timeout)
+        positive_timeout("fetch.idle_timeout", self.idle_timeout)
+        if not self.auto_concurrency and not (
+            isinstance(self.concurrency, int) and 1 <= self.concurrency <= CONCURRENCY_MAX
+        ):
+            raise ConfigError(
+                "fetch.concurrency",
+                f"{self.concurrency!r} is outside 1..{CONCURRENCY_MAX}",
+                hint=f"a modest value such as 8-32 is polite to the archive, or {AUTO!r} to measure it",
+            )
+        if not 1 <= self.max_connections <= CONCURRENCY_MAX:
+            raise ConfigError(
+                "fetch.max_connections",
+                f"{self.max_connections} is outside 1..{CONCURRENCY_MAX}",
+                hint="the cap of --concurrency auto; "
+                "32 (the default) carries 1 Gbit/s at 4 MiB/s a connection",
+            )
+        at_least("fetch.per_host", self.per_host, 1)
+        at_least("fetch.chunk_size", self.chunk_size, 1024)
+        if self.chunk_size > CHUNK_SIZE_MAX:
+            raise ConfigError(
+                "fetch.chunk_size",
+                f"{self.chunk_size} is above the maximum {CHUNK_SIZE_MAX} (64 MiB)",
+                hint="the default 262144 (256 kB) is right for almost every link",
+            )
+        at_least("fetch.max_file_size", self.max_file_size, 1)
+        at_least("fetch.retries", self.retries, 0)
+        at_least("fetch.max_redirects", self.max_redirects, 0)
+        at_least("fetch.backoff_initial", self.backoff_initial, 0)
+        at_least("fetch.backoff_max", self.backoff_max, self.backoff_initial)
+        at_least("fetch.est_size_tolerance", self.est_size_tolerance, 0)
+        if self.bandwidth_limit is not None and self.bandwidth_limit <= 0:
+            raise ConfigError("fetch.bandwidth_limit", "must be positive bytes/s", hint="omit it for no cap")
+
     @property
     def auto_concurrency(self) -> bool:
         """True when the number of downloads in flight is measured (`--concurrency auto`)."""
@@ -124,6 +259,14 @@ class VerifySettings:
     level: VerifyLevel = VerifyLevel.FITS
     workers: int = 2  # threads for FITS checks (astropy releases the GIL in its checksums)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError naming ``verify.<field>``. A level's name becomes the member."""
+        check_types("verify", self, _hints(VerifySettings))
+        at_least("verify.workers", self.workers, 1)
+
 
 @dataclass(slots=True)
 class RunSettings:
@@ -133,6 +276,25 @@ class RunSettings:
     refresh_plan: bool = False  # query TAP again even when a saved plan exists
     shard: str | None = None  # "K/N": download only shard K of N of the plan (job arrays; engine.shard)
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError naming ``run.<field>``. The log level is upper-cased and
+        the shard written in its ``K/N`` form, as the loader always did."""
+        check_types("run", self, _hints(RunSettings))
+        at_least("run.progress_interval", self.progress_interval, 0)
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                "run.log_level",
+                f"unknown level {self.log_level!r}",
+                hint=f"use one of: {', '.join(LOG_LEVELS)}",
+            )
+        self.log_level = self.log_level.upper()
+        if self.shard is not None:
+            shard = parse_shard(self.shard, "run.shard")
+            self.shard = str(shard) if shard is not None else None
 
 
 @dataclass(slots=True)
@@ -153,6 +315,38 @@ class ClusterSettings:
     batch_files: int = 200  # files per batch (a batch is one Dask task)
     batch_bytes: int = 1_000_000_000  # declared bytes per batch, whichever limit comes first
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError naming ``cluster.<field>``. The walltime and memory are
+        stripped of spaces. A cluster beside ``run.shard``, or a mode whose extra is not installed,
+        is refused by `engine.config.validate_settings` (two sections; the environment)."""
+        # engine.cluster reads CONCURRENCY_MAX from this module, so it is imported here, not on top.
+        from engine.cluster import JOBS_MAX, check_job_extra, check_memory, check_walltime, parse_mode
+
+        check_types("cluster", self, _hints(ClusterSettings))
+        parse_mode(self.mode)
+        if not 1 <= self.jobs <= JOBS_MAX:
+            raise ConfigError("cluster.jobs", f"{self.jobs} is outside 1..{JOBS_MAX}", hint="e.g. --jobs 4")
+        if self.job_concurrency is not None and not 1 <= self.job_concurrency <= CONCURRENCY_MAX:
+            raise ConfigError(
+                "cluster.job_concurrency",
+                f"{self.job_concurrency} is outside 1..{CONCURRENCY_MAX}",
+                hint="connections per job; the archive sees jobs x job-concurrency in all, e.g. 4 x 8",
+            )
+        self.walltime = check_walltime(self.walltime)
+        self.job_memory = check_memory(self.job_memory)
+        self.job_extra = check_job_extra("cluster.job_extra", self.job_extra)
+        if self.job_cores < 1:
+            raise ConfigError("cluster.job_cores", f"{self.job_cores} must be at least 1", hint="e.g. 2")
+        if self.batch_files < 1:
+            raise ConfigError(
+                "cluster.batch_files", f"{self.batch_files} must be at least 1", hint="e.g. 200"
+            )
+        if self.batch_bytes < 1:
+            raise ConfigError("cluster.batch_bytes", f"{self.batch_bytes} must be positive", hint="e.g. 1e9")
+
 
 @dataclass(slots=True)
 class Settings:
@@ -163,6 +357,11 @@ class Settings:
     verify: VerifySettings = field(default_factory=VerifySettings)
     run: RunSettings = field(default_factory=RunSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    def __post_init__(self) -> None:
+        for name, cls in _hints(Settings).items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(name, f"expected a {cls.__name__}, got {getattr(self, name)!r}")
 
     @property
     def state_dir(self) -> Path:
