@@ -572,6 +572,12 @@ class MirrorRun:
         needed = 0
         guard = self._guard
         settled = self.settings.fetch.source == "mast"
+        # Pages stream into downloads while later pages are planned, so a plan that does not fit would
+        # be found out only after its first files had filled the disk. Once the plan passes half of
+        # the free space, its files are held until its whole size is known: what already runs is then
+        # at most half the free space, and the preflight refuses before the disk fills.
+        held: list[tuple[PlanItem, str, Path, bool]] = []
+        holding = self.shard is None and not self.settings.run.force
         async for page in pages:
             guarded = guard.admit(page)
             if self.shard is not None:
@@ -635,8 +641,19 @@ class MirrorRun:
                     path=self.out_dir,
                     hint="free some space, choose another --out, narrow the selection, or pass --force",
                 )
+            if holding and (held or needed > free * HOLD_FRACTION):
+                held.extend(todo)
+                if len(held) <= HOLD_MAX:
+                    continue
+                # Memory over certainty: a plan this large on a disk this tight is checked per page.
+                log.debug(
+                    "free-space preflight: %d files held; releasing them before the plan ends", len(held)
+                )
+                todo, held, holding = held, [], False
             for job in todo:
                 await queue.put(job)
+        for job in held:  # the whole plan fits
+            await queue.put(job)
 
     def _own_share(self, guarded: GuardedPage) -> GuardedPage:
         """The part of a guarded page this shard owns: by file key (`file_key` of obs_id and name, or
@@ -943,6 +960,10 @@ def _seed_candidate(tree: Path, item: PlanItem, relpath: str) -> Path | None:
         except OSError:
             continue
     return None
+
+
+HOLD_FRACTION = 0.5  # past this share of the free space, downloads wait for the plan's total
+HOLD_MAX = 200_000  # ... but never more files held than this (about 100 MB of plan items)
 
 
 def _free_bytes(path: Path) -> int:

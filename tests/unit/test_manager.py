@@ -215,6 +215,25 @@ def test_preflight_refuses_a_plan_larger_than_the_free_space_unless_forced(tmp_p
         run(settings, huge)
 
 
+def test_a_plan_past_half_the_free_space_holds_its_downloads_until_its_size_is_known(tmp_path, monkeypatch):
+    """Pages of 7 files of 100 B against 2,500 B free: the first page (700 B) starts at once, the
+    second passes half the free space and waits, the fourth passes the free space: refused, and no
+    file of the held pages was fetched (the disk never fills before the preflight speaks)."""
+    monkeypatch.setattr("engine.manager._free_bytes", lambda _path: 2_500)
+    items = make_items(30)
+    with pytest.raises(DiskFullError, match=r"needs at least 2\.8 kB but only 2\.5 kB is free"):
+        run(make_settings(tmp_path), items)
+    fetched = set(FakeDownloader.instances[-1].calls)
+    assert fetched <= {item.url for item in items[:7]}
+
+
+def test_a_plan_that_fits_but_passes_half_the_free_space_is_downloaded_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("engine.manager._free_bytes", lambda _path: 4_000)  # 3,000 B planned
+    outcome, downloader = run(make_settings(tmp_path), make_items(30))
+    assert (outcome.downloaded, outcome.exit_code) == (30, EXIT_OK)
+    assert len(downloader.calls) == 30
+
+
 def test_a_local_error_stops_the_run_and_propagates(tmp_path):
     settings = make_settings(tmp_path)
     with pytest.raises(DiskFullError, match="no space"):
