@@ -180,7 +180,8 @@ async def _scheduler_address(scheduler_file: Path) -> str:
     it whole: the scheduler writes it in place, so a reader may meet it empty or half written."""
     while True:
         try:
-            address = json.loads(scheduler_file.read_text())["address"]
+            # In a thread: the file is on a shared file system, which may be slow to answer.
+            address = json.loads(await asyncio.to_thread(scheduler_file.read_text))["address"]
         except (OSError, ValueError, KeyError, TypeError):
             await asyncio.sleep(0.2)
             continue
