@@ -2,7 +2,8 @@
 
 Every problem is raised as `ConfigError(key, message, hint=...)` naming the dotted key at fault, so
 the user can find the line in the file or the flag on the command line. The list of known keys is
-derived from the dataclasses in `engine.settings`, so it cannot drift from the schema.
+derived from the dataclasses in `engine.settings`, so it cannot drift from the schema. The loader
+converts text to the declared types; the sections check the values when they are built.
 """
 
 from __future__ import annotations
@@ -350,6 +351,11 @@ _SPECIAL = {
 # -- whole-settings validation ------------------------------------------------------------------------
 def validate_settings(settings: Settings, *, require_selection: bool = False) -> None:
     """Check a whole Settings, however it was made (the loader, the Python API, by hand).
+
+    Each section already checked its own fields when it was built; this runs those checks again
+    (the sections are mutable) and adds what one section cannot see: the http(s) URLs and the
+    source name, which selections may be combined, a cluster beside a shard, an extra that is
+    not installed, and `require_selection`.
 
     Parameters
     ----------
