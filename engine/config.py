@@ -17,13 +17,12 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from engine.cluster import check_job_extra
 from engine.cluster import validate_settings as validate_cluster
 from engine.exceptions import ConfigError
 from engine.models import VerifyLevel, is_number
-from engine.settings import AUTO, S3_ENDPOINT, SOURCES, Settings
+from engine.settings import AUTO, Settings
 from engine.validation import (
     SECTOR_MAX,
     SECTOR_MIN,
@@ -377,26 +376,14 @@ def _validate(settings: Settings, *, require_selection: bool) -> None:
     # (`settings.fetch.retries = -1` after construction) and normalize on the way (log level, shard).
     tap, fetch = settings.tap, settings.fetch
     tap.validate()
-    _check_http_url("tap.url", tap.url, example="https://host/path/caom")
     settings.selection.validate()
     settings.output.validate()
     fetch.validate()
-    if fetch.source not in SOURCES:
-        raise ConfigError(
-            "fetch.source", f"unknown source {fetch.source!r}", hint=f"use one of: {', '.join(SOURCES)}"
-        )
-    _check_http_url("fetch.s3_endpoint", fetch.s3_endpoint, example=S3_ENDPOINT)
     settings.verify.validate()
     settings.run.validate()
     settings.cluster.validate()
     validate_cluster(settings)  # [cluster] beside run.shard; --cluster without the extra is one line
     _validate_selection(settings, require_selection=require_selection)
-
-
-def _check_http_url(key: str, url: str, *, example: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(key, f"{url!r} is not an http(s) URL with a host", hint=f"e.g. {example}")
 
 
 def _validate_selection(settings: Settings, *, require_selection: bool) -> None:

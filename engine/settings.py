@@ -25,6 +25,7 @@ from engine.validation import (
     SECTOR_MAX,
     SECTOR_MIN,
     at_least,
+    check_http_url,
     check_range,
     check_types,
     positive_timeout,
@@ -80,9 +81,9 @@ class TapSettings:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; ConfigError naming ``tap.<field>``. The URL's scheme and host are
-        checked by `engine.config.validate_settings` (tests build planners on placeholder URLs)."""
+        """Check every field; ConfigError naming ``tap.<field>``."""
         check_types("tap", self, _hints(TapSettings))
+        check_http_url("tap.url", self.url, example="https://host/path/caom")
         at_least("tap.page_size", self.page_size, 1)
         at_least("tap.retries", self.retries, 0)
         positive_timeout("tap.poll_timeout", self.poll_timeout)
@@ -206,9 +207,13 @@ class FetchSettings:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; ConfigError naming ``fetch.<field>``. `source` and `s3_endpoint` are
-        checked by `engine.config.validate_settings` (the sources' own tests build unknown ones)."""
+        """Check every field; ConfigError naming ``fetch.<field>``."""
         check_types("fetch", self, _hints(FetchSettings))
+        if self.source not in SOURCES:
+            raise ConfigError(
+                "fetch.source", f"unknown source {self.source!r}", hint=f"use one of: {', '.join(SOURCES)}"
+            )
+        check_http_url("fetch.s3_endpoint", self.s3_endpoint, example=S3_ENDPOINT)
         positive_timeout("fetch.connect_timeout", self.connect_timeout)
         positive_timeout("fetch.idle_timeout", self.idle_timeout)
         if not self.auto_concurrency and not (

@@ -13,6 +13,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from engine.exceptions import ConfigError
 from engine.models import VerifyLevel
@@ -26,6 +27,13 @@ def hint_args(hint: Any) -> tuple[Any, ...]:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return typing.get_args(hint)
     return (hint,)
+
+
+def check_http_url(key: str, url: str, *, example: str) -> None:
+    """An http(s) URL with a host, or ConfigError naming `key` with an example."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"{url!r} is not an http(s) URL with a host", hint=f"e.g. {example}")
 
 
 def at_least(key: str, value: float | None, low: float) -> None:

@@ -152,26 +152,9 @@ def spec_from_settings(settings: Settings) -> ClusterSpec:
 def validate_settings(settings: Settings) -> None:
     """Check the `[cluster]` table; ConfigError naming the key. Also refuses a cluster beside
     `--shard` (two ways to split one run) and a missing extra (one line naming the fix)."""
-    from engine.settings import CONCURRENCY_MAX
-
     cluster = settings.cluster
     mode, _ = parse_mode(cluster.mode)
-    if not 1 <= cluster.jobs <= JOBS_MAX:
-        raise ConfigError("cluster.jobs", f"{cluster.jobs} is outside 1..{JOBS_MAX}", hint="e.g. --jobs 4")
-    if cluster.job_concurrency is not None and not 1 <= cluster.job_concurrency <= CONCURRENCY_MAX:
-        raise ConfigError(
-            "cluster.job_concurrency",
-            f"{cluster.job_concurrency} is outside 1..{CONCURRENCY_MAX}",
-            hint="connections per job; the archive sees jobs x job-concurrency in all, e.g. 4 x 8",
-        )
-    cluster.walltime = check_walltime(cluster.walltime)
-    cluster.job_memory = check_memory(cluster.job_memory)
-    if cluster.job_cores < 1:
-        raise ConfigError("cluster.job_cores", f"{cluster.job_cores} must be at least 1", hint="e.g. 2")
-    if cluster.batch_files < 1:
-        raise ConfigError("cluster.batch_files", f"{cluster.batch_files} must be at least 1", hint="e.g. 200")
-    if cluster.batch_bytes < 1:
-        raise ConfigError("cluster.batch_bytes", f"{cluster.batch_bytes} must be positive", hint="e.g. 1e9")
+    cluster.validate()  # the table's own fields (the section checks them when built, and again here)
     if mode == "inprocess":
         return
     if settings.run.shard is not None:

@@ -140,7 +140,7 @@ def test_503_every_time_ends_in_unavailable_after_the_retries() -> None:
 def test_job_stuck_in_queued_times_out_fast() -> None:
     async def main() -> None:
         options = TapOptions(faults=TapFaults(queued_rate=1.0))
-        settings = TapSettings(url="x", poll_timeout=0.4, job_timeout=0.6, retries=3)
+        settings = TapSettings(url="http://example.org/tap", poll_timeout=0.4, job_timeout=0.6, retries=3)
         services: list[TapService] = []
         async with serve(small_db(), options=options, services=services) as url:
             with pytest.raises(TapTimeoutError, match=re.escape("still QUEUED after 0.6 s")):
@@ -224,7 +224,9 @@ def test_not_a_tap_service_is_unavailable() -> None:
 
 
 # -- silent and broken services -------------------------------------------------------------------
-QUICK = TapSettings(url="x", poll_timeout=2.0, job_timeout=10.0, retries=1, request_timeout=0.5)
+QUICK = TapSettings(
+    url="http://example.org/tap", poll_timeout=2.0, job_timeout=10.0, retries=1, request_timeout=0.5
+)
 
 
 @contextlib.contextmanager
@@ -419,7 +421,9 @@ def test_429_with_retry_after_is_retried_then_succeeds() -> None:
 def test_cancelling_a_call_returns_at_once_and_its_thread_gives_up() -> None:
     """The coroutine ends as soon as it is cancelled; the worker, blocked in a request to a silent
     service, ends when that request times out and sends nothing more."""
-    settings = TapSettings(url="x", poll_timeout=2.0, job_timeout=30.0, retries=4, request_timeout=2.0)
+    settings = TapSettings(
+        url="http://example.org/tap", poll_timeout=2.0, job_timeout=30.0, retries=4, request_timeout=2.0
+    )
     with silent_server() as (url, accepted):
         executor = DaemonExecutor(2)
 

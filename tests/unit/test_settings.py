@@ -188,17 +188,21 @@ def test_construction_normalizes_as_the_loader_does() -> None:
     assert (cluster.walltime, cluster.job_memory) == ("04:00:00", "4GB")
 
 
-def test_checks_across_fields_and_urls_wait_for_the_whole_settings_check() -> None:
-    # A placeholder URL and a second region build (tests and callers fill them in later) ...
-    tap = TapSettings(url="x")
-    selection = Selection(sector=1, cone=(10.0, 5.0, 1.0))
-    # ... and the whole-settings check, which every run makes, refuses them with the loader's words.
+def test_urls_and_the_source_are_checked_when_built() -> None:
     with pytest.raises(ConfigError, match=r"^tap\.url: 'x' is not an http\(s\) URL with a host"):
-        validate_settings(Settings(tap=tap))
+        TapSettings(url="x")
+    with pytest.raises(ConfigError, match=r"^fetch\.source: unknown source 'gopher' "):
+        FetchSettings(source="gopher")
+    with pytest.raises(ConfigError, match=r"^fetch\.s3_endpoint: 'ftp://x' is not an http\(s\) URL"):
+        FetchSettings(s3_endpoint="ftp://x")
+
+
+def test_checks_across_sections_wait_for_the_whole_settings_check() -> None:
+    # A second region builds (one section cannot see the other region's flag) ...
+    selection = Selection(sector=1, cone=(10.0, 5.0, 1.0))
+    # ... and the whole-settings check, which every run makes, refuses it with the loader's words.
     with pytest.raises(ConfigError, match=r"conflicting selections"):
         validate_settings(Settings(selection=selection))
-    with pytest.raises(ConfigError, match=r"^fetch\.source: unknown source 'gopher' "):
-        validate_settings(Settings(fetch=FetchSettings(source="gopher")))
 
 
 def test_a_value_changed_after_construction_is_caught_by_the_whole_settings_check() -> None:

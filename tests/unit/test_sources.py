@@ -282,8 +282,10 @@ def test_the_registry_picks_a_source_per_choice_and_per_scheme() -> None:
     s3_item = PlanItem(url=f"s3://stpubdata/{key_for_name(NAMES[0])}", filename=NAMES[0])
     assert isinstance(mast.for_item(s3_item), S3Source)
     assert mast.for_item(PlanItem(url="ftp://example.org/x", filename="x")) is None
+    unknown = FetchSettings()
+    unknown.source = "gopher"  # past the settings' own check: the registry refuses it too
     with pytest.raises(ValueError, match=r"unknown fetch\.source"):
-        build_sources(FetchSettings(source="gopher"))
+        build_sources(unknown)
 
 
 def test_a_new_source_writes_only_serve_and_open_hands_it_the_whole_try() -> None:
