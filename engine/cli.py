@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +174,22 @@ def _default(key: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _field_metadata(key: str) -> Mapping[str, Any]:
+    """The schema field's metadata for `key` ("fetch.retries"): its flag's "help" and "metavar".
+
+    Empty when `key` names no settings field (a flag whose `dest` is its own, e.g. "adopt_from").
+    """
+    from engine.settings import Settings
+
+    section, _, name = key.partition(".")
+    # Each section is its table's dataclass, given as the default factory: no Settings() is built.
+    tables = {each.name: each.default_factory for each in dataclasses.fields(Settings)}
+    table = tables.get(section)
+    if not name or not isinstance(table, type) or not dataclasses.is_dataclass(table):
+        return {}
+    return next((each.metadata for each in dataclasses.fields(table) if each.name == name), {})
+
+
 def _lazy_parser(name: str) -> Callable[[str], object]:
     def parse(text: str) -> object:
         from engine import config
@@ -187,35 +203,51 @@ def _lazy_parser(name: str) -> Callable[[str], object]:
 class _Flag(Flag):
     """A `Flag` that may read the settings schema and a registry when the parser is built.
 
-    `shows_default`: the help ends "(default X)", X the schema's default at the flag's `dest`, so a
-    default lives in one place. `choices_from`: the registry that names the accepted values; called
-    only when the parser is built, because the CLI's first lines come before any heavy import.
+    A flag whose `dest` is a settings key and whose `help` is empty takes its help (and its metavar,
+    when it states none) from that field's metadata in engine/settings.py, so the schema words its
+    own keys; a `variant(help=...)` still words it differently for one command. `shows_default`: the
+    help ends "(default X)", X the schema's default at the flag's `dest`, so a default lives in one
+    place. `choices_from`: the registry that names the accepted values. The schema and the registry
+    are read only when the parser is built, because the CLI's first lines come before any heavy import.
     """
 
     shows_default: bool = False
     choices_from: Callable[[], Sequence[str]] | None = None
 
+    def _schema(self) -> Mapping[str, Any]:
+        dest = self.options.get("dest")
+        return _field_metadata(dest) if isinstance(dest, str) else {}
+
     def help_text(self) -> str:
-        """The help, with the schema's default when `shows_default`."""
+        """The help (the schema's, unless this flag words its own), with the default when `shows_default`."""
+        text = self.help or self._schema().get("help", "")
+        if not text:
+            raise ValueError(f"{'/'.join(self.names)}: no help, and its dest names no settings field")
         if not self.shows_default:
-            return self.help
-        return f"{self.help} (default {_default(self.options['dest'])})"
+            return text
+        return f"{text} (default {_default(self.options['dest'])})"
 
     def add(self, parser: argparse._ActionsContainer, **overrides: Any) -> argparse.Action:
-        """Add this flag to `parser`, its choices read from the registry now."""
+        """Add this flag to `parser`; its choices (registry) and metavar (schema) are read now."""
         if self.choices_from is not None:
             overrides = {"choices": self.choices_from(), **overrides}
+        metavar = self._schema().get("metavar")
+        if metavar is not None and "metavar" not in self.options:
+            overrides = {"metavar": metavar, **overrides}
         return super().add(parser, **overrides)
 
 
 def _flag(
     *names: str,
-    help: str,
+    help: str = "",
     shows_default: bool = False,
     choices_from: Callable[[], Sequence[str]] | None = None,
     **options: Any,
 ) -> _Flag:
-    """A `_Flag` from `add_argument`'s arguments (see `_Flag` for the two extra keywords)."""
+    """A `_Flag` from `add_argument`'s arguments (see `_Flag` for the two extra keywords).
+
+    `help` may be left out when `dest` is a settings key: the field's metadata then gives it.
+    """
     return _Flag(names, help, options, shows_default, choices_from)
 
 
@@ -232,13 +264,12 @@ def _layouts() -> list[str]:
 
 
 # Every flag below is written once; a command that words one differently adds a `variant` of it.
+# A flag whose dest is a settings key states no help or metavar here: engine/settings.py's field
+# metadata holds them, beside the default.
 # --config and the logging flags, accepted before the command and after it (see `_add_common`).
 _COMMON = (
     _flag("--config", type=Path, metavar="FILE", help="TOML configuration file (see config.example.toml)"),
-    _flag(
-        "--log-level", dest="run.log_level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR",
-        shows_default=True,
-    ),
+    _flag("--log-level", dest="run.log_level", shows_default=True),
     _flag(
         "-q", "--quiet", action="store_true",
         help="only warnings, errors and the summary; no progress bar",
@@ -252,99 +283,35 @@ _COMMON = (
 
 _SELECTION_TITLE = "selection (also [selection] in the config file); choose one of the first five"
 _SELECTION = (
-    _flag(
-        "--sector", dest="selection.sector", type=int, metavar="N",
-        help="the FFI footprint's sector (1-200)",
-    ),
-    _flag(
-        "--camera", dest="selection.cameras", metavar="LIST",
-        help="camera(s) of the footprint, e.g. 1 or 1,2 or 1-3 or all (default: all)",
-    ),
-    _flag(
-        "--ccd", dest="selection.ccds", metavar="LIST",
-        help="CCD(s) of the footprint, e.g. 2 or 1,2 or 1-3 or all (default: all)",
-    ),
-    _flag(
-        "--polygon", dest="selection.polygon", type=_lazy_parser("parse_polygon"),
-        metavar="'RA DEC RA DEC ...'",
-        help="a sky polygon in degrees (at least 3 vertices), instead of a footprint",
-    ),
-    _flag(
-        "--cone", dest="selection.cone", type=_lazy_parser("parse_cone"), metavar="'RA DEC RADIUS'",
-        help="a cone in degrees, instead of a footprint",
-    ),
-    _flag(
-        "--targets", dest="selection.targets_file", type=Path, metavar="FILE",
-        help="file of TIC ids, one a line",
-    ),
-    _flag(
-        "--sectors", dest="selection.sectors", type=_lazy_parser("parse_sectors"), metavar="LIST",
-        help="keep products of these sectors only: all (default) or e.g. 1,2,5-9 (the footprint is --sector)",
-    ),
-    _flag(
-        "--products", dest="selection.products", type=_str_list, metavar="LIST",
-        help="product types, e.g. lc,tp,dvt or ffic (default: lc)",
-    ),
-    _flag(
-        "--footprint", dest="selection.footprint", choices=("middle", "composite"),
-        help="each CCD's footprint from its middle exposure (default) or first+middle+last",
-    ),
-    _flag(
-        "--collection", dest="selection.collection", metavar="NAME",
-        help="obs_collection: TESS (default) or HLSP (TESS-SPOC and QLP light curves)",
-    ),
-    _flag("--tap-url", dest="tap.url", metavar="URL", help="TAP base URL (default: MAST's CAOM TAP)"),
-)  # fmt: skip
+    _flag("--sector", dest="selection.sector", type=int),
+    _flag("--camera", dest="selection.cameras"),
+    _flag("--ccd", dest="selection.ccds"),
+    _flag("--polygon", dest="selection.polygon", type=_lazy_parser("parse_polygon")),
+    _flag("--cone", dest="selection.cone", type=_lazy_parser("parse_cone")),
+    _flag("--targets", dest="selection.targets_file", type=Path),
+    _flag("--sectors", dest="selection.sectors", type=_lazy_parser("parse_sectors")),
+    _flag("--products", dest="selection.products", type=_str_list),
+    _flag("--footprint", dest="selection.footprint", choices=("middle", "composite")),
+    _flag("--collection", dest="selection.collection"),
+    _flag("--tap-url", dest="tap.url"),
+)
 
 # Not required by argparse: `out_dir` in the --config file satisfies it (checked in `_settings`).
-_OUT = _flag("--out", dest="output.out_dir", type=Path, metavar="DIR", help="output directory")
-_STATE_DIR = _flag(
-    "--state-dir", dest="output.state_dir", type=Path, metavar="DIR",
-    help="manifest and saved plan (default: DIR/.tessmirror)",
-)  # fmt: skip
-_INPUT = _flag(
-    "--input", dest="selection.urls_file", type=Path, metavar="FILE",
-    help="a plan in any format `tessmirror plan` writes (ECSV, CSV, VOTable, URL list, aria2 input, "
-    "curl script such as MAST's tesscurl_*.sh), told from its content; - reads standard input",
-)  # fmt: skip
+_OUT = _flag("--out", dest="output.out_dir", type=Path)
+_STATE_DIR = _flag("--state-dir", dest="output.state_dir", type=Path)
+_INPUT = _flag("--input", dest="selection.urls_file", type=Path)
 _CONCURRENCY = (
-    _flag(
-        "--concurrency", dest="fetch.concurrency", metavar="N|auto", shows_default=True,
-        help="downloads in flight: a number fixes it; auto measures the path and settles on what it "
-        "needs, at most --max-connections",
-    ),
-    _flag(
-        "--max-connections", dest="fetch.max_connections", type=int, metavar="N", shows_default=True,
-        help="the politeness cap of --concurrency auto",
-    ),
-)  # fmt: skip
-_SOURCE = _flag(
-    "--source", dest="fetch.source", choices=("mast", "s3", "auto"),
-    help="where file bytes come from: MAST (default), its public S3 copy, or S3 where it has the file",
-)  # fmt: skip
-_RETRIES = _flag(
-    "--retries", dest="fetch.retries", type=int, metavar="N", help="tries per file beyond the first",
-    shows_default=True,
-)  # fmt: skip
-_TOKEN_ENV = _flag(
-    "--token-env", dest="fetch.token_env", metavar="VAR", shows_default=True,
-    help="environment variable holding an archive token",
-)  # fmt: skip
-_NO_FSYNC = _flag(
-    "--no-fsync", dest="output.fsync", action="store_const", const=False,
-    help="do not fsync files and the manifest (faster; less safe on power loss)",
-)  # fmt: skip
-_PROGRESS_INTERVAL = _flag(
-    "--progress-interval", dest="run.progress_interval", type=float, metavar="SECONDS", shows_default=True,
-    help="seconds between progress lines when not on a terminal",
-)  # fmt: skip
-_VERIFY_LEVEL = _flag(
-    "--verify",
-    dest="verify.level",
-    choices_from=_verify_levels,
-    help="verification level",
-    shows_default=True,
+    _flag("--concurrency", dest="fetch.concurrency", shows_default=True),
+    _flag("--max-connections", dest="fetch.max_connections", type=int, shows_default=True),
 )
+_SOURCE = _flag("--source", dest="fetch.source", choices=("mast", "s3", "auto"))
+_RETRIES = _flag("--retries", dest="fetch.retries", type=int, shows_default=True)
+_TOKEN_ENV = _flag("--token-env", dest="fetch.token_env", shows_default=True)
+_NO_FSYNC = _flag("--no-fsync", dest="output.fsync", action="store_const", const=False)
+_PROGRESS_INTERVAL = _flag(
+    "--progress-interval", dest="run.progress_interval", type=float, shows_default=True
+)
+_VERIFY_LEVEL = _flag("--verify", dest="verify.level", choices_from=_verify_levels, shows_default=True)
 
 _DOWNLOAD_TITLE = "download (also [fetch], [verify], [output], [run] in the config file)"
 _DOWNLOAD = (
@@ -360,80 +327,33 @@ _DOWNLOAD = (
         "whoever can write DIR can later change the mirror's copy; verify catches it)",
     ),
     *_CONCURRENCY,
-    _flag(
-        "--per-host", dest="fetch.per_host", type=int, metavar="N",
-        help="connections per host (default: same as --concurrency)",
-    ),
+    _flag("--per-host", dest="fetch.per_host", type=int),
     _SOURCE,
-    _flag(
-        "--s3-endpoint", dest="fetch.s3_endpoint", metavar="URL",
-        help="the public S3 bucket's HTTPS endpoint",
-    ),
+    _flag("--s3-endpoint", dest="fetch.s3_endpoint"),
     _VERIFY_LEVEL,
-    _flag(
-        "--layout", dest="output.layout", choices_from=_layouts,
-        help="directory layout", shows_default=True,
-    ),
+    _flag("--layout", dest="output.layout", choices_from=_layouts, shows_default=True),
     _RETRIES,
-    _flag(
-        "--idle-timeout", dest="fetch.idle_timeout", type=float, metavar="SECONDS", shows_default=True,
-        help="end a try after this long without a byte",
-    ),
-    _flag(
-        "--bandwidth", dest="fetch.bandwidth_limit", type=_bytes_rate, metavar="RATE",
-        help="cap for the whole run in bytes/s, e.g. 20M (default: none)",
-    ),
+    _flag("--idle-timeout", dest="fetch.idle_timeout", type=float, shows_default=True),
+    _flag("--bandwidth", dest="fetch.bandwidth_limit", type=_bytes_rate),
     _TOKEN_ENV,
-    _flag(
-        "--force", dest="run.force", action="store_const", const=True,
-        help="skip the free-space preflight",
-    ),
-    _flag(
-        "--shard", dest="run.shard", metavar="K/N",
-        help="download only shard K of N of the plan (0 <= K < N; a stable split by file, for job arrays: "
-        "each shard has its own manifest and lock, see docs/HPC.md)",
-    ),
-    _flag(
-        "--recheck", dest="run.recheck", action="store_const", const=True,
-        help="stat files the manifest says are done",
-    ),
-    _flag(
-        "--refresh-plan", dest="run.refresh_plan", action="store_const", const=True,
-        help="query TAP again even if a saved plan exists",
-    ),
+    _flag("--force", dest="run.force", action="store_const", const=True),
+    _flag("--shard", dest="run.shard"),
+    _flag("--recheck", dest="run.recheck", action="store_const", const=True),
+    _flag("--refresh-plan", dest="run.refresh_plan", action="store_const", const=True),
     _NO_FSYNC,
     _PROGRESS_INTERVAL,
 )  # fmt: skip
 
 _CLUSTER_TITLE = "cluster (also [cluster] in the config file; needs pip install 'tessmirror[cluster]')"
 _CLUSTER = (
-    _flag(
-        "--cluster", dest="cluster.mode", metavar="WHERE",
-        help="spread the downloads over Dask workers: local (processes on this machine), slurm (one "
-        "Slurm job per worker), slurm-runner (inside one sbatch -N K allocation, under srun) or "
-        "tcp://HOST:PORT (an existing scheduler whose workers have --resources MAST=1); default: "
-        "in this process",
-    ),
-    _flag(
-        "--jobs", dest="cluster.jobs", type=int, metavar="N", shows_default=True,
-        help="workers (Slurm jobs), each running one batch at a time",
-    ),
-    _flag(
-        "--job-concurrency", dest="cluster.job_concurrency", type=int, metavar="C",
-        help="connections per worker; the archive sees at most N x C (default: --concurrency, 8 under auto)",
-    ),
-    _flag("--queue", dest="cluster.queue", metavar="Q", help="Slurm partition of the worker jobs"),
-    _flag("--account", dest="cluster.account", metavar="A", help="Slurm account of the worker jobs"),
-    _flag(
-        "--walltime", dest="cluster.walltime", metavar="HH:MM:SS",
-        help="time limit of each Slurm worker job (default: dask-jobqueue's, 00:30:00); workers leave "
-        "five minutes before it and are replaced",
-    ),
-    _flag(
-        "--job-extra", dest="cluster.job_extra", action="append", metavar="OPTION",
-        help="one more #SBATCH option for the worker jobs, written --job-extra=--qos=debug (repeatable)",
-    ),
-)  # fmt: skip
+    _flag("--cluster", dest="cluster.mode"),
+    _flag("--jobs", dest="cluster.jobs", type=int, shows_default=True),
+    _flag("--job-concurrency", dest="cluster.job_concurrency", type=int),
+    _flag("--queue", dest="cluster.queue"),
+    _flag("--account", dest="cluster.account"),
+    _flag("--walltime", dest="cluster.walltime"),
+    _flag("--job-extra", dest="cluster.job_extra", action="append"),
+)
 
 
 def _add_group(p: argparse.ArgumentParser, title: str, flags: Sequence[Flag]) -> None:

@@ -67,7 +67,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class TapSettings:
-    url: str = MAST_TAP_URL
+    url: str = field(
+        default=MAST_TAP_URL, metadata={"help": "TAP base URL (default: MAST's CAOM TAP)", "metavar": "URL"}
+    )
     # Rows asked per TAP job. None: 10,000, capped at the service's hard limit from /capabilities.
     page_size: int | None = None
     poll_timeout: float = 10.0  # seconds for one UWS poll (pyvo's WAIT)
@@ -96,19 +98,83 @@ class Selection:
     """What to mirror. Exactly one *source* is used, in this order of precedence:
     urls_file, targets_file, polygon, cone, footprint (sector + cameras + ccds)."""
 
-    sector: int | None = None  # the FFI footprint's sector (the notebook's `sector`)
-    cameras: list[int] = field(default_factory=list)  # empty: all four
-    ccds: list[int] = field(default_factory=list)  # empty: all four
-    polygon: list[float] | None = None  # [ra1, dec1, ra2, dec2, ...] in degrees, ICRS
-    cone: tuple[float, float, float] | None = None  # (ra, dec, radius) in degrees
-    targets_file: Path | None = None  # TIC ids or target names, one a line
-    urls_file: Path | None = None  # URLs, one a line, or a saved plan (ECSV)
-    sectors: list[int] | None = None  # which sectors' products; None: all, as in the notebook
-    products: list[str] = field(default_factory=lambda: ["lc"])
-    collection: str = "TESS"  # obs_collection; keeps HLSPs (e.g. *_llc.fits) out
+    # the FFI footprint's sector (the notebook's `sector`)
+    sector: int | None = field(
+        default=None, metadata={"help": "the FFI footprint's sector (1-200)", "metavar": "N"}
+    )
+    # empty: all four
+    cameras: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "camera(s) of the footprint, e.g. 1 or 1,2 or 1-3 or all (default: all)",
+            "metavar": "LIST",
+        },
+    )
+    # empty: all four
+    ccds: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "CCD(s) of the footprint, e.g. 2 or 1,2 or 1-3 or all (default: all)",
+            "metavar": "LIST",
+        },
+    )
+    # [ra1, dec1, ra2, dec2, ...] in degrees, ICRS
+    polygon: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "a sky polygon in degrees (at least 3 vertices), instead of a footprint",
+            "metavar": "'RA DEC RA DEC ...'",
+        },
+    )
+    # (ra, dec, radius) in degrees
+    cone: tuple[float, float, float] | None = field(
+        default=None,
+        metadata={"help": "a cone in degrees, instead of a footprint", "metavar": "'RA DEC RADIUS'"},
+    )
+    # TIC ids or target names, one a line
+    targets_file: Path | None = field(
+        default=None, metadata={"help": "file of TIC ids, one a line", "metavar": "FILE"}
+    )
+    # URLs, one a line, or a saved plan (ECSV)
+    urls_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "a plan in any format `tessmirror plan` writes (ECSV, CSV, VOTable, URL list, aria2 input, "
+                "curl script such as MAST's tesscurl_*.sh), told from its content; - reads standard input"
+            ),
+            "metavar": "FILE",
+        },
+    )
+    # which sectors' products; None: all, as in the notebook
+    sectors: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "keep products of these sectors only: all (default) or e.g. 1,2,5-9 (the footprint is "
+                "--sector)"
+            ),
+            "metavar": "LIST",
+        },
+    )
+    products: list[str] = field(
+        default_factory=lambda: ["lc"],
+        metadata={"help": "product types, e.g. lc,tp,dvt or ffic (default: lc)", "metavar": "LIST"},
+    )
+    # obs_collection; keeps HLSPs (e.g. *_llc.fits) out
+    collection: str = field(
+        default="TESS",
+        metadata={
+            "help": "obs_collection: TESS (default) or HLSP (TESS-SPOC and QLP light curves)",
+            "metavar": "NAME",
+        },
+    )
     # "middle": the middle exposure's polygon (by obs_id) of each camera/CCD; "composite": the first,
     # middle and last exposures' polygons, so pointing jitter loses no target near an edge.
-    footprint: str = "middle"
+    footprint: str = field(
+        default="middle",
+        metadata={"help": "each CCD's footprint from its middle exposure (default) or first+middle+last"},
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,12 +225,23 @@ class Selection:
 
 @dataclass(slots=True)
 class OutputSettings:
-    out_dir: Path = Path("tessmirror-data")
+    out_dir: Path = field(
+        default=Path("tessmirror-data"), metadata={"help": "output directory", "metavar": "DIR"}
+    )
     # "mast": tid/s0001/0000/0000/2515/5310/<file> as on archive.stsci.edu; "sector": s0001/<file>;
     # "flat": <file>. "mast" keeps every directory small, which parallel filesystems need.
-    layout: str = "mast"
-    state_dir: Path | None = None  # default: <out_dir>/.tessmirror
-    fsync: bool = True  # fsync each file before its rename, and the manifest per batch
+    layout: str = field(default="mast", metadata={"help": "directory layout"})
+    # default: <out_dir>/.tessmirror
+    state_dir: Path | None = field(
+        default=None,
+        metadata={"help": "manifest and saved plan (default: DIR/.tessmirror)", "metavar": "DIR"},
+    )
+    # fsync each file before its rename, and the manifest per batch. The help is that of --no-fsync,
+    # the flag that sets it (each field's metadata holds its CLI flag's help and metavar).
+    fsync: bool = field(
+        default=True,
+        metadata={"help": "do not fsync files and the manifest (faster; less safe on power loss)"},
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,28 +256,65 @@ class OutputSettings:
 class FetchSettings:
     # Downloads in flight, in total: a number fixes it; AUTO measures the path and settles on what
     # it needs, never above `max_connections` (engine/fetch/autotune.py).
-    concurrency: int | str = 8
+    concurrency: int | str = field(
+        default=8,
+        metadata={
+            "help": (
+                "downloads in flight: a number fixes it; auto measures the path and settles on what it "
+                "needs, at most --max-connections"
+            ),
+            "metavar": "N|auto",
+        },
+    )
     # The politeness cap of AUTO: 32 connections carry 1 Gbit/s at 4 MiB/s each; past that, an
     # archive shared by many users sees one client take an unfair share of its server slots.
-    max_connections: int = 32
+    max_connections: int = field(
+        default=32, metadata={"help": "the politeness cap of --concurrency auto", "metavar": "N"}
+    )
     # Connections per host; None: as many as `concurrency`. MAST serves every file from one host, so a
     # smaller number would silently cap --concurrency (16 downloads over 8 connections).
-    per_host: int | None = None
+    per_host: int | None = field(
+        default=None,
+        metadata={"help": "connections per host (default: same as --concurrency)", "metavar": "N"},
+    )
     chunk_size: int = 256 * 1024
     connect_timeout: float = 30.0
-    idle_timeout: float = 60.0  # no byte for this long ends the try; never a total timeout
-    retries: int = 8  # tries per file beyond the first
+    # no byte for this long ends the try; never a total timeout
+    idle_timeout: float = field(
+        default=60.0, metadata={"help": "end a try after this long without a byte", "metavar": "SECONDS"}
+    )
+    # tries per file beyond the first
+    retries: int = field(default=8, metadata={"help": "tries per file beyond the first", "metavar": "N"})
     backoff_initial: float = 1.0
     backoff_max: float = 120.0
-    bandwidth_limit: float | None = None  # bytes/s for the whole run; None: no cap
+    # bytes/s for the whole run; None: no cap
+    bandwidth_limit: float | None = field(
+        default=None,
+        metadata={"help": "cap for the whole run in bytes/s, e.g. 20M (default: none)", "metavar": "RATE"},
+    )
     max_redirects: int = 5
-    token_env: str | None = "MAST_API_TOKEN"  # environment variable holding an archive token
+    # environment variable holding an archive token
+    token_env: str | None = field(
+        default="MAST_API_TOKEN",
+        metadata={"help": "environment variable holding an archive token", "metavar": "VAR"},
+    )
     # access_estsize is rounded kB: accept |bytes - kB*1024| <= tolerance*bytes + 1024.
     est_size_tolerance: float = 0.05
     # A body is never allowed past this many bytes when the plan declares no size at all.
     max_file_size: int = 4 * 1024**3
-    source: str = "mast"  # one of SOURCES
-    s3_endpoint: str = S3_ENDPOINT  # the bucket's HTTPS endpoint (path-style: ENDPOINT/stpubdata/...)
+    # one of SOURCES
+    source: str = field(
+        default="mast",
+        metadata={
+            "help": (
+                "where file bytes come from: MAST (default), its public S3 copy, or S3 where it has the file"
+            )
+        },
+    )
+    # the bucket's HTTPS endpoint (path-style: ENDPOINT/stpubdata/...)
+    s3_endpoint: str = field(
+        default=S3_ENDPOINT, metadata={"help": "the public S3 bucket's HTTPS endpoint", "metavar": "URL"}
+    )
     user_agent: str = "tessmirror/0.1 (+https://github.com/tessmirror)"
 
     def __post_init__(self) -> None:
@@ -261,7 +375,7 @@ class FetchSettings:
 
 @dataclass(slots=True)
 class VerifySettings:
-    level: VerifyLevel = VerifyLevel.FITS
+    level: VerifyLevel = field(default=VerifyLevel.FITS, metadata={"help": "verification level"})
     workers: int = 2  # threads for FITS checks (astropy releases the GIL in its checksums)
 
     def __post_init__(self) -> None:
@@ -275,12 +389,33 @@ class VerifySettings:
 
 @dataclass(slots=True)
 class RunSettings:
-    progress_interval: float = 30.0  # seconds between plain log lines when not on a terminal
-    force: bool = False  # skip the free-space preflight
-    recheck: bool = False  # stat/verify files the manifest says are done
-    refresh_plan: bool = False  # query TAP again even when a saved plan exists
-    shard: str | None = None  # "K/N": download only shard K of N of the plan (job arrays; engine.shard)
-    log_level: str = "INFO"
+    # seconds between plain log lines when not on a terminal
+    progress_interval: float = field(
+        default=30.0,
+        metadata={"help": "seconds between progress lines when not on a terminal", "metavar": "SECONDS"},
+    )
+    # skip the free-space preflight
+    force: bool = field(default=False, metadata={"help": "skip the free-space preflight"})
+    # stat/verify files the manifest says are done
+    recheck: bool = field(default=False, metadata={"help": "stat files the manifest says are done"})
+    # query TAP again even when a saved plan exists
+    refresh_plan: bool = field(
+        default=False, metadata={"help": "query TAP again even if a saved plan exists"}
+    )
+    # "K/N": download only shard K of N of the plan (job arrays; engine.shard)
+    shard: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "download only shard K of N of the plan (0 <= K < N; a stable split by file, for job "
+                "arrays: each shard has its own manifest and lock, see docs/HPC.md)"
+            ),
+            "metavar": "K/N",
+        },
+    )
+    log_level: str = field(
+        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "metavar": "LEVEL"}
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -308,13 +443,63 @@ class ClusterSettings:
     holds the lock and writes the manifest; `jobs` workers each run one batch at a time with
     `job_concurrency` connections, so the archive sees at most jobs x job_concurrency."""
 
-    mode: str | None = None  # None: in this process; "local", "slurm", "slurm-runner" or "tcp://HOST:PORT"
-    jobs: int = 2  # Dask workers (Slurm jobs under slurm); each runs one batch at a time
-    job_concurrency: int | None = None  # connections per job; None: fetch.concurrency (8 under auto)
-    queue: str | None = None  # Slurm partition (--partition) of the worker jobs
-    account: str | None = None  # Slurm account (--account) of the worker jobs
-    walltime: str | None = None  # HH:MM:SS time limit of each worker job (dask-jobqueue's default: 30 min)
-    job_extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--qos=debug"]
+    # None: in this process; "local", "slurm", "slurm-runner" or "tcp://HOST:PORT"
+    mode: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "spread the downloads over Dask workers: local (processes on this machine), slurm (one "
+                "Slurm job per worker), slurm-runner (inside one sbatch -N K allocation, under srun) or "
+                "tcp://HOST:PORT (an existing scheduler whose workers have --resources MAST=1); default: in "
+                "this process"
+            ),
+            "metavar": "WHERE",
+        },
+    )
+    # Dask workers (Slurm jobs under slurm); each runs one batch at a time
+    jobs: int = field(
+        default=2, metadata={"help": "workers (Slurm jobs), each running one batch at a time", "metavar": "N"}
+    )
+    # connections per job; None: fetch.concurrency (8 under auto)
+    job_concurrency: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "connections per worker; the archive sees at most N x C (default: --concurrency, 8 under "
+                "auto)"
+            ),
+            "metavar": "C",
+        },
+    )
+    # Slurm partition (--partition) of the worker jobs
+    queue: str | None = field(
+        default=None, metadata={"help": "Slurm partition of the worker jobs", "metavar": "Q"}
+    )
+    # Slurm account (--account) of the worker jobs
+    account: str | None = field(
+        default=None, metadata={"help": "Slurm account of the worker jobs", "metavar": "A"}
+    )
+    # HH:MM:SS time limit of each worker job (dask-jobqueue's default: 30 min)
+    walltime: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "time limit of each Slurm worker job (default: dask-jobqueue's, 00:30:00); workers leave "
+                "five minutes before it and are replaced"
+            ),
+            "metavar": "HH:MM:SS",
+        },
+    )
+    # more #SBATCH options, e.g. ["--qos=debug"]
+    job_extra: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "one more #SBATCH option for the worker jobs, written --job-extra=--qos=debug (repeatable)"
+            ),
+            "metavar": "OPTION",
+        },
+    )
     job_cores: int = 2  # --cpus-per-task of a worker job (checksums and FITS checks use them)
     job_memory: str = "2GB"  # memory of a worker job (sbatch --mem)
     batch_files: int = 200  # files per batch (a batch is one Dask task)

@@ -151,3 +151,47 @@ def test_adopt_from_given_once_does_not_leak_into_the_next_parse():
     first = parse_args(["fetch", "--input", "-", "--adopt-from", "/a"])
     second = parse_args(["fetch", "--input", "-"])
     assert [str(p) for p in first.adopt_from] == ["/a"] and second.adopt_from == []
+
+
+# Flags one command words its own way (a `variant(help=...)` or `report`'s own flags); every other
+# flag whose dest is a settings key must read its help from the schema. (`--out` on run, fetch and
+# demo adds to the schema's words, so its help still starts with them.)
+_WORDED_BY_THE_COMMAND = {
+    ("plan", "--progress-interval"),
+    ("verify", "--level"),
+    ("verify", "--no-fsync"),
+    ("demo", "--source"),
+    ("status", "--out"),
+    ("verify", "--out"),
+    ("report", "--out"),
+    ("report", "--state-dir"),
+}
+
+
+def _field_metadata(key: str):
+    import dataclasses
+
+    section, name = key.split(".")
+    table = type(getattr(Settings(), section))
+    return next(each.metadata for each in dataclasses.fields(table) if each.name == name)
+
+
+def test_a_settings_key_flag_takes_its_help_and_metavar_from_the_fields_metadata(commands):
+    checked = set()
+    worded = set()
+    for command, flags in commands.items():
+        for flag, action in flags.items():
+            if "." not in action.dest or action.help == argparse.SUPPRESS:
+                continue
+            metadata = _field_metadata(action.dest)
+            assert metadata.get("help"), (action.dest, "has a flag but no help in its field's metadata")
+            if not action.help.startswith(metadata["help"]):
+                worded.add((command, flag))
+                continue
+            checked.add((command, flag))
+            if "metavar" in metadata:
+                assert action.metavar == metadata["metavar"], (command, flag)
+    # the override list names exactly the flags a command words itself, so it cannot go stale
+    assert worded == _WORDED_BY_THE_COMMAND
+    assert ("run", "--retries") in checked and ("run", "--tap-url") in checked
+    assert commands["run"]["--retries"].help == "tries per file beyond the first (default 8)"
