@@ -1275,6 +1275,21 @@ def _report(err: TessMirrorError) -> int:
     return err.exit_code
 
 
+_PIPELINE_COMMANDS = frozenset({"plan", "run", "fetch", "verify", "demo"})  # they plan or download
+
+
+def _import_numpy_before_threads() -> None:
+    """Make numpy's OpenBLAS take its work buffer now, before the run starts any thread. OpenBLAS
+    reserves it at the first matrix product (the planner's footprint geometry makes one) and, under
+    a tight `ulimit -v`, calls exit(1) when that fails: no message of ours, the lock left behind.
+    Taken here, while the address space is smallest, it fits wherever the run can run at all; past
+    this point a lack of memory is a MemoryError, which the run turns into exit 4."""
+    import numpy
+
+    square = numpy.ones((4, 4))
+    square @ square  # the first product: OpenBLAS's buffer, kept for the run
+
+
 def _dispatch(argv: Sequence[str] | None) -> int:
     try:
         # Inside the try: flag parsers (--polygon, --cone, --ccd x) raise ConfigError, which argparse
@@ -1288,6 +1303,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         )
         # First, before any heavy import: a batch log shows at once that the run started.
         log.info("tessmirror %s: starting %s", __version__, ns.command)
+        if ns.command in _PIPELINE_COMMANDS:
+            _import_numpy_before_threads()
         if ns.command == "archive":
             return cmd_archive_serve(ns)
         return COMMANDS[ns.command](ns)

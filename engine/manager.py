@@ -309,9 +309,7 @@ class MirrorRun:
                     await asyncio.to_thread(manifest.upgrade)
             else:
                 log.info("shard %s: this process downloads only its share of the plan", shard)
-            # The manifest's scan (and --recheck's stat per file) grows with the mirror: a thread,
-            # so a caller's own loop (a notebook's) keeps running meanwhile.
-            done = await asyncio.to_thread(self._already_done, manifest)
+            done = self._already_done(manifest)
             source = self.source or plan_source_for(settings)
             if shard is not None and isinstance(source, TapPlan):
                 # N shards planning at once would ask TAP N times and write one saved plan N times.
