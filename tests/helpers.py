@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine.manifest import Manifest
@@ -44,6 +46,47 @@ def spawn_cli(*args: object, env: dict[str, str] | None = None, cwd: Path | None
         cwd=cwd,
         stdin=subprocess.DEVNULL,
     )
+
+
+@contextmanager
+def file_server(handler: Callable[..., Awaitable]) -> Iterator[str]:
+    """GET /files/{name} answered by `handler`, on an event loop of its own in a thread, at 127.0.0.1
+    on a free port; yields the base URL and stops the server afterwards."""
+    from aiohttp import web
+
+    started = threading.Event()
+    state: dict[str, object] = {}
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        state["loop"] = loop
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_get("/files/{name}", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            state["port"] = runner.addresses[0][1]
+            stop = asyncio.Event()
+            state["stop"] = stop
+            started.set()
+            await stop.wait()
+            await runner.cleanup()
+
+        loop.run_until_complete(main())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(30), "the file server did not start"
+    try:
+        yield f"http://127.0.0.1:{state['port']}"
+    finally:
+        loop: asyncio.AbstractEventLoop = state["loop"]  # type: ignore[assignment]
+        loop.call_soon_threadsafe(state["stop"].set)  # type: ignore[attr-defined]
+        thread.join(30)
 
 
 def wait_until(condition, *, timeout: float = 60.0, interval: float = 0.05) -> bool:

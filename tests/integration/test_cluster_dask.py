@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from tests.helpers import (
     WatchedCli,
     assert_mirror_matches_truth,
     assert_verified_records_are_good,
+    file_server,
     lc_names_in_footprint,
     manifest_lines,
     run_cli,
@@ -229,8 +229,6 @@ def counting_server(
     name in `throttle` is answered 429 with that Retry-After (seconds)."""
     census = Census()
     throttled = dict(throttle or {})
-    started = threading.Event()
-    state: dict[str, object] = {}
 
     async def handler(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -246,36 +244,8 @@ def counting_server(
             census.in_flight -= 1
         return web.Response(body=body, content_type="application/fits")
 
-    def serve() -> None:
-        loop = asyncio.new_event_loop()
-        state["loop"] = loop
-
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_get("/files/{name}", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            state["port"] = runner.addresses[0][1]
-            stop = asyncio.Event()
-            state["stop"] = stop
-            started.set()
-            await stop.wait()
-            await runner.cleanup()
-
-        loop.run_until_complete(main())
-        loop.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert started.wait(30), "the counting server did not start"
-    try:
-        yield f"http://127.0.0.1:{state['port']}", census
-    finally:
-        loop: asyncio.AbstractEventLoop = state["loop"]  # type: ignore[assignment]
-        loop.call_soon_threadsafe(state["stop"].set)  # type: ignore[attr-defined]
-        thread.join(30)
+    with file_server(handler) as base:
+        yield base, census
 
 
 def fetch_args(base: str, tmp_path: Path, count: int, config: Path, jobs: int, per_job: int) -> list[object]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import pytest
 from aiohttp import web
 from astropy.io import fits
 
-from tests.helpers import run_cli
+from tests.helpers import file_server, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +41,7 @@ def counting_server(body: bytes, *, hold_until: int) -> Iterator[tuple[str, Cens
     """A file server on 127.0.0.1 (free port) that holds each request until `hold_until` requests are
     in flight at once (or 20 s pass), so the count reached is the client's real parallelism."""
     census = Census()
-    started = threading.Event()
-    state: dict[str, object] = {}
+    crowd = asyncio.Event()  # bound to the server's loop at its first wait
 
     async def handler(request: web.Request) -> web.Response:
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -51,7 +49,6 @@ def counting_server(body: bytes, *, hold_until: int) -> Iterator[tuple[str, Cens
             census.peers.add((peer[0], peer[1]))
         census.in_flight += 1
         census.most_in_flight = max(census.most_in_flight, census.in_flight)
-        crowd: asyncio.Event = state["crowd"]  # type: ignore[assignment]
         if census.in_flight >= hold_until:
             crowd.set()
         try:
@@ -62,36 +59,8 @@ def counting_server(body: bytes, *, hold_until: int) -> Iterator[tuple[str, Cens
             census.in_flight -= 1
         return web.Response(body=body, content_type="application/fits")
 
-    def serve() -> None:
-        loop = asyncio.new_event_loop()
-        state["loop"] = loop
-
-        async def main() -> None:
-            state["crowd"] = asyncio.Event()
-            app = web.Application()
-            app.router.add_get("/files/{name}", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            state["port"] = runner.addresses[0][1]
-            state["stop"] = asyncio.Event()
-            started.set()
-            await state["stop"].wait()  # type: ignore[attr-defined]
-            await runner.cleanup()
-
-        loop.run_until_complete(main())
-        loop.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert started.wait(30), "the counting server did not start"
-    try:
-        yield f"http://127.0.0.1:{state['port']}", census
-    finally:
-        loop: asyncio.AbstractEventLoop = state["loop"]  # type: ignore[assignment]
-        loop.call_soon_threadsafe(state["stop"].set)  # type: ignore[attr-defined]
-        thread.join(30)
+    with file_server(handler) as base:
+        yield base, census
 
 
 @pytest.mark.parametrize("concurrency", [4, 16])
