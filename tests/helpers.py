@@ -19,6 +19,34 @@ from pathlib import Path
 from engine.manifest import Manifest
 
 
+def stacks_of(pid: int, *, children: bool = True) -> str:
+    """For the message of a test whose process hung: `pid` and (with `children`) every process under
+    it, with the Python stack of each thread as py-spy reads it (the test extra installs py-spy)."""
+    import shutil
+
+    import psutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        tree = [psutil.Process(pid), *(psutil.Process(pid).children(recursive=True) if children else ())]
+    except psutil.Error:
+        return f"process {pid} is gone"
+    lines: list[str] = []
+    for proc in tree:
+        try:
+            lines.append(f"== process {proc.pid} ({proc.status()}): {' '.join(proc.cmdline())[:200]}")
+        except psutil.Error:
+            continue
+        try:
+            dump = subprocess.run(
+                [spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=30
+            )
+            lines.append(dump.stdout.strip() or dump.stderr.strip()[:300])
+        except (OSError, subprocess.TimeoutExpired) as err:
+            lines.append(f"(py-spy: {err})")
+    return "\n".join(lines)
+
+
 def cli_command(*args: object) -> list[str]:
     return [sys.executable, "-m", "engine.cli", *map(str, args)]
 
@@ -234,14 +262,18 @@ class WatchedCli:
         self.proc.send_signal(signum)
         return time.monotonic()
 
-    def finish(self, *, timeout: float = 60.0) -> tuple[int, float]:
-        """Wait for the exit (killing it after `timeout`); returns (exit code, monotonic end time)."""
+    def finish(self, *, timeout: float = 60.0, shown: int = 3000) -> tuple[int, float]:
+        """Wait for the exit (killing it after `timeout`, and failing with the last `shown` characters
+        of its stderr); returns (exit code, monotonic end time)."""
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stacks = stacks_of(self.proc.pid)
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"still running {timeout} s later:\n{self.stderr[-3000:]}") from None
+            raise AssertionError(
+                f"still running {timeout} s later:\n{self.stderr[-shown:]}\n-- where it was --\n{stacks}"
+            ) from None
         ended = time.monotonic()
         for reader in self._readers:
             reader.join(timeout=10)

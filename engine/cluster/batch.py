@@ -27,7 +27,10 @@ import hashlib
 import logging
 import os
 import stat
+import sys
+import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a batch reads the run's pause and stop variables
 LEASE_POLL_SECONDS = 5.0  # a batch waiting for a lease looks at the stop variable this often
 DRIVER_LOST_SECONDS = 60.0  # a batch that cannot reach the scheduler this long ends (driver gone)
+BEAT_SECONDS = 30.0  # a running batch says how far it is this often (DEBUG, forwarded to the driver)
 # One FileResult without its item: what travels back to the driver per file.
 Compact = tuple[int, str, str, int, str, int, bool, str, int, float, float, str, str, str]
 
@@ -188,6 +192,57 @@ class Control:
             self._pause.set(until)
 
 
+@dataclass(slots=True)
+class _Doing:
+    """Where a batch running in this process is (read by `worker_view` from the worker's loop)."""
+
+    number: int
+    total: int
+    phase: str = "starting"
+    in_flight: set[str] = field(default_factory=set)  # file names being fetched now
+    done: int = 0
+    since: float = field(default_factory=time.monotonic)  # when `phase` or `done` last changed
+
+    def note(self, phase: str | None = None) -> None:
+        if phase is not None:
+            self.phase = phase
+        self.since = time.monotonic()
+
+    def describe(self) -> str:
+        flying = ", ".join(sorted(self.in_flight)[:4]) + (" …" if len(self.in_flight) > 4 else "")
+        fetching = f", fetching {flying}" if flying else ""
+        quiet = time.monotonic() - self.since
+        return f"batch {self.number}: {self.phase}, {self.done} of {self.total} files done{fetching}; " + (
+            f"last change {quiet:.0f} s ago"
+        )
+
+
+_DOING: dict[int, _Doing] = {}  # the batches running in this worker process, by number
+
+
+def worker_view(keys: list[str], dask_worker: Any = None) -> list[str]:
+    """What this worker process knows of the run's batch `keys`: Dask's state of each, where each
+    running batch is, and the innermost frames of every thread. For the driver's -v lines about a run
+    whose batches stopped coming back (`Client.run` calls it on every worker)."""
+    lines: list[str] = []
+    if dask_worker is not None:
+        state = dask_worker.state
+        for key in keys:
+            task = state.tasks.get(key)
+            if task is not None:
+                lines.append(f"{key.rsplit('-', 1)[-1]}: {task.state}")
+        lines.append(f"free resources {dict(state.available_resources)}")
+    lines.extend(doing.describe() for doing in list(_DOING.values()))
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        frames = traceback.extract_stack(frame)[-4:]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        lines.append(f"thread {names.get(ident, ident)}: {where}")
+    return lines
+
+
 def run_batch(spec: BatchSpec) -> BatchReport:
     """Download one batch on this worker and return its compact report (the Dask task).
 
@@ -197,25 +252,33 @@ def run_batch(spec: BatchSpec) -> BatchReport:
     report = BatchReport(spec.number, host_name(), os.getpid())
     _log_like_the_driver(spec.log_level)
     log.debug("batch %d: %d files, on %s (pid %d)", spec.number, len(spec.items), report.host, report.pid)
-    control = Control(spec)
-    lease = _lease(spec)
-    if lease is not None and not _acquire(lease, control, report):
-        report.stopped = True  # the run stopped (or its driver is gone) before a lease came
-        log.info("batch %d: stopped before it started (the run stopped or its driver is gone)", spec.number)
-        return report
+    doing = _DOING[spec.number] = _Doing(spec.number, len(spec.items))
     try:
-        from engine.aio import new_event_loop
-
-        loop = new_event_loop()
+        control = Control(spec)
+        lease = _lease(spec)
+        doing.note("waiting for a lease")
+        if lease is not None and not _acquire(lease, control, report):
+            report.stopped = True  # the run stopped (or its driver is gone) before a lease came
+            log.info("batch %d: stopped before it started (the run stopped or its driver gone)", spec.number)
+            return report
+        doing.note("downloading")
         try:
-            loop.run_until_complete(_run(spec, report, control))
+            from engine.aio import new_event_loop
+
+            loop = new_event_loop()
+            try:
+                loop.run_until_complete(_run(spec, report, control, doing))
+            finally:
+                doing.note("closing its event loop")
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
         finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+            if lease is not None:
+                doing.note("giving back its lease")
+                with contextlib.suppress(Exception):  # the scheduler may be gone (the driver was killed)
+                    lease.release()
     finally:
-        if lease is not None:
-            with contextlib.suppress(Exception):  # the scheduler may be gone (the driver was killed)
-                lease.release()
+        _DOING.pop(spec.number, None)
     report.seconds = time.monotonic() - started
     log.debug(
         "batch %d: %d of %d files done in %.1f s%s",
@@ -279,7 +342,7 @@ def _acquire(lease: Any, control: Control, report: BatchReport) -> bool:
             return False
 
 
-async def _run(spec: BatchSpec, report: BatchReport, control: Control) -> None:
+async def _run(spec: BatchSpec, report: BatchReport, control: Control, doing: _Doing) -> None:
     from engine.fetch.bandwidth import TokenBucket
     from engine.fetch.download import Downloader
     from engine.fetch.session import open_session, read_token
@@ -321,7 +384,7 @@ async def _run(spec: BatchSpec, report: BatchReport, control: Control) -> None:
                 part_file=part_file,
             )
             try:
-                await _download_all(spec, report, control, downloader, limiter, verify_pool)
+                await _download_all(spec, report, control, downloader, limiter, verify_pool, doing)
             finally:
                 downloader.close()
     finally:
@@ -338,6 +401,7 @@ async def _download_all(
     downloader: Any,
     limiter: SharedLimiter,
     pool: ThreadPoolExecutor,
+    doing: _Doing,
 ) -> None:
     out_dir = Path(spec.out_dir)
     pending = iter(enumerate(spec.items))
@@ -345,11 +409,17 @@ async def _download_all(
 
     async def worker() -> None:
         for index, (item, relpath) in pending:
-            result = await _one(out_dir, item, relpath, level, downloader, pool)
+            doing.in_flight.add(item.filename)
+            try:
+                result = await _one(out_dir, item, relpath, level, downloader, pool)
+            finally:
+                doing.in_flight.discard(item.filename)
             report.results.append(pack(index, result))
+            doing.done += 1
+            doing.note()
 
     workers = [asyncio.ensure_future(worker()) for _ in range(max(spec.fetch.connections, 1))]
-    watcher = asyncio.ensure_future(_watch(control, limiter, report))
+    watcher = asyncio.ensure_future(_watch(control, limiter, report, doing))
     try:
         running = set(workers)
         while running:
@@ -372,11 +442,16 @@ async def _download_all(
                 await asyncio.to_thread(control.publish, limiter.publish_until)
 
 
-async def _watch(control: Control, limiter: SharedLimiter, report: BatchReport) -> None:
-    """Apply pauses other workers published, publish ours; return when the run asks to stop."""
+async def _watch(control: Control, limiter: SharedLimiter, report: BatchReport, doing: _Doing) -> None:
+    """Apply pauses other workers published, publish ours; return when the run asks to stop. Says
+    where the batch is every `BEAT_SECONDS` (DEBUG)."""
     published = 0.0
     lost_since: float | None = None
+    beat = time.monotonic()
     while True:
+        if time.monotonic() - beat >= BEAT_SECONDS:
+            beat = time.monotonic()
+            log.debug("%s", doing.describe())
         if limiter.publish_until > published:
             published = limiter.publish_until
             with contextlib.suppress(Exception):  # advisory: the local limiter pauses anyway

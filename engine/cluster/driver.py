@@ -33,7 +33,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Variable
 
 from engine.cluster import ClusterSpec
-from engine.cluster.batch import BatchReport, BatchSpec, run_batch, token_digest, unpack
+from engine.cluster.batch import BatchReport, BatchSpec, run_batch, token_digest, unpack, worker_view
 from engine.exceptions import ConfigError, LocalError, TessMirrorError
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, read_token
 from engine.models import FileResult, FileStatus, PlanItem
@@ -587,6 +587,8 @@ class DaskExecutor:
         )
         if workers:
             self._no_workers_since = None
+            if log.isEnabledFor(logging.DEBUG):
+                await self._describe_batches()
             return
         if self._no_workers_since is None:
             self._no_workers_since = now
@@ -606,6 +608,23 @@ class DaskExecutor:
                 log.info("cluster: no Dask worker yet after %.0f s: the Slurm jobs are still queued?", alone)
             return
         log.warning("cluster: no Dask worker for %.0f s; %d batches wait for one", alone, len(self._batch_of))
+
+    async def _describe_batches(self) -> None:
+        """With -v, while no batch comes back: where each batch out is, as the scheduler and each
+        worker see it (a run that waits long shows what it waits on)."""
+        keys = list(self._batch_of)
+        try:
+            processing = await asyncio.wait_for(self.client.processing(), 10)
+            views = await asyncio.wait_for(self.client.run(worker_view, keys), 10)
+        except Exception as err:  # diagnostics only: a busy scheduler or worker is looked at next time
+            log.debug("cluster: cannot look at the batches: %s", describe_error(err))
+            return
+        for worker, running in processing.items():
+            numbers = sorted(int(key.rsplit("-", 1)[-1]) for key in running if key in self._batch_of)
+            log.debug("cluster: worker %s has batches %s", worker, numbers or "none")
+        for worker, lines in views.items():
+            for line in lines:
+                log.debug("cluster: %s: %s", worker, line)
 
     async def _record(
         self, run: RunHooks, writer: ManifestWriter, batch: _Batch, report: BatchReport

@@ -38,6 +38,7 @@ from tests.helpers import (
     lc_names_in_footprint,
     manifest_lines,
     run_cli,
+    stacks_of,
     wait_until,
 )
 
@@ -88,8 +89,8 @@ def test_a_full_run_on_two_local_workers_is_verified_and_leaves_no_parts(archive
     names = lc_names_in_footprint(arch, 1, 1, 2)
     out = tmp_path / "out"
     config = cluster_config(tmp_path, batch_files=6)
-    result = run_cli(*run_args(arch, out, config), timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_watched(*run_args(arch, out, config))
+    assert result.proc.returncode == 0, result.stderr[-3000:]
     no_traceback(result.stderr, result.stdout)
     assert "2 jobs x 2 connections = at most 4 connections" in result.stderr
     assert_mirror_matches_truth(out, arch, names)
@@ -134,7 +135,7 @@ def test_a_worker_killed_mid_batch_has_its_batch_rescheduled_and_nothing_is_lost
     if not wait_until(lambda: cli.proc.poll() is not None, timeout=240):
         story = what_happened_since(arch, killed_at, victim)  # while the driver's workers are its own
         try:
-            cli.finish(timeout=1)
+            cli.finish(timeout=1, shown=12000)
         except AssertionError as err:
             raise AssertionError(f"{err}\n{story}") from None
     code, _ = cli.finish(timeout=30)
@@ -248,6 +249,26 @@ def counting_server(
         yield base, census
 
 
+def run_watched(*args: object, timeout: float = 240, census: Census | None = None) -> WatchedCli:
+    """The CLI with -v, to its end: the workers' lines join its log and, while no batch comes back,
+    the driver says where each batch is, so a run that hangs fails with the story of its last minutes
+    (and every thread's stack, and what the counting server saw)."""
+    cli = WatchedCli(*args, "-v")
+    try:
+        cli.finish(timeout=timeout, shown=12000)
+    except AssertionError as err:
+        if census is None:
+            raise
+        now = time.time()
+        seen = [f"+{t - now:.1f} s {name} {status}" for t, name, status in census.arrivals[-20:]]
+        raise AssertionError(
+            f"{err}\n-- the server: {len(census.arrivals)} requests, {census.in_flight} in flight; the last "
+            f"(seconds before now): {', '.join(seen)}\n-- this test's own process (the server's thread) --\n"
+            f"{stacks_of(os.getpid(), children=False)}"
+        ) from None
+    return cli
+
+
 def fetch_args(base: str, tmp_path: Path, count: int, config: Path, jobs: int, per_job: int) -> list[object]:
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"{base}/files/f{i:03d}.fits\n" for i in range(count)))
@@ -261,8 +282,8 @@ def fetch_args(base: str, tmp_path: Path, count: int, config: Path, jobs: int, p
 def test_the_archive_never_sees_more_than_jobs_times_job_concurrency_connections(tmp_path: Path) -> None:
     config = cluster_config(tmp_path, batch_files=6)
     with counting_server(small_fits(), delay=0.5) as (base, census):
-        result = run_cli(*fetch_args(base, tmp_path, 48, config, jobs=2, per_job=3), timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+        result = run_watched(*fetch_args(base, tmp_path, 48, config, jobs=2, per_job=3), census=census)
+    assert result.proc.returncode == 0, result.stderr[-3000:]
     no_traceback(result.stderr)
     print(f"peak connections {census.most_in_flight}, cap 2 x 3 = 6")
     assert census.most_in_flight <= 6
@@ -275,8 +296,8 @@ def test_a_429_seen_by_one_worker_pauses_every_worker(tmp_path: Path) -> None:
     config = cluster_config(tmp_path, batch_files=4)
     with counting_server(small_fits(), delay=0.2, throttle={"f014.fits": retry_after}) as (base, census):
         # Enough files that one worker alone would still be busy long after the 429 (10 files/s).
-        result = run_cli(*fetch_args(base, tmp_path, 120, config, jobs=2, per_job=2), timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+        result = run_watched(*fetch_args(base, tmp_path, 120, config, jobs=2, per_job=2), census=census)
+    assert result.proc.returncode == 0, result.stderr[-3000:]
     no_traceback(result.stderr)
     assert len(list((tmp_path / "out").rglob("*.fits"))) == 120
     told = next(t for t, _name, status in census.arrivals if status == 429)
@@ -401,8 +422,8 @@ def test_an_existing_scheduler_runs_at_most_jobs_batches_whatever_its_worker_cou
         address = dask.address
         args = fetch_args(base, tmp_path, 24, config, jobs=1, per_job=3)
         args[args.index("local")] = address
-        result = run_cli(*args, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+        result = run_watched(*args, census=census)
+    assert result.proc.returncode == 0, result.stderr[-3000:]
     no_traceback(result.stderr)
     assert f"cluster {address}: 1 jobs x 3 connections = at most 3 connections" in result.stderr
     print(f"peak connections {census.most_in_flight} with 2 workers, cap 1 x 3 = 3")
@@ -428,7 +449,7 @@ def test_a_run_whose_only_worker_died_says_so_and_goes_on_when_a_worker_joins(tm
         assert wait_until(lambda: said in cli.stderr or cli.proc.poll() is not None, timeout=150)
         assert cli.proc.poll() is None, cli.stderr[-3000:]
         dask.add_worker()
-        code, _ = cli.finish(timeout=240)
+        code, _ = cli.finish(timeout=240, shown=12000)
     assert code == 0, cli.stderr[-3000:]
     no_traceback(cli.stderr)
     warning = next(line for line in cli.stderr.splitlines() if "no Dask worker for" in line)
