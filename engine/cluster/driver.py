@@ -61,6 +61,9 @@ HEALTH_SECONDS = 30.0  # with batches out and none back, look at the cluster thi
 NO_WORKERS_WARN = 30.0  # batches out and no worker this long: say so (every HEALTH_SECONDS)
 NO_WORKERS_GIVE_UP = 300.0  # a local cluster without a worker this long cannot recover: end the run
 RESOURCE = "MAST"  # every worker has MAST=1 and every batch asks for 1: one batch per worker at a time
+MAX_RESENDS = (
+    3  # a batch that stopped early (lost the scheduler) has its unfinished files sent again this often
+)
 STOP_GRACE = 2.0  # seconds for running batches to notice a stop and return, when the run is interrupted
 WORKERS_TIMEOUT = 60.0  # seconds to wait for a worker of an existing scheduler (tcp://)
 RUNNER_DEATH_TIMEOUT = 60  # seconds a slurm-runner worker waits for a scheduler it cannot reach
@@ -73,6 +76,7 @@ class _Batch:
     number: int
     items: list[tuple[PlanItem, str, bool]]  # (item, relpath, changed)
     submitted: float = 0.0  # time.monotonic() when it was sent
+    resent: int = 0  # how many batches before it stopped with these files unfinished
 
 
 def quiet_dask_logs() -> None:
@@ -407,7 +411,7 @@ class DaskExecutor:
         for batch, outcome in late:
             if isinstance(outcome, BatchReport):
                 with contextlib.suppress(Exception):  # a batch's fatal error: the run is over anyway
-                    await self._record(run, writer, batch, outcome)
+                    await self._record(run, writer, batch, outcome, live=False)
 
     # -- the pipeline's side ---------------------------------------------------------------------
     def workers(
@@ -466,26 +470,30 @@ class DaskExecutor:
         items, self._batch, self._batch_bytes = self._batch, [], 0
         return items
 
-    async def _submit(self, items: list[tuple[PlanItem, str, bool]]) -> None:
+    async def _submit(self, items: list[tuple[PlanItem, str, bool]], resent: int = 0) -> None:
         if not items:
             return
-        self._numbers += 1
-        batch = _Batch(self._numbers, items)
         await self._slots.acquire()
-        batch.submitted = time.monotonic()
         self._outstanding += 1
         try:
-            future = self.client.submit(
-                run_batch,
-                self._spec_for(batch),
-                resources={RESOURCE: 1},
-                pure=False,
-                key=f"tessmirror-batch-{self.run_id}-{batch.number}",
-            )
+            self._send(items, resent)
         except BaseException:
             self._outstanding -= 1
             self._slots.release()
             raise
+
+    def _send(self, items: list[tuple[PlanItem, str, bool]], resent: int) -> None:
+        """Submit a batch in a place in flight already taken (by `_submit`, or by the batch it resends)."""
+        self._numbers += 1
+        batch = _Batch(self._numbers, items, resent=resent)
+        batch.submitted = time.monotonic()
+        future = self.client.submit(
+            run_batch,
+            self._spec_for(batch),
+            resources={RESOURCE: 1},
+            pure=False,
+            key=f"tessmirror-batch-{self.run_id}-{batch.number}",
+        )
         self._futures.add(future)
         self._batch_of[future.key] = batch
         waiter = asyncio.ensure_future(self._await(future, batch))
@@ -545,9 +553,24 @@ class DaskExecutor:
                 closed = True
                 continue
             batch, outcome = entry
+            self._batch_of.pop(f"tessmirror-batch-{self.run_id}-{batch.number}", None)
+            if isinstance(outcome, BatchReport) and outcome.stopped and outcome.fatal is None:
+                left = self._unfinished(batch, outcome)
+                if left and batch.resent < MAX_RESENDS:
+                    # The batch lost the scheduler for a minute and ended early, while this run goes on:
+                    # what it did not finish goes out again, in its place in flight.
+                    log.warning(
+                        "batch %d on %s stopped early (it lost the scheduler); its %d unfinished files are "
+                        "sent again",
+                        batch.number,
+                        outcome.host,
+                        len(left),
+                    )
+                    await self._record(run, writer, batch, outcome)
+                    self._send(left, batch.resent + 1)
+                    continue
             self._outstanding -= 1
             self._slots.release()
-            self._batch_of.pop(f"tessmirror-batch-{self.run_id}-{batch.number}", None)
             if isinstance(outcome, BaseException):
                 reason = redact(f"the batch failed on the cluster: {type(outcome).__name__}: {outcome}")[:300]
                 log.warning("batch %d: %s", batch.number, reason)
@@ -556,6 +579,11 @@ class DaskExecutor:
                     await run.finish_job(writer, failed, changed=changed)
                 continue
             await self._record(run, writer, batch, outcome)
+
+    @staticmethod
+    def _unfinished(batch: _Batch, report: BatchReport) -> list[tuple[PlanItem, str, bool]]:
+        finished = {packed[0] for packed in report.results}
+        return [entry for index, entry in enumerate(batch.items) if index not in finished]
 
     async def _next_outcome(self) -> tuple[_Batch, BatchReport | BaseException] | None:
         """The next batch back; while none comes, a look at the cluster every `HEALTH_SECONDS`."""
@@ -627,8 +655,10 @@ class DaskExecutor:
                 log.debug("cluster: %s: %s", worker, line)
 
     async def _record(
-        self, run: RunHooks, writer: ManifestWriter, batch: _Batch, report: BatchReport
+        self, run: RunHooks, writer: ManifestWriter, batch: _Batch, report: BatchReport, *, live: bool = True
     ) -> None:
+        """Record what a batch finished, through the run's one recording path (`live`: the run goes
+        on; False for what comes back while it stops, whose unfinished files stay pending)."""
         self.batches += 1
         self.overloads += report.overloads
         limiter = getattr(run.progress, "limiter", None)
@@ -650,6 +680,14 @@ class DaskExecutor:
         for packed in report.results:
             item, _relpath, changed = batch.items[packed[0]]
             await run.finish_job(writer, unpack(item, packed), changed=changed)
+        if live and report.stopped and report.fatal is None and batch.resent >= MAX_RESENDS:
+            # Sent MAX_RESENDS times and stopped early each time: the files fail, with the reason, rather
+            # than vanish from a run that goes on (the next run fetches them).
+            reason = f"its batch stopped early {batch.resent + 1} times (the workers lost the scheduler)"
+            for item, relpath, changed in self._unfinished(batch, report):
+                await run.finish_job(
+                    writer, FileResult(item, FileStatus.FAILED, path=relpath, error=reason), changed=changed
+                )
         if report.fatal is not None:
             kind, message, hint = report.fatal
             if kind == "config":

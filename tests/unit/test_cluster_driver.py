@@ -1,0 +1,122 @@
+"""The Dask driver's bookkeeping, with a stand-in for the Dask client (no cluster): what it does with a
+batch that comes back stopped early while the run goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("distributed", reason="the cluster extra: pip install '.[cluster]' (CI installs it)")
+
+from engine.cluster import ClusterSpec
+from engine.cluster.batch import BatchReport, BatchSpec, pack
+from engine.cluster.driver import MAX_RESENDS, DaskExecutor
+from engine.models import FileResult, FileStatus, PlanItem
+from engine.settings import Settings
+
+
+class FakeFuture:
+    """What `client.submit` returns, resolved at once with the batch's report."""
+
+    def __init__(self, key: str, report: BatchReport) -> None:
+        self.key = key
+        self.status = "finished"
+        self._report = report
+
+    def __await__(self):
+        async def result() -> BatchReport:
+            return self._report
+
+        return result().__await__()
+
+
+class FakeClient:
+    """Runs each submitted batch with `answer(spec, call number)` instead of on a worker."""
+
+    def __init__(self, answer: Callable[[BatchSpec, int], BatchReport]) -> None:
+        self.answer = answer
+        self.specs: list[BatchSpec] = []
+
+    def submit(self, fn: Any, spec: BatchSpec, *, key: str, **_options: Any) -> FakeFuture:
+        self.specs.append(spec)
+        return FakeFuture(key, self.answer(spec, len(self.specs)))
+
+
+class FakeRun:
+    """The run's hooks: every file needs a download; results are kept."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.settings = Settings()
+        self.out_dir = tmp_path
+        self.progress = None
+        self.results: list[FileResult] = []
+
+    async def prepare_job(self, item, relpath, dest, changed) -> None:
+        return None
+
+    async def finish_job(self, writer, result: FileResult, *, changed: bool) -> None:
+        self.results.append(result)
+
+
+def report_of(spec: BatchSpec, finish: int, *, stopped: bool) -> BatchReport:
+    """The first `finish` files of the batch verified; `stopped`: it ended early, the rest unfinished."""
+    report = BatchReport(spec.number, host="node7", pid=42, stopped=stopped)
+    for index, (item, relpath) in enumerate(spec.items[:finish]):
+        report.results.append(pack(index, FileResult(item, FileStatus.VERIFIED, path=relpath, nbytes=1)))
+    return report
+
+
+def run_driver(tmp_path: Path, files: int, answer: Callable[[BatchSpec, int], BatchReport]):
+    settings = Settings()
+    settings.output.out_dir = tmp_path
+    executor = DaskExecutor(ClusterSpec(mode="local", jobs=1, job_concurrency=2, batch_files=files), settings)
+    client = FakeClient(answer)
+    executor.client = client
+    run = FakeRun(tmp_path)
+
+    async def main() -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        for i in range(files):
+            item = PlanItem(url=f"https://archive.example/f{i}.fits", filename=f"f{i}.fits")
+            await queue.put((item, f"f{i}.fits", tmp_path / f"f{i}.fits", False))
+        for _ in range(executor.consumers(1)):
+            await queue.put(None)
+        await asyncio.wait_for(asyncio.gather(*executor.workers(run, queue, None, None, 1)), 30)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    return run, client
+
+
+def test_a_batch_that_stopped_early_while_the_run_goes_on_has_its_unfinished_files_sent_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def answer(spec: BatchSpec, call: int) -> BatchReport:
+        # The first batch loses the scheduler after 2 of its 5 files; the one sent again finishes.
+        return (
+            report_of(spec, 2, stopped=True) if call == 1 else report_of(spec, len(spec.items), stopped=False)
+        )
+
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        run, client = run_driver(tmp_path, 5, answer)
+    assert sorted(r.item.filename for r in run.results) == [f"f{i}.fits" for i in range(5)]
+    assert all(r.status is FileStatus.VERIFIED for r in run.results)
+    assert [len(spec.items) for spec in client.specs] == [5, 3]
+    assert [item.filename for item, _ in client.specs[1].items] == ["f2.fits", "f3.fits", "f4.fits"]
+    assert "its 3 unfinished files are sent again" in caplog.text
+
+
+def test_files_whose_batch_keeps_stopping_early_fail_with_the_reason_instead_of_vanishing(
+    tmp_path: Path,
+) -> None:
+    # Every batch finishes one file and stops: the first and each one sent again.
+    run, client = run_driver(tmp_path, 6, lambda spec, call: report_of(spec, 1, stopped=True))
+    assert len(client.specs) == MAX_RESENDS + 1
+    assert sorted(r.item.filename for r in run.results) == [f"f{i}.fits" for i in range(6)]  # each once
+    failed = [r for r in run.results if r.status is FileStatus.FAILED]
+    assert len(failed) == 6 - (MAX_RESENDS + 1)
+    assert all("stopped early" in r.error for r in failed)
