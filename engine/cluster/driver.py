@@ -1,12 +1,16 @@
 """The driver side of a Dask run: start or join the cluster, batch the queue, record what returns.
 
     run's queue ──▶ prep tasks (supersede/adopt, as in-process) ──▶ batches of ~200 files / ~1 GB
-        ──▶ client.submit(run_batch, resources={"MAST": 1}) ── at most 2 x jobs in flight ──▶
+        ──▶ client.submit(run_batch, resources={"MAST": 1}) ── at most `jobs` on the cluster ──▶
         collector ──▶ MirrorRun.finish_job (the manifest's one writer, as for a local result)
 
-A partial batch goes out at once when the queue runs dry and a job would otherwise idle, so a slow
-planner (TAP) never starves the workers; a fast one fills whole batches. Memory is bounded by the
-batches in flight (2 x jobs x batch size), not by the plan.
+The cluster holds at most `jobs` batches, one per lease of the run's semaphore: a batch sent beyond
+that could only wait, queued on a worker behind another, where it is stranded if that worker stalls
+or dies. The next batch of each job is filled on the driver meanwhile (the prep tasks wait for a
+place with it), so a job that returns one gets the next at once. A partial batch goes out at once when
+the queue runs dry and a job would otherwise idle, so a slow planner (TAP) never starves the workers;
+a fast one fills whole batches. Memory is bounded by about 2 x jobs batches (out, and being filled),
+not by the plan.
 
 Imports Dask at module level: only `engine.cluster.executors` imports this module, once a Dask mode
 was chosen and found installed.
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 # The schedulers this run starts (local, slurm, a slurm-runner's rank 0):
 # - look for the leases of killed workers every 3 s (a dead worker's batch slot comes back sooner);
 # - no work stealing. A batch is coarse (about 200 files, minutes of work) and the driver keeps only
-#   about 2 x jobs of them out, so moving queued batches between workers gains little, while each
+#   `jobs` of them out, so moving queued batches between workers gains little, while each
 #   move is a two-step hand-over that races with a worker's death (a class of Dask bugs that leave
 #   a task "processing" nowhere), and a run must survive worker deaths. A worker that joins late
 #   gets the batches sent after it joined.
@@ -219,7 +223,7 @@ class DaskExecutor:
         self.runner: Any = None
         self._token = read_token(settings.fetch.token_env)
         self._preps = max(settings.verify.workers, 2)
-        self._slots = asyncio.Semaphore(2 * spec.jobs)
+        self._slots = asyncio.Semaphore(spec.jobs)  # batches out on the cluster (module docstring)
         self._batch: list[tuple[PlanItem, str, bool]] = []
         self._batch_bytes = 0
         self._numbers = 0
@@ -461,7 +465,7 @@ class DaskExecutor:
         """Send the current partial batch split over the free places in flight, so that a small
         plan (or the end of a large one) runs on every job, not as one batch on one worker."""
         items = self._take_batch()
-        parts = max(1, min(len(items), 2 * self.spec.jobs - self._outstanding))
+        parts = max(1, min(len(items), self.spec.jobs - self._outstanding))
         for part in range(parts):
             await self._submit(items[part::parts])
 
