@@ -504,6 +504,9 @@ class ClusterSettings:
     job_memory: str = "2GB"  # memory of a worker job (sbatch --mem)
     batch_files: int = 200  # files per batch (a batch is one Dask task)
     batch_bytes: int = 1_000_000_000  # declared bytes per batch, whichever limit comes first
+    # a batch without a byte, a finished file or a lease wait this long has stalled: its worker is
+    # restarted and the batch runs again (past the idle timeout, the longest backoff and a pause)
+    stall_timeout: float = 900.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -536,6 +539,7 @@ class ClusterSettings:
             )
         if self.batch_bytes < 1:
             raise ConfigError("cluster.batch_bytes", f"{self.batch_bytes} must be positive", hint="e.g. 1e9")
+        positive_timeout("cluster.stall_timeout", self.stall_timeout)
 
 
 @dataclass(slots=True)

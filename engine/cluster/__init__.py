@@ -31,6 +31,7 @@ CLUSTER_MODES = ("local", "slurm", "slurm-runner")
 INSTALL_HINT = "pip install 'tessmirror[cluster]'"
 BATCH_FILES = 200  # files per batch: enough to amortise the scheduler, small enough to spread
 BATCH_BYTES = 1_000_000_000  # declared bytes per batch: a 35 MB FFI batch stays near 1 GB
+STALL_TIMEOUT = 900.0  # seconds without progress after which a batch's worker is restarted
 _ADDRESS_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 _WALLTIME_RE = re.compile(r"^(\d{1,3}-)?\d{1,4}:[0-5]\d:[0-5]\d$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
@@ -59,6 +60,7 @@ class ClusterSpec:
     job_memory: str = "2GB"
     batch_files: int = BATCH_FILES
     batch_bytes: int = BATCH_BYTES
+    stall_timeout: float = STALL_TIMEOUT
 
     @property
     def uses_dask(self) -> bool:
@@ -146,6 +148,7 @@ def spec_from_settings(settings: Settings) -> ClusterSpec:
         job_memory=cluster.job_memory,
         batch_files=cluster.batch_files,
         batch_bytes=cluster.batch_bytes,
+        stall_timeout=cluster.stall_timeout,
     )
 
 

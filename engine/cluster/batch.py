@@ -194,7 +194,10 @@ class Control:
 
 @dataclass(slots=True)
 class _Doing:
-    """Where a batch running in this process is (read by `worker_view` from the worker's loop)."""
+    """Where a batch running in this process is (read by `worker_view` from the worker's loop), and
+    when it last moved: a byte received (it is the Downloader's `meter`), a file finished, a wait for
+    a lease or a pause the archive asked for. The driver restarts a worker whose batch has not moved
+    for `cluster.stall_timeout`."""
 
     number: int
     total: int
@@ -208,10 +211,20 @@ class _Doing:
             self.phase = phase
         self.since = time.monotonic()
 
+    def add_bytes(self, n: int) -> None:  # the Downloader's meter (engine.fetch.autotune.RateMeter)
+        self.since = time.monotonic()
+
+    def add_first_byte(self, seconds: float) -> None:
+        self.since = time.monotonic()
+
+    def quiet(self) -> float:
+        """Seconds since the batch last moved."""
+        return time.monotonic() - self.since
+
     def describe(self) -> str:
         flying = ", ".join(sorted(self.in_flight)[:4]) + (" …" if len(self.in_flight) > 4 else "")
         fetching = f", fetching {flying}" if flying else ""
-        quiet = time.monotonic() - self.since
+        quiet = self.quiet()
         return f"batch {self.number}: {self.phase}, {self.done} of {self.total} files done{fetching}; " + (
             f"last change {quiet:.0f} s ago"
         )
@@ -220,27 +233,42 @@ class _Doing:
 _DOING: dict[int, _Doing] = {}  # the batches running in this worker process, by number
 
 
-def worker_view(keys: list[str], dask_worker: Any = None) -> list[str]:
-    """What this worker process knows of the run's batch `keys`: Dask's state of each, where each
-    running batch is, and the innermost frames of every thread. For the driver's -v lines about a run
-    whose batches stopped coming back (`Client.run` calls it on every worker)."""
-    lines: list[str] = []
+@dataclass(slots=True)
+class WorkerView:
+    """What one worker process knows of the run's batches (`worker_view`)."""
+
+    states: dict[str, str]  # batch key -> Dask's state of it on this worker
+    free: float  # the MAST resource free here (0 while a batch runs)
+    quiet: dict[int, float]  # batch number -> seconds since it last moved, for the batches running here
+    lines: list[str]  # for the -v log: each running batch, then each thread's innermost frames
+
+
+def worker_view(
+    keys: list[str], resource: str = "MAST", stacks: bool = True, dask_worker: Any = None
+) -> WorkerView:
+    """What this worker process knows of the run's batch `keys`: Dask's state of each here, the free
+    `resource`, how long each running batch has not moved, and the innermost frames of every thread.
+    `Client.run` calls it on every worker, for the driver's look at a run whose batches stopped
+    coming back."""
+    states: dict[str, str] = {}
+    free = 0.0
     if dask_worker is not None:
         state = dask_worker.state
         for key in keys:
             task = state.tasks.get(key)
             if task is not None:
-                lines.append(f"{key.rsplit('-', 1)[-1]}: {task.state}")
-        lines.append(f"free resources {dict(state.available_resources)}")
-    lines.extend(doing.describe() for doing in list(_DOING.values()))
+                states[key] = str(task.state)
+        free = float(state.available_resources.get(resource, 0.0))
+    running = list(_DOING.values())
+    lines = [doing.describe() for doing in running]
     names = {thread.ident: thread.name for thread in threading.enumerate()}
-    for ident, frame in sys._current_frames().items():
+    for ident, frame in sys._current_frames().items() if stacks else ():
         if ident == threading.get_ident():
             continue
         frames = traceback.extract_stack(frame)[-4:]
         where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
         lines.append(f"thread {names.get(ident, ident)}: {where}")
-    return lines
+    return WorkerView(states, free, {doing.number: doing.quiet() for doing in running}, lines)
 
 
 def run_batch(spec: BatchSpec) -> BatchReport:
@@ -257,7 +285,7 @@ def run_batch(spec: BatchSpec) -> BatchReport:
         control = Control(spec)
         lease = _lease(spec)
         doing.note("waiting for a lease")
-        if lease is not None and not _acquire(lease, control, report):
+        if lease is not None and not _acquire(lease, control, report, doing):
             report.stopped = True  # the run stopped (or its driver is gone) before a lease came
             log.info("batch %d: stopped before it started (the run stopped or its driver gone)", spec.number)
             return report
@@ -315,7 +343,7 @@ def _lease(spec: BatchSpec) -> Any:
     return lease
 
 
-def _acquire(lease: Any, control: Control, report: BatchReport) -> bool:
+def _acquire(lease: Any, control: Control, report: BatchReport, doing: _Doing) -> bool:
     """Wait for a lease, but not past a stop of the run or the loss of its driver (every wait is
     bounded: a worker whose driver was killed must not wait for ever, and never ends otherwise)."""
     lost_since: float | None = None
@@ -324,6 +352,7 @@ def _acquire(lease: Any, control: Control, report: BatchReport) -> bool:
         try:
             if lease.acquire(timeout=LEASE_POLL_SECONDS):
                 return True
+            doing.note()  # waiting its turn is not a stall
             log.debug(
                 "batch %d: waiting for one of the run's %d leases (%.0f s so far)",
                 report.number,
@@ -382,6 +411,7 @@ async def _run(spec: BatchSpec, report: BatchReport, control: Control, doing: _D
                 executor=verify_pool,
                 fsync=spec.fsync,
                 part_file=part_file,
+                meter=doing,  # each byte received is progress (the driver looks for stalled batches)
             )
             try:
                 await _download_all(spec, report, control, downloader, limiter, verify_pool, doing)
@@ -468,6 +498,8 @@ async def _watch(control: Control, limiter: SharedLimiter, report: BatchReport, 
         if stop:
             return
         limiter.pause_until(until)
+        if limiter.paused_for > 0:
+            doing.note()  # waiting out a pause the archive asked for is not a stall
         limiter.told.clear()
         # A pause seen here wakes the watcher at once (asyncio's TimeoutError is the builtin from 3.11).
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -37,7 +38,15 @@ from dask.utils import parse_timedelta
 from distributed import Client, Variable
 
 from engine.cluster import ClusterSpec
-from engine.cluster.batch import BatchReport, BatchSpec, run_batch, token_digest, unpack, worker_view
+from engine.cluster.batch import (
+    BatchReport,
+    BatchSpec,
+    WorkerView,
+    run_batch,
+    token_digest,
+    unpack,
+    worker_view,
+)
 from engine.exceptions import ConfigError, LocalError, TessMirrorError
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, read_token
 from engine.models import FileResult, FileStatus, PlanItem
@@ -237,6 +246,8 @@ class DaskExecutor:
         self._no_workers_since: float | None = None  # monotonic time the cluster was last seen empty
         self._noted_queue = 0.0  # when the driver last said the Slurm jobs seem queued
         self._waiters: set[asyncio.Task] = set()
+        self._looked = time.monotonic()  # when the driver last looked at the cluster (_check_health)
+        self._restarted: dict[str, float] = {}  # worker -> monotonic time the driver last restarted it
         self.names = {
             "pause": f"tessmirror-{self.run_id}-pause",
             "stop": f"tessmirror-{self.run_id}-stop",
@@ -246,6 +257,7 @@ class DaskExecutor:
         self.batches = 0
         self.overloads = 0
         self.taken_over = 0
+        self.restarts = 0  # workers restarted because a batch of theirs had stalled
         self.batch_seconds = 0.0
         self.hosts: set[tuple[str, int]] = set()
 
@@ -590,17 +602,22 @@ class DaskExecutor:
         return [entry for index, entry in enumerate(batch.items) if index not in finished]
 
     async def _next_outcome(self) -> tuple[_Batch, BatchReport | BaseException] | None:
-        """The next batch back; while none comes, a look at the cluster every `HEALTH_SECONDS`."""
+        """The next batch back, with a look at the cluster every `HEALTH_SECONDS` (also while other
+        batches come back: one stalled worker among many that return must be found too)."""
         while True:
+            if time.monotonic() - self._looked >= HEALTH_SECONDS:
+                self._looked = time.monotonic()
+                await self._check_health()
             try:
                 return await asyncio.wait_for(self._done.get(), HEALTH_SECONDS)
             except (TimeoutError, asyncio.TimeoutError):  # the same class from 3.11 on
-                await self._check_health()
+                continue
 
     async def _check_health(self) -> None:
         """A run whose batches wait on a cluster without workers would wait in silence for ever (all
         of them gone: out of memory, killed, their jobs ended). Say so; a local cluster that has had
-        no worker for `NO_WORKERS_GIVE_UP` cannot get one back, so the run ends there."""
+        no worker for `NO_WORKERS_GIVE_UP` cannot get one back, so the run ends there. With workers,
+        look for a stalled batch (`_look_at_batches`)."""
         if self.client is None or not self._batch_of:
             return
         try:
@@ -619,8 +636,9 @@ class DaskExecutor:
         )
         if workers:
             self._no_workers_since = None
-            if log.isEnabledFor(logging.DEBUG):
-                await self._describe_batches()
+            stall = self.spec.stall_timeout
+            if log.isEnabledFor(logging.DEBUG) or now - oldest >= min(stall, HEALTH_SECONDS * 2):
+                await self._look_at_batches(now)
             return
         if self._no_workers_since is None:
             self._no_workers_since = now
@@ -641,22 +659,69 @@ class DaskExecutor:
             return
         log.warning("cluster: no Dask worker for %.0f s; %d batches wait for one", alone, len(self._batch_of))
 
-    async def _describe_batches(self) -> None:
-        """With -v, while no batch comes back: where each batch out is, as the scheduler and each
-        worker see it (a run that waits long shows what it waits on)."""
+    async def _look_at_batches(self, now: float) -> None:
+        """Where each batch out is, as the scheduler and each worker see it (DEBUG lines), and the
+        restart of a worker whose batch has stalled (`_stalled`): it would hold its batch, and the
+        run, for ever (a hung file system call, a wedged thread); Dask runs the batch again elsewhere
+        or on the restarted worker, which adopts the files already finished."""
         keys = list(self._batch_of)
         try:
             processing = await asyncio.wait_for(self.client.processing(), 10)
-            views = await asyncio.wait_for(self.client.run(worker_view, keys), 10)
-        except Exception as err:  # diagnostics only: a busy scheduler or worker is looked at next time
+            stacks = log.isEnabledFor(logging.DEBUG)
+            views = await asyncio.wait_for(self.client.run(worker_view, keys, RESOURCE, stacks), 10)
+        except Exception as err:  # a busy scheduler or worker is looked at next time
             log.debug("cluster: cannot look at the batches: %s", describe_error(err))
             return
         for worker, running in processing.items():
-            numbers = sorted(int(key.rsplit("-", 1)[-1]) for key in running if key in self._batch_of)
+            numbers = sorted(self._batch_of[key].number for key in running if key in self._batch_of)
             log.debug("cluster: worker %s has batches %s", worker, numbers or "none")
-        for worker, lines in views.items():
-            for line in lines:
+        for worker, view in views.items():
+            for line in view.lines:
                 log.debug("cluster: %s: %s", worker, line)
+        for worker, running in processing.items():
+            view = views.get(worker)
+            if view is None:
+                continue
+            why = self._stalled([key for key in running if key in self._batch_of], view, now)
+            if why and now - self._restarted.get(worker, -math.inf) >= self.spec.stall_timeout:
+                self._restarted[worker] = now
+                await self._restart(worker, why)
+
+    def _stalled(self, keys: list[str], view: WorkerView, now: float) -> str:
+        """Why the worker whose `view` this is holds a stalled batch of `keys` ("" when none is)."""
+        stall = self.spec.stall_timeout
+        for key in keys:
+            batch = self._batch_of[key]
+            if now - batch.submitted < stall:
+                continue
+            quiet = view.quiet.get(batch.number)
+            if quiet is not None:
+                if quiet >= stall:
+                    return f"batch {batch.number} has not moved for {quiet:.0f} s"
+                continue
+            state = view.states.get(key)
+            if state is None:
+                return f"batch {batch.number}, sent {now - batch.submitted:.0f} s ago, is unknown to it"
+            if view.free >= 1 and state != "executing":
+                waited = now - batch.submitted
+                return f"batch {batch.number} has waited {waited:.0f} s ({state}) on an idle worker"
+        return ""
+
+    async def _restart(self, worker: str, why: str) -> None:
+        log.warning("cluster: %s on worker %s: restarting that worker (its batch runs again)", why, worker)
+        self.restarts += 1
+        try:
+            outcome = await asyncio.wait_for(
+                self.client.restart_workers([worker], timeout=60, raise_for_error=False), 90
+            )
+        except Exception as err:
+            log.warning("cluster: could not restart worker %s: %s", worker, describe_error(err))
+            return
+        log.info(
+            "cluster: worker %s: %s",
+            worker,
+            outcome.get(worker, outcome) if isinstance(outcome, dict) else outcome,
+        )
 
     async def _record(
         self, run: RunHooks, writer: ManifestWriter, batch: _Batch, report: BatchReport, *, live: bool = True

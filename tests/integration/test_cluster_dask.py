@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,8 +50,10 @@ PART_RE = re.compile(r"\.part\.(?P<host>[^/]+)\.(?P<pid>\d+)$")
 
 
 def cluster_config(tmp_path: Path, **cluster: object) -> Path:
-    """A config file with a [cluster] table (batch sizes have no flag)."""
+    """A config file with a [cluster] table (batch sizes have no flag). A batch that does not move
+    for a minute has its worker restarted (`run_watched` reports it as a warning of the test run)."""
     path = tmp_path / "cluster.toml"
+    cluster = {"stall_timeout": 60, **cluster}
     lines = ["[cluster]"] + [f"{key} = {json.dumps(value)}" for key, value in cluster.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -141,6 +144,7 @@ def test_a_worker_killed_mid_batch_has_its_batch_rescheduled_and_nothing_is_lost
     code, _ = cli.finish(timeout=30)
     assert code == 0, cli.stderr[-3000:]
     no_traceback(cli.stderr, cli.stdout)
+    report_stalls(cli.stderr)
     assert_mirror_matches_truth(out, arch, names)
     assert assert_verified_records_are_good(out, arch) == len(names)
     assert parts_under(out) == []  # the killed writer's parts were continued, none left behind
@@ -224,15 +228,24 @@ class Census:
 
 @contextmanager
 def counting_server(
-    body: bytes, *, delay: float, throttle: dict[str, float] | None = None
+    body: bytes, *, delay: float, throttle: dict[str, float] | None = None, hang: set[str] | None = None
 ) -> Iterator[tuple[str, Census]]:
     """A file server on 127.0.0.1 (free port): each answer takes `delay` s; the first request for a
-    name in `throttle` is answered 429 with that Retry-After (seconds)."""
+    name in `throttle` is answered 429 with that Retry-After (seconds); the first for a name in `hang`
+    is never answered."""
     census = Census()
     throttled = dict(throttle or {})
+    hanging = set(hang or ())
 
     async def handler(request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        if name in hanging:
+            hanging.discard(name)
+            census.arrivals.append((time.time(), name, 0))
+            # No answer until the client goes away (its worker is restarted).
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.2)
+            return web.Response(status=499)
         retry_after = throttled.pop(name, None)
         census.arrivals.append((time.time(), name, 429 if retry_after is not None else 200))
         if retry_after is not None:
@@ -249,10 +262,14 @@ def counting_server(
         yield base, census
 
 
-def run_watched(*args: object, timeout: float = 240, census: Census | None = None) -> WatchedCli:
+def run_watched(
+    *args: object, timeout: float = 240, census: Census | None = None, stalls: bool = False
+) -> WatchedCli:
     """The CLI with -v, to its end: the workers' lines join its log and, while no batch comes back,
     the driver says where each batch is, so a run that hangs fails with the story of its last minutes
-    (and every thread's stack, and what the counting server saw)."""
+    (and every thread's stack, and what the counting server saw). A worker restarted for a stalled
+    batch that the test did not cause (`stalls`) is reported as a warning of the test session, with
+    the driver's look at the batches before it: a defect to find, shown even when the run recovers."""
     cli = WatchedCli(*args, "-v")
     try:
         cli.finish(timeout=timeout, shown=12000)
@@ -266,7 +283,18 @@ def run_watched(*args: object, timeout: float = 240, census: Census | None = Non
             f"(seconds before now): {', '.join(seen)}\n-- this test's own process (the server's thread) --\n"
             f"{stacks_of(os.getpid(), children=False)}"
         ) from None
+    if not stalls:
+        report_stalls(cli.stderr)
     return cli
+
+
+def report_stalls(log: str) -> None:
+    """A worker restarted for a stalled batch, as a warning of the test session (see `run_watched`)."""
+    lines = log.splitlines()
+    restarts = [i for i, line in enumerate(lines) if "restarting that worker" in line]
+    if restarts:
+        before = "\n".join(lines[max(0, restarts[0] - 60) : restarts[0] + 1])
+        warnings.warn(f"a batch stalled and its worker was restarted:\n{before}", UserWarning, stacklevel=3)
 
 
 def fetch_args(base: str, tmp_path: Path, count: int, config: Path, jobs: int, per_job: int) -> list[object]:
@@ -308,6 +336,25 @@ def test_a_429_seen_by_one_worker_pauses_every_worker(tmp_path: Path) -> None:
     print(f"requests {quiet_from - told:.1f}-{quiet_to - told:.1f} s after the 429: {during}")
     assert during == []
     assert any(t > quiet_to for t, _n, _s in census.arrivals)  # and the run went on afterwards
+
+
+def test_a_batch_that_stalls_has_its_worker_restarted_and_the_run_finishes(tmp_path: Path) -> None:
+    """One request is never answered, and no timeout of the transfer ends it (idle timeout 1 hour):
+    its batch stops moving. After `cluster.stall_timeout` the driver restarts that worker, says so,
+    and the batch runs again: every file arrives and the run exits 0."""
+    config = cluster_config(tmp_path, batch_files=4, stall_timeout=20)
+    with config.open("a") as fh:
+        fh.write("[fetch]\nidle_timeout = 3600\n")
+    with counting_server(small_fits(), delay=0.2, hang={"f005.fits"}) as (base, census):
+        args = fetch_args(base, tmp_path, 12, config, jobs=2, per_job=2)
+        result = run_watched(*args, census=census, stalls=True)
+    assert result.proc.returncode == 0, result.stderr[-3000:]
+    no_traceback(result.stderr)
+    said = [line for line in result.stderr.splitlines() if "restarting that worker" in line]
+    print(said)
+    assert len(said) == 1 and "WARNING" in said[0] and "has not moved for" in said[0], result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.fits")) == [f"f{i:03d}.fits" for i in range(12)]
+    assert [name for _t, name, _s in census.arrivals].count("f005.fits") == 2  # hung once, then answered
 
 
 # -- the runner mode's ranks, without Slurm -------------------------------------------------------

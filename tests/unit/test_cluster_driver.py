@@ -120,3 +120,40 @@ def test_files_whose_batch_keeps_stopping_early_fail_with_the_reason_instead_of_
     failed = [r for r in run.results if r.status is FileStatus.FAILED]
     assert len(failed) == 6 - (MAX_RESENDS + 1)
     assert all("stopped early" in r.error for r in failed)
+
+
+def executor_with_batches(tmp_path: Path, ages: dict[int, float], stall: float = 100.0):
+    """A driver whose batches 1.. were sent `ages[n]` seconds before `now` (1000.0)."""
+    from engine.cluster.driver import _Batch
+
+    settings = Settings()
+    settings.output.out_dir = tmp_path
+    executor = DaskExecutor(ClusterSpec(mode="local", jobs=2, stall_timeout=stall), settings)
+    keys = {}
+    for number, age in ages.items():
+        key = f"tessmirror-batch-{executor.run_id}-{number}"
+        executor._batch_of[key] = _Batch(number, [], submitted=1000.0 - age)
+        keys[number] = key
+    return executor, keys
+
+
+def test_a_batch_is_stalled_only_when_it_has_not_moved_for_the_stall_timeout(tmp_path: Path) -> None:
+    from engine.cluster.batch import WorkerView
+
+    executor, keys = executor_with_batches(tmp_path, {1: 500.0, 2: 500.0, 3: 50.0})
+    # Batch 1 runs and moved 10 s ago; batch 2 waits behind it on a busy worker: nothing stalled.
+    busy = WorkerView({keys[1]: "executing", keys[2]: "constrained"}, free=0.0, quiet={1: 10.0}, lines=[])
+    assert executor._stalled([keys[1], keys[2]], busy, now=1000.0) == ""
+    # Batch 1 has not moved for 150 s: stalled.
+    stuck = WorkerView({keys[1]: "executing"}, free=0.0, quiet={1: 150.0}, lines=[])
+    assert "batch 1 has not moved for 150 s" in executor._stalled([keys[1]], stuck, now=1000.0)
+    # Batch 2 waits on a worker with its resource free and nothing running: stranded.
+    idle = WorkerView({keys[2]: "constrained"}, free=1.0, quiet={}, lines=[])
+    assert "batch 2 has waited 500 s (constrained) on an idle worker" in executor._stalled(
+        [keys[2]], idle, now=1000.0
+    )
+    # The scheduler says the worker has batch 2, the worker does not know it.
+    blank = WorkerView({}, free=1.0, quiet={}, lines=[])
+    assert "unknown to it" in executor._stalled([keys[2]], blank, now=1000.0)
+    # A batch sent less than the stall timeout ago is never judged.
+    assert executor._stalled([keys[3]], blank, now=1000.0) == ""

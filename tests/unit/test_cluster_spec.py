@@ -105,6 +105,8 @@ def test_import_engine_does_not_import_dask() -> None:
         ('job_memory = "lots"', "cluster.job_memory"),
         ('job_extra = ["qos=debug"]', "cluster.job_extra"),
         ("batch_files = 0", "cluster.batch_files"),
+        ("stall_timeout = 0", "cluster.stall_timeout"),
+        ('stall_timeout = "soon"', "cluster.stall_timeout"),
         ('mode = "kubernetes"', "cluster.mode"),
         ("jobz = 2", "cluster.jobz"),
     ],
