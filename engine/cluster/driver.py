@@ -80,6 +80,8 @@ MAX_RESENDS = (
 STOP_GRACE = 2.0  # seconds for running batches to notice a stop and return, when the run is interrupted
 WORKERS_TIMEOUT = 60.0  # seconds to wait for a worker of an existing scheduler (tcp://)
 RUNNER_DEATH_TIMEOUT = 60  # seconds a slurm-runner worker waits for a scheduler it cannot reach
+# A worker's states of a task that has not started there (distributed.worker_state_machine).
+_NOT_STARTED = frozenset({"waiting", "ready", "constrained", "fetch", "flight", "missing"})
 _DASK_LOG_LEVEL = logging.CRITICAL  # Dask's own chatter (worker restarts, closed comms) stays out
 _DASK_LOGGERS = ("distributed", "dask", "dask_jobqueue", "tornado")
 
@@ -247,6 +249,7 @@ class DaskExecutor:
         self._noted_queue = 0.0  # when the driver last said the Slurm jobs seem queued
         self._waiters: set[asyncio.Task] = set()
         self._looked = time.monotonic()  # when the driver last looked at the cluster (_check_health)
+        self._suspects: dict[tuple[str, str], str] = {}  # (worker, batch key) -> why, at the last look
         self._restarted: dict[str, float] = {}  # worker -> monotonic time the driver last restarted it
         self.names = {
             "pause": f"tessmirror-{self.run_id}-pause",
@@ -678,34 +681,46 @@ class DaskExecutor:
         for worker, view in views.items():
             for line in view.lines:
                 log.debug("cluster: %s: %s", worker, line)
+        suspects: dict[tuple[str, str], str] = {}
         for worker, running in processing.items():
             view = views.get(worker)
-            if view is None:
-                continue
-            why = self._stalled([key for key in running if key in self._batch_of], view, now)
-            if why and now - self._restarted.get(worker, -math.inf) >= self.spec.stall_timeout:
+            if view is not None:
+                for key, why in self._stalled([key for key in running if key in self._batch_of], view, now):
+                    suspects[(worker, key)] = why
+        # Only what two looks in a row (HEALTH_SECONDS apart) found: a single look may catch a batch in
+        # a hand-over (just sent to its worker, or just finished there and not yet reported).
+        confirmed = {
+            worker: why for (worker, key), why in suspects.items() if (worker, key) in self._suspects
+        }
+        self._suspects = suspects
+        for worker, why in confirmed.items():
+            if now - self._restarted.get(worker, -math.inf) >= self.spec.stall_timeout:
                 self._restarted[worker] = now
                 await self._restart(worker, why)
 
-    def _stalled(self, keys: list[str], view: WorkerView, now: float) -> str:
-        """Why the worker whose `view` this is holds a stalled batch of `keys` ("" when none is)."""
+    def _stalled(self, keys: list[str], view: WorkerView, now: float) -> list[tuple[str, str]]:
+        """The batches of `keys` that the worker whose `view` this is holds stalled, each with why."""
         stall = self.spec.stall_timeout
+        found: list[tuple[str, str]] = []
         for key in keys:
             batch = self._batch_of[key]
             if now - batch.submitted < stall:
                 continue
             quiet = view.quiet.get(batch.number)
+            state = view.states.get(key)
             if quiet is not None:
                 if quiet >= stall:
-                    return f"batch {batch.number} has not moved for {quiet:.0f} s"
-                continue
-            state = view.states.get(key)
-            if state is None:
-                return f"batch {batch.number}, sent {now - batch.submitted:.0f} s ago, is unknown to it"
-            if view.free >= 1 and state != "executing":
+                    found.append((key, f"batch {batch.number} has not moved for {quiet:.0f} s"))
+            elif state is None:
+                found.append(
+                    (key, f"batch {batch.number}, sent {now - batch.submitted:.0f} s ago, is unknown to it")
+                )
+            elif view.free >= 1 and state in _NOT_STARTED:
                 waited = now - batch.submitted
-                return f"batch {batch.number} has waited {waited:.0f} s ({state}) on an idle worker"
-        return ""
+                found.append(
+                    (key, f"batch {batch.number} has waited {waited:.0f} s ({state}) on an idle worker")
+                )
+        return found
 
     async def _restart(self, worker: str, why: str) -> None:
         log.warning("cluster: %s on worker %s: restarting that worker (its batch runs again)", why, worker)

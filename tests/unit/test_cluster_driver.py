@@ -141,19 +141,59 @@ def test_a_batch_is_stalled_only_when_it_has_not_moved_for_the_stall_timeout(tmp
     from engine.cluster.batch import WorkerView
 
     executor, keys = executor_with_batches(tmp_path, {1: 500.0, 2: 500.0, 3: 50.0})
+
+    def why(view: WorkerView, *numbers: int) -> list[str]:
+        return [reason for _key, reason in executor._stalled([keys[n] for n in numbers], view, now=1000.0)]
+
     # Batch 1 runs and moved 10 s ago; batch 2 waits behind it on a busy worker: nothing stalled.
     busy = WorkerView({keys[1]: "executing", keys[2]: "constrained"}, free=0.0, quiet={1: 10.0}, lines=[])
-    assert executor._stalled([keys[1], keys[2]], busy, now=1000.0) == ""
+    assert why(busy, 1, 2) == []
     # Batch 1 has not moved for 150 s: stalled.
-    stuck = WorkerView({keys[1]: "executing"}, free=0.0, quiet={1: 150.0}, lines=[])
-    assert "batch 1 has not moved for 150 s" in executor._stalled([keys[1]], stuck, now=1000.0)
+    assert why(WorkerView({keys[1]: "executing"}, free=0.0, quiet={1: 150.0}, lines=[]), 1) == [
+        "batch 1 has not moved for 150 s"
+    ]
     # Batch 2 waits on a worker with its resource free and nothing running: stranded.
     idle = WorkerView({keys[2]: "constrained"}, free=1.0, quiet={}, lines=[])
-    assert "batch 2 has waited 500 s (constrained) on an idle worker" in executor._stalled(
-        [keys[2]], idle, now=1000.0
-    )
+    assert why(idle, 2) == ["batch 2 has waited 500 s (constrained) on an idle worker"]
+    # Batch 2 just finished there (not yet reported to the scheduler): not stalled.
+    assert why(WorkerView({keys[2]: "memory"}, free=1.0, quiet={}, lines=[]), 2) == []
     # The scheduler says the worker has batch 2, the worker does not know it.
     blank = WorkerView({}, free=1.0, quiet={}, lines=[])
-    assert "unknown to it" in executor._stalled([keys[2]], blank, now=1000.0)
+    assert "unknown to it" in why(blank, 2)[0]
     # A batch sent less than the stall timeout ago is never judged.
-    assert executor._stalled([keys[3]], blank, now=1000.0) == ""
+    assert why(blank, 3) == []
+
+
+class LookingClient:
+    """The scheduler's and the workers' answers for `_look_at_batches`; restarts are recorded."""
+
+    def __init__(self, processing: dict[str, list[str]], views: dict) -> None:
+        self._processing, self._views = processing, views
+        self.restarted: list[list[str]] = []
+
+    async def processing(self) -> dict[str, list[str]]:
+        return self._processing
+
+    async def run(self, fn: Any, *args: Any) -> dict:
+        return self._views
+
+    async def restart_workers(self, workers: list[str], **_options: Any) -> dict[str, str]:
+        self.restarted.append(workers)
+        return dict.fromkeys(workers, "OK")
+
+
+def test_a_worker_is_restarted_only_when_two_looks_in_a_row_find_its_batch_stalled(tmp_path: Path) -> None:
+    from engine.cluster.batch import WorkerView
+
+    executor, keys = executor_with_batches(tmp_path, {1: 500.0})
+    stuck = WorkerView({keys[1]: "executing"}, free=0.0, quiet={1: 150.0}, lines=[])
+    client = LookingClient({"tcp://w1": [keys[1]]}, {"tcp://w1": stuck})
+    executor.client = client
+
+    asyncio.run(executor._look_at_batches(1000.0))
+    assert client.restarted == []  # one look: it may be a hand-over
+    asyncio.run(executor._look_at_batches(1030.0))
+    assert client.restarted == [["tcp://w1"]] and executor.restarts == 1
+    asyncio.run(executor._look_at_batches(1060.0))
+    asyncio.run(executor._look_at_batches(1090.0))
+    assert client.restarted == [["tcp://w1"]]  # not again within the stall timeout (100 s)
