@@ -269,8 +269,12 @@ def test_an_interrupt_in_the_python_api_cancels_the_run_cleanly(archive, tmp_pat
     """The API installs no handlers: Ctrl-C in `mirror()` cancels the run, flushes, releases the lock."""
     arc = archive(targets=64, focus=(1, 1, 2), faults=FaultPlan.from_spec("bandwidth=100000"))
     out = tmp_path / "api"
+    # The interpreter a user presses Ctrl-C in has Python's own SIGINT handler. A process started in
+    # the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored, and so
+    # would this child: the signal never reached it, and `mirror` ran to its end (exit 5).
     script = (
-        "import sys\n"
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from engine import mirror\n"
         "try:\n"
         f"    mirror(tap_url={arc.tap_url!r}, sector=1, camera=1, ccd=2,\n"
@@ -296,4 +300,5 @@ def test_an_interrupt_in_the_python_api_cancels_the_run_cleanly(archive, tmp_pat
     assert proc.returncode == 0, stderr[-3000:]
     assert "KeyboardInterrupt reached the caller" in stdout
     assert not list(out.rglob("run.lock")), "the lock is released"
-    assert assert_verified_records_are_good(out, arc) >= 2
+    recorded = assert_verified_records_are_good(out, arc)
+    assert 2 <= recorded < len(lc_names_in_footprint(arc, 1, 1, 2))  # the run was cut short
