@@ -368,13 +368,17 @@ def test_slurm_runner_ranks_serve_scheduler_driver_and_workers_from_one_command(
     arch = archive(targets=12, focus=(1, 1, 2))
     names = lc_names_in_footprint(arch, 1, 1, 2)
     out = tmp_path / "out"
-    args = [a if a != "local" else "slurm-runner" for a in run_args(arch, out, cluster_config(tmp_path))]
+    config = cluster_config(tmp_path)
+    args = [a if a != "local" else "slurm-runner" for a in run_args(arch, out, config, "-v")]
     ranks = [
         WatchedCli(*args, env={"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_JOB_ID": "4242"})
         for rank in range(4)
     ]
     try:
         codes = [rank.finish(timeout=180)[0] for rank in ranks]
+    except AssertionError as err:  # a rank still running: what every rank said, the driver's with -v
+        told = "\n".join(f"-- rank {n}:\n{rank.stderr[-6000:]}" for n, rank in enumerate(ranks))
+        raise AssertionError(f"{err}\n{told}") from None
     finally:
         for rank in ranks:
             if rank.proc.poll() is None:
