@@ -72,10 +72,10 @@ from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
 from engine.fetch.session import read_token as read_env_token
 from engine.fetch.throttle import AdaptiveLimiter
 from engine.layout import resolve_within
-from engine.manifest import Manifest, ManifestWriter, RunLock, file_key, unpack_record
+from engine.manifest import KEY_PATH_PREFIX, Manifest, ManifestWriter, RunLock, file_key, unpack_record
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
 from engine.plan.invariants import GuardedPage, PlanGuard
-from engine.plan.sources import PlanSource, TapPlan, declared_bytes, plan_source_for
+from engine.plan.sources import PlanSource, TapPlan, plan_source_for
 from engine.plan.table import (
     PLAN_FILE,
     remove_stale_temp_files,
@@ -594,16 +594,36 @@ class MirrorRun:
                     done[key] = _seen(done[key])
                     continue
                 await self._record(writer, FileResult(item, FileStatus.FAILED, error=redact(reason)))
+            # A million-row resume runs this loop a million times: `file_key`, `declared_bytes`,
+            # `_seen` and `_differs` are written out here (their answers; a test compares them), the
+            # planned count is kept in `counted` and added to the outcome before any await (where
+            # anyone else could look at it) and after the page.
+            counted = 0
+            md5_bits = _MD5_BITS
             for item, relpath in guarded.items:
-                self.outcome.planned += 1
-                declared = declared_bytes(item)
+                counted += 1
+                size = item.size
+                declared = size if size >= 0 else (item.est_kb * 1024 if item.est_kb >= 0 else 0)
                 page_bytes += declared
-                key = file_key(item.obs_id, item.filename, relpath)
+                obs_id, filename = item.obs_id, item.filename
+                if obs_id and filename:
+                    key = f"{obs_id}/{filename}"
+                else:
+                    key = f"{KEY_PATH_PREFIX}{relpath}" if relpath else ""
                 changed = False
-                if key in done:  # the manifest keys files, not URLs: a new URL is the same file
-                    packed = done[key]
-                    done[key] = _seen(packed)
-                    changed = _differs(item, packed)
+                # The manifest keys files, not URLs: a new URL is the same file. Keys of `done` are
+                # never "" and its values never None.
+                packed = done.get(key)
+                if packed is not None:
+                    if packed >= 0:
+                        done[key] = ~packed  # seen: listed by this plan
+                    else:
+                        packed = ~packed
+                    if size >= 0 and size != packed >> 129:
+                        changed = True
+                    elif packed & 1 and item.md5:
+                        md5 = ((packed >> 1) & md5_bits).to_bytes(16, "big").hex()
+                        changed = item.md5 != md5 and item.md5.lower() != md5
                     if not changed:
                         skipped += 1
                         if self.results is not None:
@@ -612,12 +632,15 @@ class MirrorRun:
                 try:
                     dest = resolve_within(self.out_dir, relpath)
                 except UnsafePathError as err:
+                    self.outcome.planned += counted
+                    counted = 0
                     await self._record(
                         writer, FileResult(item, FileStatus.FAILED, path=relpath, error=redact(err))
                     )
                     continue
                 todo.append((item, relpath, dest, changed))
                 needed += declared
+            self.outcome.planned += counted
             self.outcome.merged += guarded.merged
             self.outcome.dropped += len(guarded.dropped)
             for item, reason in guarded.dropped[:_DROPS_LOGGED]:
@@ -911,13 +934,17 @@ async def _finish(closing: Awaitable[None]) -> None:
         raise
 
 
+_MD5_BITS = (1 << 128) - 1  # the md5 of a `pack_record` value, once shifted right by one
+
+
 def _seen(packed: int) -> int:
     """Mark a verified file as listed by this plan (the packed values are >= 0 until seen)."""
     return ~packed if packed >= 0 else packed
 
 
 def _differs(item: PlanItem, packed: int) -> bool:
-    """Whether the plan declares other bytes (size or md5) for a file than its verified record holds."""
+    """Whether the plan declares other bytes (size or md5) for a file than its verified record holds.
+    (`_produce_pages` holds this written out; this is the reference its test compares with.)"""
     nbytes, md5 = unpack_record(~packed if packed < 0 else packed)
     if item.size >= 0 and item.size != nbytes:
         return True

@@ -27,6 +27,7 @@ from engine.exceptions import (
 from engine.manager import MirrorRun, ResourceExhaustedError, summarize
 from engine.manifest import Manifest, RunLock, file_key
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
+from engine.plan.invariants import PlanGuard
 from engine.plan.sources import ItemsPlan, TablePlan, TapPlan, selection_fingerprint
 from engine.plan.table import PlanWriter, items_to_table, iter_plan, plan_meta
 from engine.progress import Progress
@@ -774,3 +775,89 @@ def test_a_shard_skips_files_verified_in_any_manifest(tmp_path):
     assert first.downloaded == 10 and done_before and len(done_before) < len(share)
     assert sorted(downloader.calls) == sorted(i.url for i in share if i not in done_before)
     assert outcome.skipped == len(done_before)
+
+
+def test_the_resume_loop_skips_and_marks_exactly_as_file_key_seen_and_differs_say(tmp_path):
+    """`_produce_pages` holds file_key, `_seen` and `_differs` written out: for random plans against
+    random verified records (same, other or unknown size and md5, upper case, odd md5s, rows with and
+    without an obs_id, files listed twice) it skips, queues and marks exactly as they say."""
+    import random
+
+    from engine.manager import _differs, _seen
+    from engine.manifest import pack_record
+
+    rng = random.Random(15)
+    settings = make_settings(tmp_path)
+    settings.run.force = True  # no free-space preflight: only the skip decisions are under test
+    items: list[PlanItem] = []
+    done: dict[str, int] = {}
+    for n in range(3_000):
+        name = f"f{rng.randint(0, 2_500):05d}_lc.fits"
+        obs_id = rng.choice([f"obs{n % 97}", ""])
+        md5 = f"{rng.getrandbits(128):032x}"
+        size = rng.choice([-1, 0, 100, 2039040])
+        items.append(
+            PlanItem(
+                url=f"http://127.0.0.1:1/files/{name}",
+                filename=name,
+                obs_id=obs_id,
+                size=size,
+                est_kb=rng.choice([-1, 0, 3]),
+                md5=rng.choice(["", md5, md5.upper(), "x" * 32, md5[:31]]),
+            )
+        )
+        if rng.random() < 0.7:
+            key = file_key(obs_id, name, f"{name}")
+            packed = pack_record(
+                rng.choice([size, size, 100, 0]) if size >= 0 else rng.choice([0, 7]),
+                rng.choice([md5, "", f"{rng.getrandbits(128):032x}"]),
+            )
+            done[key] = ~packed if rng.random() < 0.1 else packed  # a few already seen
+    mirror = MirrorRun(
+        settings, ItemsPlan(lambda: iter(items)), progress=Progress(bar=False), handle_signals=False
+    )
+
+    async def pages():
+        for start in range(0, len(items), 101):
+            yield items[start : start + 101]
+
+    class Writer:  # conflicting rows (one name, other bytes) are recorded as failed
+        failed: ClassVar[list[FileResult]] = []
+
+        async def record(self, result: FileResult) -> None:
+            self.failed.append(result)
+
+    async def produce() -> list[tuple[PlanItem, str, bool]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        await mirror._produce_pages(pages(), mine, queue, Writer(), 0)  # type: ignore[arg-type]
+        return [(job[0], job[1], job[3]) for job in (queue.get_nowait() for _ in range(queue.qsize()))]
+
+    mine = dict(done)
+    queued = asyncio.run(produce())
+
+    expected_queue, expected_skipped = [], 0
+    reference_guard = PlanGuard(settings.output.layout)
+    for start in range(0, len(items), 101):
+        guarded = reference_guard.admit(items[start : start + 101])
+        for item, _reason in guarded.failed:  # as the run marks them (not the loop under test)
+            key = file_key(item.obs_id, item.filename)
+            if key and key in done:
+                expected_skipped += 1
+                done[key] = _seen(done[key])
+        for item, relpath in guarded.items:
+            key = file_key(item.obs_id, item.filename, relpath)
+            changed = False
+            if key in done:
+                packed = done[key]
+                done[key] = _seen(packed)
+                changed = _differs(item, packed)
+                if not changed:
+                    expected_skipped += 1
+                    continue
+            expected_queue.append((item, relpath, changed))
+    assert queued == expected_queue
+    assert mine == done
+    assert mirror.outcome.skipped == expected_skipped > 100
+    assert mirror.outcome.planned == len(items) - mirror.outcome.merged - mirror.outcome.dropped
+    assert Writer.failed and all(result.status == FileStatus.FAILED for result in Writer.failed)
+    assert sum(changed for _item, _relpath, changed in queued) > 100
