@@ -408,8 +408,14 @@ class DaskExecutor:
                 await asyncio.wait_for(cluster.close(), 30)
         runner, self.runner = self.runner, None
         if runner is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(runner.close(), 30)
+            except Exception as err:
+                # The runner's close terminates the scheduler rank, and the other ranks end with it:
+                # without that, every rank would wait until the allocation's time limit.
+                log.debug("slurm-runner: closing: %s; ending the scheduler directly", describe_error(err))
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(_end_runner(runner_scheduler_file(self.settings.state_dir)), 30)
 
     async def _record_late(self, futures: list[Any]) -> None:
         """Record what the batches finished before a stop (the collector was cancelled with the
