@@ -549,14 +549,14 @@ class Manifest:
                         pop(key, None)
                         continue
                     nbytes = int(nbytes)
+                    if nbytes < 0:
+                        nbytes = 0
                     # `pack_record`, inline (its result for every input; a test compares the two).
                     try:
                         digest = int(md5, 16) if len(md5) == 32 else -1
                     except ValueError:
                         digest = -1
-                    found[key] = (
-                        (max(nbytes, 0) << 129) | (digest << 1) | 1 if digest >= 0 else max(nbytes, 0) << 129
-                    )
+                    found[key] = ((nbytes << 128 | digest) << 1) | 1 if digest >= 0 else nbytes << 129
                 except (ValueError, TypeError, KeyError, AttributeError):  # JSONDecodeError: a ValueError
                     self.skipped_lines += 1
         return found
