@@ -248,6 +248,8 @@ class DaskExecutor:
         self._no_workers_since: float | None = None  # monotonic time the cluster was last seen empty
         self._noted_queue = 0.0  # when the driver last said the Slurm jobs seem queued
         self._waiters: set[asyncio.Task] = set()
+        self._waiter_of: dict[str, asyncio.Future] = {}  # batch key -> the task awaiting its result
+        self._back_unseen: set[str] = set()  # batch keys finished on the cluster, not back, at the last look
         self._looked = time.monotonic()  # when the driver last looked at the cluster (_check_health)
         self._suspects: dict[tuple[str, str], str] = {}  # (worker, batch key) -> why, at the last look
         self._restarted: dict[str, float] = {}  # worker -> monotonic time the driver last restarted it
@@ -523,6 +525,7 @@ class DaskExecutor:
         self._batch_of[future.key] = batch
         waiter = asyncio.ensure_future(self._await(future, batch))
         self._waiters.add(waiter)
+        self._waiter_of[future.key] = waiter
         waiter.add_done_callback(self._waiters.discard)
 
     def _spec_for(self, batch: _Batch) -> BatchSpec:
@@ -567,6 +570,7 @@ class DaskExecutor:
             outcome = err
         finally:
             self._futures.discard(future)
+            self._waiter_of.pop(future.key, None)
         await self._done.put((batch, outcome))
 
     async def _collect(self, run: RunHooks, writer: ManifestWriter) -> None:
@@ -675,6 +679,7 @@ class DaskExecutor:
         or on the restarted worker, which adopts the files already finished."""
         keys = list(self._batch_of)
         try:
+            held = await asyncio.wait_for(self.client.scheduler.who_has(keys=keys), 10)
             processing = await asyncio.wait_for(self.client.processing(), 10)
             stacks = log.isEnabledFor(logging.DEBUG)
             views = await asyncio.wait_for(self.client.run(worker_view, keys, RESOURCE, stacks), 10)
@@ -699,10 +704,34 @@ class DaskExecutor:
             worker: why for (worker, key), why in suspects.items() if (worker, key) in self._suspects
         }
         self._suspects = suspects
+        # A batch the scheduler holds as finished (in a worker's memory), two looks in a row, whose
+        # result the driver never received: its waiter is stuck, so the batch goes out again.
+        finished = {key for key, where in (held or {}).items() if where and key in self._batch_of}
+        for key in finished & self._back_unseen:
+            self._send_again(key)
+        self._back_unseen = finished
         for worker, why in confirmed.items():
             if now - self._restarted.get(worker, -math.inf) >= self.spec.stall_timeout:
                 self._restarted[worker] = now
                 await self._restart(worker, why)
+
+    def _send_again(self, key: str) -> None:
+        """Send the batch `key` again, in its place in flight, and forget the first (see the caller)."""
+        waiter = self._waiter_of.pop(key, None)
+        if waiter is None or waiter.done():
+            return  # it came back meanwhile
+        batch = self._batch_of.pop(key)
+        waiter.cancel()  # the waiter re-raises its cancellation: the batch's place stays taken
+        for future in [f for f in self._futures if f.key == key]:
+            self._futures.discard(future)
+            with contextlib.suppress(Exception):
+                future.release()
+        log.warning(
+            "cluster: batch %d finished on the cluster but its result never reached the driver; it is sent "
+            "again",
+            batch.number,
+        )
+        self._send(batch.items, batch.resent)
 
     def _stalled(self, keys: list[str], view: WorkerView, now: float) -> list[tuple[str, str]]:
         """The batches of `keys` that the worker whose `view` this is holds stalled, each with why."""

@@ -134,6 +134,7 @@ def executor_with_batches(tmp_path: Path, ages: dict[int, float], stall: float =
         key = f"tessmirror-batch-{executor.run_id}-{number}"
         executor._batch_of[key] = _Batch(number, [], submitted=1000.0 - age)
         keys[number] = key
+    executor._numbers = max(ages, default=0)  # as if the driver had sent them
     return executor, keys
 
 
@@ -165,11 +166,25 @@ def test_a_batch_is_stalled_only_when_it_has_not_moved_for_the_stall_timeout(tmp
 
 
 class LookingClient:
-    """The scheduler's and the workers' answers for `_look_at_batches`; restarts are recorded."""
+    """The scheduler's and the workers' answers for `_look_at_batches`; restarts and submissions are
+    recorded."""
 
-    def __init__(self, processing: dict[str, list[str]], views: dict) -> None:
+    def __init__(self, processing: dict[str, list[str]], views: dict, held: dict | None = None) -> None:
         self._processing, self._views = processing, views
         self.restarted: list[list[str]] = []
+        self.submitted: list[BatchSpec] = []
+        outer = self
+
+        class Scheduler:
+            async def who_has(self, keys: list[str]) -> dict:
+                return {key: where for key, where in (held or {}).items() if key in keys}
+
+        self.scheduler = Scheduler()
+        self._outer = outer
+
+    def submit(self, fn: Any, spec: BatchSpec, *, key: str, **_options: Any) -> FakeFuture:
+        self.submitted.append(spec)
+        return FakeFuture(key, BatchReport(spec.number, host="node7", pid=42))
 
     async def processing(self) -> dict[str, list[str]]:
         return self._processing
@@ -197,3 +212,24 @@ def test_a_worker_is_restarted_only_when_two_looks_in_a_row_find_its_batch_stall
     asyncio.run(executor._look_at_batches(1060.0))
     asyncio.run(executor._look_at_batches(1090.0))
     assert client.restarted == [["tcp://w1"]]  # not again within the stall timeout (100 s)
+
+
+def test_a_batch_finished_on_the_cluster_whose_result_never_came_back_is_sent_again(tmp_path: Path) -> None:
+    executor, keys = executor_with_batches(tmp_path, {1: 500.0})
+    batch = executor._batch_of[keys[1]]
+    batch.items = [(PlanItem(url="https://archive.example/a.fits", filename="a.fits"), "a.fits", False)]
+    client = LookingClient({}, {}, held={keys[1]: ["tcp://w1"]})
+    executor.client = client
+
+    async def looks() -> asyncio.Future:
+        stuck: asyncio.Future = asyncio.get_running_loop().create_future()  # a waiter that never returns
+        executor._waiter_of[keys[1]] = stuck
+        await executor._look_at_batches(1000.0)
+        assert client.submitted == []  # one look: it may be on its way
+        await executor._look_at_batches(1030.0)
+        return stuck
+
+    stuck = asyncio.run(looks())
+    assert stuck.cancelled()
+    assert [item.filename for item, _ in client.submitted[0].items] == ["a.fits"]
+    assert keys[1] not in executor._batch_of and len(executor._batch_of) == 1  # the new batch only
