@@ -38,7 +38,9 @@ from typing import Annotated, Any, TypedDict, TypeVar, get_args, get_type_hints
 from astropy.table import Table
 
 from engine.aio import new_event_loop
+from engine.cluster import import_extra
 from engine.config import load_settings
+from engine.exceptions import ConfigError
 from engine.manager import MirrorRun, RunOutcome
 from engine.models import PlanItem
 from engine.plan.sources import PlanSource, TablePlan, plan_source_for
@@ -161,6 +163,17 @@ class MirrorOptions(PlanOptions, FetchOptions, total=False):
         Check again the files the manifest says are done.
     refresh_plan : bool
         Query TAP again even when a saved plan exists.
+    cluster : str
+        Spread the downloads over Dask workers (the `cluster` extra): "local" (worker processes on
+        this machine), "slurm" (workers in Slurm jobs) or "tcp://HOST:PORT" (a running scheduler
+        whose workers have the resource MAST=1). "slurm-runner" is a command for every rank of an
+        allocation (`srun tessmirror run ...`), not a call.
+    jobs : int
+        Workers (batches at once); the archive sees at most `jobs` x `job_concurrency` connections.
+    job_concurrency : int
+        Connections per worker; by default `concurrency` (8 when that is "auto").
+    queue, account, walltime : str
+        Slurm only: partition, account and time limit (HH:MM:SS) of the worker jobs.
     """
 
     urls_file: Annotated[str | Path | None, "selection.urls_file"]
@@ -169,6 +182,12 @@ class MirrorOptions(PlanOptions, FetchOptions, total=False):
     force: Annotated[bool | None, "run.force"]
     recheck: Annotated[bool | None, "run.recheck"]
     refresh_plan: Annotated[bool | None, "run.refresh_plan"]
+    cluster: Annotated[str | None, "cluster.mode"]
+    jobs: Annotated[int | None, "cluster.jobs"]
+    job_concurrency: Annotated[int | None, "cluster.job_concurrency"]
+    queue: Annotated[str | None, "cluster.queue"]
+    account: Annotated[str | None, "cluster.account"]
+    walltime: Annotated[str | None, "cluster.walltime"]
 
 
 def _config_keys(options: type) -> dict[str, str]:
@@ -379,6 +398,15 @@ async def _run(
     adopt_from: Sequence[str | Path] = (),
     adopt_link: bool = False,
 ) -> Results:
+    if settings.cluster.mode == "slurm-runner":
+        # Its ranks are roles of one command started on every node (rank 0 the scheduler, the
+        # others workers); a call in one process would drive a scheduler nobody serves.
+        raise ConfigError(
+            "cluster.mode",
+            "slurm-runner is a command for every rank of a Slurm allocation, not a call from Python",
+            hint="run `srun tessmirror run ... --cluster slurm-runner` in the allocation, or call "
+            'mirror(..., cluster="slurm") or cluster="tcp://HOST:PORT"',
+        )
     run = MirrorRun(
         settings,
         plan_source,
@@ -483,15 +511,15 @@ def mirror(
         After an interrupt stopped the run cleanly; call again to resume.
     """
     _check_keywords(mirror, options, _MIRROR_KEYWORDS)
+    # Built here, in the caller's thread: a bad value raises before any thread starts, and a Slurm
+    # cluster's dask_jobqueue is first imported where Python lets it set its signal handler.
+    if settings is None:
+        settings = build_settings(config, **options)
+    elif (settings.cluster.mode or "").startswith("slurm"):
+        import_extra("dask_jobqueue")
+    chosen = settings
     return run_in_thread(
-        lambda: mirror_async(
-            config,
-            settings=settings,
-            progress=progress,
-            adopt_from=adopt_from,
-            adopt_link=adopt_link,
-            **options,
-        )
+        lambda: mirror_async(settings=chosen, progress=progress, adopt_from=adopt_from, adopt_link=adopt_link)
     )
 
 

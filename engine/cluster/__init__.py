@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib
 import re
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -169,10 +172,43 @@ def validate_settings(settings: Settings) -> None:
     require_extra(mode)
 
 
+def import_extra(name: str) -> None:
+    """Import `name` of the cluster extra. dask_jobqueue sets a SIGINT handler when first imported
+    (its runner module): it replaces the caller's (the CLI's graceful stop, a notebook's interrupt),
+    which is put back here, and Python allows it only in the main thread. The Python API imports it
+    there (`engine.api.mirror`) before its worker thread starts; a first import in another thread is
+    refused with the fix.
+
+    Raises
+    ------
+    ImportError
+        `name` is not installed (or half installed).
+    engine.exceptions.ConfigError
+        A first import of dask_jobqueue outside the main thread.
+    """
+    if sys.modules.get(name) is not None:
+        return  # imported already (a None entry is a blocked import: import_module raises)
+    if threading.current_thread() is not threading.main_thread():
+        if name == "dask_jobqueue":
+            raise ConfigError(
+                "cluster.mode",
+                "dask-jobqueue can only be loaded first from the main thread (it sets a signal handler)",
+                hint="import dask_jobqueue in the main thread before the thread that runs the mirror starts",
+            )
+        importlib.import_module(name)
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        importlib.import_module(name)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 def _importable(name: str) -> bool:
     """Whether `name` imports (a half-installed package fails here, not later with a traceback)."""
     try:
-        importlib.import_module(name)
+        import_extra(name)
     except ImportError:
         return False
     return True
@@ -199,6 +235,7 @@ __all__ = [
     "check_job_extra",
     "check_memory",
     "check_walltime",
+    "import_extra",
     "parse_mode",
     "require_extra",
     "spec_from_settings",

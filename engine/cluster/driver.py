@@ -37,7 +37,7 @@ import distributed
 from dask.utils import parse_timedelta
 from distributed import Client, Variable
 
-from engine.cluster import ClusterSpec
+from engine.cluster import ClusterSpec, import_extra
 from engine.cluster.batch import (
     BatchReport,
     BatchSpec,
@@ -118,12 +118,9 @@ def runner_scheduler_file(state_dir: Path) -> Path:
 def _runner_class() -> Any:
     """dask_jobqueue's SLURMRunner, imported without letting it replace our SIGINT handler (its
     module installs ``sys.exit`` on import; our handler stops the run gracefully instead)."""
-    before = signal.getsignal(signal.SIGINT)
-    try:
-        from dask_jobqueue.slurm import SLURMRunner
-    finally:
-        with contextlib.suppress(ValueError, TypeError):  # not the main thread: nothing was changed
-            signal.signal(signal.SIGINT, before)
+    import_extra("dask_jobqueue")
+    from dask_jobqueue.slurm import SLURMRunner
+
     return SLURMRunner
 
 
@@ -281,9 +278,16 @@ class DaskExecutor:
             raise
         except (OSError, RuntimeError, ValueError, TimeoutError) as err:
             await self.close()
+            hint = "check the --cluster options (and, for Slurm, that sbatch works here)"
+            if spec.mode == "local":
+                # Worker processes start by spawning Python, which imports the caller's main module
+                # again: a script that calls mirror() at its top level runs itself in every worker.
+                hint = (
+                    "from a Python script, call mirror() under `if __name__ == '__main__':` (worker "
+                    "processes import the script again); see also the --cluster options"
+                )
             raise LocalError(
-                f"cannot start the {spec.mode} cluster: {redact(str(err) or type(err).__name__)}",
-                hint="check the --cluster options (and, for Slurm, that sbatch works here)",
+                f"cannot start the {spec.mode} cluster: {redact(str(err) or type(err).__name__)}", hint=hint
             ) from None
         await Variable(self.names["pause"], client=self.client).set(0.0)
         await Variable(self.names["stop"], client=self.client).set(False)
@@ -319,6 +323,7 @@ class DaskExecutor:
             )
             self.client = await Client(self.cluster, asynchronous=True)
         elif mode == "slurm":
+            import_extra("dask_jobqueue")
             from dask_jobqueue import SLURMCluster
 
             self.cluster = await SLURMCluster(**self._slurm_options(), asynchronous=True)

@@ -357,6 +357,30 @@ def test_a_batch_that_stalls_has_its_worker_restarted_and_the_run_finishes(tmp_p
     assert [name for _t, name, _s in census.arrivals].count("f005.fits") == 2  # hung once, then answered
 
 
+def test_the_python_api_mirrors_on_a_local_cluster(archive, tmp_path: Path) -> None:
+    """`mirror(..., cluster="local", jobs=2, job_concurrency=2)`: the same run as the CLI's, from
+    Python (its own loop in a worker thread), every file verified."""
+    import subprocess
+    import sys
+
+    arch = archive(targets=12, focus=(1, 1, 2))
+    names = lc_names_in_footprint(arch, 1, 1, 2)
+    out = tmp_path / "out"
+    script = (
+        "from engine import mirror\n"
+        f"results = mirror(tap_url={arch.tap_url!r}, sector=1, camera=1, ccd=2, out_dir={str(out)!r},\n"
+        "                 cluster='local', jobs=2, job_concurrency=2, progress=False)\n"
+        "print('verified', sum(1 for status in results['status'] if status == 'verified'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    no_traceback(done.stderr)
+    assert f"verified {len(names)}" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert_mirror_matches_truth(out, arch, names)
+    assert assert_verified_records_are_good(out, arch) == len(names)
+    assert parts_under(out) == []
+
+
 # -- the runner mode's ranks, without Slurm -------------------------------------------------------
 def test_slurm_runner_ranks_serve_scheduler_driver_and_workers_from_one_command(
     archive, tmp_path: Path

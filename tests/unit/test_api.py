@@ -84,7 +84,7 @@ def test_public_calls_take_the_shared_keywords_as_typed_options_and_carry_numpyd
 
 def test_each_keyword_is_declared_once_with_the_configuration_key_it_sets():
     hints = typing.get_type_hints(api.MirrorOptions, include_extras=True)
-    assert set(api.KEYWORDS) == set(hints) and len(hints) == 28
+    assert set(api.KEYWORDS) == set(hints) and len(hints) == 34
     assert api.KEYWORDS["camera"] == api.KEYWORDS["cameras"] == "selection.cameras"
     assert (api.KEYWORDS["verify"], api.KEYWORDS["tap_url"]) == ("verify.level", "tap.url")
     assert set(api.PlanOptions.__optional_keys__) | set(api.FetchOptions.__optional_keys__) < set(hints)
@@ -149,6 +149,25 @@ def test_camera_wins_over_cameras_and_none_means_not_given():
     assert build_settings(sector=1, cameras=[3], camera=2).selection.cameras == [2]
     assert build_settings(sector=1, camera=None, cameras=[3]).selection.cameras == [3]
     assert build_settings(sector=1, tap_url=None).tap.url == Settings().tap.url
+
+
+def test_the_cluster_keywords_reach_the_cluster_table(tmp_path):
+    settings = build_settings(
+        sector=1, out_dir=tmp_path, cluster="local", jobs=3, job_concurrency=2, walltime="01:00:00"
+    )
+    cluster = settings.cluster
+    assert (cluster.mode, cluster.jobs, cluster.job_concurrency) == ("local", 3, 2)
+    assert cluster.walltime == "01:00:00"
+    with pytest.raises(ConfigError) as info:
+        build_settings(sector=1, cluster="local", jobs=0)
+    assert info.value.key == "cluster.jobs"
+
+
+def test_slurm_runner_from_python_is_refused_with_the_command_to_run_instead(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        mirror(sector=1, out_dir=tmp_path / "m", cluster="slurm-runner", progress=False)
+    assert info.value.key == "cluster.mode" and "srun tessmirror run" in (info.value.hint or "")
+    assert not (tmp_path / "m").exists()  # refused before anything ran
 
 
 def test_bad_keyword_values_raise_config_error_naming_the_key():

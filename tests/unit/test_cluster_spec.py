@@ -141,3 +141,38 @@ def test_a_cluster_and_a_shard_are_refused_together(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match=r"^run\.shard: --shard and --cluster local"):
         load_settings(None, {"selection.sector": 1, "cluster.mode": "local", "run.shard": "0/2"})
+
+
+def test_dask_jobqueue_is_imported_keeping_our_sigint_handler_and_refused_first_off_the_main_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import signal
+    import threading
+
+    from engine.cluster import import_extra
+
+    for name in [n for n in sys.modules if n == "dask_jobqueue" or n.startswith("dask_jobqueue.")]:
+        monkeypatch.delitem(sys.modules, name)
+    outcome: list[BaseException] = []
+
+    def in_a_thread() -> None:
+        try:
+            import_extra("dask_jobqueue")
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(60)
+    assert isinstance(outcome[0], ConfigError) and outcome[0].key == "cluster.mode"
+    assert "main thread" in str(outcome[0])
+
+    def ours(signum, frame):  # pragma: no cover - never called
+        pass
+
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        import_extra("dask_jobqueue")  # its runner module sets a SIGINT handler of its own
+        assert signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, previous)
