@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from engine.exceptions import UnsafePathError
-from engine.layout import check_layout, relpath_for
+from engine.layout import STATE_DIR_NAME, check_layout, is_plain_name, is_plain_obs_id, relpath_for
 from engine.models import PlanItem
 from engine.plan.table import filename_from_url
 from engine.redact import redact
@@ -56,6 +56,16 @@ _BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
 _PLAIN_URL = re.compile(
     r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?"
     r"(?P<path>/[A-Za-z0-9._~!$'()*,;=:/-]*)(?:\?uri=(?P<uri>[A-Za-z0-9._~!$'()*,:/-]+))?"
+)
+
+# What a plain URL holds before its last part when that part is the file name: `_PLAIN_URL` up to a
+# path ending in '/' or ':', or up to `?uri=` and a value that is empty or ends in '/' or ':'. For
+# such a prefix P and a name N that `is_plain_name` takes (no '/', ':' or anything else special),
+# `_PLAIN_URL` takes P + N whole and names N, so `url_problem` answers None: a plan's rows share one
+# prefix, and comparing it costs a fraction of the regex on every URL (the unit tests compare).
+_PLAIN_URL_PREFIX = re.compile(
+    r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?"
+    r"/(?:(?:[A-Za-z0-9._~!$'()*,;=:/-]*[/:])?|[A-Za-z0-9._~!$'()*,;=:/-]*\?uri=(?:[A-Za-z0-9._~!$'()*,:/-]*[/:])?)"
 )
 
 
@@ -134,27 +144,51 @@ class PlanGuard:
         # the guard took 45% of a million-file resume that way.
         self._recent: OrderedDict[int, str] = OrderedDict()
         self._recent_cap = max(0, recent_urls)
+        self._url_prefix = ""  # the last URL prefix `_PLAIN_URL_PREFIX` took (see `admit`)
 
     def admit(self, page: list[PlanItem]) -> GuardedPage:
         """Sort one page into downloads, failures, merges and drops, updating the counters."""
         out = GuardedPage()
         # Bound once a page: a million-row resume makes each of these a million times.
         declared, recent, cap, digest = self._declared, self._recent, self._recent_cap, _digest
-        layout, downloads = self.layout, out.items
+        downloads = out.items
+        strategy, prefix, plain_prefix = (
+            check_layout(self.layout),
+            self._url_prefix,
+            _PLAIN_URL_PREFIX.fullmatch,
+        )
         for item in page:
-            problem = url_problem(item)
-            if problem is not None and problem[0] != MISMATCH:
-                self._drop(out, item, *problem)
-                continue
-            try:
-                relpath = relpath_for(item, layout)
-            except UnsafePathError as err:
-                self.unsafe += 1
-                out.failed.append((item, redact(str(err))))
-                continue
-            if problem is not None:
-                self._drop(out, item, *problem)
-                continue
+            # The standard row, in one pass: a plain name and obs_id (which `relpath_for` takes as they
+            # are) behind a plain URL prefix that names the file (so `url_problem` is None), placed by
+            # the layout's strategy. Anything else, or anything the strategy or the state-folder check
+            # would refuse, takes the general path, which decides as it always did.
+            url, name, obs_id = item.url, item.filename, item.obs_id
+            relpath = ""
+            if (
+                type(url) is str
+                and type(name) is str
+                and type(obs_id) is str
+                and url.endswith(name)
+                and is_plain_name(name)
+                and is_plain_obs_id(obs_id)
+            ):
+                cut = len(url) - len(name)
+                # `prefix` is '' or one `_PLAIN_URL_PREFIX` took; '' is no prefix (no URL is a bare name).
+                plain = bool(prefix) and cut == len(prefix) and url.startswith(prefix)
+                if not plain and plain_prefix(url[:cut]):
+                    plain, prefix = True, url[:cut]
+                    self._url_prefix = prefix
+                if plain:
+                    try:
+                        relpath = strategy(item)
+                    except UnsafePathError:
+                        relpath = ""  # the general path refuses it, with its count and message
+                    if relpath[:1] == "." and relpath.partition("/")[0].casefold() == STATE_DIR_NAME:
+                        relpath = ""
+            if not relpath:
+                relpath = self._general_relpath(out, item)
+                if not relpath:
+                    continue
             key = digest(relpath)
             packed = _pack(item)
             before = declared.get(key)
@@ -189,6 +223,24 @@ class PlanGuard:
                     urls.append(item.url)
 
         return out
+
+    def _general_relpath(self, out: GuardedPage, item: PlanItem) -> str:
+        """`item`'s destination by the general checks (`url_problem`, `relpath_for`), or '' when the
+        row was dropped or failed here (counted, and added to `out`)."""
+        problem = url_problem(item)
+        if problem is not None and problem[0] != MISMATCH:
+            self._drop(out, item, *problem)
+            return ""
+        try:
+            relpath = relpath_for(item, self.layout)
+        except UnsafePathError as err:
+            self.unsafe += 1
+            out.failed.append((item, redact(str(err))))
+            return ""
+        if problem is not None:
+            self._drop(out, item, *problem)
+            return ""
+        return relpath
 
     # -- reporting ------------------------------------------------------------------------------
     @property

@@ -166,6 +166,191 @@ def test_url_problem_compares_names_in_nfc_only_when_they_differ() -> None:
     assert problem is not None and problem[0] == invariants.MISMATCH
 
 
+class _ReferenceGuard(invariants.PlanGuard):
+    """`PlanGuard.admit` before its one-pass fast path: `url_problem`, then `relpath_for`, per row."""
+
+    def admit(self, page: list[PlanItem]) -> invariants.GuardedPage:
+        out = invariants.GuardedPage()
+        for item in page:
+            problem = invariants.url_problem(item)
+            if problem is not None and problem[0] != invariants.MISMATCH:
+                self._drop(out, item, *problem)
+                continue
+            try:
+                relpath = layout.relpath_for(item, self.layout)
+            except UnsafePathError as err:
+                self.unsafe += 1
+                out.failed.append((item, invariants.redact(str(err))))
+                continue
+            if problem is not None:
+                self._drop(out, item, *problem)
+                continue
+            key = invariants._digest(relpath)
+            packed = invariants._pack(item)
+            before = self._declared.get(key)
+            if before is None:
+                self._declared[key] = packed
+                if self._recent_cap:
+                    if len(self._recent) >= self._recent_cap:
+                        self._recent.popitem(last=False)
+                    self._recent[key] = item.url
+                self.planned += 1
+                out.items.append((item, relpath))
+                continue
+            disagreement = invariants._disagreement(before, packed)
+            if disagreement:
+                self.conflicts += 1
+                first = self._recent.get(key)
+                earlier = f"{invariants.redact(first)!r}" if first else "a URL planned earlier"
+                out.failed.append(
+                    (
+                        item,
+                        f"conflicting rows for {relpath}: {invariants.redact(item.url)!r} and {earlier} "
+                        f"declare different files ({disagreement}); neither is trusted for the other",
+                    )
+                )
+                continue
+            self.merged += 1
+            out.merged += 1
+            self._declared[key] = invariants._union(before, packed)
+            if item.url != self._recent.get(key):
+                urls = out.fallbacks.setdefault(relpath, [])
+                if item.url not in urls:
+                    urls.append(item.url)
+        return out
+
+
+# URL prefixes, plain and hostile: userinfo, odd schemes, no host, IPv6, encodings, queries other than
+# uri=, fragments, white space and controls, unicode lookalikes, parent references, no separator.
+URL_PREFIXES = [
+    "https://mast.stsci.edu/api/v0.1/Download/file?uri=mast:TESS/product/",
+    "http://127.0.0.1:9/api/v0.1/Download/file?uri=mast:TESS/product/",
+    "HTTPS://archive.example.org:8443/tess/s0001/",
+    "https://h/",
+    "https://h/x:",
+    "https://h/x?uri=",
+    "https://h/x?uri=a:",
+    "https://h/x?uri=a/b",
+    "https://h/x?uri=%2e%2e/",
+    "https://h/x?other=1&uri=a/",
+    "https://h/x?uri=a/#",
+    "https://h/a/../",
+    "https://h/a/./",
+    "https://h:99999/a/",
+    "https://h:/a/",
+    "https://user:pw@h/a/",
+    "https://@h/a/",
+    "https://[::1]/a/",
+    "https://[::1/a/",
+    "https://h/a b/",
+    "https://h/a\x00/",
+    "https://h/a\t/",
+    " https://h/a/",
+    "https://h/a/\n",
+    "https://h\u2215a/",  # a division slash, not '/'
+    "https://\uff48/a/",  # a fullwidth h
+    "https://h/\uff0f",  # a fullwidth solidus
+    "https://h/a%2F",
+    "https://h/a\\",
+    "https://h",
+    "https:/h/a/",
+    "https//h/a/",
+    "http://h/a/",
+    "ftp://h/a/",
+    "file:///a/",
+    "data:text/plain,",
+    "javascript:/",
+    "mast:TESS/product/",
+    "//h/a/",
+    "/a/",
+    "",
+    "https://h/" + "a" * 3000 + "/",
+]
+
+
+def _random_prefix(rng: random.Random) -> str:
+    if rng.random() < 0.8:
+        return rng.choice(URL_PREFIXES[:8] if rng.random() < 0.7 else URL_PREFIXES)
+    chars = "hs:/?=uria.-_%@#&[]~+ \x00\u00e9" + "tp"
+    return "".join(rng.choice(chars) for _ in range(rng.randint(0, 30)))
+
+
+def _random_row(rng: random.Random, names: list[str]) -> PlanItem:
+    name = rng.choice(names) if names and rng.random() < 0.3 else _random_name(rng)
+    names.append(name)
+    named = name
+    if rng.random() < 0.1:  # a URL for another file, or a lookalike of this one
+        named = rng.choice([_random_name(rng), unicodedata.normalize("NFD", name + "é"), name.upper(), ""])
+    url: object = _random_prefix(rng) + named
+    if rng.random() < 0.02:
+        url = rng.choice([None, 7, b"https://h/a/x.fits"])
+    obs_id: object = rng.choice(["tess2018206045859-s0001-0000000025155310-0120-s", "", "a_b-9"])
+    if rng.random() < 0.3:
+        obs_id = rng.choice(
+            ["tess2018206045859-s0001-0000000025155310-0120-s", "", "a_b-9", "..", "a/b", "a\\b", "a\x00",
+             "a\x1b[31m", "x" * 256, "x" * 255, "é", "a b", None, 5]
+        )  # fmt: skip
+    filename: object = name if rng.random() < 0.99 else rng.choice([None, 3, b"x.fits"])
+    return PlanItem(
+        url=url,  # type: ignore[arg-type]
+        filename=filename,  # type: ignore[arg-type]
+        obs_id=obs_id,  # type: ignore[arg-type]
+        sector=rng.choice([-1, 0, 1, 9999, 10_000, "7", None, True]),  # type: ignore[arg-type]
+        size=rng.choice([-1, 100, 101, 2_039_040]),
+        est_kb=rng.choice([-1, 1, 1991, 10_000]),
+        md5=rng.choice(["", "0" * 32, "1" * 32, "A" * 32]),
+    )
+
+
+def _sorted_out(guard: invariants.PlanGuard, page: invariants.GuardedPage) -> tuple[object, ...]:
+    return (page.items, page.failed, page.dropped, page.merged, page.fallbacks, guard.counts())
+
+
+class _CountingGuard(invariants.PlanGuard):
+    """A PlanGuard that counts the rows its one pass leaves to the general checks."""
+
+    general = 0
+
+    def _general_relpath(self, out: invariants.GuardedPage, item: PlanItem) -> str:
+        _CountingGuard.general += 1
+        return super()._general_relpath(out, item)
+
+
+@pytest.mark.parametrize("name", layout.layout_names())
+def test_the_guards_one_pass_admits_every_row_as_the_general_checks_do(name: str) -> None:
+    rng = random.Random(f"guard-{name}")
+    rows, _CountingGuard.general = 0, 0
+    for _ in range(40):
+        fast, reference = _CountingGuard(name, recent_urls=50), _ReferenceGuard(name, recent_urls=50)
+        names: list[str] = []
+        for _ in range(5):  # one guard sees several pages: its remembered URL prefix carries over
+            page = [_random_row(rng, names) for _ in range(rng.randint(0, 300))]
+            rows += len(page)
+            assert _sorted_out(fast, fast.admit(page)) == _sorted_out(reference, reference.admit(page))
+    # Both paths were compared on many rows.
+    assert 0.1 * rows < _CountingGuard.general < 0.9 * rows
+
+
+def test_a_plain_url_prefix_before_a_plain_name_is_a_url_that_names_that_file() -> None:
+    rng = random.Random(2811)
+    chars = "hHtTpPsS:/?=uriUR.-_~!$'()*,;@%#&[]+ 09az\x00\u00e9"
+    accepted = 0
+    for _ in range(200_000):
+        prefix = rng.choice(
+            [
+                rng.choice(URL_PREFIXES) + "".join(rng.choice(chars) for _ in range(rng.randint(0, 6))),
+                "http" + "".join(rng.choice(chars) for _ in range(rng.randint(0, 25))),
+            ]
+        )
+        if not invariants._PLAIN_URL_PREFIX.fullmatch(prefix):
+            continue
+        accepted += 1
+        name = _random_name(rng)
+        if layout.is_plain_name(name):
+            assert invariants.url_problem(PlanItem(url=prefix + name, filename=name)) is None, (prefix, name)
+    assert accepted > 1000
+
+
 # -- the plan reader --------------------------------------------------------------------------------
 CELL_CHARS = "abcXYZ019._-:/?="
 ODD_CELL_CHARS = '",\r\n\x00 \\\t\u00e9'
