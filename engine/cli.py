@@ -347,7 +347,7 @@ _DOWNLOAD = (
 _CLUSTER_TITLE = "cluster (also [cluster] in the config file; needs pip install 'tessmirror[cluster]')"
 _CLUSTER = (
     _flag("--cluster", dest="cluster.mode"),
-    _flag("--jobs", dest="cluster.jobs", type=int, shows_default=True),
+    _flag("--jobs", dest="cluster.jobs", type=int),
     _flag("--job-concurrency", dest="cluster.job_concurrency", type=int),
     _flag("--queue", dest="cluster.queue"),
     _flag("--account", dest="cluster.account"),

@@ -456,9 +456,15 @@ class ClusterSettings:
             "metavar": "WHERE",
         },
     )
-    # Dask workers (Slurm jobs under slurm); each runs one batch at a time
-    jobs: int = field(
-        default=2, metadata={"help": "workers (Slurm jobs), each running one batch at a time", "metavar": "N"}
+    # Dask workers (Slurm jobs under slurm); each runs one batch at a time. None: 2, or under
+    # slurm-runner the allocation's worker ranks (SLURM_NTASKS - 2)
+    jobs: int | None = field(
+        default=None,
+        metadata={
+            "help": "workers (Slurm jobs), each running one batch at a time (default: 2; under "
+            "slurm-runner, the allocation's tasks minus 2)",
+            "metavar": "N",
+        },
     )
     # connections per job; None: fetch.concurrency (8 under auto)
     job_concurrency: int | None = field(
@@ -520,7 +526,7 @@ class ClusterSettings:
 
         check_types("cluster", self, _hints(ClusterSettings))
         parse_mode(self.mode)
-        if not 1 <= self.jobs <= JOBS_MAX:
+        if self.jobs is not None and not 1 <= self.jobs <= JOBS_MAX:
             raise ConfigError("cluster.jobs", f"{self.jobs} is outside 1..{JOBS_MAX}", hint="e.g. --jobs 4")
         if self.job_concurrency is not None and not 1 <= self.job_concurrency <= CONCURRENCY_MAX:
             raise ConfigError(

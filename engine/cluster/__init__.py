@@ -17,6 +17,7 @@ cluster was asked for. Without the ``cluster`` extra, asking for one is a one-li
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import signal
 import sys
@@ -39,6 +40,7 @@ _ADDRESS_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})
 _WALLTIME_RE = re.compile(r"^(\d{1,3}-)?\d{1,4}:[0-5]\d:[0-5]\d$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 JOBS_MAX = 10_000  # more jobs than this is a typo
+JOBS_DEFAULT = 2
 JOB_CONCURRENCY_DEFAULT = 8  # per job, when --concurrency is auto (the tuner runs in-process only)
 
 
@@ -132,6 +134,17 @@ def check_job_extra(key: str, raw: Any) -> list[str]:
 _EXTRA_HINT = 'e.g. --job-extra=--qos=debug, or job_extra = ["--qos=debug"] in [cluster]'
 
 
+def default_jobs(mode: str) -> int:
+    """`cluster.jobs` when not given: under slurm-runner every rank but the scheduler's and the
+    driver's is a worker (SLURM_NTASKS - 2, at least 1); otherwise 2."""
+    if mode == "slurm-runner":
+        tasks = os.environ.get("SLURM_NTASKS", "")
+        if tasks.isdigit() and int(tasks) > 2:
+            return min(int(tasks) - 2, JOBS_MAX)
+        return 1
+    return JOBS_DEFAULT
+
+
 def spec_from_settings(settings: Settings) -> ClusterSpec:
     """The validated `[cluster]` table (and the flags) as a ClusterSpec."""
     cluster = settings.cluster
@@ -141,7 +154,7 @@ def spec_from_settings(settings: Settings) -> ClusterSpec:
     return ClusterSpec(
         mode=mode,
         address=address,
-        jobs=cluster.jobs,
+        jobs=cluster.jobs if cluster.jobs is not None else default_jobs(mode),
         job_concurrency=cluster.job_concurrency or default,
         queue=cluster.queue,
         account=cluster.account,

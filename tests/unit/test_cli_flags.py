@@ -52,7 +52,6 @@ def test_every_dotted_flag_names_a_key_of_the_settings_schema(commands):
         ("--concurrency", "fetch.concurrency"),
         ("--max-connections", "fetch.max_connections"),
         ("--progress-interval", "run.progress_interval"),
-        ("--jobs", "cluster.jobs"),
         ("--verify", "verify.level"),
         ("--layout", "output.layout"),
     ],

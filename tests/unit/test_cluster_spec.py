@@ -176,3 +176,18 @@ def test_dask_jobqueue_is_imported_keeping_our_sigint_handler_and_refused_first_
         assert signal.getsignal(signal.SIGINT) is ours
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_jobs_default_to_two_or_to_the_allocations_worker_ranks_under_slurm_runner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from engine.cluster import spec_from_settings
+
+    settings = Settings()
+    settings.cluster.mode = "local"
+    assert spec_from_settings(settings).jobs == 2
+    monkeypatch.setenv("SLURM_NTASKS", "6")  # scheduler, driver and 4 workers
+    settings.cluster.mode = "slurm-runner"
+    assert spec_from_settings(settings).jobs == 4
+    settings.cluster.jobs = 2  # given: kept (fewer workers busy, gentler on the archive)
+    assert spec_from_settings(settings).jobs == 2
