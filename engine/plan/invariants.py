@@ -23,7 +23,7 @@ import hashlib
 import re
 import sys
 import unicodedata
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -139,11 +139,15 @@ class PlanGuard:
         self.unsafe = 0
         self.dropped: Counter[str] = Counter()
         self._declared: dict[int, int] = {}  # digest of relpath -> packed (md5, size, estimate)
-        # Digest of relpath -> first URL, for the newest ones only. An OrderedDict, because deleting
-        # a plain dict's first key leaves a run of dead slots that every later `next(iter())` walks:
-        # the guard took 45% of a million-file resume that way.
-        self._recent: OrderedDict[int, str] = OrderedDict()
+        # Digest of relpath -> first URL, for the newest `_recent_cap` destinations only. The oldest
+        # is found in `_ring` (the keys in arrival order, overwritten in a circle once full), never by
+        # iterating the dict: deleting a plain dict's first key leaves dead slots that every later
+        # `next(iter())` walks (45% of a million-file resume), and an OrderedDict's popitem and
+        # insertion took a quarter of the guard's time.
+        self._recent: dict[int, str] = {}
         self._recent_cap = max(0, recent_urls)
+        self._ring: list[int] = []
+        self._ring_next = 0  # the slot of `_ring` that holds the oldest key, once it is full
         self._url_prefix = ""  # the last URL prefix `_PLAIN_URL_PREFIX` took (see `admit`)
 
     def admit(self, page: list[PlanItem]) -> GuardedPage:
@@ -151,6 +155,7 @@ class PlanGuard:
         out = GuardedPage()
         # Bound once a page: a million-row resume makes each of these a million times.
         declared, recent, cap, digest = self._declared, self._recent, self._recent_cap, _digest
+        ring = self._ring
         downloads = out.items
         strategy, prefix, plain_prefix = (
             check_layout(self.layout),
@@ -195,8 +200,13 @@ class PlanGuard:
             if before is None:
                 declared[key] = packed
                 if cap:  # the URL, for a conflict's message; only the newest `cap` are kept
-                    if len(recent) >= cap:
-                        recent.popitem(last=False)  # the oldest
+                    if len(ring) < cap:
+                        ring.append(key)
+                    else:  # the oldest makes way
+                        slot = self._ring_next
+                        del recent[ring[slot]]
+                        ring[slot] = key
+                        self._ring_next = slot + 1 if slot + 1 < cap else 0
                     recent[key] = item.url
                 self.planned += 1
                 downloads.append((item, relpath))

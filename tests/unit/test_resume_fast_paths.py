@@ -15,6 +15,7 @@ import random
 import re
 import unicodedata
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -167,7 +168,12 @@ def test_url_problem_compares_names_in_nfc_only_when_they_differ() -> None:
 
 
 class _ReferenceGuard(invariants.PlanGuard):
-    """`PlanGuard.admit` before its one-pass fast path: `url_problem`, then `relpath_for`, per row."""
+    """`PlanGuard.admit` before its one-pass fast path (`url_problem`, then `relpath_for`, per row) and
+    before its ring of recent URLs (an OrderedDict)."""
+
+    def __init__(self, layout: str, *, recent_urls: int) -> None:
+        super().__init__(layout, recent_urls=recent_urls)
+        self._ordered: OrderedDict[int, str] = OrderedDict()
 
     def admit(self, page: list[PlanItem]) -> invariants.GuardedPage:
         out = invariants.GuardedPage()
@@ -191,16 +197,16 @@ class _ReferenceGuard(invariants.PlanGuard):
             if before is None:
                 self._declared[key] = packed
                 if self._recent_cap:
-                    if len(self._recent) >= self._recent_cap:
-                        self._recent.popitem(last=False)
-                    self._recent[key] = item.url
+                    if len(self._ordered) >= self._recent_cap:
+                        self._ordered.popitem(last=False)
+                    self._ordered[key] = item.url
                 self.planned += 1
                 out.items.append((item, relpath))
                 continue
             disagreement = invariants._disagreement(before, packed)
             if disagreement:
                 self.conflicts += 1
-                first = self._recent.get(key)
+                first = self._ordered.get(key)
                 earlier = f"{invariants.redact(first)!r}" if first else "a URL planned earlier"
                 out.failed.append(
                     (
@@ -213,7 +219,7 @@ class _ReferenceGuard(invariants.PlanGuard):
             self.merged += 1
             out.merged += 1
             self._declared[key] = invariants._union(before, packed)
-            if item.url != self._recent.get(key):
+            if item.url != self._ordered.get(key):
                 urls = out.fallbacks.setdefault(relpath, [])
                 if item.url not in urls:
                     urls.append(item.url)
@@ -321,7 +327,8 @@ def test_the_guards_one_pass_admits_every_row_as_the_general_checks_do(name: str
     rng = random.Random(f"guard-{name}")
     rows, _CountingGuard.general = 0, 0
     for _ in range(40):
-        fast, reference = _CountingGuard(name, recent_urls=50), _ReferenceGuard(name, recent_urls=50)
+        cap = rng.choice([0, 1, 7, 50, 100_000])  # URLs remembered for conflicts: none, few, all
+        fast, reference = _CountingGuard(name, recent_urls=cap), _ReferenceGuard(name, recent_urls=cap)
         names: list[str] = []
         for _ in range(5):  # one guard sees several pages: its remembered URL prefix carries over
             page = [_random_row(rng, names) for _ in range(rng.randint(0, 300))]
