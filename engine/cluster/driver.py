@@ -502,13 +502,13 @@ class DaskExecutor:
         items, self._batch, self._batch_bytes = self._batch, [], 0
         return items
 
-    async def _submit(self, items: list[tuple[PlanItem, str, bool]], resent: int = 0) -> None:
+    async def _submit(self, items: list[tuple[PlanItem, str, bool]]) -> None:
         if not items:
             return
         await self._slots.acquire()
         self._outstanding += 1
         try:
-            self._send(items, resent)
+            self._send(items, 0)
         except BaseException:
             self._outstanding -= 1
             self._slots.release()

@@ -173,14 +173,12 @@ class LookingClient:
         self._processing, self._views = processing, views
         self.restarted: list[list[str]] = []
         self.submitted: list[BatchSpec] = []
-        outer = self
 
         class Scheduler:
             async def who_has(self, keys: list[str]) -> dict:
                 return {key: where for key, where in (held or {}).items() if key in keys}
 
         self.scheduler = Scheduler()
-        self._outer = outer
 
     def submit(self, fn: Any, spec: BatchSpec, *, key: str, **_options: Any) -> FakeFuture:
         self.submitted.append(spec)
