@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from engine.cli import _run_loop
@@ -37,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", default="checksum", choices=VerifyLevel.names())
     parser.add_argument("--layout", default="flat", choices=layout_names())
     parser.add_argument("--no-fsync", action="store_true")
+    parser.add_argument(
+        "--tuner",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="experiments only: a TunerSettings field for this run (e.g. start=16); repeatable",
+    )
     ns = parser.parse_args(argv)
     try:
         settings = load_settings(
@@ -54,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except TessMirrorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    overrides = _tuner_overrides(ns.tuner)
+    if overrides:
+        _apply_overrides(overrides)
     holder: dict[str, ConcurrencyTuner] = {}
+    # process age (s) when the tuner started, at the first and the last body byte
+    moments: dict[str, float] = {}
     tasks: list[asyncio.Task] = []
     # (seconds since the tuner started, bytes so far, work waiting at the limiter) every 0.25 s
     trace: list[tuple[float, int, bool]] = []
@@ -70,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         tuner = run._tuner
         if tuner is not None:
             holder["tuner"] = tuner
+            moments["tuner"] = process_age()
+            feed = tuner.add_bytes
+
+            def add_bytes(n: int) -> None:
+                now = process_age()
+                moments.setdefault("first_byte", now)
+                moments["last_byte"] = now
+                feed(n)
+
+            tuner.add_bytes = add_bytes  # type: ignore[method-assign]
             tasks.append(asyncio.get_running_loop().create_task(watch(tuner, kwargs["clock"]), name="trace"))
         return Downloader(*args, **kwargs)
 
@@ -91,8 +115,47 @@ def main(argv: list[str] | None = None) -> int:
         ]
         report = {"settled": tuner.limit, "mean": round(tuner.mean_limit(), 1), "steps": steps}
         report.update(steady_rate(trace, tuner.steps[-1].at if tuner.steps else 0.0))
+        moments["end"] = process_age()
+        report["timing"] = {k: round(v, 3) for k, v in moments.items()}
+        report["trace"] = [[round(t, 2), round(n / 1e6, 1), int(w)] for t, n, w in trace]
+        if overrides:
+            report["overrides"] = overrides
         print("tuner: " + json.dumps(report))
     return outcome.exit_code
+
+
+def process_age() -> float:
+    """Seconds since this process started (the kernel's start time; 10 ms resolution)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _tuner_overrides(pairs: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key.strip()] = float(value)
+    return out
+
+
+def _apply_overrides(overrides: dict[str, float]) -> None:
+    """Make the run's tuner (MirrorRun._make_tuner builds it) use these TunerSettings fields."""
+    import dataclasses
+
+    import engine.manager as manager
+    from engine.fetch.autotune import TunerSettings
+
+    fields = {f.name: f.type for f in dataclasses.fields(TunerSettings)}
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        raise SystemExit(f"--tuner: unknown TunerSettings field(s) {', '.join(unknown)}")
+
+    def settings(**kwargs: object) -> TunerSettings:
+        for key, value in overrides.items():
+            kwargs[key] = int(value) if key in ("start", "maximum", "minimum") else value
+        return TunerSettings(**kwargs)  # type: ignore[arg-type]
+
+    manager.TunerSettings = settings  # type: ignore[assignment,misc]
 
 
 def steady_rate(trace: list[tuple[float, int, bool]], settled_at: float, settle: float = 1.0) -> dict:

@@ -267,7 +267,12 @@ def model_limit(condition: Condition, nfiles: int, nbytes: int, conns: int, mss:
 
 # -- the tools ------------------------------------------------------------------------------------
 def tool_commands(
-    lists: dict[str, Path], out: Path, *, no_fsync: bool, engine: Path = REPO
+    lists: dict[str, Path],
+    out: Path,
+    *,
+    no_fsync: bool,
+    engine: Path = REPO,
+    tuner: tuple[str, ...] = (),
 ) -> dict[str, tuple[list[str], int]]:
     """Tool name -> (command, connections it opens). Run in `out`, inside the namespace.
 
@@ -314,6 +319,7 @@ def tool_commands(
                 "--layout",
                 "flat",
                 *fsync,
+                *(arg for pair in tuner for arg in ("--tuner", pair)),
             ],
             MAX_CONNECTIONS,
         ),
@@ -395,12 +401,13 @@ def run_tool(
     *,
     no_fsync: bool,
     engine: Path,
+    tuner: tuple[str, ...] = (),
 ) -> dict:
     """One run of one tool into a fresh folder; every file hashed against the manifest, then removed."""
     out = work / "out" / f"{tool.replace(' ', '_').replace('=', '')}-{run_index}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd, conns = tool_commands(lists, out, no_fsync=no_fsync, engine=engine)[tool]
+    cmd, conns = tool_commands(lists, out, no_fsync=no_fsync, engine=engine, tuner=tuner)[tool]
     tck = os.sysconf("SC_CLK_TCK")
     ncpu = os.cpu_count() or 1
     accepted0, retrans0 = harness.tcp_counters()
@@ -431,6 +438,7 @@ def run_tool(
         "connections": settled,
         "mean_connections": tuner["mean"] if tuner else conns,
         "tuner_steps": tuner["steps"] if tuner else None,
+        "tuner_timing": tuner.get("timing") if tuner else None,
         # auto: MB/s at the settled count, from 1 s after the last step until the plan ran dry
         "steady_mb_s": tuner.get("steady_mb_s") if tuner else None,
         "steady_s": tuner.get("steady_s") if tuner else None,
@@ -619,6 +627,13 @@ def main(argv: list[str] | None = None) -> int:
         "--commit",
         help="measure tessmirror as of this commit (a clean `git archive` export), not the working tree",
     )
+    parser.add_argument(
+        "--tuner",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="experiments only: a TunerSettings field for the auto run (benchmarks.tm_auto --tuner)",
+    )
     parser.add_argument("--harness", type=Path, default=HARNESS, help=f"the WAN harness (default {HARNESS})")
     parser.add_argument(
         "--no-fallback", action="store_true", help="fail instead of using the archive's knobs"
@@ -685,7 +700,16 @@ def main(argv: list[str] | None = None) -> int:
             for index in range(runs):
                 for tool in tools:  # interleaved, so a change in the box's load hits every tool alike
                     row = run_tool(
-                        harness, cond, tool, lists, files, work, index, no_fsync=ns.no_fsync, engine=engine
+                        harness,
+                        cond,
+                        tool,
+                        lists,
+                        files,
+                        work,
+                        index,
+                        no_fsync=ns.no_fsync,
+                        engine=engine,
+                        tuner=tuple(ns.tuner),
                     )
                     result["runs"].append(row)
                     print(

@@ -26,7 +26,13 @@ queue at the bottleneck and crowd the archive. The tuner finds the count by meas
 
 Each new count first gets a settling time (slow start on new connections, their handshakes) before
 its window is measured. Settling and windows scale with the round-trip time seen as time to first
-byte. The tuner is plain logic driven by an injected clock: `sample()` is one step, `run()` calls
+byte (4 and 10 round trips, at least 0.25 and 0.5 s): every second spent measuring a count below
+the knee is a second of the link partly idle, and on a 50 ms path the former floors of 0.5 and 1 s
+doubled the climb (tests/unit/tcp_path_sim.py models it; benchmarks/README.md has the runs). The
+first settle counts from the first response, not from the tuner's creation (before it the plan is
+read and connections open), and until a window has closed the round trip is taken as half the
+quickest first byte, since the first requests go out on new connections (connect, then request).
+The tuner is plain logic driven by an injected clock: `sample()` is one step, `run()` calls
 it every ``sample_interval`` seconds. It never touches the network itself: the run feeds it
 ``add_bytes`` (body bytes as they arrive) and ``add_first_byte`` (seconds from sending a request
 to its response headers), and it steers the limiter through ``AdaptiveLimiter.retarget``.
@@ -66,12 +72,12 @@ class TunerSettings:
     start: int = DEFAULT_START
     maximum: int = DEFAULT_MAX_CONNECTIONS
     minimum: int = 1
-    sample_interval: float = 0.25  # seconds between samples
-    settle_rtts: float = 6.0  # settle this many round trips after a change (slow start) ...
-    settle_min: float = 0.5  # ... but at least and at most this many seconds
+    sample_interval: float = 0.1  # seconds between samples
+    settle_rtts: float = 4.0  # settle this many round trips after a change (slow start) ...
+    settle_min: float = 0.25  # ... but at least and at most this many seconds
     settle_max: float = 3.0
     window_rtts: float = 10.0  # measure over this many round trips ...
-    window_min: float = 1.0  # ... but at least and at most this many seconds
+    window_min: float = 0.5  # ... but at least and at most this many seconds
     window_max: float = 4.0
     efficiency: float = 0.5  # climb while new connections bring at least this share of their rate
     min_gain: float = 0.05  # a rate rise smaller than this is noise, not a gain
@@ -82,6 +88,7 @@ class TunerSettings:
     reprobe_after: float = 30.0  # seconds holding before one step up checks the path again
     overload_quiet: float = 60.0  # seconds without climbing after a 429/503
     rtt_guess: float = 0.1  # round-trip time assumed before the first response
+    first_ttfb_rtts: float = 2.0  # round trips in a first response (connect, then request)
 
     def __post_init__(self) -> None:
         if self.maximum < 1:
@@ -151,7 +158,9 @@ class ConcurrencyTuner:
         self._hold_since = now
         self._quiet_until = 0.0
         self._overloads_seen = limiter.overload_events
-        self._begin_settle(now)
+        self._phase = "first"  # until the first response: see sample()
+        self._phase_end = math.inf
+        self._samples = self._saturated = 0
 
     # -- what the run feeds in --------------------------------------------------------------------
     def add_bytes(self, n: int) -> None:
@@ -177,7 +186,13 @@ class ConcurrencyTuner:
     @property
     def rtt(self) -> float:
         """The path's round-trip time as seen in the time to first byte (a guess before any)."""
-        return self._base_ttfb if self._base_ttfb is not None else self.settings.rtt_guess
+        if self._base_ttfb is not None:
+            return self._base_ttfb
+        # Before the first window closes: the quickest response so far; the first ones come on new
+        # connections, which take two round trips (connect, then request).
+        if self._ttfbs:
+            return min(self._ttfbs) / self.settings.first_ttfb_rtts
+        return self.settings.rtt_guess
 
     def mean_limit(self) -> float:
         """The connection count averaged over the time since the tuner started."""
@@ -210,6 +225,13 @@ class ConcurrencyTuner:
         # last byte and its rename holds no slot, so "every slot" would miss busy windows).
         if limiter.waiting or limiter.in_flight >= limiter.limit - max(1, limiter.limit // 8):
             self._saturated += 1
+        if self._phase == "first":
+            # Nothing has answered yet (the plan is still being read, connections are opening):
+            # the settle counts from the first response, not from the tuner's creation.
+            if not self._ttfbs:
+                return
+            self._begin_settle(now)
+            return
         if now < self._phase_end:
             return
         if self._phase == "settle":
