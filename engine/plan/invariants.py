@@ -139,100 +139,134 @@ class PlanGuard:
         self.unsafe = 0
         self.dropped: Counter[str] = Counter()
         self._declared: dict[int, int] = {}  # digest of relpath -> packed (md5, size, estimate)
-        # Digest of relpath -> first URL, for the newest `_recent_cap` destinations only. The oldest
-        # is found in `_ring` (the keys in arrival order, overwritten in a circle once full), never by
-        # iterating the dict: deleting a plain dict's first key leaves dead slots that every later
-        # `next(iter())` walks (45% of a million-file resume), and an OrderedDict's popitem and
-        # insertion took a quarter of the guard's time.
-        self._recent: dict[int, str] = {}
+        # The first URL of each of the newest `_recent_cap` destinations, for conflict messages: a ring
+        # of digests (`_ring`, overwritten in a circle once full, `_ring_next` its oldest slot) beside
+        # their URLs (`_ring_urls`). Only a merge or a conflict asks for a URL (`_recent_url`), so the
+        # digest -> slot index is brought up to date then, not per row: a dict of URLs kept exact per
+        # row (a deletion and an insertion each) was a fifth of a million-row resume's guard, and an
+        # OrderedDict's popitem a quarter before it.
         self._recent_cap = max(0, recent_urls)
         self._ring: list[int] = []
+        self._ring_urls: list[str] = []
         self._ring_next = 0  # the slot of `_ring` that holds the oldest key, once it is full
+        self._added = 0  # destinations added to the ring, ever
+        self._index: dict[int, int] = {}  # digest -> its slot, as of `_synced` additions (stale ones stay)
+        self._synced = 0
         self._url_prefix = ""  # the last URL prefix `_PLAIN_URL_PREFIX` took (see `admit`)
 
     def admit(self, page: list[PlanItem]) -> GuardedPage:
         """Sort one page into downloads, failures, merges and drops, updating the counters."""
         out = GuardedPage()
         # Bound once a page: a million-row resume makes each of these a million times.
-        declared, recent, cap, digest = self._declared, self._recent, self._recent_cap, _digest
-        ring = self._ring
+        declared, cap, digest = self._declared, self._recent_cap, _digest
+        ring, ring_urls, ring_next, added = self._ring, self._ring_urls, self._ring_next, self._added
         downloads = out.items
-        strategy, prefix, plain_prefix = (
+        strategy, prefix, plain_prefix, plain_name, plain_obs_id = (
             check_layout(self.layout),
             self._url_prefix,
             _PLAIN_URL_PREFIX.fullmatch,
+            is_plain_name,
+            is_plain_obs_id,
         )
-        for item in page:
-            # The standard row, in one pass: a plain name and obs_id (which `relpath_for` takes as they
-            # are) behind a plain URL prefix that names the file (so `url_problem` is None), placed by
-            # the layout's strategy. Anything else, or anything the strategy or the state-folder check
-            # would refuse, takes the general path, which decides as it always did.
-            url, name, obs_id = item.url, item.filename, item.obs_id
-            relpath = ""
-            if (
-                type(url) is str
-                and type(name) is str
-                and type(obs_id) is str
-                and url.endswith(name)
-                and is_plain_name(name)
-                and is_plain_obs_id(obs_id)
-            ):
-                cut = len(url) - len(name)
-                # `prefix` is '' or one `_PLAIN_URL_PREFIX` took; '' is no prefix (no URL is a bare name).
-                plain = bool(prefix) and cut == len(prefix) and url.startswith(prefix)
-                if not plain and plain_prefix(url[:cut]):
-                    plain, prefix = True, url[:cut]
-                    self._url_prefix = prefix
-                if plain:
-                    try:
-                        relpath = strategy(item)
-                    except UnsafePathError:
-                        relpath = ""  # the general path refuses it, with its count and message
-                    if relpath[:1] == "." and relpath.partition("/")[0].casefold() == STATE_DIR_NAME:
-                        relpath = ""
-            if not relpath:
-                relpath = self._general_relpath(out, item)
+        try:
+            for item in page:
+                # The standard row, in one pass: a plain name and obs_id (which `relpath_for` takes as
+                # they are) behind a plain URL prefix that names the file (so `url_problem` is None),
+                # placed by the layout's strategy. Anything else, or anything the strategy or the
+                # state-folder check would refuse, takes the general path, which decides as it always did.
+                url, name, obs_id = item.url, item.filename, item.obs_id
+                relpath = ""
+                if (
+                    type(url) is str
+                    and type(name) is str
+                    and type(obs_id) is str
+                    and url.endswith(name)
+                    and plain_name(name)
+                    # A prefix of a plain name without a '.' is a plain obs_id (TESS's obs_ids are their
+                    # files' names without the product suffix): two string calls instead of the regex.
+                    and ((name.startswith(obs_id) and "." not in obs_id) or plain_obs_id(obs_id))
+                ):
+                    cut = len(url) - len(name)
+                    # `prefix` is '' or one `_PLAIN_URL_PREFIX` took; '' is no prefix (no URL is a bare name).
+                    plain = bool(prefix) and cut == len(prefix) and url.startswith(prefix)
+                    if not plain and plain_prefix(url[:cut]):
+                        plain, prefix = True, url[:cut]
+                        self._url_prefix = prefix
+                    if plain:
+                        try:
+                            relpath = strategy(item)
+                        except UnsafePathError:
+                            relpath = ""  # the general path refuses it, with its count and message
+                        if relpath[:1] == "." and relpath.partition("/")[0].casefold() == STATE_DIR_NAME:
+                            relpath = ""
                 if not relpath:
+                    relpath = self._general_relpath(out, item)
+                    if not relpath:
+                        continue
+                key = digest(relpath)
+                packed = _pack(item)
+                before = declared.get(key)
+                if before is None:
+                    declared[key] = packed
+                    if cap:  # the URL, for a conflict's message; only the newest `cap` are kept
+                        if added < cap:
+                            ring.append(key)
+                            ring_urls.append(url)
+                        else:  # the oldest makes way
+                            ring[ring_next] = key
+                            ring_urls[ring_next] = url
+                            ring_next = ring_next + 1 if ring_next + 1 < cap else 0
+                        added += 1
+                    downloads.append((item, relpath))
                     continue
-            key = digest(relpath)
-            packed = _pack(item)
-            before = declared.get(key)
-            if before is None:
-                declared[key] = packed
-                if cap:  # the URL, for a conflict's message; only the newest `cap` are kept
-                    if len(ring) < cap:
-                        ring.append(key)
-                    else:  # the oldest makes way
-                        slot = self._ring_next
-                        del recent[ring[slot]]
-                        ring[slot] = key
-                        self._ring_next = slot + 1 if slot + 1 < cap else 0
-                    recent[key] = item.url
-                self.planned += 1
-                downloads.append((item, relpath))
-                continue
-            disagreement = _disagreement(before, packed)
-            if disagreement:
-                self.conflicts += 1
-                first = self._recent.get(key)
-                earlier = f"{redact(first)!r}" if first else "a URL planned earlier"
-                out.failed.append(
-                    (
-                        item,
-                        f"conflicting rows for {relpath}: {redact(item.url)!r} and {earlier} declare "
-                        f"different files ({disagreement}); neither is trusted for the other",
+                disagreement = _disagreement(before, packed)
+                self._ring_next, self._added = ring_next, added  # for `_recent_url`
+                if disagreement:
+                    self.conflicts += 1
+                    first = self._recent_url(key)
+                    earlier = f"{redact(first)!r}" if first else "a URL planned earlier"
+                    out.failed.append(
+                        (
+                            item,
+                            f"conflicting rows for {relpath}: {redact(item.url)!r} and {earlier} declare "
+                            f"different files ({disagreement}); neither is trusted for the other",
+                        )
                     )
-                )
-                continue
-            self.merged += 1
-            out.merged += 1
-            self._declared[key] = _union(before, packed)
-            if item.url != self._recent.get(key):
-                urls = out.fallbacks.setdefault(relpath, [])
-                if item.url not in urls:
-                    urls.append(item.url)
-
+                    continue
+                self.merged += 1
+                out.merged += 1
+                declared[key] = _union(before, packed)
+                if item.url != self._recent_url(key):
+                    urls = out.fallbacks.setdefault(relpath, [])
+                    if item.url not in urls:
+                        urls.append(item.url)
+        finally:
+            # Kept in locals for the loop; stored even if a row raised (an error no check catches).
+            self._ring_next, self._added = ring_next, added
+            self.planned += len(downloads)
         return out
+
+    def _recent_url(self, key: int) -> str | None:
+        """The first URL of destination `key` if it is one of the newest `_recent_cap`, else None."""
+        ring, cap, index = self._ring, self._recent_cap, self._index
+        fresh = self._added - self._synced
+        if fresh:
+            # The ring's slots written since the index was last brought up to date: addition number j
+            # went to slot j % cap (the ring fills 0..cap-1, then overwrites from 0).
+            if fresh >= len(ring) or len(index) + fresh > 2 * cap:
+                # Rebuilt from the ring: bounded memory (stale digests go), and no more work than the
+                # additions since the last rebuild.
+                index.clear()
+                index.update((digest, slot) for slot, digest in enumerate(ring))
+            else:
+                for number in range(self._synced, self._added):
+                    slot = number % cap
+                    index[ring[slot]] = slot
+            self._synced = self._added
+        found = index.get(key)
+        # A digest enters the ring once (`_declared` never forgets it), so the slot that the index
+        # names holds it unless it was overwritten since: then it is no longer among the newest.
+        return self._ring_urls[found] if found is not None and ring[found] == key else None
 
     def _general_relpath(self, out: GuardedPage, item: PlanItem) -> str:
         """`item`'s destination by the general checks (`url_problem`, `relpath_for`), or '' when the

@@ -296,6 +296,8 @@ def _random_row(rng: random.Random, names: list[str]) -> PlanItem:
             ["tess2018206045859-s0001-0000000025155310-0120-s", "", "a_b-9", "..", "a/b", "a\\b", "a\x00",
              "a\x1b[31m", "x" * 256, "x" * 255, "é", "a b", None, 5]
         )  # fmt: skip
+    if rng.random() < 0.15:  # a prefix of the name (as TESS's obs_ids are), with its '.' if it has one
+        obs_id = name[: rng.randint(0, len(name))]
     filename: object = name if rng.random() < 0.99 else rng.choice([None, 3, b"x.fits"])
     return PlanItem(
         url=url,  # type: ignore[arg-type]
@@ -309,7 +311,16 @@ def _random_row(rng: random.Random, names: list[str]) -> PlanItem:
 
 
 def _sorted_out(guard: invariants.PlanGuard, page: invariants.GuardedPage) -> tuple[object, ...]:
-    return (page.items, page.failed, page.dropped, page.merged, page.fallbacks, guard.counts())
+    # `_declared` too: what the guard keeps per destination decides later rows' merges and conflicts.
+    return (
+        page.items,
+        page.failed,
+        page.dropped,
+        page.merged,
+        page.fallbacks,
+        guard.counts(),
+        guard._declared,
+    )
 
 
 class _CountingGuard(invariants.PlanGuard):
