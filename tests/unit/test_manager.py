@@ -24,7 +24,7 @@ from engine.exceptions import (
     DiskFullError,
     TapJobError,
 )
-from engine.manager import MirrorRun, ResourceExhaustedError, summarize
+from engine.manager import MirrorRun, ResourceExhaustedError, download_workers, summarize
 from engine.manifest import Manifest, RunLock, file_key
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
 from engine.plan.invariants import PlanGuard
@@ -61,17 +61,39 @@ class FakeDownloader:
 
     instances: ClassVar[list[FakeDownloader]] = []
 
-    def __init__(self, *_args, failing=(), gate: asyncio.Event | None = None, local_error=None, **_kwargs):
+    def __init__(
+        self,
+        *_args,
+        failing=(),
+        gate: asyncio.Event | None = None,
+        local_error=None,
+        throttle=None,
+        **_kwargs,
+    ):
         self.failing = set(failing)
+        self.throttle = throttle  # held around the request, as the real Downloader holds its slot
         self.gate = gate
         self.local_error = local_error
         self.calls: list[str] = []
-        self.in_flight = 0
+        self.in_flight = 0  # requests (inside the limiter's slot)
         self.max_in_flight = 0
+        self.in_hand = 0  # files a worker holds, whether requesting or not
+        self.max_in_hand = 0
         FakeDownloader.instances.append(self)
 
     async def fetch(self, item: PlanItem, dest: Path, relpath: str) -> FileResult:
         self.calls.append(item.url)
+        self.in_hand += 1
+        self.max_in_hand = max(self.max_in_hand, self.in_hand)
+        try:
+            if self.throttle is None:
+                return await self._fetch(item, dest, relpath)
+            async with self.throttle.slot():
+                return await self._fetch(item, dest, relpath)
+        finally:
+            self.in_hand -= 1
+
+    async def _fetch(self, item: PlanItem, dest: Path, relpath: str) -> FileResult:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -163,7 +185,7 @@ def test_the_queue_bounds_how_far_planning_runs_ahead_of_downloading(tmp_path):
             settings,
             TablePlan(items_to_table(items), page_size=7),
             session_factory=fake_session,
-            downloader_factory=lambda *a, **k: FakeDownloader(*a, gate=gate),
+            downloader_factory=lambda *a, **k: FakeDownloader(*a, gate=gate, throttle=k["throttle"]),
             progress=Progress(bar=False),
             handle_signals=False,
         )
@@ -176,9 +198,13 @@ def test_the_queue_bounds_how_far_planning_runs_ahead_of_downloading(tmp_path):
         return planned_while_blocked, outcome, FakeDownloader.instances[-1]
 
     planned_while_blocked, outcome, downloader = asyncio.run(scenario())
-    # 3 in flight + 6 queued + at most one page of 7 being handed over.
-    assert planned_while_blocked <= 3 + 2 * 3 + 7
-    assert downloader.max_in_flight == 3
+    # 5 workers (3 requesting, 2 spare for files being committed) + 10 queued + at most one page
+    # of 7 being handed over.
+    workers = download_workers(3)
+    assert workers == 5
+    assert planned_while_blocked <= workers + 2 * workers + 7
+    assert downloader.max_in_flight == 3  # requests: the connections, never more
+    assert downloader.max_in_hand == workers
     assert outcome.downloaded == 200
 
 
