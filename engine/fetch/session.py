@@ -105,12 +105,12 @@ def ssl_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext | No
         if not value:
             continue
         path = Path(value).expanduser()
-        context = ssl.create_default_context()
         try:
+            # The bundle alone, as requests trusts it for planning; given a bundle, the context
+            # skips loading the system's store (OpenSSL parses a few hundred certificates there).
             if path.is_dir():
-                context.load_verify_locations(capath=str(path))
-            else:
-                context.load_verify_locations(cafile=str(path))
+                return ssl.create_default_context(capath=str(path))
+            return ssl.create_default_context(cafile=str(path))
         except (OSError, ssl.SSLError) as err:
             reason = getattr(err, "strerror", None) or str(err)
             raise ConfigError(
@@ -118,7 +118,6 @@ def ssl_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext | No
                 f"cannot load the CA bundle {str(path)!r} named by {name}: {reason}",
                 hint=f"point {name} at a readable PEM file of certificates, or unset it",
             ) from None
-        return context
     return None
 
 
