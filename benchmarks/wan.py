@@ -272,7 +272,7 @@ def tool_commands(
     *,
     no_fsync: bool,
     engine: Path = REPO,
-    tuner: tuple[str, ...] = (),
+    variants: tuple[str, ...] = (),
 ) -> dict[str, tuple[list[str], int]]:
     """Tool name -> (command, connections it opens). Run in `out`, inside the namespace.
 
@@ -281,6 +281,29 @@ def tool_commands(
     tm = [*launch, "cli"]
     fsync = ["--no-fsync"] if no_fsync else []
     n = PEER_CONNECTIONS
+    auto = [
+        *launch,
+        "auto",
+        "--input",
+        str(lists["plan"]),
+        "--out",
+        str(out),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+        "--verify",
+        "checksum",
+        "--layout",
+        "flat",
+        *fsync,
+    ]
+    # Experiments: the auto run again with some TunerSettings changed, e.g. "start=16,window_min=1".
+    extra = {
+        f"tessmirror auto [{spec}] checksum": (
+            [*auto, *(arg for pair in spec.split(",") for arg in ("--tuner", pair))],
+            MAX_CONNECTIONS,
+        )
+        for spec in variants
+    }
     return {
         f"tessmirror c={n} checksum": (
             [
@@ -304,25 +327,8 @@ def tool_commands(
             ],
             n,
         ),
-        "tessmirror auto checksum": (
-            [
-                *launch,
-                "auto",
-                "--input",
-                str(lists["plan"]),
-                "--out",
-                str(out),
-                "--max-connections",
-                str(MAX_CONNECTIONS),
-                "--verify",
-                "checksum",
-                "--layout",
-                "flat",
-                *fsync,
-                *(arg for pair in tuner for arg in ("--tuner", pair)),
-            ],
-            MAX_CONNECTIONS,
-        ),
+        "tessmirror auto checksum": (auto, MAX_CONNECTIONS),
+        **extra,
         f"aria2c -j {n} md5": (
             [
                 "aria2c",
@@ -401,13 +407,13 @@ def run_tool(
     *,
     no_fsync: bool,
     engine: Path,
-    tuner: tuple[str, ...] = (),
+    variants: tuple[str, ...] = (),
 ) -> dict:
     """One run of one tool into a fresh folder; every file hashed against the manifest, then removed."""
     out = work / "out" / f"{tool.replace(' ', '_').replace('=', '')}-{run_index}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd, conns = tool_commands(lists, out, no_fsync=no_fsync, engine=engine, tuner=tuner)[tool]
+    cmd, conns = tool_commands(lists, out, no_fsync=no_fsync, engine=engine, variants=variants)[tool]
     tck = os.sysconf("SC_CLK_TCK")
     ncpu = os.cpu_count() or 1
     accepted0, retrans0 = harness.tcp_counters()
@@ -628,11 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         help="measure tessmirror as of this commit (a clean `git archive` export), not the working tree",
     )
     parser.add_argument(
-        "--tuner",
+        "--auto-variant",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="experiments only: a TunerSettings field for the auto run (benchmarks.tm_auto --tuner)",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="experiments: also run auto with these TunerSettings changed (benchmarks.tm_auto --tuner)",
     )
     parser.add_argument("--harness", type=Path, default=HARNESS, help=f"the WAN harness (default {HARNESS})")
     parser.add_argument(
@@ -693,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             lists = write_lists(work / cond.name, files, base_url)
             lists["curlcfg"] = work / cond.name / "curl.cfg"
             lists["curlcfg"].write_text("".join(f'url = "{base_url}/{n}"\n' for n, _, _ in files))
-            tools = list(tool_commands(lists, work, no_fsync=ns.no_fsync))
+            tools = list(tool_commands(lists, work, no_fsync=ns.no_fsync, variants=tuple(ns.auto_variant)))
             if ns.tools:
                 words = [w.strip() for w in ns.tools.split(",") if w.strip()]
                 tools = [t for t in tools if any(w in t for w in words)]
@@ -709,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                         index,
                         no_fsync=ns.no_fsync,
                         engine=engine,
-                        tuner=tuple(ns.tuner),
+                        variants=tuple(ns.auto_variant),
                     )
                     result["runs"].append(row)
                     print(
