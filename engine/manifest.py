@@ -63,7 +63,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import msgspec
 
@@ -81,6 +81,12 @@ except ImportError:  # pragma: no cover - the stdlib parser is correct, only slo
     _loads = json.loads
 
 
+# An integer orjson reads as one: int64 (orjson's uint64 range above it is left to orjson too, as
+# msgspec bounds stop at int64). orjson reads a larger one as a float (10**30 + 1 as 1e30), and the
+# fast decoder must not read it exactly where the general path would not.
+_Count = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """Every field `encode_entry` writes, typed: the resume scan's fast decoder (msgspec builds no
     dict and no per-field hash lookups, about half orjson's time per record). A record with any other
@@ -92,15 +98,15 @@ class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     path: str = ""
     status: str = "pending"  # `_decode_entry`'s default
     obs_id: str = ""
-    nbytes: int = 0
+    nbytes: _Count = 0
     md5: str = ""
     level: str = ""
     checksum_declared: bool = False
     error: str = ""
-    attempts: int = 0
+    attempts: _Count = 0
     time: float = 0.0
     key: str = ""
-    size: int = -1
+    size: _Count = -1
     declared_md5: str = ""
     origin: str = ""
     source: str = ""

@@ -602,3 +602,35 @@ def test_only_a_dot_casefolds_to_a_leading_dot_so_relpath_for_may_skip_the_casef
     item = PlanItem(url="u", filename=".TessMirror", sector=-1)
     with pytest.raises(UnsafePathError, match="state folder"):
         layout.relpath_for(item, "flat")
+
+
+@pytest.mark.parametrize("field", ["nbytes", "size", "attempts"])
+def test_a_count_past_64_bits_reads_as_the_general_decoder_reads_it(
+    tmp_path: Path, field: str, monkeypatch
+) -> None:
+    # orjson reads an integer outside int64/uint64 as a float (10**30 + 1 as 1e30): the typed fast
+    # decoder must leave such a record to it rather than read the exact integer.
+    import msgspec
+
+    from engine import manifest as manifest_module
+    from engine.manifest import ManifestEntry
+
+    state = tmp_path / ".tessmirror"
+    state.mkdir()
+    lines = []
+    for n, value in enumerate(
+        [2**63 - 1, 2**63, 2**64 - 1, 2**64 + 1, 10**30 + 1, -(2**63), -(2**63) - 1, -(10**30) - 1]
+    ):
+        record = json.loads(
+            encode_entry(ManifestEntry(url=f"u{n}", status="verified", md5="0" * 32, key=f"o/{n}"))[24:-2]
+        )
+        record[field] = value
+        lines.append(_framed(record))
+    (state / "manifest.jsonl").write_bytes(b"".join(lines))
+    fast = (Manifest(state).verified(), Manifest(state).load())
+
+    def refuse(_payload: bytes) -> object:
+        raise msgspec.DecodeError("refused: the general path only")
+
+    monkeypatch.setattr(manifest_module, "_decode_record", refuse)
+    assert fast == (Manifest(state).verified(), Manifest(state).load())
