@@ -17,8 +17,10 @@ tree), measured by wait4 (CPU s = user + system of the process). Every file is h
 md5 afterwards. **CPU ms/file** is the run's CPU over the files; **net of start-up** subtracts the CPU
 of a one-file run of the same command (imports, plan read, session; the median of three per level),
 so the figure is what each further file costs. **MB/s net of start-up** divides the bytes by the
-run's wall time less that one-file run's: the rate once files flow. `--peers` adds `curl -Z
---parallel-max N` (no checks at all).
+run's wall time less that one-file run's (its start-up and, through the harness, one file's round
+trips), the rate once files flow (for `small`, the fraction of
+concurrency / latency is also shown so, in brackets). `--peers` adds `curl -Z --parallel-max N`
+(no checks at all).
 """
 
 from __future__ import annotations
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         # small files: files/s against concurrency / latency (the issue's figure); else MB/s / model
         if latency and setup.kind == "small":
             x = f"{ok / wall / (conns / latency):.2f}"
+            if steady > 0:
+                x += f" ({ok / steady / (conns / latency):.2f} net)"
         else:
             x = f"{mb_s / limit:.2f}" if limit else "-"
         cells = (
