@@ -70,7 +70,7 @@ from engine.fetch.download import Downloader
 from engine.fetch.partfile import install_copy, move_under
 from engine.fetch.session import DEFAULT_TOKEN_HOSTS, open_session
 from engine.fetch.session import read_token as read_env_token
-from engine.fetch.throttle import AdaptiveLimiter
+from engine.fetch.throttle import AdaptiveLimiter, download_workers
 from engine.layout import resolve_within
 from engine.manifest import KEY_PATH_PREFIX, Manifest, ManifestWriter, RunLock, file_key, unpack_record
 from engine.models import Clock, FileResult, FileStatus, PlanItem, SystemClock, VerifyLevel
@@ -212,18 +212,6 @@ class _ResultColumns:
 
 # -- the run ------------------------------------------------------------------------------------
 _DONE = object()
-
-
-def download_workers(connections: int) -> int:
-    """How many download tasks a run of `connections` connections runs: a few more.
-
-    The limiter's slot covers only a request and its body, so a worker that is checking, fsyncing
-    and renaming its file holds no connection; the spare workers keep every connection busy
-    meanwhile (an fsync is about a fifth of a 2 MB file's time on loopback). Under
-    ``--concurrency auto`` work then also waits at the limiter whenever there is work, as the tuner
-    needs: it counts only windows in which the limit, not the plan, was the bound.
-    """
-    return connections + max(2, connections // 4)
 
 
 class MirrorRun:

@@ -38,7 +38,7 @@ from typing import Any
 
 from engine.cluster.parts import ClusterPartFile, host_name
 from engine.exceptions import IntegrityError, LocalError, TessMirrorError, UnsafePathError
-from engine.fetch.throttle import AdaptiveLimiter
+from engine.fetch.throttle import AdaptiveLimiter, download_workers
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
 from engine.redact import redact
 from engine.settings import FetchSettings, VerifySettings
@@ -455,7 +455,7 @@ async def _download_all(
             doing.done += 1
             doing.note()
 
-    workers = [asyncio.ensure_future(worker()) for _ in range(max(spec.fetch.connections, 1))]
+    workers = [asyncio.ensure_future(worker()) for _ in range(download_workers(spec.fetch.connections))]
     watcher = asyncio.ensure_future(_watch(control, limiter, report, doing))
     try:
         running = set(workers)

@@ -24,7 +24,8 @@ from engine.exceptions import (
     DiskFullError,
     TapJobError,
 )
-from engine.manager import MirrorRun, ResourceExhaustedError, download_workers, summarize
+from engine.fetch.throttle import download_workers
+from engine.manager import MirrorRun, ResourceExhaustedError, summarize
 from engine.manifest import Manifest, RunLock, file_key
 from engine.models import FileResult, FileStatus, PlanItem, VerifyLevel
 from engine.plan.invariants import PlanGuard
