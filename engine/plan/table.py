@@ -478,6 +478,8 @@ _STANDARD_ROW = re.compile(
 )
 
 
+_INTS_KEPT = 4096  # int column texts whose values `_standard_rows` remembers, at most (about 0.5 MB)
+
 # The setters of PlanItem's slots, in PLAN_COLUMNS order (`_standard_rows` builds items with them).
 _PLAN_ITEM_SETTERS = tuple(vars(PlanItem)[name].__set__ for name in PLAN_COLUMNS)
 
@@ -500,6 +502,8 @@ def _standard_rows(
     new_item = object.__new__
     (set_url, set_filename, set_obs_id, set_product, set_sector, set_size, set_est_kb, set_md5, set_target,
      set_ra, set_dec) = _PLAN_ITEM_SETTERS  # fmt: skip
+    ints: dict[str, int] = {"": -1}  # the text of an int column -> its value ("" is unknown)
+    known = ints.get
     number = 0
     # The lines underneath the feed, not the feed: a Python-level __next__ per row cost a tenth of
     # the reading. Nothing is pushed back between rows (the reader takes a pushed line at once).
@@ -514,11 +518,20 @@ def _standard_rows(
             yield _row_item(row, columns, path, number, key, hint)
             continue
         url, filename, obs_id, product, sector, size, est_kb, md5, target, ra, dec = found.groups()
+        # The int columns repeat a few texts (sectors, a product's size, its estimate): their values
+        # are remembered, a dict lookup each instead of int().
+        sector_value, size_value, est_value = known(sector), known(size), known(est_kb)
         try:
+            if sector_value is None or size_value is None or est_value is None:
+                sector_value = int(sector) if sector else -1
+                size_value = int(size) if size else -1
+                est_value = int(est_kb) if est_kb else -1
+                if len(ints) < _INTS_KEPT:
+                    ints[sector], ints[size], ints[est_kb] = sector_value, size_value, est_value
             numbers = (
-                int(sector) if sector else -1,
-                int(size) if size else -1,
-                int(est_kb) if est_kb else -1,
+                sector_value,
+                size_value,
+                est_value,
                 nan if ra == "nan" or not ra else _float(float(ra)),
                 nan if dec == "nan" or not dec else _float(float(dec)),
             )

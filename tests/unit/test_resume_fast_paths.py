@@ -465,6 +465,33 @@ def test_the_plan_readers_fast_path_reads_every_row_as_csv_reader_does(tmp_path:
             assert mine == theirs
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_the_plan_readers_fast_path_reads_every_number_text_as_csv_reader_does(
+    tmp_path: Path, seed: int
+) -> None:
+    # Rows quoted as PlanWriter quotes them whose bare cells hold other texts int() and float() take,
+    # or none: no row is malformed, so every row is compared (the test above stops at the first
+    # malformed one). The int columns' texts repeat, as they do in a plan.
+    rng = random.Random(seed)
+    kinds = [kind for _name, _index, kind in _columns(list(PLAN_COLUMNS))]
+    texts = {
+        "i": ["", " 7", "-0", "+3", "1_000", "\u0663", "-1", "2039040", "1991", "0"],
+        "f": ["", "nan", "inf", "1e5", "-0", " 7", "1_0.5", "263.75"],
+    }
+    lines = []
+    for _ in range(2_000):
+        cells = [
+            rng.choice(texts[kind]) if kind in texts else f'"{rng.choice(["", "a", "b.fits", "o-1"])}"'
+            for kind in kinds
+        ]
+        lines.append(",".join(cells) + "\n")
+    path = tmp_path / "plan.ecsv"
+    path.write_text(_header(tmp_path / "empty.ecsv") + "".join(lines), encoding="utf-8")
+    reference, fast = _reference_rows(path), _fast_rows(path)
+    assert len(reference) == 2_000 and all(isinstance(row, PlanItem) for row in reference)
+    assert fast == reference
+
+
 def test_a_field_past_csvs_size_limit_still_fails_the_plan(tmp_path: Path) -> None:
     header = _header(tmp_path / "empty.ecsv")
     path = tmp_path / "plan.ecsv"
