@@ -25,6 +25,7 @@ from engine.plan.table import (
     SAVED_PLAN_HINT,
     PlanTail,
     PlanWriter,
+    count_plan,
     iter_input,
     iter_plan,
     plan_meta,
@@ -266,7 +267,7 @@ def plan_source_for(settings: Settings, *, save: bool = True) -> PlanSource:
             log.info("resuming from the saved plan %s; --refresh-plan queries TAP again", plan_path)
             return ItemsPlan(
                 lambda: iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT),
-                count=lambda: sum(1 for _ in iter_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT)),
+                count=lambda: count_plan(plan_path, key="plan", hint=SAVED_PLAN_HINT),
             )
         log.info("the saved plan %s was made for another selection; planning again", plan_path)
     from engine.plan.planner import Planner

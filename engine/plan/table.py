@@ -387,6 +387,43 @@ def iter_plan(path: Path, *, key: str = "input", hint: str = INPUT_HINT) -> Iter
     return _iter_plan_handle(handle, path, key, hint)
 
 
+def count_plan(path: Path, *, key: str = "input", hint: str = INPUT_HINT) -> int:
+    """How many items `iter_plan(path)` yields, for a progress total, without building them.
+
+    A plan in PlanWriter's layout (its column-names line, then one row a line) is counted by matching
+    each line with the reader's own `_STANDARD_ROW`: what it matches, `iter_plan` reads as one row. Any
+    other plan, or one line it does not match, is counted by `iter_plan` itself, whose errors are
+    raised. (A row whose numbers do not parse is counted here and refused by the reading.)
+
+    Parameters
+    ----------
+    path : Path
+        An ECSV plan (the saved plan of a run).
+    key, hint : str
+        What `iter_plan`'s errors name, and their fix.
+
+    Returns
+    -------
+    int
+        The number of rows.
+    """
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            lines = iter(handle)
+            header, first = _plan_header(lines, path, key, hint)
+            if header.get("delimiter", " ") == "," and first.rstrip("\r\n") == _STANDARD_NAMES:
+                match, longest, number = _STANDARD_ROW.fullmatch, csv.field_size_limit(), 0
+                for number, line in enumerate(lines, start=1):  # noqa: B007 - read after the loop
+                    if len(line) > longest or "\x00" in line or match(line) is None:
+                        break
+                else:
+                    return number
+    except (OSError, UnicodeDecodeError, ConfigError):
+        pass  # `iter_plan` says what is wrong, as ever
+    return sum(1 for _ in iter_plan(path, key=key, hint=hint))
+
+
 def _iter_plan_handle(
     handle: TextIO, path: Path, key: str, hint: str, first_lines: Iterable[str] = ()
 ) -> Iterator[PlanItem]:
@@ -478,6 +515,7 @@ _STANDARD_ROW = re.compile(
 )
 
 
+_STANDARD_NAMES = ",".join(PLAN_COLUMNS)  # PlanWriter's column-names line, without its line end
 _INTS_KEPT = 4096  # int column texts whose values `_standard_rows` remembers, at most (about 0.5 MB)
 
 # The setters of PlanItem's slots, in PLAN_COLUMNS order (`_standard_rows` builds items with them).

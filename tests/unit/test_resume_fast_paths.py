@@ -492,6 +492,48 @@ def test_the_plan_readers_fast_path_reads_every_number_text_as_csv_reader_does(
     assert fast == reference
 
 
+def _items_or_error(call, path: Path) -> object:
+    try:
+        return call(path)
+    except ConfigError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_counting_a_plan_gives_the_number_of_rows_it_reads(tmp_path: Path, seed: int) -> None:
+    # PlanWriter's plans (some with a quoted line end or a NUL in a row, which only csv.reader reads),
+    # and random ones; a plan that reads has as many rows as the count, one that fails fails the count
+    # the same way unless only a row's number was malformed (counted, and refused by the reading).
+    from engine.plan.table import count_plan
+
+    rng = random.Random(seed)
+    path = tmp_path / "plan.ecsv"
+    writer = PlanWriter(path)
+    odd = ["", "a", "b\nc", "d\r\ne", "f\x00g", 'h"i', "j,k", "é"]
+    writer.write(
+        PlanItem(
+            url=f"https://h/{n}{rng.choice(odd) if rng.random() < 0.01 else ''}",
+            filename=f"{n}.fits",
+            target_name=rng.choice(odd) if rng.random() < 0.01 else "t",
+            size=rng.choice([-1, 5, 2039040]),
+        )
+        for n in range(rng.choice([0, 1, 300]))
+    )
+    writer.commit()
+    read = _items_or_error(lambda p: len(list(iter_plan(p))), path)
+    assert read == _items_or_error(count_plan, path) and isinstance(read, int)
+    text = _header(tmp_path / "empty.ecsv") + _random_plan_text(rng, 60)
+    path.write_text(rng.choice([text, text.replace("\n", "\r\n"), text[: rng.randrange(len(text))]]))
+    read, counted = (
+        _items_or_error(lambda p: len(list(iter_plan(p))), path),
+        _items_or_error(count_plan, path),
+    )
+    if isinstance(read, int) or not isinstance(counted, int):
+        assert counted == read
+    else:
+        assert "malformed" in str(read)
+
+
 def test_a_field_past_csvs_size_limit_still_fails_the_plan(tmp_path: Path) -> None:
     header = _header(tmp_path / "empty.ecsv")
     path = tmp_path / "plan.ecsv"
