@@ -70,14 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     # process age (s) when the tuner started, at the first and the last body byte
     moments: dict[str, float] = {}
     tasks: list[asyncio.Task] = []
-    # (seconds since the tuner started, bytes so far, work waiting at the limiter) every 0.25 s
+    # (seconds since the tuner started, bytes so far, the limit bound) every 0.25 s
     trace: list[tuple[float, int, bool]] = []
 
     async def watch(tuner: ConcurrencyTuner, clock) -> None:  # type: ignore[no-untyped-def]
         started = clock.monotonic()
         while True:
             await clock.sleep(0.25)
-            trace.append((clock.monotonic() - started, tuner.received, tuner.limiter.waiting > 0))
+            limiter = tuner.limiter
+            # The tuner's own test of a saturated sample: work waits, or nearly every slot is busy
+            # (between its last byte and its rename a download holds no slot).
+            bound = limiter.waiting > 0 or limiter.in_flight >= limiter.limit - max(1, limiter.limit // 8)
+            trace.append((clock.monotonic() - started, tuner.received, bound))
 
     def downloader_factory(*args, **kwargs) -> Downloader:  # type: ignore[no-untyped-def]
         # The run made its tuner just before its Downloader (MirrorRun._make_tuner): trace it.
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             for s in tuner.steps
         ]
         report = {"settled": tuner.limit, "mean": round(tuner.mean_limit(), 1), "steps": steps}
-        report.update(steady_rate(trace, tuner.steps[-1].at if tuner.steps else 0.0))
+        # From the first hold: a re-probe every 30 s (a step up and back) belongs to the settled
+        # state, and taking the last step instead left a long run only its last few seconds.
+        holds = [s.at for s in tuner.steps if s.reason.startswith("hold")]
+        report.update(steady_rate(trace, holds[0] if holds else (tuner.steps[-1].at if tuner.steps else 0.0)))
         moments["end"] = process_age()
         report["timing"] = {k: round(v, 3) for k, v in moments.items()}
         report["trace"] = [[round(t, 2), round(n / 1e6, 1), int(w)] for t, n, w in trace]
@@ -159,8 +166,9 @@ def _apply_overrides(overrides: dict[str, float]) -> None:
 
 
 def steady_rate(trace: list[tuple[float, int, bool]], settled_at: float, settle: float = 1.0) -> dict:
-    """MB/s from `settle` seconds after the last step to the last moment work still waited at the
-    limiter: the rate at the settled count, without the climb before it or the run's tail."""
+    """MB/s from `settle` seconds after the climb ended to the last moment work still waited at the
+    limiter: the rate once settled, without the climb before it or the run's tail.
+    "Waited" is the tuner's own test of a saturated sample (see ConcurrencyTuner.sample)."""
     start = settled_at + settle
     busy = [(t, n) for t, n, waiting in trace if waiting and t >= start]
     if len(busy) < 2 or busy[-1][0] - busy[0][0] < 2.0:
