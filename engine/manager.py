@@ -255,6 +255,9 @@ class MirrorRun:
         # owners can then change the mirror's copy, which `verify` would catch).
         self.adopt_link = adopt_link
         self._executor: ThreadPoolExecutor | None = None
+        # Destinations the producer found empty (nothing at the path) when it queued their files:
+        # `prepare_job` then has nothing to adopt, and spares those files its thread hop.
+        self._nothing_at: set[Path] = set()
         # The run's session and downloader, once open: the plan-time source check uses them.
         self._session: aiohttp.ClientSession | None = None
         self._downloader: Downloader | None = None
@@ -645,10 +648,15 @@ class MirrorRun:
             if not self._source_reports:
                 self.progress.planned_items(len(guarded.items) + len(guarded.failed), page_bytes)
             self.progress.skipped_items(skipped)
-            if todo and not self.settings.run.force:
-                # Files already at their place (to be adopted) need no new space. One lstat each, in a
-                # thread; the files with a verified record are not looked at.
-                needed -= await asyncio.to_thread(_bytes_in_place, todo)
+            if todo:
+                # One lstat per new file, in one thread hop per page (the files with a verified record
+                # are not looked at). Files already at their place (to be adopted) need no new space;
+                # a file with nothing at its place needs no look before its download either.
+                in_place, empty = await asyncio.to_thread(_look_in_place, todo)
+                if not self.settings.run.force:
+                    needed -= in_place
+                if not self.adopt_from:  # otherwise the seed trees are still to be searched
+                    self._nothing_at.update(empty)
             if self.shard is not None and not self.settings.run.force:
                 self._check_share(needed)
             elif needed > free and not self.settings.run.force:
@@ -744,6 +752,11 @@ class MirrorRun:
         file, or adopt a file already on disk (its result; None when it must be downloaded)."""
         if changed:
             await self._off_loop(self._supersede, item, relpath, dest)
+            return None
+        if dest in self._nothing_at:
+            # Nothing was there when the page was queued, moments ago. A file put there since is
+            # replaced by a verified download (the rename never follows a symlink).
+            self._nothing_at.discard(dest)
             return None
         return await self._off_loop(self._adopt, item, relpath, dest)
 
@@ -947,19 +960,27 @@ def _differs(item: PlanItem, packed: int) -> bool:
     return bool(item.md5 and md5 and item.md5.lower() != md5)
 
 
-def _bytes_in_place(todo: list[tuple[PlanItem, str, Path, bool]]) -> int:
-    """Declared bytes of the new files already at their destination with their declared size."""
+def _look_in_place(todo: list[tuple[PlanItem, str, Path, bool]]) -> tuple[int, list[Path]]:
+    """What is at the new files' destinations (runs in a thread).
+
+    Returns the declared bytes of the files already there with their declared size, and the
+    destinations with nothing at them (no file, link or folder: `FileNotFoundError`).
+    """
     total = 0
+    empty: list[Path] = []
     for item, _relpath, dest, changed in todo:
-        if changed or item.size < 0:
+        if changed:
             continue
         try:
             st = os.lstat(dest)
+        except FileNotFoundError:
+            empty.append(dest)
+            continue
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode) and st.st_size == item.size:
+        if item.size >= 0 and stat.S_ISREG(st.st_mode) and st.st_size == item.size:
             total += item.size
-    return total
+    return total, empty
 
 
 def _seed_candidate(tree: Path, item: PlanItem, relpath: str) -> Path | None:

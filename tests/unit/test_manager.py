@@ -613,6 +613,41 @@ def test_a_file_in_place_that_fails_its_checks_is_quarantined_then_fetched(conte
     assert bad.read_bytes() == fits_like(2880)
 
 
+def test_only_files_with_something_at_their_place_are_looked_at_before_their_download(
+    content_settings, monkeypatch
+):
+    """The producer's lstat per page finds the empty places; their files skip the adoption hop.
+    A file already in place, a symlink, a seed tree: each is still looked at (and adopted or not)."""
+    settings = content_settings
+    items = obs_items(9)
+    out = settings.output.out_dir
+    out.mkdir(parents=True)
+    (out / items[2].filename).write_bytes(fits_like(2880))  # good: adopted
+    (out / items[5].filename).symlink_to(out / "elsewhere")  # a dangling link: not empty, looked at
+    looked: list[str] = []
+    adopt = MirrorRun._adopt
+
+    def spy(self, item, relpath, dest):
+        looked.append(item.filename)
+        return adopt(self, item, relpath, dest)
+
+    monkeypatch.setattr(MirrorRun, "_adopt", spy)
+    outcome, downloader = run_content(settings, items)
+    assert sorted(looked) == [items[2].filename, items[5].filename]
+    assert (outcome.adopted, outcome.downloaded, outcome.exit_code) == (1, 8, EXIT_OK)
+    assert items[2].url not in downloader.calls
+    assert not (out / items[5].filename).is_symlink()  # replaced by the verified download
+
+    looked.clear()
+    seeds = settings.output.out_dir.parent / "seeds"
+    seeds.mkdir()
+    (settings.state_dir / "manifest.jsonl").unlink()
+    for item in items:
+        (out / item.filename).unlink()
+    outcome, downloader = run_content(settings, items[:3], adopt_from=[seeds])
+    assert sorted(looked) == sorted(item.filename for item in items[:3])  # seed trees: always looked in
+
+
 def test_a_file_on_disk_with_nothing_declared_to_check_it_against_is_fetched(content_settings):
     item = PlanItem(url="http://127.0.0.1:1/files/x_lc.fits", filename="x_lc.fits")  # a bare URL
     dest = content_settings.output.out_dir / item.filename
