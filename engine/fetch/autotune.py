@@ -26,7 +26,8 @@ queue at the bottleneck and crowd the archive. The tuner finds the count by meas
 
 Each new count first gets a settling time (slow start on new connections, their handshakes) before
 its window is measured. Settling and windows scale with the round-trip time seen as time to first
-byte (4 and 10 round trips, at least 0.25 and 0.5 s): every second spent measuring a count below
+byte (4 and 10 round trips, at least 0.25 and 0.5 s; a window also lasts until 2 MiB a connection
+arrived, since bytes are reported in blocks of fetch.chunk_size): every second spent measuring a count below
 the knee is a second of the link partly idle, and on a 50 ms path the former floors of 0.5 and 1 s
 doubled the climb (tests/unit/tcp_path_sim.py models it; benchmarks/README.md has the runs). The
 first settle counts from the first response, not from the tuner's creation (before it the plan is
@@ -79,6 +80,10 @@ class TunerSettings:
     window_rtts: float = 10.0  # measure over this many round trips ...
     window_min: float = 0.5  # ... but at least and at most this many seconds
     window_max: float = 4.0
+    # ... and until this many body bytes per connection arrived: the Downloader reports bytes in
+    # blocks (fetch.chunk_size, 256 KiB), so a short window on slow connections counts whole blocks
+    # that arrived before it or misses ones that are due (±10 % at 1 MiB/s a connection in 1 s).
+    window_bytes_per_conn: int = 2 * 1024 * 1024
     efficiency: float = 0.5  # climb while new connections bring at least this share of their rate
     min_gain: float = 0.05  # a rate rise smaller than this is noise, not a gain
     headroom: float = 1.1  # connections beyond the knee's estimate, for jitter
@@ -236,6 +241,9 @@ class ConcurrencyTuner:
             return
         if self._phase == "settle":
             self._begin_window(now)
+            return
+        enough = self._bytes - self._window_bytes >= self.settings.window_bytes_per_conn * self._target
+        if not enough and now - self._window_start < self.settings.window_max:
             return
         self._close_window(now)
 

@@ -58,6 +58,7 @@ class _Conn:
     answer_at: float = 0.0
     answered: bool = False
     ttfb: float = 0.0
+    unreported: float = 0.0  # bytes received but not yet reported (the Downloader's blocks)
 
 
 @dataclass
@@ -88,10 +89,12 @@ def simulate(
     dt: float = 0.005,
     limit_s: float = 3600.0,
     seed: int = 1,
+    block: float = 256 * 1024,
 ) -> SimResult:
     """Run `files` downloads of `size` bytes ± `jitter` over `path` with the tuner (or a `fixed`
     count). Sizes vary as the harness's files do; equal files would finish in lockstep and leave
-    the link idle for a round trip between rounds, which real paths never do."""
+    the link idle for a round trip between rounds, which real paths never do. Bytes reach the tuner
+    in `block`s per download, and the rest at its end, as the Downloader reports them."""
     settings = settings or TunerSettings()
     rng = random.Random(seed)
     sizes = [size * (1 + jitter * (2 * rng.random() - 1)) for _ in range(files)]
@@ -141,14 +144,18 @@ def simulate(
         want = [min(path.per_conn, conn.cwnd / path.rtt) for conn in sending]
         total = sum(want)
         scale = min(1.0, path.link / total) if total > 0 else 1.0
-        delivered = 0.0
         for conn, rate in zip(sending, want, strict=True):
             got = min(conn.left, rate * scale * dt)
             conn.left -= got
-            delivered += got
+            conn.unreported += got
+            if conn.left <= 0 or not block:
+                tuner.add_bytes(int(conn.unreported))
+                conn.unreported = 0.0
+            while block and conn.unreported >= block:
+                tuner.add_bytes(int(block))
+                conn.unreported -= block
             if conn.cwnd / path.rtt < path.per_conn:
                 conn.cwnd += got  # slow start: the window grows by what was acknowledged
-        tuner.add_bytes(int(delivered))
         now[0] += dt
         for conn in [c for c in sending if c.left <= 0]:
             busy.remove(conn)
