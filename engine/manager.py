@@ -754,8 +754,9 @@ class MirrorRun:
             await self._off_loop(self._supersede, item, relpath, dest)
             return None
         if dest in self._nothing_at:
-            # Nothing was there when the page was queued, moments ago. A file put there since is
-            # replaced by a verified download (the rename never follows a symlink).
+            # Nothing was there when its page was looked at (moments ago, or longer for files the
+            # free-space preflight held). A file put there since is replaced by a verified download
+            # (the rename never follows a symlink).
             self._nothing_at.discard(dest)
             return None
         return await self._off_loop(self._adopt, item, relpath, dest)
